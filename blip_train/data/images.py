@@ -1,0 +1,128 @@
+"""Turning whatever image a dataset ships into the RGB JPEG/PNG bytes the schema stores.
+
+Web-scale data contains everything: CMYK JPEGs, palette PNGs with transparency, 16-bit greyscale
+scans, zero-byte downloads, truncated files, 1x1 tracking pixels and decompression bombs. Converters
+call `load_and_normalize_image` once per image (in worker processes) and count the reasons for
+skipping; training then never needs to handle any of it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Skip reasons (stable strings: converters report and tests check them).
+OK = "ok"
+MISSING_FILE = "missing_file"
+EMPTY_FILE = "empty_file"
+UNREADABLE = "unreadable_image"
+TOO_SMALL = "too_small"
+TOO_LARGE = "too_large"
+BOMB = "decompression_bomb"
+
+MAX_SIDE = 20000
+MIN_SIDE = 8
+# PIL's own warning threshold (~89.5 Mpx); more pixels than this is treated as a bomb.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+JPEG_QUALITY = 95
+
+
+def _to_8bit_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparency is composited on white (as a browser shows it)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        # 16/32-bit integer or float greyscale: PIL's convert("L") clips instead of rescaling.
+        arr = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16") or (mode.startswith("I") and arr.max(initial=0) > 255):
+            arr = arr / 257.0
+        elif mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def load_and_normalize_image(src: Union[bytes, str, os.PathLike], *, max_side: int = MAX_SIDE,
+                             min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS,
+                             resize_max_side: int = 0) -> tuple[Optional[bytes], str]:
+    """Return `(encoded RGB image bytes, "ok")` or `(None, reason)`; never raises on bad input.
+
+    Untouched RGB JPEG/PNG files are stored byte for byte (no re-compression loss); everything
+    else (other modes, EXIF rotation, downscaling with `resize_max_side` > 0) is re-encoded as JPEG.
+    """
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.is_file():
+            return None, MISSING_FILE
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None, UNREADABLE
+    else:
+        data = bytes(src)
+    if not data:
+        return None, EMPTY_FILE
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (not raises) between MAX_IMAGE_PIXELS and twice that: make it an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if max(w, h) > max_side:
+                return None, TOO_LARGE
+            if w * h > max_pixels:
+                return None, BOMB
+            if min(w, h) < min_side:
+                return None, TOO_SMALL
+            fmt = im.format
+            im.load()  # full decode: catches truncated and corrupt files here, not in training
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, BOMB
+    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error)
+        return None, UNREADABLE
+
+    rotated = im
+    try:
+        if im.getexif().get(0x0112, 1) not in (0, 1):  # EXIF Orientation: camera photos stored sideways
+            rotated = ImageOps.exif_transpose(im)
+    except Exception:  # malformed EXIF must not cost us the image
+        rotated = im
+    needs_resize = resize_max_side > 0 and max(w, h) > resize_max_side
+    if fmt in ("JPEG", "PNG") and im.mode == "RGB" and rotated is im and not needs_resize:
+        return data, OK
+    try:
+        out = _to_8bit_rgb(rotated)
+        if needs_resize:
+            scale = resize_max_side / max(out.size)
+            out = out.resize((max(1, round(out.width * scale)), max(1, round(out.height * scale))),
+                             Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        out.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    except Exception:
+        return None, UNREADABLE
+    return buf.getvalue(), OK
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode stored image bytes to an RGB PIL image (raises on corrupt bytes; readers catch it)."""
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def encode_jpeg(im: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
+    """Encode a PIL image as JPEG bytes (deterministic for identical pixels)."""
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

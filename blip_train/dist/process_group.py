@@ -1,0 +1,99 @@
+"""The process group: created once from a `DistEnv`, plus the few collectives the trainer needs.
+
+Every helper also works with no process group at all (a single-process run or a unit test), so
+callers never branch on "am I distributed?".
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from blip_train.dist.env import DistEnv, export_environment
+
+
+def init_distributed(env: DistEnv, timeout_minutes: int) -> None:
+    """Create the default process group through DeepSpeed (gloo on CPU, nccl on CUDA).
+
+    Idempotent: a second call with a group already alive does nothing.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return
+    import deepspeed  # deferred: importing deepspeed costs seconds and is useless to the helpers below
+
+    # DeepSpeed reads the env:// variables; missing ones would send it looking for mpi4py.
+    export_environment(env)
+    if torch.cuda.is_available():
+        # NCCL binds a communicator to the current device, so pick it before the group exists. Modulo:
+        # with `--gpus-per-task=1` each task sees a single GPU (index 0) whatever its local rank.
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(minutes=timeout_minutes), rank=env.rank,
+                               world_size=env.world_size)
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    """True when collectives must actually talk to other ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print on rank 0 only, flushed so SLURM logs interleave in order."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def collective_device() -> torch.device:
+    """Where tensors must live for the default group: NCCL only moves CUDA tensors, gloo CPU ones."""
+    if _active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_max_bool(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any rank (e.g. a stop request)."""
+    if not _active():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, returned as a new tensor on the input's device (the input is not modified).
+
+    Integer tensors come back as float32, since a mean of integers is not an integer.
+    """
+    out = tensor.detach().clone()
+    if not out.is_floating_point():
+        out = out.float()
+    if not _active():
+        return out
+    # SUM then divide rather than ReduceOp.AVG: gloo implements no AVG.
+    buf = out.to(collective_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return (buf / dist.get_world_size()).to(tensor.device)

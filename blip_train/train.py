@@ -1,0 +1,42 @@
+"""Training entry point.
+
+    python -m blip_train.train --config demo/stage1 [--set train.max_steps=100 ...]
+    torchrun --nproc_per_node 8 -m blip_train.train --config blip2_stage1_vitg
+    deepspeed --num_gpus 8 --module blip_train.train --config blip2_stage2_opt2.7b
+    srun python -m blip_train.train --config ...        (ranks from SLURM_PROCID / SLURM_NTASKS)
+
+The config is validated before any process group is created; the run resumes automatically from the
+newest complete checkpoint in run.output_dir.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from blip_train.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m blip_train.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML path or recipe name under blip_train/recipes (e.g. demo/stage1)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from blip_train.training.loop import train  # heavy imports only after the config is known good
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

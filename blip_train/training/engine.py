@@ -1,0 +1,140 @@
+"""DeepSpeed engine construction: JSON template + experiment config → one consistent engine.
+
+The template in ds_configs/ carries ZeRO/offload tuning; everything the experiment decides (batch
+sizes, accumulation, precision, ZeRO stage, clipping) is injected here, and a template that says
+otherwise is refused, so the JSON can never silently contradict the experiment.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from blip_train.config import ConfigError, ExperimentConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+_PRECISION_KEYS = {"bf16": "bf16", "fp16": "fp16"}
+
+
+def load_ds_template(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+        raise ConfigError(f"deepspeed.config: {name_or_path!r} is neither a file nor a template ({', '.join(known)})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON ({e})") from None
+
+
+def build_ds_config(cfg: ExperimentConfig, world_size: int, on_cuda: bool) -> dict:
+    """The DeepSpeed JSON for this run: template tuning + the experiment's decisions."""
+    ds = copy.deepcopy(load_ds_template(cfg.deepspeed.config))
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum_steps * world_size
+    if t.global_batch_size and t.global_batch_size != global_batch:
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} != micro_batch_size {t.micro_batch_size} x "
+            f"grad_accum_steps {t.grad_accum_steps} x world size {world_size} = {global_batch}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping", "optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"deepspeed.config: the template sets {key!r}; that belongs to the experiment config "
+                              "(train.*, optim.*) — remove it from the JSON")
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum_steps
+    ds["train_batch_size"] = global_batch
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+
+    precision = cfg.deepspeed.precision
+    for p, key in _PRECISION_KEYS.items():
+        section = ds.setdefault(key, {})
+        if section.get("enabled") and p != precision:
+            raise ConfigError(f"deepspeed.precision: {precision} contradicts the template {cfg.deepspeed.config!r}, "
+                              f"which enables {p}; choose a matching template or precision")
+        section["enabled"] = p == precision
+
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.deepspeed.zero_stage
+    if cfg.deepspeed.param_persistence_threshold >= 0:
+        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.param_persistence_threshold
+    if cfg.deepspeed.offload_frozen:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
+        # A client (torch) optimizer alongside offload: DeepSpeed would otherwise insist on its CPU Adam.
+        ds["zero_force_ds_cpu_optimizer"] = False
+    for section in ("offload_param", "offload_optimizer"):
+        if section in zero and not on_cuda:
+            zero[section]["pin_memory"] = False  # pinning needs a CUDA host allocator
+    if "offload_param" in zero or "offload_optimizer" in zero:
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    if zero["stage"] != 3:
+        for key in [k for k in zero if k.startswith("stage3_") or k == "offload_param"]:
+            del zero[key]
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    # Biases, norms (1-D), learned query tokens and the temperature are not regularised toward zero.
+    return param.ndim < 2 or name.endswith(".bias") or "query_tokens" in name or name.endswith("temp")
+
+
+def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if _no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig, on_cuda: bool) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.fused == "on" and not on_cuda:
+        raise ConfigError("optim.fused: 'on' needs a CUDA device (fused AdamW is a CUDA kernel)")
+    fused = on_cuda and o.fused != "off"
+    groups = build_param_groups(model, o.weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+
+
+def lr_at(step: int, cfg: ExperimentConfig) -> float:
+    """Linear warmup from warmup_start_lr to lr, then cosine from lr to min_lr at train.max_steps."""
+    o, total = cfg.optim, cfg.train.max_steps
+    if step < o.warmup_steps:
+        return o.warmup_start_lr + (o.lr - o.warmup_start_lr) * step / max(1, o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ExperimentConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    # LambdaLR multiplies each group's initial lr; all groups start at optim.lr, so scale by it.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.optim.lr)
+
+
+def assert_optimizer_holds_trainable(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer must hold exactly the trainable parameters: a frozen tower must never be stepped."""
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if in_opt != trainable:
+        raise RuntimeError(f"optimizer holds {len(in_opt)} tensors but the model has {len(trainable)} trainable ones")
+
+
+def build_engine(model: nn.Module, cfg: ExperimentConfig, world_size: int, on_cuda: bool):
+    """deepspeed.initialize with a client AdamW and per-step warmup+cosine schedule."""
+    import deepspeed
+
+    ds_config = build_ds_config(cfg, world_size, on_cuda)
+    optimizer = build_optimizer(model, cfg, on_cuda)
+    assert_optimizer_holds_trainable(model, optimizer)
+    scheduler = build_scheduler(optimizer, cfg)
+    engine, ds_opt, _, ds_sched = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                       config=ds_config)
+    return engine, ds_opt, ds_sched, ds_config

@@ -1,0 +1,138 @@
+"""The training loop: batch → engine(batch) → backward → step → maybe log / save / stop.
+
+All set-up lives in `build_*` functions; this file only runs them in order and loops. Every rank
+executes the same sequence of collectives (loss reduction on logging steps, the preemption vote each
+step, saves), so ZeRO-3 and gloo/NCCL never wait on a rank that took another branch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from blip_train.config import ExperimentConfig, save_resolved_config
+from blip_train.dist.env import discover_environment, export_environment
+from blip_train.dist.preemption import PreemptionHandler
+from blip_train.dist.process_group import init_distributed, print0
+from blip_train.dist.world import build_world_info
+from blip_train.training.checkpoint import TrainState, find_resume_tag, load_checkpoint, save_checkpoint
+from blip_train.training.engine import build_engine
+from blip_train.training.metrics import MetricLogger
+from blip_train.training.seeding import seed_everything
+from blip_train.training.stages import build_stage, describe_parameters
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (a vote all ranks take part in)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _forever(loader) -> Iterator[dict]:
+    """Epoch after epoch; the streaming loader's state_dict knows the epoch and position."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise RuntimeError("the training data yielded no batch (is data.train empty or smaller than one batch?)")
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def train_step(engine, batches: Iterator[dict], cfg: ExperimentConfig, state: TrainState,
+               logger: MetricLogger) -> None:
+    """One optimizer step over grad_accum_steps micro-batches; a non-finite micro-batch is skipped on all ranks."""
+    done, bad_in_row = 0, 0
+    while done < cfg.train.grad_accum_steps:
+        t0 = time.perf_counter()
+        batch = _to_device(next(batches), engine.device)
+        logger.add_data_wait(time.perf_counter() - t0)
+        losses = engine(batch)
+        if _any_rank(not math.isfinite(float(losses["loss"].detach()))):
+            bad_in_row += 1
+            state.bad_steps_total += 1
+            print0(f"step {state.step + 1}: non-finite loss on some rank; batch skipped ({bad_in_row} in a row)")
+            if bad_in_row >= cfg.train.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{bad_in_row} consecutive non-finite losses at step {state.step + 1}; aborting "
+                    "(lower optim.lr, check the data, or raise train.max_bad_steps)")
+            continue
+        bad_in_row = 0
+        engine.backward(losses["loss"])
+        engine.step()  # applies the optimizer only at the accumulation boundary
+        logger.add_losses(losses)
+        done += 1
+    state.step += 1
+    state.samples_seen += cfg.train.micro_batch_size * cfg.train.grad_accum_steps * engine.world_size
+
+
+def train(cfg: ExperimentConfig) -> dict:
+    """Run (or resume) one experiment to train.max_steps. Returns a summary dict on every rank."""
+    env = discover_environment()
+    export_environment(env)
+    on_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+    init_distributed(env, cfg.deepspeed.timeout_minutes)
+    out = Path(cfg.run.output_dir)
+    ckpt_dir = out / "checkpoints"
+    if env.rank == 0:
+        save_resolved_config(cfg, out / "config.yaml")
+    seed_everything(cfg.run.seed, env.rank)
+
+    stage = build_stage(cfg, build_world_info(), on_cuda)
+    print0(describe_parameters(stage.model))
+    engine, _, scheduler, _ = build_engine(stage.model, cfg, env.world_size, on_cuda)
+    loader = stage.build_train_loader()
+
+    state = TrainState()
+    tag = find_resume_tag(ckpt_dir)
+    if tag is not None:
+        state, data_state = load_checkpoint(engine, ckpt_dir, tag)
+        if data_state is not None:
+            loader.load_state_dict(data_state)
+        print0(f"resumed from {ckpt_dir / tag} at step {state.step}")
+    samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
+    logger = MetricLogger(out, env.rank == 0, cfg.run.tensorboard, samples_per_step)
+    preemption = PreemptionHandler()
+    preemption.install()
+    meta = {"arch": cfg.model.arch, "frozen_sources": stage.frozen_sources}
+    history: list[dict] = []
+    batches = _forever(loader)
+    engine.train()
+    logger.reset_clock()
+    stopped_early = False
+    try:
+        while state.step < cfg.train.max_steps:
+            train_step(engine, batches, cfg, state, logger)
+            if state.step % cfg.train.log_interval == 0 or state.step == cfg.train.max_steps:
+                scalars = logger.log(state.step, scheduler.get_last_lr()[0],
+                                     {"data/skipped_samples": float(stage.skipped_samples())})
+                history.append({"step": state.step, **scalars})
+            stop = preemption.should_stop()
+            if stop or state.step % cfg.train.save_interval == 0 or state.step == cfg.train.max_steps:
+                save_checkpoint(engine, ckpt_dir, state, loader.state_dict(), meta,
+                                cfg.train.keep_last, cfg.train.keep_every)
+            if stop:
+                print0(f"{preemption.signal_name} received: checkpoint saved at step {state.step}; exiting for requeue")
+                stopped_early = True
+                break
+    finally:
+        preemption.uninstall()
+        logger.close()
+    return {"step": state.step, "stopped_early": stopped_early, "history": history,
+            "checkpoint": str(ckpt_dir), "world_size": env.world_size,
+            "zero_stage": cfg.deepspeed.zero_stage, "engine": engine}

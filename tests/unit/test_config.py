@@ -1,0 +1,111 @@
+"""Config tree: key snapshot, strict parsing, overrides, validation messages, recipes."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from blip_train.config import (ConfigError, ExperimentConfig, config_from_dict, load_config, resolve_recipe,
+                               save_resolved_config)
+from blip_train.config.loading import RECIPES_DIR
+from tests.conftest import REPO, clean_env
+
+
+def _keys(cls, prefix=""):
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = f.type if not isinstance(f.type, str) else eval(f.type, vars(sys.modules[cls.__module__]))
+        if dataclasses.is_dataclass(tp):
+            out += _keys(tp, prefix + f.name + ".")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def test_key_snapshot():
+    """The config surface is deliberate: a new knob shows up as a reviewed change to this list."""
+    assert _keys(ExperimentConfig) == [
+        "run.output_dir", "run.seed", "run.device", "run.tensorboard",
+        "model.arch", "model.attention", "model.embed_dim", "model.max_txt_len", "model.init_from",
+        "model.vision.image_size", "model.vision.patch_size", "model.vision.width", "model.vision.layers",
+        "model.vision.drop_last_block", "model.vision.heads", "model.vision.mlp_dim", "model.vision.layer_norm_eps",
+        "model.vision.weights", "model.vision.frozen", "model.vision.precision", "model.vision.grad_checkpointing",
+        "model.qformer.hidden_size", "model.qformer.layers", "model.qformer.heads", "model.qformer.intermediate_size",
+        "model.qformer.vocab_size", "model.qformer.max_position_embeddings", "model.qformer.cross_attention_freq",
+        "model.qformer.num_query_tokens", "model.qformer.layer_norm_eps", "model.qformer.dropout",
+        "model.qformer.bert_init", "model.qformer.tokenizer", "model.qformer.grad_checkpointing",
+        "model.llm.path", "model.llm.dtype", "model.llm.prompt", "model.llm.max_txt_len", "model.llm.max_prompt_len",
+        "data.train", "data.val", "data.balance", "data.image_size", "data.crop_scale_min", "data.hflip",
+        "data.num_workers", "data.shuffle_seed", "data.cache_dir",
+        "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.warmup_start_lr", "optim.weight_decay",
+        "optim.betas", "optim.eps", "optim.grad_clip", "optim.fused",
+        "train.max_steps", "train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size",
+        "train.log_interval", "train.save_interval", "train.keep_last", "train.keep_every", "train.max_bad_steps",
+        "eval.interval", "eval.k_test", "eval.batch_size", "eval.max_samples", "eval.num_beams", "eval.max_new_tokens",
+        "deepspeed.config", "deepspeed.zero_stage", "deepspeed.precision", "deepspeed.offload_frozen",
+        "deepspeed.param_persistence_threshold", "deepspeed.zero_init", "deepspeed.timeout_minutes",
+    ]
+
+
+def test_design_contract_keys_exist():
+    cfg = load_config(None, ["run.output_dir=x", "run.seed=1", "train.max_steps=2", "train.save_interval=1",
+                             "train.log_interval=1", "data.train=[{local: d}]"])
+    assert cfg.run.output_dir == "x" and cfg.train.max_steps == 2 and cfg.data.train[0].local == "d"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (["train.max_stepz=3"], "unknown key train.max_stepz"),
+    (["model.qformer.num_query_tokens=0"], "model.qformer.num_query_tokens: must be > 0"),
+    (["model.qformer.num_query_tokens=-4"], "model.qformer.num_query_tokens"),
+    (["train.max_steps=ten"], "train.max_steps: expected an integer"),
+    (["deepspeed.precision=fp16"], "deepspeed.precision: fp16 needs a CUDA device"),
+    (["model.attention=flash"], "model.attention: flash needs a CUDA device"),
+    (["model.attention=fast"], "model.attention: 'fast' is not one of auto, flash, sdpa, math"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage: 4 is not one of"),
+    (["optim.betas=[0.9]"], "optim.betas"),
+    (["data.train=[{path: x}]"], "unknown key data.train[0].path"),
+    (["model.arch=stage2"], "model.llm.path: required"),
+    (["run.tensorboard=maybe"], "run.tensorboard: expected true/false"),
+    (["data.image_size=64"], "data.image_size: 64 differs from model.vision.image_size"),
+])
+def test_bad_configs_refused_naming_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_override_types_and_numbers_from_yaml_strings():
+    cfg = load_config(None, ["optim.lr=3e-4", "optim.betas=[0.9, 0.999]", "run.tensorboard=false"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.optim.betas == [0.9, 0.999] and cfg.run.tensorboard is False
+    assert config_from_dict({"optim": {"lr": "1e-5"}}).optim.lr == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(RECIPES_DIR))[:-5] for p in RECIPES_DIR.rglob("*.yaml")))
+def test_every_shipped_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert cfg.train.max_steps > 0
+
+
+def test_unknown_recipe_lists_known_ones():
+    with pytest.raises(ConfigError, match="no such recipe"):
+        resolve_recipe("nope/never")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.max_steps=7", "data.train=[{local: a, proportion: 0.5}]"])
+    save_resolved_config(cfg, tmp_path / "config.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg
+
+
+def test_train_entry_point_refuses_bad_key_before_work(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "blip_train.train", "--config", "blip2_stage1_vitg",
+                        "--set", "train.micro_batch_sz=4", "--set", f"run.output_dir={tmp_path}/out"],
+                       env=clean_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("config error: unknown key train.micro_batch_sz")
+    assert not (tmp_path / "out").exists()

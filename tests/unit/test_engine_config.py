@@ -1,0 +1,84 @@
+"""DeepSpeed JSON injection, schedule and parameter groups (no engine needed)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from blip_train.config import ConfigError, load_config
+from blip_train.training.engine import build_ds_config, build_param_groups, build_scheduler, lr_at
+
+
+def _cfg(*sets):
+    return load_config(None, list(sets))
+
+
+def test_batch_sizes_precision_and_stage_injected():
+    cfg = _cfg("train.micro_batch_size=4", "train.grad_accum_steps=3", "optim.grad_clip=1.0",
+               "deepspeed.param_persistence_threshold=0")
+    ds = build_ds_config(cfg, world_size=2, on_cuda=False)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+def test_global_batch_mismatch_refused():
+    cfg = _cfg("train.micro_batch_size=4", "train.global_batch_size=10")
+    with pytest.raises(ConfigError, match="train.global_batch_size: 10 != micro_batch_size 4"):
+        build_ds_config(cfg, world_size=2, on_cuda=False)
+
+
+def test_template_contradicting_precision_refused():
+    cfg = _cfg("deepspeed.config=zero3_fp16")  # precision stays bf16
+    with pytest.raises(ConfigError, match="contradicts the template 'zero3_fp16'"):
+        build_ds_config(cfg, world_size=1, on_cuda=False)
+
+
+def test_offload_template_and_stage2_cleanup():
+    ds = build_ds_config(_cfg("deepspeed.config=zero3_offload"), world_size=1, on_cuda=False)
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
+    assert ds["zero_force_ds_cpu_optimizer"] is False
+    ds2 = build_ds_config(_cfg("deepspeed.config=zero2", "deepspeed.zero_stage=2"), world_size=1, on_cuda=False)
+    assert not any(k.startswith("stage3_") for k in ds2["zero_optimization"])
+
+
+def test_unknown_template_refused():
+    with pytest.raises(ConfigError, match="deepspeed.config: 'zero9'"):
+        build_ds_config(_cfg("deepspeed.config=zero9"), world_size=1, on_cuda=False)
+
+
+def test_warmup_then_cosine_to_min_lr():
+    cfg = _cfg("optim.lr=1e-4", "optim.min_lr=1e-5", "optim.warmup_steps=10", "train.max_steps=110")
+    assert lr_at(0, cfg) == 0.0
+    assert lr_at(5, cfg) == pytest.approx(5e-5)
+    assert lr_at(10, cfg) == pytest.approx(1e-4)
+    assert lr_at(60, cfg) == pytest.approx(1e-5 + 0.5 * 9e-5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, cfg) == pytest.approx(1e-5)
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1e-4)
+    sched = build_scheduler(opt, cfg)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(1e-4)
+
+
+def test_no_weight_decay_on_biases_norms_queries_temp_and_frozen_excluded():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.norm = nn.LayerNorm(4)
+            self.query_tokens = nn.Parameter(torch.zeros(1, 2, 4))
+            self.temp = nn.Parameter(torch.tensor(0.07))
+            self.frozen = nn.Linear(4, 4)
+            self.frozen.requires_grad_(False)
+    m = M()
+    decay, no_decay = build_param_groups(m, 0.05)
+    assert [id(p) for p in decay["params"]] == [id(m.lin.weight)]
+    assert {id(p) for p in no_decay["params"]} == {id(m.lin.bias), id(m.norm.weight), id(m.norm.bias),
+                                                   id(m.query_tokens), id(m.temp)}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
