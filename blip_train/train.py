@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    import warnings
+    # DeepSpeed's ZeRO reduce path calls a torch API that warns on every step; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*deprecated")
     from blip_train.training.loop import train  # heavy imports only after the config is known good
     train(cfg)
     return 0

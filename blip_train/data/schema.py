@@ -101,6 +101,9 @@ def verify_split(split_dir: str | os.PathLike) -> int:
     split = Path(split_dir)
     sidecar = split / SCHEMA_FILE
     expected = f"{SCHEMA_NAME} version {SCHEMA_VERSION}"
+    if not split.is_dir():
+        raise SchemaError(f"{split}: split directory does not exist; expected an MDS split with schema {expected}")
+    shard_columns = _index_columns(split)
     if not sidecar.is_file():
         raise SchemaError(f"{split}: missing {SCHEMA_FILE}; expected a split written with schema {expected} "
                           "(re-run the converter)")
@@ -111,18 +114,14 @@ def verify_split(split_dir: str | os.PathLike) -> int:
     if meta.get("schema") != SCHEMA_NAME or meta.get("version") != SCHEMA_VERSION:
         raise SchemaError(f"{split}: schema {meta.get('schema')!r} version {meta.get('version')!r}, "
                           f"expected {expected} (re-run the converter)")
-    total = 0
-    for names, encodings in _index_columns(split):
+    for names, encodings in shard_columns:
         have = dict(zip(names, encodings))
         missing = [c for c in COLUMNS if c not in have]
         wrong = [f"{c}={have[c]} (expected {e})" for c, e in COLUMNS.items() if c in have and have[c] != e]
         if missing or wrong:
             raise SchemaError(f"{split}: shard columns do not match schema {expected}: missing {missing}, "
                               f"wrong encodings {wrong}")
-    index = json.loads((split / "index.json").read_text())
-    for shard in index["shards"]:
-        total += int(shard["samples"])
-    return total
+    return split_num_samples(split)
 
 
 def split_num_samples(split_dir: str | os.PathLike) -> int:

@@ -91,6 +91,9 @@ def train(cfg: ExperimentConfig) -> dict:
     ckpt_dir = out / "checkpoints"
     if env.rank == 0:
         save_resolved_config(cfg, out / "config.yaml")
+    # Installed before the (slow) build so an early preemption signal cannot kill the process.
+    preemption = PreemptionHandler()
+    preemption.install()
     seed_everything(cfg.run.seed, env.rank)
 
     stage = build_stage(cfg, build_world_info(), on_cuda)
@@ -107,8 +110,6 @@ def train(cfg: ExperimentConfig) -> dict:
         print0(f"resumed from {ckpt_dir / tag} at step {state.step}")
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
     logger = MetricLogger(out, env.rank == 0, cfg.run.tensorboard, samples_per_step)
-    preemption = PreemptionHandler()
-    preemption.install()
     meta = {"arch": cfg.model.arch, "frozen_sources": stage.frozen_sources}
     history: list[dict] = []
     batches = _forever(loader)
@@ -118,7 +119,7 @@ def train(cfg: ExperimentConfig) -> dict:
     try:
         while state.step < cfg.train.max_steps:
             train_step(engine, batches, cfg, state, logger)
-            if state.step % cfg.train.log_interval == 0 or state.step == cfg.train.max_steps:
+            if state.step % cfg.train.log_interval == 0 or state.step in (1, cfg.train.max_steps):
                 scalars = logger.log(state.step, scheduler.get_last_lr()[0],
                                      {"data/skipped_samples": float(stage.skipped_samples())})
                 history.append({"step": state.step, **scalars})
@@ -127,7 +128,7 @@ def train(cfg: ExperimentConfig) -> dict:
                 save_checkpoint(engine, ckpt_dir, state, loader.state_dict(), meta,
                                 cfg.train.keep_last, cfg.train.keep_every)
             if stop:
-                print0(f"{preemption.signal_name} received: checkpoint saved at step {state.step}; exiting for requeue")
+                print0(f"stop requested ({preemption.signal_name or 'signal on another rank'}): checkpoint saved at step {state.step}; exiting for requeue")
                 stopped_early = True
                 break
     finally:

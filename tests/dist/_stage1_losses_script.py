@@ -1,8 +1,9 @@
 """Run under torchrun (2 ranks, gloo): stage-1 ITC loss, gradients and negative sampling per rank.
 
 Each rank takes its half of a fixed global batch, computes the ITC loss with and without image ids,
-backpropagates, draws ITM negatives, and writes what it saw to OUT_DIR/rank{r}.json; the parent test
-compares with the 1-rank computation on the whole batch.
+backpropagates, draws ITM negatives, then runs the tiny Blip2Stage1 on its half of a model batch
+(real gathers for ITC, ITM negatives and their gradients); it writes what it saw to
+OUT_DIR/rank{r}.json, and the parent test compares with the 1-rank computation on the whole batch.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from blip_train.dist.world import build_world_info
 from blip_train.models.stage1_losses import itc_loss, sample_hard_negatives
-from blip_train.models.world import WorldInfo
 
 GLOBAL_B, NQ, E = 6, 3, 5
 IDS = [3, 1, 3, 2, 1, 4]  # duplicates within and across the two halves
@@ -29,24 +30,26 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.tensor(IDS))
 
 
-def make_world() -> WorldInfo:
-    try:
-        from blip_train.dist.world import build_world_info  # the trainer's implementation
-        return build_world_info()
-    except ImportError:
-        pass
+def run_model(world, rank: int, size: int) -> dict:
+    """Forward + backward of the tiny stage-1 model on this rank's half of `model_batch()`."""
+    from tests.unit.test_stage1_model import make_batch, tiny_model_config
+    from blip_train.models.stage1 import Blip2Stage1
 
-    def gather(x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.detach().contiguous())
-        return torch.cat(parts)
-
-    return WorldInfo(rank=dist.get_rank(), size=dist.get_world_size(), gather=gather)
+    cfg = tiny_model_config()
+    torch.manual_seed(0)  # same weights on every rank
+    model = Blip2Stage1(cfg, world).train()
+    torch.manual_seed(10 + rank)  # ranks draw different negatives, as in training
+    full = make_batch(cfg, seed=3)
+    b = full["text_ids"].shape[0] // size
+    out = model({k: v[rank * b:(rank + 1) * b] for k, v in full.items()})
+    out["loss"].backward()
+    return {**{k: v.item() for k, v in out.items()},
+            "ln_vision_grad": model.ln_vision.weight.grad.abs().sum().item()}
 
 
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
-    world = make_world()
+    world = build_world_info()  # the trainer's real all_gather implementations
     rank, size = dist.get_rank(), dist.get_world_size()
     b = GLOBAL_B // size
     img_all, txt_all, ids_all = global_batch()
@@ -68,6 +71,7 @@ def main(out_dir: str) -> None:
              for _ in range(200)]
     result["neg_image_idx"] = [d[0].tolist() for d in draws]
     result["neg_text_idx"] = [d[1].tolist() for d in draws]
+    result["model"] = run_model(world, rank, size)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.barrier()

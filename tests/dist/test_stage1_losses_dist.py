@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from blip_train.models.stage1 import Blip2Stage1
 from blip_train.models.stage1_losses import itc_loss
 from blip_train.models.world import WorldInfo
 from tests.conftest import torchrun
 from tests.dist._stage1_losses_script import GLOBAL_B, IDS, global_batch
+from tests.unit.test_stage1_model import make_batch, tiny_model_config
 
 SCRIPT = Path(__file__).with_name("_stage1_losses_script.py")
 
@@ -46,3 +49,14 @@ def test_itc_two_ranks_equals_one_rank(tmp_path: Path) -> None:
                 for i, j in enumerate(draw):
                     own = r["rank"] * b + i
                     assert 0 <= j < GLOBAL_B and j != own and IDS[j] != IDS[own], (r["rank"], key, i, j)
+
+    # The model on two ranks: ITC (deterministic: dropout 0) averages to the 1-rank value on the
+    # whole batch; ITM (random negatives from the other rank too) and ITG run and train ln_vision.
+    cfg = tiny_model_config()
+    torch.manual_seed(0)
+    model = Blip2Stage1(cfg).train()
+    ref_itc = model(make_batch(cfg, seed=3))["loss_itc"].item()
+    assert sum(r["model"]["loss_itc"] for r in ranks) / 2 == pytest.approx(ref_itc, rel=1e-5)
+    for r in ranks:
+        assert all(math.isfinite(r["model"][k]) for k in ("loss", "loss_itm", "loss_itg"))
+        assert r["model"]["ln_vision_grad"] > 0

@@ -1,0 +1,83 @@
+"""Text pre-processing and batch collation: tokenisation, truncation and the -100 masking live here.
+
+Models receive ready tensors and never tokenise (unlike LAVIS, which tokenises inside forward).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from blip_train.data.tokenizers import DEC_TOKEN
+
+IGNORE_INDEX = -100
+
+_PUNCT = re.compile(r"[.!\"()*#:;~]")  # removed by BLIP; , ? ' - / & stay (they carry meaning)
+_SPACES = re.compile(r"\s{2,}")
+
+
+def pre_caption(caption: str, max_words: int = 50) -> str:
+    """BLIP's caption cleaning: lowercase, drop decorative punctuation, collapse spaces, cap words."""
+    text = _PUNCT.sub(" ", caption.lower())
+    text = _SPACES.sub(" ", text).strip()
+    words = text.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else text
+
+
+def stack_images(samples: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """(B, 3, H, W) float from the samples' `pixel_values`."""
+    return torch.stack([s["pixel_values"] for s in samples]).float()
+
+
+class Stage1Collator:
+    """Q-Former stage-1 batches (ITC / ITM / ITG) from `ImageTextDataset` samples.
+
+    Output, exactly:
+        pixel_values  float (B, 3, H, W)
+        text_ids      long  (B, T)  [CLS] caption [SEP], right-padded, T <= max_txt_len
+        text_mask     long  (B, T)  1 for real tokens
+        itg_input_ids long  (B, T)  text_ids with the first token ([CLS]) replaced by [DEC]
+        itg_labels    long  (B, T)  itg_input_ids with padding → -100 (the model shifts them)
+        image_ids     long  (B,)    same id = same image (soft ITC positives)
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_txt_len: int = 32, max_words: int = 50) -> None:
+        dec_id = tokenizer.convert_tokens_to_ids(DEC_TOKEN)
+        if dec_id is None or dec_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {DEC_TOKEN} token: load it with load_qformer_tokenizer()")
+        self.tokenizer = tokenizer
+        self.max_txt_len = max_txt_len
+        self.max_words = max_words
+        self.dec_id = dec_id
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        texts = [pre_caption(s["caption"], self.max_words) for s in samples]
+        tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_txt_len,
+                             return_tensors="pt")
+        text_ids = tok["input_ids"].long()  # (B, T)
+        text_mask = tok["attention_mask"].long()  # (B, T)
+        itg_input_ids = text_ids.clone()
+        itg_input_ids[:, 0] = self.dec_id
+        itg_labels = itg_input_ids.masked_fill(text_mask == 0, IGNORE_INDEX)
+        return {
+            "pixel_values": stack_images(samples),
+            "text_ids": text_ids,
+            "text_mask": text_mask,
+            "itg_input_ids": itg_input_ids,
+            "itg_labels": itg_labels,
+            "image_ids": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.long),
+        }
+
+
+def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Generic collation for evaluation and inspection: images stacked, ints as long tensors,
+    everything else (strings, answer lists) as Python lists."""
+    out: dict[str, Any] = {"pixel_values": stack_images(samples)}
+    for key in samples[0]:
+        if key == "pixel_values":
+            continue
+        values = [s[key] for s in samples]
+        out[key] = torch.tensor(values, dtype=torch.long) if isinstance(values[0], int) else values
+    return out

@@ -1,0 +1,149 @@
+"""The conversion pipeline shared by tools/convert_*.py: parse → normalise images in parallel → write.
+
+A format reader (`formats.py`) yields `ImageJob`s: one image source plus the schema rows that use
+it, so an image with five captions is decoded once. Text problems are counted by the reader; image
+problems by `load_and_normalize_image` in worker processes. Every skipped sample is counted under
+one reason, and the split appears at its final path only when complete (`schema.write_split`).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Union
+
+from tqdm import tqdm
+
+from blip_train.data.images import load_and_normalize_image
+from blip_train.data.schema import write_split
+
+# Text-level skip reasons (image-level ones live in images.py).
+EMPTY_TEXT = "empty_text"
+BAD_TEXT_ENCODING = "bad_text_encoding"
+
+
+class InputError(Exception):
+    """The input cannot be used at all (missing/malformed file); tools print it as one line and exit 2."""
+
+
+@dataclass
+class ImageJob:
+    """One image and the rows (schema fields without `image`) that share it."""
+    source: Union[str, bytes]
+    rows: list[dict[str, Any]]
+
+
+@dataclass
+class ConvertStats:
+    out: str = ""
+    written: int = 0
+    images: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    """Skipped samples by reason (an unreadable image with five captions counts five)."""
+    skipped_images: Counter = field(default_factory=Counter)
+    """Skipped images by reason."""
+
+    def skip(self, reason: str, samples: int = 1) -> None:
+        self.skipped[reason] += samples
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"out": self.out, "written": self.written, "images": self.images,
+                "skipped": dict(self.skipped), "skipped_images": dict(self.skipped_images)}
+
+
+def clean_text(value: Any) -> tuple[Optional[str], str]:
+    """(stripped UTF-8 text, "ok") or (None, reason) for empty, missing or non-UTF-8 text."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None, BAD_TEXT_ENCODING
+    if not isinstance(value, str):
+        return None, EMPTY_TEXT
+    try:
+        # JSON can smuggle lone surrogates ("\ud800") that no UTF-8 writer accepts.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, BAD_TEXT_ENCODING
+    value = " ".join(value.split())
+    return (value, "ok") if value else (None, EMPTY_TEXT)
+
+
+def load_json(path: Union[str, os.PathLike]) -> Any:
+    """Parse a JSON (or JSON-lines) file; raise InputError with one line naming the file otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as first:
+        if p.suffix == ".jsonl":
+            try:
+                return [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError:
+                pass
+        raise InputError(f"{p}: malformed JSON ({first.msg} at line {first.lineno} column {first.colno})") from None
+
+
+def require_dir(path: Union[str, os.PathLike], what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"{p}: {what} directory does not exist")
+    return p
+
+
+def _normalize_job(args: tuple[ImageJob, int]) -> tuple[Optional[bytes], str, ImageJob]:
+    job, resize_max_side = args
+    data, reason = load_and_normalize_image(job.source, resize_max_side=resize_max_side)
+    return data, reason, job
+
+
+def _normalized(jobs: Iterable[ImageJob], workers: int, resize_max_side: int
+                ) -> Iterator[tuple[Optional[bytes], str, ImageJob]]:
+    args = ((job, resize_max_side) for job in jobs)
+    if workers <= 1:
+        yield from map(_normalize_job, args)
+        return
+    # fork: workers inherit the imported modules; imap keeps input order, so output is deterministic.
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_normalize_job, args, chunksize=16)
+
+
+def run_conversion(jobs: Iterable[ImageJob], out: Union[str, os.PathLike], stats: ConvertStats, *,
+                   workers: int = 1, overwrite: bool = False, resize_max_side: int = 0,
+                   total: Optional[int] = None, desc: str = "images", progress: bool = True) -> ConvertStats:
+    """Normalise every job's image, write the surviving rows as one split; fill and return `stats`."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    stats.out = str(out)
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for data, reason, job in _normalized(jobs, workers, resize_max_side):
+            bar.update(1)
+            if data is None:
+                stats.skipped_images[reason] += 1
+                stats.skip(reason, len(job.rows))
+                continue
+            stats.images += 1
+            for row in job.rows:
+                yield {**row, "image": data}
+
+    try:
+        stats.written = write_split(out, rows(), overwrite=overwrite)
+    finally:
+        bar.close()
+    if stats.written == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items())) or "input is empty"
+        raise InputError(f"no usable samples, nothing written to {out} (skipped: {reasons})")
+    return stats

