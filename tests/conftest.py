@@ -50,3 +50,12 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | No
            "--master_port", str(free_port()), *args]
     return subprocess.run(cmd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout,
                           cwd=cwd or REPO)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """Root of the tiny stage-1 experiment assets (data, tokenizer, ViT weights), built once per session."""
+    from tests.helpers.tiny_run import make_tiny_assets
+    root = tmp_path_factory.mktemp("tiny_assets")
+    make_tiny_assets(root)
+    return root

@@ -68,7 +68,7 @@ class SchemaDataset(StreamingDataset):
             sid = start + (int(sample_id) - start + attempt) % count
             row = self.get_item(sid)
             try:
-                pixel_values = self.transform(decode_rgb(row["image"]))
+                pixel_values = self.transform(decode_rgb(row["image"]), self._augmentation_generator(sid))
             except Exception as e:  # PIL raises many types for bad bytes
                 with self._num_corrupt.get_lock():
                     self._num_corrupt.value += 1
@@ -78,6 +78,16 @@ class SchemaDataset(StreamingDataset):
             return self.format_sample(row, pixel_values)
         raise RuntimeError(f"{min(self.max_consecutive_corrupt, count)} consecutive samples from {sample_id} "
                            "have undecodable images: the split is broken, re-run its converter")
+
+    def _augmentation_generator(self, sample_id: int) -> torch.Generator:
+        """Augmentation randomness as a function of (seed, epoch, sample), never of worker or global RNG.
+
+        A resumed run then crops and flips every sample exactly as the uninterrupted run would, whatever
+        the number of workers, and the global RNG (dropout, ITM negatives) is left to the model alone.
+        """
+        epoch = max(0, self.next_epoch - 1)  # next_epoch is advanced when an epoch's iteration starts
+        seed = (self.shuffle_seed * 1_000_003 + epoch * 2_147_483_629 + sample_id) % (2**63 - 1)
+        return torch.Generator().manual_seed(seed)
 
     def format_sample(self, row: dict[str, Any], pixel_values: torch.Tensor) -> dict[str, Any]:
         raise NotImplementedError
@@ -153,15 +163,15 @@ def job_cache_dir(cache_root: str, name: str) -> str:
 
 def _fetch_metadata(local: str, remote: str) -> None:
     """Download index.json and the schema sidecar of a remote split so they can be checked and counted."""
-    from streaming.base.storage import download_file
+    from streaming.base.storage import CloudDownloader
 
-    os.makedirs(local, exist_ok=True)
+    downloader = CloudDownloader.get(remote)
     for name in ("index.json", SCHEMA_FILE):
         dest = os.path.join(local, name)
         if not os.path.exists(dest):
-            tmp = f"{dest}.tmp-{os.getpid()}"
-            download_file(f"{remote.rstrip('/')}/{name}", tmp, 60)
-            os.replace(tmp, dest)  # ranks of a node may race: each writes its own temp file
+            tmp = f"{dest}.tmp-{os.getpid()}"  # ranks of a node may race: each writes its own file
+            downloader.download(f"{remote.rstrip('/')}/{name}", tmp, 60)
+            os.replace(tmp, dest)
 
 
 def mixture_proportions(sizes: list[int], explicit: list[float], balance: str) -> list[float]:
@@ -238,6 +248,8 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optio
     dataset.stream_info = info
     return StreamingDataLoader(dataset, batch_size=micro_batch_size, collate_fn=collate_fn or collate_samples,
                                num_workers=cfg.num_workers, drop_last=True,
+                               # own generator: creating an iterator must not draw from the global RNG
+                               generator=torch.Generator().manual_seed(cfg.shuffle_seed),
                                pin_memory=torch.cuda.is_available(),
                                persistent_workers=False)
 

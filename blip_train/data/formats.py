@@ -7,7 +7,6 @@ individual record is counted in `stats` under a reason and skipped.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import re

@@ -39,6 +39,32 @@ def frozen_vision_dtype(precision: str, device_type: str) -> torch.dtype:
     return torch.float16
 
 
+def build_vision_tower(cfg: ModelConfig, device_type: Optional[str] = None) -> EVAViT:
+    """EVAViT(cfg.vision); when cfg.vision.frozen, cast to its frozen dtype and frozen (shared by all stages).
+
+    device_type picks the frozen dtype (see `frozen_vision_dtype`); default: cuda if available.
+    """
+    visual_encoder = EVAViT(cfg.vision, attention=cfg.attention)
+    if cfg.vision.frozen:
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        # Under deepspeed.zero.Init the tower is partitioned at construction, in the engine's dtype,
+        # and can no longer be cast (partitioned parameters carry `ds_id`).
+        if not any(hasattr(p, "ds_id") for p in visual_encoder.parameters()):
+            visual_encoder.to(frozen_vision_dtype(cfg.vision.precision, device_type))
+        freeze_(visual_encoder)
+    return visual_encoder
+
+
+def expand_query_tokens(query_tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(1, Nq, D) learned queries -> (B, Nq, D), refusing a ZeRO-3 partition read outside forward."""
+    if query_tokens.numel() == 0:
+        # A ZeRO-3 partition outside forward: inference helpers are plain methods, so the engine's
+        # forward hooks have not gathered this root-level parameter.
+        raise RuntimeError("query_tokens is partitioned: call inside blip_train.dist.zero.gathered("
+                           "[model.query_tokens]) or keep it persistent (param_persistence_threshold)")
+    return query_tokens.expand(batch_size, -1, -1)
+
+
 class Blip2Stage1(nn.Module):
     """Frozen ViT + trainable ln_vision, Q-Former, query tokens, ITC projections and ITM head."""
 
@@ -50,14 +76,7 @@ class Blip2Stage1(nn.Module):
         self.max_txt_len = cfg.max_txt_len
         self.vision_frozen = cfg.vision.frozen
 
-        self.visual_encoder = EVAViT(cfg.vision, attention=cfg.attention)
-        if cfg.vision.frozen:
-            device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-            # Under deepspeed.zero.Init the tower is partitioned at construction, in the engine's dtype,
-            # and can no longer be cast (partitioned parameters carry `ds_id`).
-            if not any(hasattr(p, "ds_id") for p in self.visual_encoder.parameters()):
-                self.visual_encoder.to(frozen_vision_dtype(cfg.vision.precision, device_type))
-            freeze_(self.visual_encoder)
+        self.visual_encoder = build_vision_tower(cfg, device_type)
         self.ln_vision = LayerNormFP32(cfg.vision.width, eps=cfg.vision.layer_norm_eps)  # trainable, fp32; eps as HF post_layernorm
 
         qcfg = cfg.qformer
@@ -85,12 +104,7 @@ class Blip2Stage1(nn.Module):
         return self.ln_vision(embeds).to(self._trainable_dtype())  # ln_vision computes (and returns) fp32
 
     def _queries(self, batch_size: int) -> torch.Tensor:
-        if self.query_tokens.numel() == 0:
-            # A ZeRO-3 partition outside forward: the inference helpers are plain methods, so the
-            # engine's forward hooks have not gathered this root-level parameter.
-            raise RuntimeError("query_tokens is partitioned: call inside blip_train.dist.zero.gathered("
-                               "[model.query_tokens]) or keep it persistent (param_persistence_threshold)")
-        return self.query_tokens.expand(batch_size, -1, -1)  # (B, Nq, D)
+        return expand_query_tokens(self.query_tokens, batch_size)  # (B, Nq, D)
 
     def _clamp_temp_(self) -> None:
         # In place, as BLIP-2 does: the gradient then acts on the clamped value. Under ZeRO the

@@ -5,6 +5,7 @@ everywhere), loads frozen towers from their recorded sources, and says how to bu
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -83,8 +84,131 @@ def build_stage1(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> Stag
                  frozen_sources={"vision": cfg.model.vision.weights or "random-init"})
 
 
+# ------------------------------------------------------------------------------ stage 2 / InstructBLIP
+
+END_OF_TEXT = {"opt": "\n"}
+"""Text that ends a stage-2 target, per LLM family (BLIP-2 trains OPT with "\n"); others: the eos token."""
+
+
+def _read_init_state(path: str) -> dict[str, torch.Tensor]:
+    """Trainable weights (our names) of an earlier run / checkpoint tag, or of a consolidated file."""
+    from pathlib import Path
+
+    from blip_train.models.eva_vit import read_state_dict
+    from blip_train.training.checkpoint import read_meta
+    from blip_train.training.weights import resolve_checkpoint
+
+    if Path(path).is_file():
+        return read_state_dict(path)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt_dir, tag = resolve_checkpoint(path)
+    read_meta(ckpt_dir / tag)  # refuses an incomplete checkpoint
+    # Every trainable key of the earlier stage (its heads too, so that unused keys can be named).
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, exclude_frozen_parameters=True)
+
+
+def build_llm_stage_model(cfg: ExperimentConfig, device_type: str | None = None):
+    """Blip2LLM (stage2 | instruct) with the frozen ViT and LLM loaded from their sources, the shared
+    parts initialised from model.init_from. Returns (model, llm tokenizer, init report or None)."""
+    from blip_train.data.llm_collate import load_llm_tokenizer
+    from blip_train.models.eva_vit import load_vit_weights
+    from blip_train.models.llm_bridge import Blip2LLM, init_from_earlier_stage_, load_llm
+
+    m = cfg.model
+    for key, path in (("model.llm.path", m.llm.path), ("model.vision.weights", m.vision.weights),
+                      ("model.qformer.bert_init", m.qformer.bert_init), ("model.init_from", m.init_from)):
+        _require_file(key, path)
+    llm_tokenizer = load_llm_tokenizer(m.llm.path)
+    torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
+    model = Blip2LLM(m, load_llm(m.llm, device_type), device_type=device_type)
+    if m.vision.weights:
+        load_vit_weights(model.visual_encoder, m.vision.weights)
+    if m.qformer.bert_init:
+        # Before init_from: a stage-2 checkpoint lacks InstructBLIP's Q-Former text input (kept from BERT).
+        _load_bert_weights_present(model, m.qformer.bert_init)
+    report = init_from_earlier_stage_(model, _read_init_state(m.init_from)) if m.init_from else None
+    return model, llm_tokenizer, report
+
+
+def _load_bert_weights_present(model: nn.Module, folder: str) -> None:
+    """bert-base init of the Q-Former parts that exist here (stage 2 removed the text branch)."""
+    from blip_train.models.qformer import QFormer, load_bert_weights
+
+    # load_bert_weights wants the whole Q-Former: fill a complete one, copy what this model kept.
+    full = QFormer(model.qformer.cfg, encoder_width=model.ln_vision.weight.shape[0])
+    load_bert_weights(full, folder)
+    ours = model.qformer.state_dict()
+    with torch.no_grad():
+        for name, value in full.state_dict().items():
+            if name in ours:
+                ours[name].copy_(value)
+
+
+def _describe_init(report: dict | None, source: str) -> str:
+    if report is None:
+        return "random init"
+    return (f"{source}: loaded {len(report['loaded'])} tensors; new (not in the checkpoint): "
+            f"{_prefixes(report['missing'])}; unused: {_prefixes(report['unused'])}")
+
+
+def _prefixes(keys: list[str]) -> str:
+    # Key lists are long (every layer); name their parts instead.
+    parts = sorted({re.sub(r"\.\d+\.", ".*.", k).rsplit(".", 1)[0] for k in keys})
+    return ", ".join(parts) if parts else "none"
+
+
+def _llm_stage(cfg: ExperimentConfig, collate: Callable[..., Any], model: nn.Module, llm_tokenizer: Any,
+               report: dict | None, data_kind: str) -> Stage:
+    from blip_train.dist.process_group import print0
+
+    m = cfg.model
+    print0(f"init_from {_describe_init(report, m.init_from)}")
+    return Stage(model=model, tokenizer=llm_tokenizer, collate=collate, data_kind=data_kind, cfg=cfg,
+                 frozen_sources={"vision": m.vision.weights or "random-init", "llm": m.llm.path,
+                                 "llm_dtype": m.llm.dtype})
+
+
+def build_stage2(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> Stage:
+    """BLIP-2 stage 2: captions → LM loss through the frozen LLM (decoder-only or FlanT5 prefix LM)."""
+    from blip_train.data.llm_collate import DecoderLMCollator, T5PrefixCollator
+
+    model, tok, report = build_llm_stage_model(cfg, "cuda" if on_cuda else "cpu")
+    llm = cfg.model.llm
+    if model.decoder_only:
+        collate = DecoderLMCollator(tok, prompt=llm.prompt, max_txt_len=llm.max_txt_len,
+                                    eos_text=END_OF_TEXT.get(model.llm.config.model_type))
+    else:
+        collate = T5PrefixCollator(tok, max_txt_len=llm.max_txt_len, prompt=llm.prompt,
+                                   seed=cfg.run.seed + world.rank)
+    return _llm_stage(cfg, collate, model, tok, report, "caption")
+
+
+def build_instruct(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> Stage:
+    """InstructBLIP: templated instructions (Q-Former and LLM) → answer, loss on the answer only."""
+    from blip_train.data.llm_collate import InstructCollator
+    from blip_train.data.tokenizers import load_qformer_tokenizer
+
+    m = cfg.model
+    if not m.qformer.tokenizer:
+        raise ConfigError("model.qformer.tokenizer: required for model.arch=instruct (the instruction "
+                          "enters the Q-Former)")
+    _require_file("model.qformer.tokenizer", m.qformer.tokenizer)
+    qtok = load_qformer_tokenizer(m.qformer.tokenizer)
+    if len(qtok) > m.qformer.vocab_size:
+        raise ConfigError(f"model.qformer.vocab_size: {m.qformer.vocab_size} is smaller than the tokenizer's "
+                          f"{len(qtok)} tokens ({m.qformer.tokenizer})")
+    model, tok, report = build_llm_stage_model(cfg, "cuda" if on_cuda else "cpu")
+    collate = InstructCollator(qtok, tok, max_prompt_len=m.llm.max_prompt_len, max_txt_len=m.llm.max_txt_len,
+                               decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len,
+                               seed=cfg.run.seed + world.rank)
+    return _llm_stage(cfg, collate, model, tok, report, "instruct")
+
+
 STAGE_BUILDERS: dict[str, Callable[[ExperimentConfig, WorldInfo, bool], Stage]] = {
     "stage1": build_stage1,
+    "stage2": build_stage2,
+    "instruct": build_instruct,
 }
 
 

@@ -129,3 +129,14 @@ def test_local_world_size_defaults_to_world_size(monkeypatch):
     assert ensure_local_world_size() == 3 and os.environ["LOCAL_WORLD_SIZE"] == "3"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert ensure_local_world_size() == 2
+
+
+def test_remote_stream_gets_a_per_job_cache(split40, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    cfg = DataConfig(train=[StreamConfig(remote=split40, name="syn")], cache_dir=str(tmp_path), image_size=16,
+                     num_workers=0)
+    loader = build_train_loader(cfg, 8)
+    cache = tmp_path / "job-4242" / "syn"
+    assert loader.dataset.stream_info[0]["local"] == str(cache) and (cache / SCHEMA_FILE).is_file()
+    assert sorted(_ids(loader)) == list(range(40))
+    assert any(p.name.endswith(".mds") for p in cache.iterdir())  # shards were fetched into the cache

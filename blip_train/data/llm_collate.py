@@ -1,0 +1,250 @@
+"""Batches for the frozen-LLM stages (BLIP-2 stage 2, InstructBLIP): tokenisation and -100 masking.
+
+Every collator returns the same keys, which is the whole contract with `models/llm_bridge.py`:
+
+    pixel_values        float (B, 3, H, W)
+    llm_input_ids       long  (B, T)   decoder-only: the text after the query positions
+                                       encoder-decoder: the encoder text after the query positions
+    llm_attention_mask  long  (B, T)   1 = real token
+    llm_labels          long  (B, T')  decoder-only: aligned with llm_input_ids (T' = T), -100 except
+                                       the target tokens; encoder-decoder: the decoder targets, pad → -100
+    qformer_input_ids, qformer_attention_mask   (InstructCollator only) the instruction for the Q-Former
+
+The model prepends the query positions (never counted in the loss) and the HF LLM shifts the labels.
+Training batches are right-padded; `generation=True` batches carry no labels and left-pad the
+decoder-only prompt so that every row's last position is a real token (HF's generate continues
+from the last position).
+
+Randomness (T5 split points, instruction templates) comes from a per-process `random.Random`
+seeded with (seed, DataLoader worker id): one seed gives the same draws, workers differ.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Optional, Sequence
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from blip_train.data.collate import IGNORE_INDEX, collate_samples, pre_caption, stack_images
+from blip_train.data.templates import Templates, choose_instruction, eval_instruction, load_templates
+
+
+def load_llm_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The LLM's tokenizer from its local HF folder, ready for training batches.
+
+    LLaMA/Vicuna ship without a pad token; padding positions are masked (attention 0, label -100),
+    so any existing id serves: unk (else eos). No token is added, so the frozen embedding matrix is
+    never resized.
+    """
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    tok.padding_side = "right"
+    tok.truncation_side = "right"
+    return tok
+
+
+def _pad(seqs: Sequence[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id lists → (B, T) ids and (B, T) 0/1 mask, padded on the right (or left)."""
+    width = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            cols = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[i, cols] = torch.tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
+    return ids, mask
+
+
+def _pad_labels(seqs: Sequence[list[int]]) -> torch.Tensor:
+    return _pad(seqs, IGNORE_INDEX)[0]
+
+
+class _WorkerRandom:
+    """random.Random seeded with (seed, DataLoader worker id), re-created in each worker process.
+
+    A forked worker inherits the parent's state, so without this every worker would draw the
+    same sequence.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._pid: Optional[int] = None
+        self._rng = random.Random()
+
+    def get(self) -> random.Random:
+        if self._pid != os.getpid():
+            info = torch.utils.data.get_worker_info()
+            self._rng = random.Random(f"{self.seed}-worker{info.id if info is not None else -1}")
+            self._pid = os.getpid()
+        return self._rng
+
+
+class _LLMText:
+    """Tokenisation rules shared by the collators (no special tokens unless added explicitly)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the LLM tokenizer has no pad token: load it with load_llm_tokenizer()")
+        self.tok = tokenizer
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+
+    def ids(self, text: str, max_len: Optional[int] = None) -> list[int]:
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        return ids if max_len is None else ids[:max(0, max_len)]
+
+    @staticmethod
+    def continuation(context: str, text: str) -> str:
+        # Byte-level BPE keeps the leading space in a word's token: " a" after "a photo of" is what the
+        # LM saw in pretraining, and what it produces when it continues the prompt at generation.
+        return " " + text if context and not context[-1].isspace() else text
+
+    def target(self, context: str, text: str, max_len: int, eos_text: Optional[str]) -> list[int]:
+        """Target ids: text then the end marker (`eos_text`, else the eos id), at most max_len in all;
+        truncation cuts the text, never the end marker."""
+        end = self.ids(eos_text) if eos_text is not None else [self.eos]
+        return self.ids(self.continuation(context, text), max_len - len(end)) + end
+
+
+class DecoderLMCollator:
+    """Stage 2 with a decoder-only LLM (OPT, LLaMA/Vicuna): [bos] prompt caption end, loss on caption + end.
+
+    Row i of llm_input_ids: bos, prompt tokens, caption tokens, end marker, padding (right).
+    llm_labels: -100 on bos, prompt and padding; the caption and end-marker ids elsewhere.
+    `eos_text` ends every caption ("\\n" for OPT, as BLIP-2 trains it); None appends the eos id.
+    The caption is `pre_caption`-cleaned; at most max_txt_len target tokens (end marker included).
+    `generation=True`: [bos] prompt only, left-padded, no labels, sample metadata passed through.
+    """
+
+    def __init__(self, llm_tokenizer: PreTrainedTokenizerBase, prompt: str = "", max_txt_len: int = 32,
+                 eos_text: Optional[str] = "\n", max_words: int = 50, generation: bool = False) -> None:
+        self.text = _LLMText(llm_tokenizer)
+        self.prompt = prompt.rstrip()
+        self.max_txt_len, self.eos_text, self.max_words = max_txt_len, eos_text, max_words
+        self.generation = generation
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        head = self.text.bos + self.text.ids(self.prompt)
+        if self.generation:
+            ids, mask = _pad([head] * len(samples), self.text.pad, left=True)
+            return {**collate_samples(samples), "llm_input_ids": ids, "llm_attention_mask": mask}
+        seqs, labels = [], []
+        for s in samples:
+            body = self.text.target(self.prompt, pre_caption(s["caption"], self.max_words), self.max_txt_len,
+                                    self.eos_text)
+            seqs.append(head + body)
+            labels.append([IGNORE_INDEX] * len(head) + body)
+        ids, mask = _pad(seqs, self.text.pad)
+        return {"pixel_values": stack_images(samples), "llm_input_ids": ids, "llm_attention_mask": mask,
+                "llm_labels": _pad_labels(labels)}
+
+
+def t5_split_point(num_tokens: int, rng: random.Random) -> int:
+    """Prefix length k for a caption of `num_tokens` tokens: uniform in [1, max(1, num_tokens // 2)].
+
+    The prefix is never empty and never longer than the suffix (for n >= 2 the suffix keeps
+    n - k >= ceil(n / 2) >= 1 tokens); a 1-token caption gives k = 1 and an eos-only target; an
+    empty caption k = 0.
+    """
+    if num_tokens <= 0:
+        return 0
+    return rng.randint(1, max(1, num_tokens // 2))
+
+
+class T5PrefixCollator:
+    """Stage 2 with an encoder-decoder LLM (FlanT5): BLIP-2's prefix language modelling.
+
+    The caption's tokens t_1..t_n (n <= max_txt_len - 1 after truncation) are split at k =
+    `t5_split_point(n)`: the encoder text (after the queries) is prompt + t_1..t_k + </s>, the
+    decoder target t_{k+1}..t_n + </s>. llm_labels pads with -100 (T5 shifts labels right itself).
+    `generation=True`: encoder text = prompt + </s> (no prefix), no labels.
+    """
+
+    def __init__(self, llm_tokenizer: PreTrainedTokenizerBase, max_txt_len: int = 32, prompt: str = "",
+                 seed: int = 0, max_words: int = 50, generation: bool = False) -> None:
+        self.text = _LLMText(llm_tokenizer)
+        if self.text.eos is None:
+            raise ValueError("the T5 tokenizer has no eos token")
+        self.prompt = prompt.rstrip()
+        self.max_txt_len, self.max_words, self.generation = max_txt_len, max_words, generation
+        self.rng = _WorkerRandom(seed)
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        prompt_ids, eos = self.text.ids(self.prompt), self.text.eos
+        if self.generation:
+            ids, mask = _pad([prompt_ids + [eos]] * len(samples), self.text.pad)
+            return {**collate_samples(samples), "llm_input_ids": ids, "llm_attention_mask": mask}
+        rng = self.rng.get()
+        enc, dec = [], []
+        for s in samples:
+            caption = self.text.continuation(self.prompt, pre_caption(s["caption"], self.max_words))
+            toks = self.text.ids(caption, self.max_txt_len - 1)  # room for </s> in the target
+            k = t5_split_point(len(toks), rng)
+            enc.append(prompt_ids + toks[:k] + [eos])
+            dec.append(toks[k:] + [eos])
+        ids, mask = _pad(enc, self.text.pad)
+        return {"pixel_values": stack_images(samples), "llm_input_ids": ids, "llm_attention_mask": mask,
+                "llm_labels": _pad_labels(dec)}
+
+
+class InstructCollator:
+    """InstructBLIP batches: a templated instruction for the Q-Former and the LLM, loss on the answer.
+
+    Per sample: instruction = `choose_instruction(task, question)` (one random template of the
+    sample's task; the fixed `eval` one when generation=True), answer = the sample's `answer`.
+    - qformer_input_ids / qformer_attention_mask: [CLS] instruction [SEP] (Q-Former tokenizer),
+      right-padded, at most max_qformer_len tokens (the config's model.max_txt_len).
+    - decoder_only: llm_input_ids = bos, instruction (<= max_prompt_len tokens), answer, end marker,
+      padding; llm_labels -100 everywhere except answer + end marker (<= max_txt_len tokens).
+    - encoder-decoder: llm_input_ids = instruction (<= max_prompt_len - 1) + </s> (the encoder text),
+      llm_labels = answer (<= max_txt_len - 1) + </s>, pad → -100.
+    `eos_text` None ends answers with the eos id; generation=True drops answers (decoder-only prompts
+    left-padded) and passes sample metadata (answers, question_id, ...) through.
+    """
+
+    def __init__(self, qformer_tokenizer: PreTrainedTokenizerBase, llm_tokenizer: PreTrainedTokenizerBase,
+                 templates: Optional[Templates] = None, max_prompt_len: int = 128, max_txt_len: int = 256,
+                 decoder_only: bool = True, max_qformer_len: Optional[int] = None,
+                 eos_text: Optional[str] = None, seed: int = 0, generation: bool = False) -> None:
+        self.qtok = qformer_tokenizer
+        self.text = _LLMText(llm_tokenizer)
+        self.templates = templates or load_templates()
+        self.max_prompt_len, self.max_txt_len = max_prompt_len, max_txt_len
+        self.max_qformer_len = max_qformer_len or max_prompt_len
+        self.decoder_only, self.eos_text, self.generation = decoder_only, eos_text, generation
+        self.rng = _WorkerRandom(seed)
+
+    def instruction(self, sample: dict[str, Any]) -> str:
+        task, question = sample.get("task") or "caption", sample.get("question") or ""
+        if self.generation:
+            return eval_instruction(task, question, self.templates)
+        return choose_instruction(task, question, self.rng.get(), self.templates)
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        instructions = [self.instruction(s) for s in samples]
+        q = self.qtok(instructions, padding="longest", truncation=True, max_length=self.max_qformer_len,
+                      return_tensors="pt")
+        out: dict[str, Any] = collate_samples(samples) if self.generation else {"pixel_values": stack_images(samples)}
+        out["qformer_input_ids"], out["qformer_attention_mask"] = q["input_ids"].long(), q["attention_mask"].long()
+        t = self.text
+        if self.decoder_only:
+            heads = [t.bos + t.ids(inst, self.max_prompt_len) for inst in instructions]
+            if self.generation:
+                out["llm_input_ids"], out["llm_attention_mask"] = _pad(heads, t.pad, left=True)
+                return out
+            bodies = [t.target(inst, s["answer"].strip(), self.max_txt_len, self.eos_text)
+                      for inst, s in zip(instructions, samples)]
+            out["llm_input_ids"], out["llm_attention_mask"] = _pad([h + b for h, b in zip(heads, bodies)], t.pad)
+            out["llm_labels"] = _pad_labels([[IGNORE_INDEX] * len(h) + b for h, b in zip(heads, bodies)])
+            return out
+        enc = [t.ids(inst, self.max_prompt_len - 1) + [t.eos] for inst in instructions]
+        out["llm_input_ids"], out["llm_attention_mask"] = _pad(enc, t.pad)
+        if not self.generation:
+            out["llm_labels"] = _pad_labels([t.target("", s["answer"].strip(), self.max_txt_len, None)
+                                             for s in samples])
+        return out

@@ -1,0 +1,238 @@
+"""BLIP-2 stage 2 and InstructBLIP: frozen ViT → Q-Former queries → Linear → frozen HF LLM.
+
+One module serves both (`cfg.arch` = "stage2" | "instruct") and both LLM kinds:
+- decoder-only (OPT, LLaMA/Vicuna): LLM input [proj(queries); embed(llm_input_ids)], labels -100 on
+  the query positions (the collator already masked bos, prompt/instruction and padding); the HF
+  model's own shifted LM loss.
+- encoder-decoder (FlanT5): encoder input [proj(queries); embed(llm_input_ids)] (the prefix or the
+  instruction), decoder targets llm_labels (T5 shifts them right itself).
+- InstructBLIP: the instruction (qformer_input_ids) enters the Q-Former after the queries with the
+  bidirectional mask, so queries attend to it; only the query positions' outputs go to the LLM.
+The batch contract is in `data/llm_collate.py`. Stage 2 never feeds text to the Q-Former, so its
+text branch (word/position embeddings, text FFNs, LM head) is removed, as in transformers'
+Blip2ForConditionalGeneration; InstructBLIP keeps all but the LM head.
+
+ZeRO-3: every step calls the same modules in the same order (vision → ln_vision → Q-Former →
+llm_proj → LLM embeddings → LLM) whatever the data. `generate` reads `query_tokens` outside any
+module forward: under ZeRO-3 the caller gathers it (`blip_train.dist.zero.gathered`).
+"""
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
+
+from blip_train.config.schema import LLMConfig, ModelConfig
+from blip_train.models.eva_vit import LayerNormFP32
+from blip_train.models.freezing import freeze_
+from blip_train.models.qformer import QFormer
+from blip_train.models.stage1 import build_vision_tower, expand_query_tokens
+
+IGNORE_INDEX = -100
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def llm_dtype(name: str, device_type: str) -> torch.dtype:
+    """Dtype of the frozen LLM; fp16 only on CUDA (CPU fp16 kernels are incomplete, DeepSpeed refuses it)."""
+    if name not in _DTYPES:
+        raise ValueError(f"model.llm.dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    if name == "fp16" and device_type != "cuda":
+        raise ValueError("model.llm.dtype: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return _DTYPES[name]
+
+
+def load_llm(cfg: LLMConfig, device_type: Optional[str] = None) -> PreTrainedModel:
+    """The frozen LLM from its local HF folder: AutoModelForSeq2SeqLM for encoder-decoder configs
+    (FlanT5), AutoModelForCausalLM otherwise (OPT, LLaMA/Vicuna), in `cfg.dtype`, frozen."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    hf_cfg = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+    cls = AutoModelForSeq2SeqLM if hf_cfg.is_encoder_decoder else AutoModelForCausalLM
+    llm = cls.from_pretrained(cfg.path, dtype=llm_dtype(cfg.dtype, device_type), local_files_only=True)
+    return freeze_(llm)
+
+
+def drop_qformer_text_branch_(qformer: QFormer, keep_text_input: bool) -> None:
+    """Remove Q-Former parts the LLM stages never run (so they are neither trained nor stored).
+
+    Always the LM head (stage-1 ITG only); unless `keep_text_input` (InstructBLIP), also the word and
+    position embeddings and every layer's text FFN: with queries only, QFormer.forward never reaches
+    them. Mirrors transformers' Blip2ForConditionalGeneration / InstructBlip Q-Formers.
+    """
+    qformer.lm_head = None
+    if not keep_text_input:
+        qformer.embeddings.word_embeddings = None
+        qformer.embeddings.position_embeddings = None
+        for layer in qformer.layers:
+            layer.ffn = None
+
+
+class Blip2LLM(nn.Module):
+    """Frozen ViT + trainable ln_vision, Q-Former, query tokens and llm_proj + frozen HF `llm`."""
+
+    def __init__(self, cfg: ModelConfig, llm: PreTrainedModel, *, device_type: Optional[str] = None) -> None:
+        """cfg.arch: stage2 | instruct. `llm` (see `load_llm`) is frozen here if it is not already."""
+        super().__init__()
+        if cfg.arch not in ("stage2", "instruct"):
+            raise ValueError(f"model.arch={cfg.arch!r}: Blip2LLM serves stage2 | instruct")
+        self.instruct = cfg.arch == "instruct"
+        self.vision_frozen = cfg.vision.frozen
+        self.visual_encoder = build_vision_tower(cfg, device_type)
+        self.ln_vision = LayerNormFP32(cfg.vision.width, eps=cfg.vision.layer_norm_eps)
+        qcfg = cfg.qformer
+        self.qformer = QFormer(qcfg, encoder_width=cfg.vision.width, attention=cfg.attention)
+        drop_qformer_text_branch_(self.qformer, keep_text_input=self.instruct)
+        self.query_tokens = nn.Parameter(torch.randn(1, qcfg.num_query_tokens, qcfg.hidden_size) * 0.02)
+        self.llm_proj = nn.Linear(qcfg.hidden_size, llm.config.get_text_config().hidden_size)
+        self.llm = freeze_(llm)
+        self.decoder_only = not llm.config.is_encoder_decoder
+
+    # ----------------------------------------------------------------------------------------------
+    # building blocks
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → ln_vision(ViT(x)) (B, 1+N, W) in the Q-Former's dtype."""
+        with torch.no_grad() if self.vision_frozen else nullcontext():
+            embeds = self.visual_encoder(pixel_values)  # (B, 1+N, W) in the tower's dtype
+        return self.ln_vision(embeds).to(self.query_tokens.dtype)  # ln_vision computes fp32
+
+    def soft_prompt(self, pixel_values: torch.Tensor, qformer_input_ids: Optional[torch.Tensor] = None,
+                    qformer_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Query outputs projected to the LLM width: (B, Nq, H_llm). InstructBLIP needs the instruction."""
+        if self.instruct and qformer_input_ids is None:
+            raise ValueError("InstructBLIP needs qformer_input_ids (the instruction for the Q-Former)")
+        image_embeds = self.image_embeddings(pixel_values)  # (B, Nimg, W)
+        queries = expand_query_tokens(self.query_tokens, pixel_values.shape[0])  # (B, Nq, D)
+        out = self.qformer(query_embeds=queries, image_embeds=image_embeds,
+                           input_ids=qformer_input_ids if self.instruct else None,
+                           attention_mask=qformer_attention_mask if self.instruct else None,
+                           mask="bidirectional")
+        return self.llm_proj(out.last_hidden_state[:, :queries.shape[1]])  # (B, Nq, D) → (B, Nq, H_llm)
+
+    def llm_inputs(self, soft: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[soft prompt; embedded text] (B, Nq + T, H) in the LLM's dtype, and its (B, Nq + T) mask."""
+        text = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
+        embeds = torch.cat([soft.to(text.dtype), text], dim=1)
+        mask = torch.cat([torch.ones(soft.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device),
+                          attention_mask], dim=1)
+        return embeds, mask
+
+    # ----------------------------------------------------------------------------------------------
+    # training
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """LM loss of one micro-batch (keys: see data/llm_collate.py). Returns loss and loss_lm (equal)."""
+        soft = self.soft_prompt(batch["pixel_values"], batch.get("qformer_input_ids"),
+                                batch.get("qformer_attention_mask"))
+        embeds, mask = self.llm_inputs(soft, batch["llm_input_ids"], batch["llm_attention_mask"])
+        labels = batch["llm_labels"]
+        if self.decoder_only:
+            # Query positions are never targets; the HF model shifts labels and takes the mean CE
+            # over the remaining targets (logits upcast to fp32).
+            ignore = torch.full(soft.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+            out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([ignore, labels], dim=1))
+        else:
+            out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        return {"loss": out.loss, "loss_lm": out.loss.detach()}
+
+    # ----------------------------------------------------------------------------------------------
+    # inference (under model.eval(); under ZeRO-3 all ranks call it together with synced_gpus=True
+    # and `query_tokens` gathered by the caller)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, llm_input_ids: Optional[torch.Tensor] = None,
+                 llm_attention_mask: Optional[torch.Tensor] = None,
+                 qformer_input_ids: Optional[torch.Tensor] = None,
+                 qformer_attention_mask: Optional[torch.Tensor] = None, *, num_beams: int = 5,
+                 max_new_tokens: int = 30, min_new_tokens: int = 1, repetition_penalty: float = 1.0,
+                 length_penalty: float = 1.0, do_sample: bool = False, top_p: float = 0.9,
+                 temperature: float = 1.0, num_return_sequences: int = 1,
+                 eos_token_id: Optional[Union[int, Sequence[int]]] = None, synced_gpus: bool = False,
+                 **generate_kwargs: Any) -> torch.Tensor:
+        """Token ids generated by the LLM after [soft prompt; llm_input_ids].
+
+        llm_input_ids: decoder-only: [bos] prompt, LEFT-padded (None: bos only); encoder-decoder: the
+        encoder text (None: queries only). InstructBLIP: qformer_input_ids is the instruction.
+        Returns (B * num_return_sequences, L): decoder-only the new tokens only, encoder-decoder the
+        decoder sequence (starting with the decoder start token); decode with skip_special_tokens.
+        InstructBLIP's defaults are num_beams=5, max_new_tokens=256, repetition_penalty=1.5.
+        eos_token_id: stop token(s), e.g. the id of "\\n" for OPT stage 2 (None: the LLM's own).
+        synced_gpus: True under ZeRO-3 on several ranks (a finished rank keeps running forwards).
+        """
+        b = pixel_values.shape[0]
+        soft = self.soft_prompt(pixel_values, qformer_input_ids, qformer_attention_mask)
+        if llm_input_ids is None:
+            start = [self.llm.config.bos_token_id] if self.decoder_only else []
+            llm_input_ids = torch.tensor([start] * b, dtype=torch.long, device=soft.device).view(b, len(start))
+            llm_attention_mask = torch.ones_like(llm_input_ids)
+        elif llm_attention_mask is None:
+            llm_attention_mask = torch.ones_like(llm_input_ids)
+        embeds, mask = self.llm_inputs(soft, llm_input_ids, llm_attention_mask)
+        kwargs: dict[str, Any] = dict(
+            num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            repetition_penalty=repetition_penalty, length_penalty=length_penalty, do_sample=do_sample,
+            num_return_sequences=num_return_sequences, synced_gpus=synced_gpus,
+            pad_token_id=self.llm.config.pad_token_id)
+        if do_sample:
+            kwargs.update(top_p=top_p, temperature=temperature)
+        if eos_token_id is not None:
+            kwargs["eos_token_id"] = eos_token_id
+        kwargs.update(generate_kwargs)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# initialisation from an earlier stage
+
+STAGE1_ONLY = ("vision_proj.", "text_proj.", "itm_head.", "temp")
+"""Stage-1 heads the LLM stages do not have (ITC projections, ITM head, temperature)."""
+
+
+def _optional_missing(model: Blip2LLM) -> tuple[str, ...]:
+    # llm_proj is new after stage 1; InstructBLIP's Q-Former text input is absent from a stage-2
+    # checkpoint (its text branch was removed) and keeps its current init (BERT or random).
+    keys = (r"llm_proj\.",)
+    if model.instruct:
+        keys += (r"qformer\.embeddings\.(word|position)_embeddings\.", r"qformer\.layers\.\d+\.ffn\.")
+    return keys
+
+
+def _not_ours(model: Blip2LLM) -> tuple[str, ...]:
+    # Trained in stage 1, without a place here: the heads, the Q-Former LM head, and (stage 2) the
+    # Q-Former text branch; frozen towers come from their recorded sources, never from a checkpoint.
+    keys = tuple(re.escape(k) for k in STAGE1_ONLY) + (r"qformer\.lm_head\.", r"visual_encoder\.", r"llm\.")
+    if not model.instruct:
+        keys += (r"qformer\.embeddings\.(word|position)_embeddings\.", r"qformer\.layers\.\d+\.ffn\.")
+    return keys
+
+
+def init_from_earlier_stage_(model: Blip2LLM, state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Copy the trainable weights an earlier stage shares with `model` (our key names).
+
+    `state` is a stage-1, stage-2 or InstructBLIP state dict (consolidated fp32 or safetensors).
+    Loaded: ln_vision, qformer, query_tokens, and llm_proj when present with the same shape.
+    Expected to be unused: vision_proj, text_proj, itm_head, temp, qformer.lm_head (and, for
+    stage 2, the Q-Former text branch), plus any frozen tower weights. Expected to be missing:
+    llm_proj (from stage 1) and, for InstructBLIP from a stage-2 checkpoint, the Q-Former text input.
+    Any other missing or unexpected key raises. Returns {"loaded", "missing", "unused"} key lists.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    unused = [k for k in state if k not in params and any(re.match(p, k) for p in _not_ours(model))]
+    unexpected = sorted(k for k in state if k not in params and k not in unused)
+    missing = sorted(k for k in params if k not in state)
+    bad_missing = [k for k in missing if not any(re.match(p, k) for p in _optional_missing(model))]
+    if unexpected or bad_missing:
+        raise KeyError(f"init_from: unexpected keys {unexpected[:6]}, missing trainable keys {bad_missing[:6]} "
+                       f"(is it a BLIP-2 checkpoint with the same model.qformer / model.vision sizes?)")
+    loaded = sorted(k for k in params if k in state)
+    with torch.no_grad():
+        for name in loaded:
+            if params[name].shape != state[name].shape:
+                raise ValueError(f"init_from: {name} has shape {tuple(state[name].shape)}, "
+                                 f"the model {tuple(params[name].shape)}")
+            params[name].copy_(state[name].to(params[name].dtype))
+    return {"loaded": loaded, "missing": missing, "unused": sorted(unused)}

@@ -1,0 +1,86 @@
+"""A tiny but real stage-1 experiment on disk: synthetic MDS data, a trained WordPiece tokenizer,
+ViT weights in a safetensors file, and a YAML config that points at them. Used by the training,
+resume and evaluation tests, which then run the real entry points on it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from blip_train.data.synthetic import write_synthetic_dataset
+from blip_train.data.tokenizers import train_wordpiece_tokenizer
+
+VISION = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 3, "drop_last_block": True, "heads": 4,
+          "mlp_dim": 64, "precision": "bf16"}
+QFORMER = {"hidden_size": 32, "layers": 2, "heads": 4, "intermediate_size": 64, "vocab_size": 256,
+           "max_position_embeddings": 64, "cross_attention_freq": 2, "num_query_tokens": 4, "dropout": 0.1}
+
+
+def make_tiny_assets(root: Path, num_samples: int = 120) -> dict:
+    """Data + tokenizer + ViT weights under `root` (idempotent)."""
+    from streaming import StreamingDataset
+
+    from blip_train.config import VisionConfig
+    from blip_train.models.eva_vit import EVAViT
+
+    data = root / "data"
+    if not (data / "train").is_dir():
+        write_synthetic_dataset(data, num_samples=num_samples, seed=0, val_fraction=0.2, image_size=32)
+    tok = root / "qformer_tokenizer"
+    if not (tok / "tokenizer.json").is_file():
+        ds = StreamingDataset(local=str(data / "train"), shuffle=False, batch_size=1)
+        train_wordpiece_tokenizer([ds[i]["caption"] for i in range(len(ds))], vocab_size=200, out_dir=tok)
+    vit = root / "vit.safetensors"
+    if not vit.is_file():
+        torch.manual_seed(0)
+        model = EVAViT(VisionConfig(**VISION))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(vit))
+    return {"data": data, "tokenizer": tok, "vit": vit}
+
+
+def write_tiny_config(root: Path, out_dir: Path, **sections) -> Path:
+    """A stage-1 YAML for the tiny assets; `sections` override per section, e.g. train={...}."""
+    assets = make_tiny_assets(root)
+    cfg = {
+        "run": {"output_dir": str(out_dir), "seed": 0, "device": "cpu", "tensorboard": False},
+        "model": {"arch": "stage1", "attention": "sdpa", "embed_dim": 16, "max_txt_len": 20,
+                  "vision": dict(VISION, weights=str(assets["vit"])),
+                  "qformer": dict(QFORMER, tokenizer=str(assets["tokenizer"]))},
+        "data": {"train": [{"local": str(assets["data"] / "train"), "name": "synthetic"}],
+                 "val": str(assets["data"] / "val"), "image_size": 32, "num_workers": 0, "hflip": False},
+        "optim": {"lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "log_interval": 1, "save_interval": 3, "keep_last": 5},
+        "eval": {"k_test": 8, "batch_size": 16},
+        "deepspeed": {"config": "zero3_bf16", "zero_stage": 3, "precision": "bf16", "param_persistence_threshold": 0},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = out_dir.parent / f"{out_dir.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    import json
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def run_train(config, *sets, nproc: int = 2, timeout: int = 600):
+    """`torchrun -m blip_train.train --config CONFIG --set ...`; fails the test with the output on error."""
+    from tests.conftest import torchrun
+
+    args = ["-m", "blip_train.train", "--config", str(config)]
+    for s in sets:
+        args += ["--set", s]
+    r = torchrun(args, nproc=nproc, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+def trainable_weights(run_dir: Path, tag: str) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
