@@ -105,10 +105,17 @@ def train_stage(recipe: str, out: Path, name: str, extra: list[str]) -> dict:
     sets = [f"run.output_dir={run_dir}"] + extra
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
          "-m", "blip_train.train", "--config", recipe] + [a for s in sets for a in ("--set", s)])
+    import yaml
+
+    from blip_train.training.checkpoint import find_resume_tag, read_meta
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [h for h in history if "train/loss" in h]
+    ckpt = run_dir / "checkpoints"
+    tag = find_resume_tag(ckpt)
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     return {"run_dir": str(run_dir), "steps": losses[-1]["step"], "initial_loss": losses[0]["train/loss"],
-            "final_loss": losses[-1]["train/loss"], "checkpoint": str(run_dir / "checkpoints")}
+            "final_loss": losses[-1]["train/loss"], "checkpoint": str(ckpt / tag),
+            "world_size": read_meta(ckpt / tag)["world_size"], "zero_stage": resolved["deepspeed"]["zero_stage"]}
 
 
 def evaluate(task: str, run_dir: str, data: Path, untrained: bool = False) -> dict:
@@ -127,6 +134,12 @@ def stage1(out: Path, data: Path, path_sets: list[str]) -> dict:
                       "primary": {"name": "text->image R@1 (%)", "trained": trained["img_r1"],
                                   "untrained": untrained["img_r1"], "chance": trained["chance_img_r1"]}}
     return res
+
+
+def stage_entry(res: dict) -> dict:
+    """The per-stage record of summary.json (DESIGN.md §3)."""
+    return {k: res[k] for k in ("world_size", "zero_stage", "steps", "initial_loss", "final_loss", "checkpoint",
+                                "metrics")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"stages": {}, "assets": info}
     log("stage1: Q-Former representation learning (ITC + ITM + ITG), 2 ranks, ZeRO-3")
     s1 = stage1(out, data, path_sets)
-    summary["stages"]["stage1"] = {"world_size": 2, "zero_stage": 3, **{k: s1[k] for k in (
-        "steps", "initial_loss", "final_loss", "checkpoint", "metrics")}}
+    summary["stages"]["stage1"] = stage_entry(s1)
     summary["wall_seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     prim = summary["stages"]["stage1"]["metrics"]["primary"]

@@ -4,10 +4,16 @@ The model's `generate` reads `query_tokens` outside any module forward, so under
 gathered here (the model never imports deepspeed); with partitioned weights on several ranks every
 rank must run every decoding step (`synced_gpus`), even after its own sequences have finished.
 All ranks call these functions together.
+
+Generation runs outside `engine(batch)`, so DeepSpeed's discovery of weights that a module reads
+from a child without calling it (EVA's attention reads `qkv.weight`) is switched on here exactly as
+`engine.forward` switches it on; without it a generate-only run (no training step before) would
+read an empty ZeRO-3 partition.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -25,13 +31,30 @@ def needs_synced_gpus(model: nn.Module) -> bool:
     return multi and any(is_zero3_param(p) for p in model.parameters())
 
 
+@contextmanager
+def zero3_forward_context(model: nn.Module) -> Iterator[None]:
+    """Mark every module as in forward, as DeepSpeed's engine.forward does under ZeRO-3 (no-op otherwise).
+
+    DeepSpeed's parameter dicts (`ZeROOrderedDict`, recognised by their `_in_forward` flag) then
+    gather a partitioned weight on access and register it with the module being run.
+    """
+    flagged = [m._parameters for m in model.modules() if hasattr(m._parameters, "_in_forward")]
+    for params in flagged:
+        params._in_forward = True
+    try:
+        yield
+    finally:
+        for params in flagged:
+            params._in_forward = False
+
+
 @torch.no_grad()
 def generate_ids(model: nn.Module, batch: Mapping[str, Any], **generate_kwargs: Any) -> torch.Tensor:
     """`model.generate` on the batch's tensors (moved to the model's device), query tokens gathered."""
     device = model.query_tokens.device
     inputs = {k: batch[k].to(device) for k in GENERATE_KEYS if k in batch}
     generate_kwargs.setdefault("synced_gpus", needs_synced_gpus(model))
-    with gathered([model.query_tokens]):
+    with gathered([model.query_tokens]), zero3_forward_context(model):
         return model.generate(**inputs, **generate_kwargs)
 
 

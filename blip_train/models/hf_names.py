@@ -23,6 +23,7 @@ transformers:
   Our `lm_head` has no counterpart in any HF class (none keeps the Q-Former's MLM/ITG head).
 BERT / LAVIS: bert.embeddings.*, bert.encoder.layer.{i}.{attention.self,crossattention.self,...},
   intermediate(_query), output(_query), cls.predictions.* (qformer_from_bert / qformer_to_bert).
+LAVIS whole models (model_from_lavis): `Qformer.` + BERT names, {opt,t5,llm}_proj -> llm_proj, the rest as ours.
 """
 from __future__ import annotations
 
@@ -322,3 +323,48 @@ def model_from_hf(sd: Mapping[str, torch.Tensor], layout: str,
             raise ValueError(f"{layout} key {key!r} has no counterpart in our model")
         out[name] = value
     return out
+
+
+# -------------------------------------------------------------------------------------------- LAVIS
+
+LAVIS_PROJ = ("opt_proj.", "t5_proj.", "llm_proj.")
+"""LAVIS's projection to the LLM: Blip2OPT, Blip2T5 / Blip2T5Instruct, Blip2VicunaInstruct -> our `llm_proj`."""
+LAVIS_LLM = ("opt_model.", "t5_model.", "llm_model.")
+"""LAVIS's frozen LLM (never taken from a LAVIS checkpoint: frozen towers come from their sources)."""
+_LAVIS_SAME_PREFIX = ("visual_encoder.", "ln_vision.", "vision_proj.", "text_proj.", "itm_head.")
+
+
+def model_from_lavis(sd: Mapping[str, torch.Tensor],
+                     names: Mapping[str, str] = DEFAULT_NAMES) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """LAVIS BLIP-2 / InstructBLIP state dict -> (ours, LAVIS keys left out: the frozen LLM's).
+
+    LAVIS: visual_encoder.* (EVA names, as ours), ln_vision.*, query_tokens, Qformer.bert.* / Qformer.cls.*
+    (BERT names, see qformer_from_bert), vision_proj/text_proj/itm_head, temp (0-dim; ours is (1,)),
+    {opt,t5,llm}_proj -> llm_proj, {opt,t5,llm}_model.* (left out). Unknown keys raise.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qformer: dict[str, torch.Tensor] = {}
+    left_out = []
+    for key, value in sd.items():
+        if key.startswith("Qformer."):
+            qformer[key[len("Qformer."):]] = value
+        elif key.startswith(LAVIS_LLM):
+            left_out.append(key)
+        elif key.startswith(LAVIS_PROJ):
+            out[names["llm_proj"] + key.split(".", 1)[1]] = value
+        elif key == "temp":
+            out["temp"] = value.reshape(1)
+        elif key == "query_tokens":
+            out[names["query_tokens"]] = value
+        elif key.startswith(_LAVIS_SAME_PREFIX):
+            root, rest = key.split(".", 1)
+            out[names[{"visual_encoder": "vision"}.get(root, root)] + rest] = value
+        else:
+            raise ValueError(f"LAVIS key {key!r} has no counterpart in our models")
+    q = qformer_from_bert(qformer)
+    decoder = q.pop("lm_head.decoder.weight", None)  # BERT ties it to the word embeddings, as ours
+    words = q.get("embeddings.word_embeddings.weight")
+    if decoder is not None and (words is None or not torch.equal(decoder, words)):
+        raise ValueError("Qformer.cls.predictions.decoder.weight differs from the word embeddings (ours are tied)")
+    out.update({names["qformer"] + k: v for k, v in q.items()})
+    return out, left_out

@@ -75,10 +75,10 @@ def build_stage1(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> Stag
 
     model, tokenizer = build_stage1_model(cfg, world, "cuda" if on_cuda else "cpu")
     if cfg.model.init_from:
-        from blip_train.training.weights import consolidate_trainable, load_trainable_, resolve_checkpoint
-        ckpt_dir, tag = resolve_checkpoint(cfg.model.init_from)
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
+        from blip_train.dist.process_group import print0
+        from blip_train.training.weights import init_stage1_from_
+        kept = init_stage1_from_(model, cfg.model.init_from)
+        print0(f"init_from {cfg.model.init_from}: loaded; kept initial values for {_prefixes(kept)}")
     return Stage(model=model, tokenizer=tokenizer, collate=Stage1Collator(tokenizer, cfg.model.max_txt_len),
                  data_kind="caption", cfg=cfg,
                  frozen_sources={"vision": cfg.model.vision.weights or "random-init"})
@@ -91,21 +91,12 @@ END_OF_TEXT = {"opt": "\n"}
 
 
 def _read_init_state(path: str) -> dict[str, torch.Tensor]:
-    """Trainable weights (our names) of an earlier run / checkpoint tag, or of a consolidated file."""
-    from pathlib import Path
+    """Trainable weights (our names) of an earlier run / checkpoint tag, a consolidated file, or a weights
+    folder from tools/ (zero_to_safetensors, import_hf, import_lavis). Every trainable key of the earlier
+    stage is kept (its heads too, so that unused keys can be named)."""
+    from blip_train.training.weights import read_init_weights
 
-    from blip_train.models.eva_vit import read_state_dict
-    from blip_train.training.checkpoint import read_meta
-    from blip_train.training.weights import resolve_checkpoint
-
-    if Path(path).is_file():
-        return read_state_dict(path)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    ckpt_dir, tag = resolve_checkpoint(path)
-    read_meta(ckpt_dir / tag)  # refuses an incomplete checkpoint
-    # Every trainable key of the earlier stage (its heads too, so that unused keys can be named).
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, exclude_frozen_parameters=True)
+    return read_init_weights(path)
 
 
 def build_llm_stage_model(cfg: ExperimentConfig, device_type: str | None = None):

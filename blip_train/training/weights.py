@@ -51,3 +51,54 @@ def load_trainable_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             if params[name].shape != value.shape:
                 raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model {tuple(params[name].shape)}")
             params[name].copy_(value.to(params[name].dtype))
+
+
+# ------------------------------------------------------------------------------------ model.init_from
+
+STAGE1_INIT_OPTIONAL = ("temp", "qformer.lm_head.")
+"""Stage-1 parameters that a transformers retrieval model does not carry (imported with tools/import_hf.py):
+when absent from init_from they keep their initial values (0.07; the LM head's transform from BERT/random)."""
+
+
+def read_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights for `model.init_from`, in our names, from any of: a weights folder (tools/zero_to_safetensors.py,
+    import_hf.py, import_lavis.py), a .safetensors / .pth file, or a run dir / checkpoints dir / step_* dir
+    of ours (its trainable parameters merged from the ZeRO shards; frozen towers are never taken from it)."""
+    from blip_train.interop.weights_io import is_weights_file, is_weights_folder, read_weights
+
+    p = Path(path)
+    if is_weights_folder(p) or is_weights_file(p):
+        return read_weights(p)[0]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt_dir, tag = resolve_checkpoint(p)
+    read_meta(ckpt_dir / tag)  # refuses an incomplete checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, exclude_frozen_parameters=True)
+
+
+def init_stage1_from_(model: nn.Module, path: str | Path) -> list[str]:
+    """Stage-1 `model.init_from`: a ZeRO checkpoint of ours loads strictly (`load_trainable_`); a weights
+    folder / file loads every trainable parameter it has, and may lack only STAGE1_INIT_OPTIONAL keys.
+    Frozen-tower tensors in it are ignored (towers come from their sources). Returns keys left at init."""
+    from blip_train.interop.weights_io import is_weights_file, is_weights_folder
+
+    if not (is_weights_folder(path) or is_weights_file(path)):
+        ckpt_dir, tag = resolve_checkpoint(path)
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
+        return []
+    state = {k: v for k, v in read_init_weights(path).items() if not k.startswith("visual_encoder.")}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    unexpected = sorted(set(state) - set(params))
+    kept = sorted(set(params) - set(state))
+    missing = [k for k in kept if not k.startswith(STAGE1_INIT_OPTIONAL)]
+    if unexpected or missing:
+        raise KeyError(f"init_from {path}: missing trainable keys {missing[:5]}, unexpected keys {unexpected[:5]} "
+                       "(a stage-1 model of another size or stage?)")
+    with torch.no_grad():
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"init_from {path}: {name} has shape {tuple(value.shape)}, the model "
+                                 f"{tuple(params[name].shape)}")
+            params[name].copy_(value.to(params[name].dtype))
+    return kept

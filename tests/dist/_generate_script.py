@@ -1,7 +1,8 @@
 """Run under torchrun (2 ranks, gloo): generation from a ZeRO-3 partitioned Blip2LLM.
 
 Every parameter is partitioned (stage3_param_persistence_threshold 0). Each case generates twice:
-on the same batch on both ranks, then on a rank-specific batch; the token ids go to
+on the same batch on both ranks, then on a rank-specific batch with a rank-specific length (rank 0
+finishes first and must keep joining rank 1's forwards: synced_gpus); the token ids go to
 OUT_DIR/rank{r}.json and the parent test compares them with the 1-rank, un-partitioned model.
     torchrun --nproc_per_node 2 tests/dist/_generate_script.py OUT_DIR LLM_ROOT
 """
@@ -31,6 +32,10 @@ def build_model(arch: str, llm_dir: Path) -> Blip2LLM:
     return Blip2LLM(cfg, load_llm(cfg.llm, "cpu"), device_type="cpu")
 
 
+def own_length(rank: int) -> int:
+    return 3 + 4 * rank
+
+
 def generation_inputs(arch: str, decoder_only: bool, seed: int) -> dict:
     batch = make_batch(bridge_config(arch), decoder_only, arch == "instruct", seed=seed)
     prompt = batch["llm_input_ids"][:, :2]
@@ -54,8 +59,8 @@ def main(out_dir: str, llm_root: str) -> None:
         partitioned = sum(1 for p in module.parameters() if p.numel() == 0)
         result[name] = {"partitioned": partitioned, "params": len(list(module.parameters())),
                         "synced": needs_synced_gpus(module)}
-        for key, seed in (("same", 5), ("own", 100 + rank)):
-            ids = generate_ids(module, generation_inputs(arch, module.decoder_only, seed), **kwargs)
+        for key, seed, extra in (("same", 5, {}), ("own", 100 + rank, {"max_new_tokens": own_length(rank)})):
+            ids = generate_ids(module, generation_inputs(arch, module.decoder_only, seed), **{**kwargs, **extra})
             result[name][key] = ids.tolist()
         engine.destroy()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))

@@ -5,6 +5,7 @@ the single-process computation on the concatenated input.
 """
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -51,6 +52,10 @@ def check_zero(out: dict) -> None:
         plain = nn.Linear(D, 3)
     with gathered(plain):  # no-op for unpartitioned parameters
         out["plain"] = [is_zero3_param(plain.weight), full_numel(plain.weight)]
+    # Release the partitioned module while the process group is alive: freeing it during interpreter
+    # shutdown, after the group is gone, can abort the process ("terminate called ...").
+    del layer
+    gc.collect()
 
 
 def main(out_dir: Path) -> None:

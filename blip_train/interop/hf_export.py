@@ -1,0 +1,253 @@
+"""Our checkpoint -> a transformers folder (`from_pretrained(DIR)` + `generate` work, no missing keys).
+
+Sources of the exported weights, by part:
+- trained parts (ln_vision, Q-Former, query tokens, projections, ITM head): the checkpoint, consolidated
+  from its ZeRO shards (fp32 master weights), or a weights folder / .safetensors of ours;
+- frozen ViT: `model.vision.weights` (the run's source; loaded as training loads it: dropped last
+  block, interpolated position embeddings), else frozen tensors in the weights (--include-frozen);
+- frozen LLM, its config and tokenizer: `model.llm.path`, the run's HF folder.
+Left out on purpose: the ITC temperature `temp` and the Q-Former LM head (no transformers class has
+them). transformers places the soft prompt at `<image>` placeholder tokens, so the exported LLM
+tokenizer gains `<image>`; when its id falls outside the LLM's embedding matrix, zero rows are
+appended (the placeholder's embedding is never read: the soft prompt replaces it) and generation
+suppresses it, so outputs over the original vocabulary are unchanged.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from blip_train.config import ConfigError, ExperimentConfig, config_from_dict
+from blip_train.interop.hf_config import (LAYOUTS, assign_into, build_processor, generation_config_for, hf_class,
+                                          hf_config_for)
+from blip_train.interop.weights_io import (InteropError, check_output, discard, is_weights_file, is_weights_folder,
+                                           move_into_place, parse_dtype, read_weights, temp_path)
+from blip_train.models.hf_names import model_to_hf
+
+EXPORT_INFO = "blip_train_export.json"
+NOT_EXPORTED = {"stage1": (r"temp", r"qformer\.lm_head\."), "stage2": (), "instruct": ()}
+"""Our trained keys that the arch's transformers class has no place for (regex prefixes)."""
+
+
+@dataclass
+class ExportSource:
+    cfg: ExperimentConfig
+    weights: dict[str, torch.Tensor]
+    """Our names: the trained parts, possibly frozen towers too."""
+    meta: dict
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    """Weights folders written by import_hf name their assets relative to themselves."""
+    m = data.setdefault("model", {})
+    for section, key in (("vision", "weights"), ("qformer", "tokenizer"), ("qformer", "bert_init"), ("llm", "path")):
+        value = m.get(section, {}).get(key)
+        if value and not Path(value).is_absolute():
+            m[section][key] = str(base / value)
+    return data
+
+
+def load_export_source(path: Union[str, Path], tag: Optional[str] = None) -> ExportSource:
+    """A run / checkpoint (trained weights consolidated here) or a weights folder / file with a config."""
+    from blip_train.interop.consolidate import consolidate_checkpoint
+
+    p = Path(path)
+    if is_weights_folder(p) or is_weights_file(p):
+        if tag is not None:
+            raise InteropError(f"--tag applies to ZeRO checkpoints; {p} is a weights file/folder")
+        weights, meta = read_weights(p)
+        data = meta.get("config")
+        if not data:
+            raise InteropError(f"{p}: carries no model config (write it with tools/zero_to_safetensors.py from a "
+                               "run, or tools/import_hf.py)")
+        if meta.get("paths_relative_to_folder"):
+            data = _resolve_paths(json.loads(json.dumps(data)), p if p.is_dir() else p.parent)
+    else:
+        c = consolidate_checkpoint(p, tag)
+        weights = {k: v.contiguous() for k, v in c.tensors.items()}
+        meta, data = c.meta, c.config
+        if not data:
+            raise InteropError(f"{p}: the run has no config.yaml next to checkpoints/ (needed to rebuild the model)")
+    try:
+        cfg = config_from_dict(data)
+    except ConfigError as e:
+        raise InteropError(f"{p}: its config is not valid here ({e})") from None
+    return ExportSource(cfg=cfg, weights=weights, meta=meta)
+
+
+# ------------------------------------------------------------------------------------------ assembly
+
+def _llm_class(llm_config: Any) -> type:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    return AutoModelForSeq2SeqLM if llm_config.is_encoder_decoder else AutoModelForCausalLM
+
+
+def expected_trained(cfg: ExperimentConfig, llm_config: Any = None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the model's trainable parameters (built on the meta device: no memory)."""
+    from blip_train.models.llm_bridge import Blip2LLM
+    from blip_train.models.stage1 import Blip2Stage1
+
+    with torch.device("meta"):
+        if cfg.model.arch == "stage1":
+            model = Blip2Stage1(cfg.model, device_type="cpu")
+        else:
+            model = Blip2LLM(cfg.model, _llm_class(llm_config).from_config(llm_config), device_type="cpu")
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_trained(weights: dict, expected: dict, arch: str, where: str) -> dict[str, torch.Tensor]:
+    import re
+
+    optional = NOT_EXPORTED[arch]
+    missing = [k for k in expected if k not in weights and not any(re.match(p, k) for p in optional)]
+    frozen_roots = ("visual_encoder.", "llm.")
+    unexpected = [k for k in weights if k not in expected and not k.startswith(frozen_roots)]
+    if missing or unexpected:
+        raise InteropError(f"{where}: weights do not match a model.arch={arch} model of this config: missing "
+                           f"{missing[:4]}, unexpected {unexpected[:4]}")
+    for k in expected:
+        if k in weights and tuple(weights[k].shape) != expected[k]:
+            raise InteropError(f"{where}: {k} has shape {tuple(weights[k].shape)}, the config's model expects "
+                               f"{expected[k]} (model.vision / model.qformer sizes differ from the weights?)")
+    return {k: weights[k] for k in expected if k in weights}
+
+
+def frozen_vision_state(cfg: ExperimentConfig, weights: dict) -> dict[str, torch.Tensor]:
+    """The frozen ViT's weights (EVAViT names), exactly as training loads them from model.vision.weights."""
+    from blip_train.models.eva_vit import EVAViT, load_vit_weights
+
+    v = cfg.model.vision
+    if v.weights:
+        if not Path(v.weights).is_file():
+            raise InteropError(f"model.vision.weights: {v.weights} does not exist (the frozen ViT's source)")
+        with torch.device("meta"):
+            vit = EVAViT(replace(v, precision="fp32"), attention="math")
+        vit.to_empty(device="cpu")  # no random init for a tower about to be overwritten
+        try:
+            load_vit_weights(vit, v.weights)
+        except ValueError as e:
+            raise InteropError(f"model.vision.weights: {str(e).splitlines()[0][:300]}") from None
+        return {k: t.detach() for k, t in vit.state_dict().items()}
+    held = {k[len("visual_encoder."):]: t for k, t in weights.items() if k.startswith("visual_encoder.")}
+    if not held:
+        raise InteropError("model.vision.weights is empty and the weights hold no frozen ViT (consolidate with "
+                           "--include-frozen, or set model.vision.weights)")
+    return held
+
+
+def fit_vocab_(llm_sd: dict[str, torch.Tensor], llm_config: Any, size: int) -> list[str]:
+    """Append zero rows to the LLM's input/output embeddings (and tied aliases) up to `size` rows."""
+    with torch.device("meta"):
+        skeleton = _llm_class(llm_config).from_config(llm_config)
+    targets = {id(skeleton.get_input_embeddings()), id(skeleton.get_output_embeddings())}
+    names = [n for n, mod in skeleton.named_modules(remove_duplicate=False) if id(mod) in targets]
+    padded = []
+    for name in names:
+        for key in (f"{name}.weight", f"{name}.bias"):
+            t = llm_sd.get(key)
+            if t is not None and t.shape[0] < size:
+                extra = t.new_zeros((size - t.shape[0],) + tuple(t.shape[1:]))
+                llm_sd[key] = torch.cat([t, extra])  # (V', ...) the new rows are never read or produced
+                padded.append(key)
+    llm_config.vocab_size = size
+    return padded
+
+
+def load_frozen_llm(path: str, dtype: torch.dtype):
+    from transformers import AutoConfig
+
+    if not path or not Path(path).is_dir():
+        raise InteropError(f"model.llm.path: {path or '(empty)'} is not a local HF folder (the frozen LLM's source)")
+    llm_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    llm = _llm_class(llm_config).from_pretrained(path, dtype=dtype, local_files_only=True)
+    return llm_config, {k: t.detach() for k, t in llm.state_dict().items()}
+
+
+# -------------------------------------------------------------------------------------------- export
+
+def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[str] = None, dtype: str = "fp32",
+              overwrite: bool = False, max_shard_size: str = "5GB",
+              log: Callable[[str], None] = lambda s: None) -> dict:
+    """Write the transformers folder for `source` (run dir / checkpoint / weights folder or file) to `out`.
+
+    Returns a summary: arch, class, image_token_index, tensors written, keys left out, vocab padding.
+    """
+    from blip_train.data.llm_collate import load_llm_tokenizer
+    from blip_train.data.tokenizers import load_qformer_tokenizer
+
+    out = Path(out)
+    check_output(out, overwrite)
+    target = parse_dtype(dtype)
+    src = load_export_source(source, tag)
+    cfg, arch = src.cfg, src.cfg.model.arch
+    if arch not in LAYOUTS:
+        raise InteropError(f"{source}: model.arch={arch!r} cannot be exported (one of {', '.join(LAYOUTS)})")
+    m = cfg.model
+    log(f"source: model.arch={arch}, {len(src.weights)} tensors")
+
+    llm_config = llm_tokenizer = qformer_tokenizer = None
+    full: dict[str, torch.Tensor] = {}
+    if arch != "stage1":
+        log(f"frozen LLM: {m.llm.path}")
+        llm_config, llm_sd = load_frozen_llm(m.llm.path, target)
+        llm_tokenizer = load_llm_tokenizer(m.llm.path)
+        if llm_config.is_encoder_decoder is False:
+            llm_tokenizer.padding_side = "left"  # batched generation continues every prompt at its end
+    if arch != "stage2":
+        if not m.qformer.tokenizer or not Path(m.qformer.tokenizer).is_dir():
+            raise InteropError(f"model.qformer.tokenizer: {m.qformer.tokenizer or '(empty)'} is not a tokenizer "
+                               "folder (the exported processor needs it)")
+        qformer_tokenizer = load_qformer_tokenizer(m.qformer.tokenizer)
+
+    expected = expected_trained(cfg, llm_config)
+    full.update(_check_trained(src.weights, expected, arch, str(source)))
+    log(f"frozen ViT: {m.vision.weights or 'from the weights'}")
+    full.update({"visual_encoder." + k: t for k, t in frozen_vision_state(cfg, src.weights).items()})
+
+    processor = build_processor(arch, m.vision.image_size, m.qformer.num_query_tokens, llm_tokenizer,
+                                qformer_tokenizer)
+    image_token_index, padded = None, []
+    if arch != "stage1":
+        image_token_index = int(llm_tokenizer.convert_tokens_to_ids("<image>"))
+        if image_token_index >= llm_config.vocab_size:
+            padded = fit_vocab_(llm_sd, llm_config, image_token_index + 1)
+        full.update({"llm." + k: t for k, t in llm_sd.items()})
+
+    hf_sd, left_out = model_to_hf(full, LAYOUTS[arch])
+    import re
+    bad = [k for k in left_out if not any(re.match(p, k) for p in NOT_EXPORTED[arch])]
+    if bad:
+        raise InteropError(f"{source}: keys with no place in {hf_class(arch).__name__}: {bad[:4]}")
+    hf_sd = {k: (t.to(target) if t.is_floating_point() else t) for k, t in hf_sd.items()}
+    hf_cfg = hf_config_for(m, llm_config, image_token_index)
+    hf_cfg.dtype = target
+
+    with torch.device("meta"):
+        model = hf_class(arch)(hf_cfg)
+    result = assign_into(model, hf_sd, hf_class(arch).__name__)
+    if result.missing_keys or result.unexpected_keys:
+        raise InteropError(f"{hf_class(arch).__name__} state mismatch: missing {result.missing_keys[:4]}, "
+                           f"unexpected {result.unexpected_keys[:4]}")
+    if arch != "stage1":
+        model.generation_config = generation_config_for(
+            arch, llm_config, llm_tokenizer, cfg.eval.num_beams, cfg.eval.max_new_tokens,
+            suppress=[image_token_index] if padded else None)
+
+    tmp = temp_path(out)
+    try:
+        log(f"writing {out}")
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
+        processor.save_pretrained(str(tmp))
+        summary = {"arch": arch, "class": hf_class(arch).__name__, "dtype": dtype,
+                   "image_token_index": image_token_index, "vocab_padded": padded, "left_out": sorted(left_out),
+                   "tensors": len(hf_sd), "source": src.meta.get("source", {"path": str(source)})}
+        (tmp / EXPORT_INFO).write_text(json.dumps(summary, indent=1))
+        move_into_place(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
+    return summary

@@ -1,0 +1,152 @@
+"""A transformers BLIP-2 / InstructBLIP folder -> a weights folder of ours, ready for `model.init_from`.
+
+    OUT/model.safetensors          trained parts in our names (ln_vision, qformer.*, query_tokens, heads /
+                                   llm_proj) — what init_from loads
+    OUT/blip_train_weights.json    metadata + the equivalent `model:` config (paths relative to OUT)
+    OUT/vision.safetensors         the frozen ViT in EVA names            -> model.vision.weights
+    OUT/llm/                       the frozen LLM as an HF folder + its tokenizer   -> model.llm.path
+    OUT/qformer_tokenizer/         the Q-Former's BERT tokenizer         -> model.qformer.tokenizer
+    OUT/config_snippet.yaml        that `model:` section with absolute paths, to paste into a recipe
+transformers' fused vision qkv bias keeps a k part that EVA does not have; it is dropped (softmax is
+invariant to it), and a non-zero one is reported.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import yaml
+
+from blip_train.interop.hf_config import LAYOUTS, arch_of_hf_config, assign_into, hf_class, model_section_from_hf
+from blip_train.interop.weights_io import (InteropError, check_output, discard, move_into_place, temp_path,
+                                           write_weights)
+from blip_train.models.hf_names import model_from_hf, read_hf_folder_weights
+
+VISION_FILE = "vision.safetensors"
+LLM_DIR = "llm"
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+SNIPPET = "config_snippet.yaml"
+
+
+def read_hf_model(hf_dir: Path) -> tuple[Any, str, dict[str, torch.Tensor]]:
+    """(config, arch, complete state dict incl. tied aliases) of a local BLIP-2 / InstructBLIP folder."""
+    from transformers import AutoConfig
+
+    if not (hf_dir / "config.json").is_file():
+        raise InteropError(f"{hf_dir}: not a transformers model folder (no config.json)")
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise InteropError(f"{hf_dir}: unreadable config.json ({str(e).splitlines()[0][:200]})") from None
+    if hf_cfg.model_type not in ("blip-2", "instructblip"):
+        raise InteropError(f"{hf_dir}: model_type {hf_cfg.model_type!r} is not BLIP-2 / InstructBLIP")
+    arch = arch_of_hf_config(hf_cfg, str(hf_dir))
+    try:
+        sd = read_hf_folder_weights(hf_dir)
+    except FileNotFoundError as e:
+        raise InteropError(str(e)) from None
+    # Through the class itself: tied weights saved once come back under every name, and anything
+    # missing or extra is caught against transformers' own parameter list.
+    with torch.device("meta"):
+        model = hf_class(arch)(hf_cfg)
+    result = assign_into(model, sd, str(hf_dir))
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta or result.unexpected_keys:
+        raise InteropError(f"{hf_dir}: weights do not match {hf_class(arch).__name__}: missing {still_meta[:4]}, "
+                           f"unexpected {result.unexpected_keys[:4]}")
+    return hf_cfg, arch, {k: t for k, t in model.state_dict().items() if not t.is_meta}
+
+
+def nonzero_k_bias(sd: dict[str, torch.Tensor]) -> list[str]:
+    out = []
+    for k, t in sd.items():
+        if k.startswith("vision_model.") and k.endswith("self_attn.qkv.bias") and t.chunk(3)[1].abs().max() > 0:
+            out.append(k)
+    return out
+
+
+def _save_llm(llm_sd: dict[str, torch.Tensor], text_config: Any, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cls = AutoModelForSeq2SeqLM if text_config.is_encoder_decoder else AutoModelForCausalLM
+    with torch.device("meta"):
+        llm = cls.from_config(text_config)
+    result = assign_into(llm, llm_sd, "language model")
+    if result.missing_keys or result.unexpected_keys:
+        raise InteropError(f"language model weights do not match {type(llm).__name__}: missing "
+                           f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
+    llm.save_pretrained(str(folder), safe_serialization=True)
+
+
+def _load_tokenizer(src: Path) -> Optional[Any]:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def import_hf(hf_dir: Union[str, Path], out: Union[str, Path], *, overwrite: bool = False,
+              log: Callable[[str], None] = lambda s: None) -> dict:
+    """Convert a transformers BLIP-2 / InstructBLIP folder into a weights folder of ours (see module doc)."""
+    from safetensors.torch import save_file
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    check_output(out, overwrite)
+    hf_cfg, arch, sd = read_hf_model(hf_dir)
+    log(f"{hf_dir}: {hf_class(arch).__name__} -> model.arch={arch}")
+    notes = [f"dropped a non-zero k bias in {len(ks)} vision layers (softmax-invariant)"
+             for ks in [nonzero_k_bias(sd)] if ks]
+    try:
+        ours = model_from_hf(sd, LAYOUTS[arch])
+    except ValueError as e:
+        raise InteropError(f"{hf_dir}: {e}") from None
+    vision = {k[len("visual_encoder."):]: t.contiguous() for k, t in ours.items() if k.startswith("visual_encoder.")}
+    llm = {k[len("llm."):]: t for k, t in ours.items() if k.startswith("llm.")}
+    trained = {k: t for k, t in ours.items() if not k.startswith(("visual_encoder.", "llm."))}
+
+    model = model_section_from_hf(hf_cfg, str(hf_dir))
+    model["vision"]["weights"] = VISION_FILE
+    tmp = temp_path(out)
+    try:
+        meta = {"arch": arch, "contents": "trainable", "names": "blip_train", "paths_relative_to_folder": True,
+                "source": {"hf": str(hf_dir.resolve()), "class": hf_class(arch).__name__}, "notes": notes,
+                "image_token_index": getattr(hf_cfg, "image_token_index", None)}
+        qformer_tok = llm_tok = None
+        if arch != "stage2":
+            tok_src = hf_dir / QFORMER_TOKENIZER_DIR if arch == "instruct" else hf_dir
+            qformer_tok = _load_tokenizer(tok_src)
+            if qformer_tok is not None:
+                model["qformer"]["tokenizer"] = QFORMER_TOKENIZER_DIR
+            else:
+                notes.append(f"no Q-Former tokenizer in {tok_src}: set model.qformer.tokenizer yourself")
+        if arch != "stage1":
+            model["llm"] = {"path": LLM_DIR}
+            llm_tok = _load_tokenizer(hf_dir)
+            if llm_tok is None:
+                notes.append(f"no LLM tokenizer in {hf_dir}: add one to {out / LLM_DIR}")
+        meta["config"] = {"model": model}
+        write_weights(trained, tmp, meta)  # creates tmp/ with model.safetensors + metadata
+        save_file(vision, str(tmp / VISION_FILE), metadata={"format": "pt"})
+        if qformer_tok is not None:
+            qformer_tok.save_pretrained(str(tmp / QFORMER_TOKENIZER_DIR))
+        if arch != "stage1":
+            log(f"language model: {type(hf_cfg.text_config).__name__} -> {out / LLM_DIR}")
+            _save_llm(llm, hf_cfg.text_config, tmp / LLM_DIR)
+            if llm_tok is not None:
+                llm_tok.save_pretrained(str(tmp / LLM_DIR))
+        snippet = json.loads(json.dumps(model))
+        for section, key in (("vision", "weights"), ("qformer", "tokenizer"), ("llm", "path")):
+            if snippet.get(section, {}).get(key):
+                snippet[section][key] = str((out / snippet[section][key]).resolve())
+        snippet["init_from"] = str(out.resolve())
+        (tmp / SNIPPET).write_text(yaml.safe_dump({"model": snippet}, sort_keys=False))
+        move_into_place(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
+    return {"arch": arch, "class": hf_class(arch).__name__, "trained_tensors": len(trained),
+            "vision_tensors": len(vision), "llm_tensors": len(llm), "notes": notes, "out": str(out)}

@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Export a checkpoint of ours as a transformers folder (`from_pretrained(DIR)` + `generate`).
+
+    python tools/export_hf.py --checkpoint runs/demo/stage2_opt --out exports/blip2-opt
+    python tools/export_hf.py --checkpoint runs/demo/instruct_t5/checkpoints/step_0000300 --out exports/ib-t5
+    python tools/export_hf.py --checkpoint stage1_weights/ --out exports/blip2-itm --dtype bf16
+
+model.arch stage1 -> Blip2ForImageTextRetrieval, stage2 -> Blip2ForConditionalGeneration, instruct ->
+InstructBlipForConditionalGeneration; the folder holds config.json, the weights, the processor (image
+processor + tokenizers) and generation_config.json. --checkpoint is a run dir / checkpoints dir /
+step_* dir (the run's config.yaml rebuilds the model) or a weights folder / .safetensors written by
+zero_to_safetensors.py or import_hf.py (they carry the config). Frozen ViT and LLM weights come from
+the run's sources (model.vision.weights, model.llm.path). Not exported: the ITC temperature and the
+Q-Former LM head (transformers' classes have no place for them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from _common import run_tool
+
+from blip_train.interop.hf_export import export_hf
+from blip_train.interop.weights_io import DTYPES
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run / checkpoints / step_* dir, or weights folder / file")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the exported weights")
+    p.add_argument("--max-shard-size", default="5GB", help="largest weight shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = p.parse_args(argv)
+    summary = export_hf(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite,
+                        max_shard_size=args.max_shard_size, log=lambda s: print(f"export_hf: {s}", flush=True))
+    print(f"export_hf: wrote {summary['class']} ({summary['tensors']} tensors, {args.dtype}) to {args.out}")
+    print(json.dumps(dict(summary, out=args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    run_tool(main)
