@@ -24,7 +24,7 @@ def engine_and_batches(tiny_assets, tmp_path_factory):
         deepspeed.init_distributed(dist_backend="gloo")
     out = tmp_path_factory.mktemp("nonfinite") / "run"
     cfg = load_config(str(write_tiny_config(tiny_assets, out, deepspeed={"config": "zero2", "zero_stage": 2},
-                                            train={"max_bad_steps": 3})))
+                                            train={"max_bad_steps": 3}, optim={"warmup_steps": 0})))
     stage = build_stage(cfg, WorldInfo(), on_cuda=False)
     engine, _, _, _ = build_engine(stage.model, cfg, 1, on_cuda=False)
     batch = next(iter(stage.build_train_loader()))
