@@ -162,16 +162,18 @@ class T5PrefixCollator:
     The caption's tokens t_1..t_n (n <= max_txt_len - 1 after truncation) are split at k =
     `t5_split_point(n)`: the encoder text (after the queries) is prompt + t_1..t_k + </s>, the
     decoder target t_{k+1}..t_n + </s>. llm_labels pads with -100 (T5 shifts labels right itself).
-    `generation=True`: encoder text = prompt + </s> (no prefix), no labels.
+    `prefix_lm=False`: k = 0, the whole caption is the target (captioning from the image alone, for
+    evaluation). `generation=True`: encoder text = prompt + </s> (no prefix), no labels.
     """
 
     def __init__(self, llm_tokenizer: PreTrainedTokenizerBase, max_txt_len: int = 32, prompt: str = "",
-                 seed: int = 0, max_words: int = 50, generation: bool = False) -> None:
+                 seed: int = 0, max_words: int = 50, generation: bool = False, prefix_lm: bool = True) -> None:
         self.text = _LLMText(llm_tokenizer)
         if self.text.eos is None:
             raise ValueError("the T5 tokenizer has no eos token")
         self.prompt = prompt.rstrip()
         self.max_txt_len, self.max_words, self.generation = max_txt_len, max_words, generation
+        self.prefix_lm = prefix_lm
         self.rng = _WorkerRandom(seed)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -184,7 +186,7 @@ class T5PrefixCollator:
         for s in samples:
             caption = self.text.continuation(self.prompt, pre_caption(s["caption"], self.max_words))
             toks = self.text.ids(caption, self.max_txt_len - 1)  # room for </s> in the target
-            k = t5_split_point(len(toks), rng)
+            k = t5_split_point(len(toks), rng) if self.prefix_lm else 0
             enc.append(prompt_ids + toks[:k] + [eos])
             dec.append(toks[k:] + [eos])
         ids, mask = _pad(enc, self.text.pad)

@@ -159,21 +159,67 @@ def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[str
         if (is_complete(p) and p.name not in keep) or stale_partial:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
+    for p in ckpt_dir.glob(f"step_*{UNIVERSAL_SUFFIX}"):  # conversions of deleted checkpoints
+        if not (ckpt_dir / p.name[:-len(UNIVERSAL_SUFFIX)]).is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
     return sorted(removed)
 
 
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def universal_tag(tag: str) -> str:
+    return tag + UNIVERSAL_SUFFIX
+
+
+def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
+    """Convert `tag` into DeepSpeed's world-size-independent format (rank 0 works, all ranks wait).
+
+    Used for elastic resume (a checkpoint saved on N ranks resumed on M). The conversion is written
+    to a temporary folder and renamed, so a crash mid-way never leaves a folder that looks usable.
+    """
+    import subprocess
+    import sys
+
+    out = ckpt_dir / universal_tag(tag)
+    if _rank() == 0 and not out.is_dir():
+        tmp = ckpt_dir / f".{out.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
+               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{ckpt_dir / tag}: universal conversion failed: {res.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    _barrier()
+    return out.name
+
+
 def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, load_optimizer: bool = True) -> tuple[TrainState, dict | None]:
-    """Restore engine (model, optimizer, scheduler) and this rank's RNG/data state. Same world size only."""
+    """Restore engine (model, optimizer, scheduler) and this rank's RNG/data state.
+
+    Same world size: the tag is loaded as saved, exactly. Another world size (elastic): the engine
+    must have been built with `{"checkpoint": {"load_universal": true}}` and the tag converted by
+    `convert_to_universal`; trainable weights and optimizer state come from the universal folder,
+    frozen towers keep the weights the builder loaded from their source (the universal format does not
+    carry them), the data position and step come from rank 0's record, and RNG streams of ranks that
+    did not exist before start from the run seed.
+    """
     meta = read_meta(ckpt_dir / tag)
-    if meta["world_size"] != _world():
-        raise RuntimeError(
-            f"{ckpt_dir / tag}: saved with {meta['world_size']} ranks, resuming on {_world()}; convert it first with "
-            f"`python tools/make_universal.py --checkpoint {ckpt_dir.parent}` (elastic resume)")
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
+    elastic = meta["world_size"] != _world()
+    load_tag = universal_tag(tag) if elastic else tag
+    if elastic and not (ckpt_dir / load_tag).is_dir():
+        raise RuntimeError(f"{ckpt_dir / tag}: saved with {meta['world_size']} ranks, resuming on {_world()}, "
+                           "but no universal conversion exists (convert_to_universal)")
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=load_optimizer,
                                           load_lr_scheduler_states=load_optimizer)
     if path is None:
-        raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
-    rank_state = torch.load(ckpt_dir / tag / f"rank_{_rank():05d}.pt", weights_only=False)
-    restore_rng_state(rank_state["rng"])
+        raise RuntimeError(f"{ckpt_dir / load_tag}: DeepSpeed could not load this checkpoint")
+    own = ckpt_dir / tag / f"rank_{_rank():05d}.pt"
+    rank_state = torch.load(own if own.is_file() else ckpt_dir / tag / "rank_00000.pt", weights_only=False)
+    if own.is_file():
+        restore_rng_state(rank_state["rng"])
     state = TrainState(**rank_state["train_state"])
     return state, rank_state["data"]

@@ -127,11 +127,13 @@ def assert_optimizer_holds_trainable(model: nn.Module, optimizer: torch.optim.Op
         raise RuntimeError(f"optimizer holds {len(in_opt)} tensors but the model has {len(trainable)} trainable ones")
 
 
-def build_engine(model: nn.Module, cfg: ExperimentConfig, world_size: int, on_cuda: bool):
+def build_engine(model: nn.Module, cfg: ExperimentConfig, world_size: int, on_cuda: bool,
+                 extra_ds: dict | None = None):
     """deepspeed.initialize with a client AdamW and per-step warmup+cosine schedule."""
     import deepspeed
 
     ds_config = build_ds_config(cfg, world_size, on_cuda)
+    ds_config.update(extra_ds or {})
     optimizer = build_optimizer(model, cfg, on_cuda)
     assert_optimizer_holds_trainable(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg)

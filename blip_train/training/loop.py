@@ -14,12 +14,13 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from blip_train.config import ExperimentConfig, save_resolved_config
+from blip_train.config import ConfigError, ExperimentConfig, save_resolved_config
 from blip_train.dist.env import discover_environment, export_environment
 from blip_train.dist.preemption import PreemptionHandler
 from blip_train.dist.process_group import init_distributed, print0
 from blip_train.dist.world import build_world_info
-from blip_train.training.checkpoint import TrainState, find_resume_tag, load_checkpoint, save_checkpoint
+from blip_train.training.checkpoint import (TrainState, convert_to_universal, find_resume_tag, load_checkpoint,
+                                            read_meta, save_checkpoint)
 from blip_train.training.engine import build_engine
 from blip_train.training.metrics import MetricLogger
 from blip_train.training.seeding import seed_everything
@@ -81,6 +82,22 @@ def train_step(engine, batches: Iterator[dict], cfg: ExperimentConfig, state: Tr
     state.samples_seen += cfg.train.micro_batch_size * cfg.train.grad_accum_steps * engine.world_size
 
 
+def keep_global_batch(cfg: ExperimentConfig, meta: dict, world_size: int) -> None:
+    """On elastic resume, change gradient accumulation so the global batch stays what it was."""
+    saved = meta.get("global_batch")
+    per_step = cfg.train.micro_batch_size * world_size
+    if saved is None or saved == per_step * cfg.train.grad_accum_steps:
+        return
+    if saved % per_step:
+        raise ConfigError(f"train.micro_batch_size: the checkpoint's global batch {saved} is not a multiple of "
+                          f"micro_batch_size {cfg.train.micro_batch_size} x {world_size} ranks; pick a micro batch "
+                          "that divides it")
+    print0(f"train.grad_accum_steps: {cfg.train.grad_accum_steps} -> {saved // per_step} to keep the global batch "
+           f"at {saved} on {world_size} ranks")
+    cfg.train.grad_accum_steps = saved // per_step
+    cfg.train.global_batch_size = 0
+
+
 def train(cfg: ExperimentConfig) -> dict:
     """Run (or resume) one experiment to train.max_steps. Returns a summary dict on every rank."""
     env = discover_environment()
@@ -96,13 +113,20 @@ def train(cfg: ExperimentConfig) -> dict:
     preemption.install()
     seed_everything(cfg.run.seed, env.rank)
 
+    tag = find_resume_tag(ckpt_dir)
+    elastic = tag is not None and read_meta(ckpt_dir / tag)["world_size"] != env.world_size
+    if elastic:  # saved on another number of ranks: go through DeepSpeed's universal format
+        keep_global_batch(cfg, read_meta(ckpt_dir / tag), env.world_size)
+        print0(f"{ckpt_dir / tag} was saved on {read_meta(ckpt_dir / tag)['world_size']} ranks; this run has "
+               f"{env.world_size}: converting to a universal checkpoint")
+        convert_to_universal(ckpt_dir, tag)
     stage = build_stage(cfg, build_world_info(), on_cuda)
     print0(describe_parameters(stage.model))
-    engine, _, scheduler, _ = build_engine(stage.model, cfg, env.world_size, on_cuda)
+    engine, _, scheduler, _ = build_engine(stage.model, cfg, env.world_size, on_cuda,
+                                           extra_ds={"checkpoint": {"load_universal": True}} if elastic else None)
     loader = stage.build_train_loader()
 
     state = TrainState()
-    tag = find_resume_tag(ckpt_dir)
     if tag is not None:
         state, data_state = load_checkpoint(engine, ckpt_dir, tag)
         if data_state is not None:
@@ -110,7 +134,7 @@ def train(cfg: ExperimentConfig) -> dict:
         print0(f"resumed from {ckpt_dir / tag} at step {state.step}")
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
     logger = MetricLogger(out, env.rank == 0, cfg.run.tensorboard, samples_per_step)
-    meta = {"arch": cfg.model.arch, "frozen_sources": stage.frozen_sources}
+    meta = {"arch": cfg.model.arch, "frozen_sources": stage.frozen_sources, "global_batch": samples_per_step}
     history: list[dict] = []
     batches = _forever(loader)
     engine.train()

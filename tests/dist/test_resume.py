@@ -5,6 +5,7 @@ losses step for step and its final weights bit for bit (same world size).
 """
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -48,6 +49,21 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.02)
 
 
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank at once: no chance to clean up, the worst case.
+
+    torchrun's workers may live in their own process groups, so each is killed explicitly.
+    """
+    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+    proc.wait()
+
+
 def _assert_same_as_reference(run: Path, reference: Path) -> None:
     a, b = read_losses(reference), read_losses(run)  # later lines win: the resumed run's values
     assert sorted(b) == list(range(1, STEPS + 1))
@@ -64,13 +80,7 @@ def test_sigkill_mid_run_then_restart_is_exact(tiny_assets, tmp_path, reference)
     config = write_tiny_config(tiny_assets, run, train=SCHEDULE)
     proc = _start(config)
     _wait_for(run / "checkpoints" / "latest", proc)
-    # The worst case: every process dies at once with no chance to clean up (torchrun's workers may
-    # live in their own process groups, so kill each explicitly).
-    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in family:
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(family, timeout=30)
-    proc.wait()
+    _kill_all(proc)
     r = run_train(config)
     assert "resumed from" in r.stdout
     resumed_at = int(r.stdout.split("resumed from")[1].split("step_")[1][:7])
@@ -108,3 +118,27 @@ def test_half_written_checkpoint_is_ignored(tiny_assets, tmp_path, reference):
     from blip_train.training.checkpoint import find_resume_tag
     assert find_resume_tag(ckpt) == "step_0000002"
     shutil.rmtree(run / "tb", ignore_errors=True)
+
+
+def test_elastic_resume_two_ranks_to_one(tiny_assets, tmp_path):
+    """2 → 1 rank: universal conversion, global batch kept by accumulation, frozen ViT from its source."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "elastic"
+    config = write_tiny_config(tiny_assets, run, train=dict(SCHEDULE, save_interval=4, max_steps=6))
+    proc = _start(config)
+    _wait_for(run / "checkpoints" / "latest", proc)  # step 4 saved on 2 ranks
+    _kill_all(proc)
+    r = run_train(config, nproc=1)
+    assert "converting to a universal checkpoint" in r.stdout
+    assert "train.grad_accum_steps: 1 -> 2 to keep the global batch at 8 on 1 ranks" in r.stdout
+    losses = read_losses(run)
+    assert sorted(losses) == list(range(1, 7)) and all(v == v for v in losses.values())
+    assert (run / "checkpoints" / "step_0000004_universal").is_dir()
+    meta = json.loads((run / "checkpoints" / "step_0000006" / "complete.json").read_text())
+    assert meta["world_size"] == 1 and meta["global_batch"] == 8
+    # The universal format carries no frozen weights: the ViT must still be exactly its source (in bf16).
+    source = load_file(str(tiny_assets / "vit.safetensors"))
+    saved = trainable_weights(run, "step_0000006")
+    for name, value in source.items():
+        assert torch.equal(saved[f"visual_encoder.{name}"].to(torch.bfloat16), value.to(torch.bfloat16)), name
