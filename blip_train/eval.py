@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from blip_train.dist.env import discover_environment, export_environment
     from blip_train.dist.process_group import destroy_distributed, init_distributed, print0
-    from blip_train.training.stages import build_stage1_model
-    from blip_train.training.weights import consolidate_trainable, load_trainable_
+    from blip_train.training.stages import load_trained_stage1
 
     env = discover_environment()
     export_environment(env)
@@ -78,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     from blip_train.evaluation.stage1_eval import evaluate_retrieval
-    model, tokenizer = build_stage1_model(cfg)
-    if not args.untrained:
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
+    model, tokenizer = load_trained_stage1(cfg, ckpt_dir, tag, untrained=args.untrained)
     metrics = evaluate_retrieval(model, tokenizer, args.data, cfg.model.vision.image_size, cfg.model.max_txt_len,
                                  k_test=cfg.eval.k_test, batch_size=cfg.eval.batch_size,
                                  max_samples=cfg.eval.max_samples)

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import warnings
     # DeepSpeed's ZeRO reduce path calls a torch API that warns on every step; nothing for a user to act on.
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*deprecated")
+    warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*deprecated")
     from blip_train.training.loop import train  # heavy imports only after the config is known good
     train(cfg)
     return 0

@@ -10,8 +10,9 @@ InstructBlipForConditionalGeneration; the folder holds config.json, the weights,
 processor + tokenizers) and generation_config.json. --checkpoint is a run dir / checkpoints dir /
 step_* dir (the run's config.yaml rebuilds the model) or a weights folder / .safetensors written by
 zero_to_safetensors.py or import_hf.py (they carry the config). Frozen ViT and LLM weights come from
-the run's sources (model.vision.weights, model.llm.path). Not exported: the ITC temperature and the
-Q-Former LM head (transformers' classes have no place for them).
+the run's sources (model.vision.weights, model.llm.path); --set model.llm.path=... points elsewhere when
+they moved, --config supplies a config for weights that carry none (tools/import_lavis.py output).
+Not exported: the ITC temperature and the Q-Former LM head (transformers' classes have no place for them).
 """
 from __future__ import annotations
 
@@ -31,10 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the exported weights")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight shard (default 5GB)")
+    p.add_argument("--config", default=None,
+                   help="YAML / recipe that rebuilds the model, replacing the one the checkpoint carries")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.llm.path=/models/opt-2.7b (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
     summary = export_hf(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite,
-                        max_shard_size=args.max_shard_size, log=lambda s: print(f"export_hf: {s}", flush=True))
+                        max_shard_size=args.max_shard_size, config=args.config, overrides=args.overrides,
+                        log=lambda s: print(f"export_hf: {s}", flush=True))
     print(f"export_hf: wrote {summary['class']} ({summary['tensors']} tensors, {args.dtype}) to {args.out}")
     print(json.dumps(dict(summary, out=args.out)))
     return 0

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(merged))
     files = write_weights(merged.tensors, Path(args.out), merged.meta, overwrite=args.overwrite,
                           max_shard_size=args.max_shard_size, dtype=parse_dtype(args.dtype), progress=True)
-    print(f"zero_to_safetensors: wrote {len(merged.tensors)} tensors to {args.out} ({len(files)} file(s), {args.dtype})")
+    print(f"zero_to_safetensors: wrote {len(merged.tensors)} tensors to {args.out} "
+          f"({len(files)} file(s), {args.dtype})")
     print(json.dumps({"out": args.out, "files": [str(f) for f in files], "tensors": len(merged.tensors),
                       "contents": merged.meta["contents"], "source": merged.meta["source"]}))
     return 0

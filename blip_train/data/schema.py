@@ -23,6 +23,10 @@ Columns (version 1):
 
 Readers call `verify_split` and refuse a split whose sidecar version or shard columns differ, so a
 stale conversion fails at start-up with one line instead of a KeyError deep inside a worker.
+
+Extra columns: a producer may add columns of its own beside these (`write_split(extra_columns=...)`,
+listed under "extra_columns" in the sidecar; e.g. CapFilt's `orig_index`, `itm_score`, `itc_score`).
+Readers ignore them, and `verify_split` accepts them as long as every schema column is present.
 """
 from __future__ import annotations
 
@@ -132,8 +136,12 @@ def split_num_samples(split_dir: str | os.PathLike) -> int:
 
 def write_split(out_dir: str | os.PathLike, samples: Iterable[Mapping[str, Any]], *, overwrite: bool = False,
                 compression: Optional[str] = None, size_limit: int | str = 1 << 26,
-                on_write: Optional[Callable[[], None]] = None) -> int:
+                on_write: Optional[Callable[[], None]] = None,
+                extra_columns: Optional[Mapping[str, str]] = None) -> int:
     """Write schema rows as an MDS split at `out_dir`; return the number written.
+
+    `extra_columns` ({name: MDS encoding}) adds producer-specific columns beyond COLUMNS; every row
+    must then carry those keys (their values go to MDS unchecked).
 
     Rows go to `<out_dir>.tmp-<pid>` first and are renamed into place only when complete, so a
     crashed or interrupted conversion never leaves a half split that a reader would accept.
@@ -144,19 +152,33 @@ def write_split(out_dir: str | os.PathLike, samples: Iterable[Mapping[str, Any]]
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    extra = dict(extra_columns or {})
+    clash = sorted(set(extra) & set(COLUMNS))
+    if clash:
+        raise SchemaError(f"extra columns {clash} redefine schema columns")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     try:
-        with MDSWriter(out=str(tmp), columns=COLUMNS, compression=compression, size_limit=size_limit,
+        with MDSWriter(out=str(tmp), columns={**COLUMNS, **extra}, compression=compression, size_limit=size_limit,
                        progress_bar=False) as writer:
             for row in samples:
-                writer.write(make_sample(**row))
+                if extra:
+                    missing = [k for k in extra if k not in row]
+                    if missing:
+                        raise SchemaError(f"sample lacks extra columns {missing}")
+                    sample = make_sample(**{k: v for k, v in row.items() if k not in extra})
+                    sample.update({k: row[k] for k in extra})
+                else:
+                    sample = make_sample(**row)
+                writer.write(sample)
                 count += 1
                 if on_write is not None:
                     on_write()
         meta = {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION, "columns": COLUMNS, "num_samples": count}
+        if extra:
+            meta["extra_columns"] = extra
         (tmp / SCHEMA_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         if out.exists():
             # Move the old split aside first: the rename into place stays a single step.

@@ -51,7 +51,7 @@ def run(cmd: list[str]) -> str:
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if not any(noise in line for noise in ("[INFO]", "[WARNING]", "warnings.warn", "UserWarning")):
+        if not any(noise in line for noise in ("[INFO]", "[WARNING]", "warnings.warn", "Warning:", "return func(")):
             print("    " + line, end="", flush=True)
     if proc.wait() != 0:
         raise SystemExit(f"demo step failed (exit {proc.returncode}): {' '.join(cmd)}")
@@ -89,7 +89,8 @@ def make_assets(out: Path, data: Path, image_size: int) -> dict:
     tok_dir = assets / "qformer_tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         ds = StreamingDataset(local=str(data / "train"), shuffle=False, batch_size=1)
-        texts = [ds[i]["caption"] for i in range(len(ds))] + [ds[i]["question"] for i in range(len(ds))]
+        rows = [ds[i] for i in range(ds.num_samples)]
+        texts = [r["caption"] for r in rows] + [r["question"] for r in rows]
         train_wordpiece_tokenizer(texts, vocab_size=400, out_dir=tok_dir)
         log(f"assets: Q-Former tokenizer trained on {len(texts)} train texts → {tok_dir}")
     vit_file = assets / "vit.safetensors"

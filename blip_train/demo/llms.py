@@ -2,9 +2,13 @@
 synthetic TRAIN texts, saved as HF folders (weights + tokenizer) like real OPT / Vicuna / FlanT5.
 
 A frozen random LLM can hardly be steered by a soft prompt; real BLIP-2 relies on LLMs that already
-know the language it asks them to produce. So each tiny LLM first learns the language of the train
-split only (never val): its captions, and its question/answer pairs in the instruction formats of
-`data/templates.py`. The stages then load them with `from_pretrained`, exactly as a real run does.
+know the language it asks them to produce, and that use what precedes a text (a document's context).
+So each tiny LLM first learns, on the train split only (never val), its captions and its
+question/answer pairs in the instruction formats of `data/templates.py`; half of the examples are
+preceded by context: another caption of the same image, placed where the query tokens will sit
+(before bos / at the start of the encoder input). That is the in-context ability the soft prompt
+of stage 2 relies on; a tiny LM trained on captions alone learns to ignore whatever precedes them.
+The stages then load the LLMs with `from_pretrained`, exactly as a real run does.
 
 - opt   (decoder-only, OPT conventions): captions end with "\\n" as BLIP-2 stage 2 trains OPT;
         instruction + answer end with </s>.
@@ -41,10 +45,11 @@ VOCAB = {"opt": 512, "llama": 512, "t5": 384}
 
 @dataclass
 class DemoTexts:
-    captions: list[str]
-    """Every caption phrasing of every train sample, `pre_caption`-cleaned as the stage-2 collators do."""
-    instructions: list[tuple[str, str]]
-    """(instruction, answer) pairs: each train sample under a few templates of its task."""
+    captions: list[tuple[str, str]]
+    """(context, caption): every caption phrasing of every train sample, `pre_caption`-cleaned as the
+    stage-2 collators do, with another phrasing of the same image as its possible context."""
+    instructions: list[tuple[str, str, str]]
+    """(context, instruction, answer): each train sample under a few templates of its task."""
 
 
 def read_demo_texts(train_split: str, seed: int = 0, phrasings_per_sample: int = 3) -> DemoTexts:
@@ -54,10 +59,12 @@ def read_demo_texts(train_split: str, seed: int = 0, phrasings_per_sample: int =
     captions, pairs = [], []
     for i in range(len(ds)):
         row = ds[i]
-        captions.extend(pre_caption(c) for c in (row["captions"] or [row["caption"]]))
+        phrasings = [pre_caption(c) for c in (row["captions"] or [row["caption"]])]
+        captions.extend((rng.choice(phrasings), c) for c in phrasings)
         answer = row["answer"] or row["caption"]
         for _ in range(phrasings_per_sample):
-            pairs.append((choose_instruction(row["task"] or "caption", row["question"], rng), answer.strip()))
+            pairs.append((rng.choice(phrasings), choose_instruction(row["task"] or "caption", row["question"], rng),
+                          answer.strip()))
     return DemoTexts(captions=captions, instructions=pairs)
 
 
@@ -86,23 +93,36 @@ def _ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _decoder_examples(kind: str, tok, texts: DemoTexts) -> list[list[int]]:
-    """Token sequences with the collators' layout: bos caption end / bos instruction answer eos."""
+def _context(tok, context: str, rng: random.Random) -> list[int]:
+    # Half of the examples: another caption of the same image first, where the queries will be.
+    return _ids(tok, context) if rng.random() < 0.5 else []
+
+
+def _decoder_examples(kind: str, tok, texts: DemoTexts, rng: random.Random) -> list[tuple[list[int], int]]:
+    """(ids, start of the text): [context] bos caption end / [context] bos instruction answer eos, the
+    collators' layout after the query positions; the context is never a target."""
     bos, eos = [tok.bos_token_id], [tok.eos_token_id]
     end = _ids(tok, "\n") if kind == "opt" else eos
-    out = [bos + _ids(tok, c) + end for c in texts.captions]
-    out += [bos + _ids(tok, inst) + _ids(tok, " " + ans) + eos for inst, ans in texts.instructions]
+    out = []
+    for ctx, cap in texts.captions:
+        c = _context(tok, ctx, rng)
+        out.append((c + bos + _ids(tok, cap) + end, len(c)))
+    for ctx, inst, ans in texts.instructions:
+        c = _context(tok, ctx, rng)
+        out.append((c + bos + _ids(tok, inst) + _ids(tok, " " + ans) + eos, len(c)))
     return out
 
 
 def _t5_examples(tok, texts: DemoTexts, rng: random.Random) -> list[tuple[list[int], list[int]]]:
-    """(encoder ids, decoder ids): caption prefix → rest (k in [0, n // 2]), instruction → answer."""
+    """(encoder ids, decoder ids): [context] caption prefix → rest (k in [0, n // 2]),
+    [context] instruction → answer."""
     eos, out = tok.eos_token_id, []
-    for c in texts.captions:
-        ids = _ids(tok, c)
+    for ctx, cap in texts.captions:
+        ids = _ids(tok, cap)
         k = rng.randint(0, len(ids) // 2)
-        out.append((ids[:k] + [eos], ids[k:] + [eos]))
-    out += [(_ids(tok, inst) + [eos], _ids(tok, ans) + [eos]) for inst, ans in texts.instructions]
+        out.append((_context(tok, ctx, rng) + ids[:k] + [eos], ids[k:] + [eos]))
+    for ctx, inst, ans in texts.instructions:
+        out.append((_context(tok, ctx, rng) + _ids(tok, inst) + [eos], _ids(tok, ans) + [eos]))
     return out
 
 
@@ -116,10 +136,11 @@ def _lm_loss(kind: str, model: nn.Module, batch: list, pad_id: int) -> torch.Ten
         enc = _pad([e for e, _ in batch], pad_id)
         labels = _pad([d for _, d in batch], IGNORE_INDEX)
         return model(input_ids=enc, attention_mask=(enc != pad_id).long(), labels=labels).loss
-    ids = _pad(batch, pad_id)
-    mask = _pad([[1] * len(s) for s in batch], 0)
+    ids = _pad([s for s, _ in batch], pad_id)
+    mask = _pad([[1] * len(s) for s, _ in batch], 0)
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    labels[:, 0] = IGNORE_INDEX  # bos is given, never predicted
+    for row, (_, start) in enumerate(batch):
+        labels[row, :start + 1] = IGNORE_INDEX  # context and bos are given, never predicted
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
@@ -130,11 +151,11 @@ def pretrain_llm(kind: str, texts: DemoTexts, out_dir: Path, steps: int = 400, b
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    corpus = texts.captions + [f"{i} {a}" for i, a in texts.instructions]
+    corpus = [c for _, c in texts.captions] + [f"{i} {a}" for _, i, a in texts.instructions]
     tmp = out_dir.with_name(out_dir.name + ".tmp")  # renamed when complete: a killed run leaves no half folder
     shutil.rmtree(tmp, ignore_errors=True)
     tok = train_bpe_tokenizer(corpus, VOCAB[kind], tmp, style=kind)
-    examples = _t5_examples(tok, texts, rng) if kind == "t5" else _decoder_examples(kind, tok, texts)
+    examples = _t5_examples(tok, texts, rng) if kind == "t5" else _decoder_examples(kind, tok, texts, rng)
     model = _build_model(kind, tok).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)

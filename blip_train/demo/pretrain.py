@@ -35,7 +35,7 @@ def load_split_for_pretraining(split_dir: str, image_size: int, limit: int = 0) 
     """Decode a (small) MDS split into memory: images (N,3,S,S) normalised, and their captions."""
     ds = StreamingDataset(local=split_dir, shuffle=False, batch_size=1)
     tf = build_transform(image_size, False)
-    n = len(ds) if not limit else min(limit, len(ds))
+    n = ds.num_samples if not limit else min(limit, ds.num_samples)  # all samples, not a rank's share
     images, captions = [], []
     for i in range(n):
         s = ds[i]

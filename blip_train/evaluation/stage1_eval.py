@@ -35,7 +35,8 @@ def load_retrieval_split(split: str, max_samples: int = 0) -> tuple[list[bytes],
     """Images (encoded) and their reference captions, in split order."""
     verify_split(split)
     ds = StreamingDataset(local=split, shuffle=False, batch_size=1)
-    n = len(ds) if not max_samples else min(max_samples, len(ds))
+    total = ds.num_samples  # len(ds) is only this rank's share when a process group exists
+    n = total if not max_samples else min(max_samples, total)
     images, captions = [], []
     for i in range(n):
         row = ds[i]
@@ -66,10 +67,13 @@ def evaluate_retrieval(model, tokenizer, split: str, image_size: int, max_txt_le
     text_ids, text_mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
     text_feat = torch.cat([model.encode_text(text_ids[i:i + batch_size], text_mask[i:i + batch_size]).float()
                            for i in range(0, len(texts), batch_size)])             # (Nt, E)
-    mine = list(range(rank, len(images), world))
+    # Whole batches are dealt round-robin to ranks, so every image is encoded in the same batch whatever
+    # the world size (kernels may round differently for another batch composition; results must not).
+    batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
+    mine = [j for b in batches[rank::world] for j in b]
     embeds, feats = [], []
-    for i in range(0, len(mine), batch_size):
-        px = torch.stack([tf(Image.open(io.BytesIO(images[j])).convert("RGB")) for j in mine[i:i + batch_size]])
+    for batch in batches[rank::world]:
+        px = torch.stack([tf(Image.open(io.BytesIO(images[j])).convert("RGB")) for j in batch])
         e, f = model.encode_image(px.to(device))
         embeds.append(e.cpu())
         feats.append(f.float().cpu())

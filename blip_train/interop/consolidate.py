@@ -122,6 +122,7 @@ def describe(c: Consolidated) -> str:
     src = c.meta["source"]
     parts = f"{len(c.trainable)} trainable"
     if c.meta["contents"] != "trainable":
-        parts += f" + {len(c.frozen)} frozen ({', '.join(c.meta['frozen_modules']) or 'none'}) + {len(c.buffers)} buffers"
+        modules = ", ".join(c.meta["frozen_modules"]) or "none"
+        parts += f" + {len(c.frozen)} frozen ({modules}) + {len(c.buffers)} buffers"
     return (f"{src['checkpoint']}: ZeRO-{src['zero_stage']}, {src['world_size']} ranks, step {src['step']}: "
             f"{parts} tensors" + (f"; tied aliases dropped: {json.dumps(c.tied)}" if c.tied else ""))

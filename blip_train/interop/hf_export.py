@@ -15,9 +15,10 @@ suppresses it, so outputs over the original vocabulary are unchanged.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -41,18 +42,45 @@ class ExportSource:
     meta: dict
 
 
-def _resolve_paths(data: dict, base: Path) -> dict:
-    """Weights folders written by import_hf name their assets relative to themselves."""
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _resolve_paths(data: dict, base: Path, only_missing: bool = False) -> dict:
+    """Relative asset paths of a config -> paths under `base`.
+
+    Weights folders written by import_hf name their assets relative to themselves (all resolved);
+    a run's config names them relative to where training ran, usually the checkout (`make demo`):
+    those are kept when they exist from here, else looked up under `base`."""
     m = data.setdefault("model", {})
     for section, key in (("vision", "weights"), ("qformer", "tokenizer"), ("qformer", "bert_init"), ("llm", "path")):
         value = m.get(section, {}).get(key)
-        if value and not Path(value).is_absolute():
+        if not value or Path(value).is_absolute() or (only_missing and Path(value).exists()):
+            continue
+        if not only_missing or (base / value).exists():
             m[section][key] = str(base / value)
     return data
 
 
-def load_export_source(path: Union[str, Path], tag: Optional[str] = None) -> ExportSource:
-    """A run / checkpoint (trained weights consolidated here) or a weights folder / file with a config."""
+def _read_config_file(path_or_recipe: str) -> dict:
+    import yaml
+
+    from blip_train.config.loading import resolve_recipe
+
+    try:
+        data = yaml.safe_load(resolve_recipe(path_or_recipe).read_text())
+    except (ConfigError, OSError, yaml.YAMLError) as e:
+        raise InteropError(f"--config {path_or_recipe}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise InteropError(f"--config {path_or_recipe}: expected a mapping at top level")
+    return data
+
+
+def load_export_source(path: Union[str, Path], tag: Optional[str] = None, config: Optional[str] = None,
+                       overrides: Sequence[str] = ()) -> ExportSource:
+    """A run / checkpoint (trained weights consolidated here) or a weights folder / file, and the config
+    that rebuilds its model: `config` (a YAML / recipe) if given, else the one the source carries (the
+    run's config.yaml, or the weights' metadata); `overrides` ("key=value") apply on top."""
+    from blip_train.config.loading import _set_dotted
     from blip_train.interop.consolidate import consolidate_checkpoint
 
     p = Path(path)
@@ -60,18 +88,27 @@ def load_export_source(path: Union[str, Path], tag: Optional[str] = None) -> Exp
         if tag is not None:
             raise InteropError(f"--tag applies to ZeRO checkpoints; {p} is a weights file/folder")
         weights, meta = read_weights(p)
-        data = meta.get("config")
-        if not data:
-            raise InteropError(f"{p}: carries no model config (write it with tools/zero_to_safetensors.py from a "
-                               "run, or tools/import_hf.py)")
+        data = json.loads(json.dumps(meta.get("config") or {}))
         if meta.get("paths_relative_to_folder"):
-            data = _resolve_paths(json.loads(json.dumps(data)), p if p.is_dir() else p.parent)
+            data = _resolve_paths(data, p if p.is_dir() else p.parent)
     else:
         c = consolidate_checkpoint(p, tag)
         weights = {k: v.contiguous() for k, v in c.tensors.items()}
-        meta, data = c.meta, c.config
-        if not data:
-            raise InteropError(f"{p}: the run has no config.yaml next to checkpoints/ (needed to rebuild the model)")
+        meta, data = c.meta, c.config or {}
+    if config:
+        data = _read_config_file(config)
+    if not data:
+        raise InteropError(f"{p}: carries no config (a run needs config.yaml next to checkpoints/; LAVIS imports "
+                           "have none): pass --config")
+    data = _resolve_paths(data, REPO, only_missing=True)  # a run's paths: relative to where it ran
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if not sep:
+            raise InteropError(f"--set {ov!r}: expected KEY=VALUE")
+        try:
+            _set_dotted(data, key.strip(), value)
+        except ConfigError as e:
+            raise InteropError(str(e)) from None
     try:
         cfg = config_from_dict(data)
     except ConfigError as e:
@@ -100,8 +137,6 @@ def expected_trained(cfg: ExperimentConfig, llm_config: Any = None) -> dict[str,
 
 
 def _check_trained(weights: dict, expected: dict, arch: str, where: str) -> dict[str, torch.Tensor]:
-    import re
-
     optional = NOT_EXPORTED[arch]
     missing = [k for k in expected if k not in weights and not any(re.match(p, k) for p in optional)]
     frozen_roots = ("visual_encoder.", "llm.")
@@ -170,9 +205,10 @@ def load_frozen_llm(path: str, dtype: torch.dtype):
 # -------------------------------------------------------------------------------------------- export
 
 def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[str] = None, dtype: str = "fp32",
-              overwrite: bool = False, max_shard_size: str = "5GB",
-              log: Callable[[str], None] = lambda s: None) -> dict:
-    """Write the transformers folder for `source` (run dir / checkpoint / weights folder or file) to `out`.
+              overwrite: bool = False, max_shard_size: str = "5GB", config: Optional[str] = None,
+              overrides: Sequence[str] = (), log: Callable[[str], None] = lambda s: None) -> dict:
+    """Write the transformers folder for `source` (run dir / checkpoint / weights folder or file) to `out`;
+    `config` / `overrides` as in `load_export_source`.
 
     Returns a summary: arch, class, image_token_index, tensors written, keys left out, vocab padding.
     """
@@ -182,7 +218,7 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
     out = Path(out)
     check_output(out, overwrite)
     target = parse_dtype(dtype)
-    src = load_export_source(source, tag)
+    src = load_export_source(source, tag, config, overrides)
     cfg, arch = src.cfg, src.cfg.model.arch
     if arch not in LAYOUTS:
         raise InteropError(f"{source}: model.arch={arch!r} cannot be exported (one of {', '.join(LAYOUTS)})")
@@ -205,8 +241,9 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
 
     expected = expected_trained(cfg, llm_config)
     full.update(_check_trained(src.weights, expected, arch, str(source)))
-    log(f"frozen ViT: {m.vision.weights or 'from the weights'}")
-    full.update({"visual_encoder." + k: t for k, t in frozen_vision_state(cfg, src.weights).items()})
+    if not any(k.startswith("visual_encoder.") for k in expected):  # else the ViT trained: it is in `full`
+        log(f"frozen ViT: {m.vision.weights or 'from the weights'}")
+        full.update({"visual_encoder." + k: t for k, t in frozen_vision_state(cfg, src.weights).items()})
 
     processor = build_processor(arch, m.vision.image_size, m.qformer.num_query_tokens, llm_tokenizer,
                                 qformer_tokenizer)
@@ -218,7 +255,6 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
         full.update({"llm." + k: t for k, t in llm_sd.items()})
 
     hf_sd, left_out = model_to_hf(full, LAYOUTS[arch])
-    import re
     bad = [k for k in left_out if not any(re.match(p, k) for p in NOT_EXPORTED[arch])]
     if bad:
         raise InteropError(f"{source}: keys with no place in {hf_class(arch).__name__}: {bad[:4]}")

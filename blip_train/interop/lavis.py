@@ -68,10 +68,9 @@ def import_lavis(path: Union[str, Path], out: Union[str, Path], *, arch: Optiona
         ours, left_out = model_from_lavis(sd)
     except ValueError as e:
         raise InteropError(f"{path}: {e}") from None
-    found = detect_arch(ours)
     if arch is not None and arch not in ARCHS:
         raise InteropError(f"--arch {arch!r}: one of {', '.join(ARCHS)}")
-    arch = arch or found
+    arch = arch or detect_arch(ours)
     missing = [r for r in _REQUIRED[arch] if not any(k.startswith(r) for k in ours)]
     if missing:
         raise InteropError(f"{path}: not a LAVIS {arch} checkpoint: nothing under {missing}")

@@ -191,24 +191,28 @@ class Blip2Stage1(nn.Module):
 
     @torch.no_grad()
     def itm_scores(self, image_embeds: torch.Tensor, text_ids: torch.Tensor,
-                   text_mask: torch.Tensor) -> torch.Tensor:
+                   text_mask: torch.Tensor, probability: bool = False) -> torch.Tensor:
         """Matching score of each (image, text) pair: the positive-class logit (B,), as BLIP-2 ranks by.
 
-        image_embeds come from `encode_image`; softmax over the two logits would give a probability.
+        image_embeds come from `encode_image`. probability=True gives softmax over the two logits
+        instead, P(match) in [0, 1]: a calibrated scale a filter threshold can be set on (CapFilt).
         """
-        return self._itm_logits(image_embeds, text_ids, text_mask)[:, 1]
+        logits = self._itm_logits(image_embeds, text_ids, text_mask)  # (B, 2)
+        return logits.float().softmax(-1)[:, 1] if probability else logits[:, 1]
 
     @torch.no_grad()
     def generate_captions(self, pixel_values: torch.Tensor, bos_id: int, sep_id: int, pad_id: int,
                           max_len: int = 30, num_beams: int = 1, top_p: Optional[float] = None,
-                          num_captions: int = 1) -> torch.Tensor:
+                          num_captions: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Captions through the ITG path: greedy (top_p None) or nucleus sampling (top_p in (0, 1]).
 
         Returns (B * num_captions, max_len) token ids, captions of image 0 first; column 0 is `bos_id`
         ([DEC]), a caption ends with `sep_id` and is followed by `pad_id`. Beam search is not
         implemented (num_beams must be 1). Each step re-encodes the whole text prefix against the
         cached query keys/values (the training ITG call); the cost is quadratic in max_len, which is
-        small for captions. No early exit: every rank runs the same steps (ZeRO-3).
+        small for captions. No early exit: every rank runs the same steps (ZeRO-3). `generator` (on the
+        model's device) drives the sampling instead of torch's global RNG, so that a caller can make the
+        samples a function of the data alone (CapFilt: same output at any world size).
         """
         if num_beams != 1:
             raise ValueError(f"num_beams={num_beams}: only greedy/nucleus decoding (num_beams=1) is implemented")
@@ -221,19 +225,20 @@ class Blip2Stage1(nn.Module):
             out = self.qformer(input_ids=ids, attention_mask=torch.ones_like(ids),
                                past_key_values=query_out.past_key_values, mask="causal")
             logits = self.qformer.lm_logits(out.last_hidden_state[:, -1:])[:, 0].float()  # (N, V)
-            nxt = logits.argmax(-1) if top_p is None else _nucleus_sample(logits, top_p)  # (N,)
+            nxt = logits.argmax(-1) if top_p is None else _nucleus_sample(logits, top_p, generator)  # (N,)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             done = done | (nxt == sep_id)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
         return ids
 
 
-def _nucleus_sample(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def _nucleus_sample(logits: torch.Tensor, top_p: float,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One token per row from the smallest set of top tokens whose probability reaches top_p."""
     probs = logits.softmax(-1)  # (N, V)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     # keep a token if the mass strictly before it is < top_p (the top token is always kept)
     keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
     sorted_probs = sorted_probs * keep
-    pick = torch.multinomial(sorted_probs, 1)  # (N, 1) position in the sorted order
+    pick = torch.multinomial(sorted_probs, 1, generator=generator)  # (N, 1) position in the sorted order
     return order.gather(-1, pick)[:, 0]

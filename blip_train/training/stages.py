@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -67,6 +68,20 @@ def build_stage1_model(cfg: ExperimentConfig, world: WorldInfo | None = None, de
         load_vit_weights(model.visual_encoder, m.vision.weights)
     if m.qformer.bert_init:
         load_bert_weights(model.qformer, m.qformer.bert_init)
+    return model, tokenizer
+
+
+def load_trained_stage1(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, untrained: bool = False,
+                        device_type: str | None = None):
+    """(model, tokenizer) of a finished stage-1 run for inference (eval, CapFilt): `build_stage1_model`
+    (frozen ViT from its recorded source), then the trainable weights consolidated from the ZeRO shards
+    of `ckpt_dir/tag`, loaded strictly. untrained=True keeps the step-0 initialisation (same seed)."""
+    from blip_train.training.weights import consolidate_trainable, load_trainable_
+
+    model, tokenizer = build_stage1_model(cfg, device_type=device_type)
+    if not untrained:
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
     return model, tokenizer
 
 

@@ -1,8 +1,8 @@
 """Consolidation and export of real 2-rank checkpoints: the merged ZeRO-3 / ZeRO-2 shards equal what the
 live engine held; the stage-1 export loads into transformers' Blip2ForImageTextRetrieval with no
 missing or unexpected keys and gives our ITC / ITM logits; model.init_from takes the consolidated
-folder; bad inputs fail with one line. The tools run as users run them (subprocesses, no GPU, no
-process group)."""
+folder; bad inputs fail with one line. The tools run as users run them (the first in its own process, no GPU,
+no process group; the others in this process, through the same CLI entry)."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,7 @@ from blip_train.interop.consolidate import consolidate_checkpoint
 from blip_train.interop.weights_io import INDEX_FILE, InteropError, read_weights
 from tests.conftest import REPO, clean_env, torchrun
 from tests.helpers.tiny_run import write_tiny_config
+from tests.unit.test_tools_convert import run as run_cli
 
 pytestmark = pytest.mark.dist
 TOOLS = REPO / "tools"
@@ -42,19 +43,21 @@ def zero3_fp32(tiny_assets) -> tuple[Path, dict]:
 
 
 def tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    """The tool as users run it: its own process, no GPU, no process group."""
     return subprocess.run([sys.executable, str(TOOLS / name), *args], capture_output=True, text=True,
                           env=clean_env(), cwd=REPO, timeout=600)
 
 
-def assert_one_line_failure(r: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert r.returncode == 2, r.stdout + r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+def assert_one_line_failure(result: tuple[int, str, str], *fragments: str) -> None:
+    code, out, err = result
+    assert code == 2, out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     for f in fragments:
         assert f in lines[0], lines[0]
 
 
-def test_zero3_consolidation_equals_live_engine(zero3_fp32, tmp_path):
+def test_zero3_consolidation_equals_live_engine(zero3_fp32, tmp_path, capsys):
     run, live = zero3_fp32
     r = tool("zero_to_safetensors.py", "--checkpoint", str(run), "--out", str(tmp_path / "trained.safetensors"))
     assert r.returncode == 0, r.stderr
@@ -69,9 +72,10 @@ def test_zero3_consolidation_equals_live_engine(zero3_fp32, tmp_path):
     assert meta["tied"] == {"qformer.lm_head.decoder.weight": "qformer.embeddings.word_embeddings.weight"}
 
     # Everything, sharded small: an HF-style index, and the frozen ViT exactly as the live engine held it.
-    r = tool("zero_to_safetensors.py", "--checkpoint", str(run / "checkpoints" / "step_0000002"), "--out",
-             str(tmp_path / "all"), "--include-frozen", "--max-shard-size", "40KB")
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_cli("zero_to_safetensors.py", "--checkpoint", str(run / "checkpoints" / "step_0000002"),
+                           "--out", str(tmp_path / "all"), "--include-frozen", "--max-shard-size", "40KB",
+                           capsys=capsys)
+    assert code == 0, err
     index = json.loads((tmp_path / "all" / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 2
     every, meta = read_weights(tmp_path / "all")
@@ -80,7 +84,8 @@ def test_zero3_consolidation_equals_live_engine(zero3_fp32, tmp_path):
     for k, v in live["frozen"].items():
         assert v.dtype == torch.bfloat16 and torch.equal(every[k], v.float()), k
 
-    r = tool("zero_to_safetensors.py", "--checkpoint", str(run), "--out", str(tmp_path / "bf16"), "--dtype", "bf16")
+    run_cli("zero_to_safetensors.py", "--checkpoint", str(run), "--out", str(tmp_path / "bf16"), "--dtype", "bf16",
+            capsys=capsys)
     half, _ = read_weights(tmp_path / "bf16")
     assert all(torch.equal(half[k], v.to(torch.bfloat16)) for k, v in live["trainable"].items())
 
@@ -96,7 +101,7 @@ def test_zero2_bf16_consolidation_equals_live_engine(tiny_assets):
         assert torch.equal(merged.tensors[k].contiguous(), v), k
 
 
-def test_retrieval_export_loads_in_transformers_and_matches_our_logits(zero3_fp32, tmp_path):
+def test_retrieval_export_loads_in_transformers_and_matches_our_logits(zero3_fp32, tmp_path, capsys):
     from dataclasses import replace
 
     import torch.nn.functional as F
@@ -107,9 +112,9 @@ def test_retrieval_export_loads_in_transformers_and_matches_our_logits(zero3_fp3
     from blip_train.training.weights import init_stage1_from_
 
     run, _ = zero3_fp32
-    r = tool("export_hf.py", "--checkpoint", str(run), "--out", str(tmp_path / "hf"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    left_out = set(json.loads(r.stdout.strip().splitlines()[-1])["left_out"])  # no place in transformers
+    code, out, err = run_cli("export_hf.py", "--checkpoint", str(run), "--out", str(tmp_path / "hf"), capsys=capsys)
+    assert code == 0, out[-2000:] + err[-3000:]
+    left_out = set(json.loads(out.strip().splitlines()[-1])["left_out"])  # no place in transformers
     assert left_out == {"temp", "qformer.lm_head.decoder.bias"} | {
         f"qformer.lm_head.{m}.{p}" for m in ("dense", "norm") for p in ("weight", "bias")}
     hf, info = Blip2ForImageTextRetrieval.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
@@ -129,7 +134,8 @@ def test_retrieval_export_loads_in_transformers_and_matches_our_logits(zero3_fp3
     assert torch.equal(ids, tokenizer(texts, padding=True, return_tensors="pt")["input_ids"])
     with torch.no_grad():
         want_itc = hf(pixel_values=x, input_ids=ids, attention_mask=am).logits_per_image  # (B_img, B_txt)
-        want_itm = hf(pixel_values=x, input_ids=ids, attention_mask=am, use_image_text_matching_head=True).logits_per_image
+        want_itm = hf(pixel_values=x, input_ids=ids, attention_mask=am,
+                      use_image_text_matching_head=True).logits_per_image  # (B, 2)
         image_embeds, image_feats = ours.encode_image(x)  # (B, Nimg, W), (B, Nq, E)
         text_feat = ours.encode_text(ids, am)  # (B, E)
         got_itc = torch.einsum("iqe,te->iqt", image_feats, text_feat).max(dim=1).values
@@ -155,23 +161,24 @@ def test_init_from_takes_the_consolidated_folder(zero3_fp32, tmp_path):
     assert all(torch.equal(params[k].detach(), v) for k, v in live["trainable"].items())
 
 
-def test_bad_inputs_fail_with_one_line(zero3_fp32, tmp_path):
+def test_bad_inputs_fail_with_one_line(zero3_fp32, tmp_path, capsys):
     run, _ = zero3_fp32
-    assert_one_line_failure(tool("zero_to_safetensors.py", "--checkpoint", str(tmp_path), "--out",
-                                 str(tmp_path / "o.safetensors")), "not a checkpoint")
-    assert_one_line_failure(tool("zero_to_safetensors.py", "--checkpoint", str(run), "--tag", "step_0000099",
-                                 "--out", str(tmp_path / "o.safetensors")),
+    assert_one_line_failure(run_cli("zero_to_safetensors.py", "--checkpoint", str(tmp_path), "--out",
+                                    str(tmp_path / "o.safetensors"), capsys=capsys), "not a checkpoint")
+    assert_one_line_failure(run_cli("zero_to_safetensors.py", "--checkpoint", str(run), "--tag", "step_0000099",
+                                    "--out", str(tmp_path / "o.safetensors"), capsys=capsys),
                             "no checkpoint tag step_0000099", "step_0000002")
     # Weights whose shapes disagree with the config they carry (ITC width 16 vs 24).
     merged = consolidate_checkpoint(run)
     merged.meta["config"]["model"]["embed_dim"] = 24
     from blip_train.interop.weights_io import write_weights
     write_weights(merged.tensors, tmp_path / "w", merged.meta)
-    assert_one_line_failure(tool("export_hf.py", "--checkpoint", str(tmp_path / "w"), "--out", str(tmp_path / "hf")),
+    assert_one_line_failure(run_cli("export_hf.py", "--checkpoint", str(tmp_path / "w"), "--out",
+                                    str(tmp_path / "hf"), capsys=capsys),
                             "vision_proj.weight has shape (16, 32)", "(24, 32)")
     (tmp_path / "taken").mkdir()
-    assert_one_line_failure(tool("export_hf.py", "--checkpoint", str(run), "--out", str(tmp_path / "taken")),
-                            "--overwrite")
+    assert_one_line_failure(run_cli("export_hf.py", "--checkpoint", str(run), "--out", str(tmp_path / "taken"),
+                                    capsys=capsys), "--overwrite")
     # In process: an interrupted save (no complete.json) and an unknown tag format.
     partial = tmp_path / "partial" / "checkpoints"
     shutil.copytree(run / "checkpoints" / "step_0000002", partial / "step_0000004")

@@ -135,20 +135,16 @@ def picture(seed: int, size: int = 40) -> Image.Image:
 CASES = [("stage2", "opt"), ("stage2", "t5"), ("instruct", "llama"), ("instruct", "t5")]
 
 
-@pytest.mark.parametrize("arch,kind", CASES)
-def test_export_loads_and_matches_our_logits_and_generation(arch, kind, assets, tmp_path):
+def assert_export_matches_ours(out: Path, ours, arch: str) -> None:
+    """transformers loads `out` cleanly; on the saved processor's inputs its logits equal ours (over our
+    vocabulary) and greedy decoding gives our tokens; the saved generation defaults run as they are."""
     from transformers import AutoProcessor
 
-    cfg = experiment(arch, assets, kind)
-    ours = build_ours(cfg)
-    out = tmp_path / "hf"
-    summary = export_hf(save_trained(ours, cfg, tmp_path / "weights"), out)
-    assert summary["left_out"] == [] and summary["vocab_padded"]  # the tokenizer had no room for <image>
     hf = load_hf(out)
     processor = AutoProcessor.from_pretrained(str(out))
     prompt = "what color is the square" if arch == "instruct" else "a photo of"
     inputs = processor(images=[picture(0), picture(1)], text=[prompt, prompt], return_tensors="pt")
-    nq, vocab = cfg["model"]["qformer"]["num_query_tokens"], ours.llm.config.vocab_size
+    nq, vocab = ours.query_tokens.shape[1], ours.llm.config.vocab_size
     ids = inputs["input_ids"]
     assert (ids[:, :nq] == hf.config.image_token_index).all()
     text_ids, text_mask = ids[:, nq:], inputs["attention_mask"][:, nq:]
@@ -162,7 +158,7 @@ def test_export_loads_and_matches_our_logits_and_generation(arch, kind, assets, 
             extra["decoder_input_ids"] = torch.tensor([[ours.llm.config.decoder_start_token_id, 5, 9, 4]] * 2)
         want = ours.llm(inputs_embeds=embeds, attention_mask=mask, **extra).logits
         got = hf(**inputs, **extra).logits
-    assert got.shape[-1] == vocab + 1 and got.shape[:-1] == want.shape[:-1]
+    assert got.shape[-1] == vocab + 1 and got.shape[:-1] == want.shape[:-1]  # + the `<image>` row
     assert (got[..., :vocab] - want).abs().max() <= ATOL
 
     # Greedy decoding from the saved processor + generation config equals ours on the same inputs.
@@ -179,6 +175,15 @@ def test_export_loads_and_matches_our_logits_and_generation(arch, kind, assets, 
     with torch.no_grad():  # the saved defaults (beams, InstructBLIP's penalty) run as they are
         text = processor.batch_decode(hf.generate(**inputs, max_new_tokens=4), skip_special_tokens=True)
     assert len(text) == 2 and all(isinstance(t, str) for t in text)
+
+
+@pytest.mark.parametrize("arch,kind", CASES)
+def test_export_loads_and_matches_our_logits_and_generation(arch, kind, assets, tmp_path):
+    cfg = experiment(arch, assets, kind)
+    ours = build_ours(cfg)
+    summary = export_hf(save_trained(ours, cfg, tmp_path / "weights"), tmp_path / "hf")
+    assert summary["left_out"] == [] and summary["vocab_padded"]  # the tokenizer had no room for <image>
+    assert_export_matches_ours(tmp_path / "hf", ours, arch)
 
 
 def test_stage2_opt_generation_config_stops_at_newline(assets, tmp_path):

@@ -1,0 +1,237 @@
+"""CapFilt with one BLIP-2 stage-1 model: its ITG pass captions, its ITM/ITC heads filter.
+
+For each image (BLIP; BLIP-2 §3.4):
+1. caption: `num_captions` synthetic captions by nucleus sampling (or greedy) through ITG;
+2. score: the web caption and every synthetic one get an ITM match probability (softmax of the
+   2-way head, so one threshold means the same thing for every model) and an ITC similarity
+   (cosine, max over the query tokens, no temperature);
+3. select: the web caption is kept when P(match) >= itm_threshold; synthetic captions are ranked by
+   ITC (BLIP-2 ranked by CLIP score; ITC is this model's own image-text similarity), the top
+   `keep_top` distinct ones are taken, and each is kept when it also passes the ITM threshold.
+
+Everything here is a function of (settings, chunk of samples, generator): `process_chunk` gives the
+same rows whichever rank runs it, which is what makes sharded and resumed runs equal to one run.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from blip_train.capfilt.report import CapFiltStats
+from blip_train.data.collate import pre_caption
+from blip_train.data.images import decode_rgb
+from blip_train.data.schema import COLUMNS
+from blip_train.data.transforms import build_transform
+
+SAMPLING = ("nucleus", "greedy")
+EXTRA_COLUMNS = {"orig_index": "int", "itm_score": "float64", "itc_score": "float64"}
+"""Provenance columns CapFilt adds to the schema: the sample's index in the input split and its scores."""
+
+
+@dataclass(frozen=True)
+class CapFiltSettings:
+    """Everything that decides CapFilt's output; a resumed run must use the same values."""
+
+    image_size: int
+    """Pixels of the model's input (the run's model.vision.image_size)."""
+    max_txt_len: int
+    """Tokens of text the ITM/ITC heads read (the run's model.max_txt_len)."""
+    num_captions: int = 10
+    """Synthetic captions sampled per image (0: filter the web captions only)."""
+    keep_top: int = 2
+    """Synthetic captions per image that may be kept: the top ones by ITC that also pass ITM."""
+    itm_threshold: float = 0.5
+    """Minimum ITM match probability for a caption (web or synthetic) to be kept."""
+    sampling: str = "nucleus"
+    """nucleus | greedy (greedy gives one distinct caption per image)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass."""
+    max_len: int = 30
+    """Generated tokens per caption, [DEC] included."""
+    seed: int = 0
+    """Seed of the caption sampling; each chunk draws from its own generator seeded by (seed, chunk)."""
+    chunk_size: int = 256
+    """Input samples per work unit (one output part, one completion marker)."""
+    batch_size: int = 16
+    """Images per forward pass."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_captions >= 0, "num_captions must be >= 0"),
+            (self.keep_top >= 0, "keep_top must be >= 0"),
+            (0.0 <= self.itm_threshold <= 1.0, "itm_threshold is a probability, in [0, 1]"),
+            (self.sampling in SAMPLING, f"sampling must be one of {SAMPLING}"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.max_len >= 2, "max_len must be >= 2 ([DEC] and one token)"),
+            (self.chunk_size >= 1 and self.batch_size >= 1, "chunk_size and batch_size must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"capfilt: {msg}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One caption of one image with its scores."""
+
+    text: str
+    source: str  # "web" | "synthetic"
+    itm: float = 0.0
+    itc: float = 0.0
+
+
+def decode_captions(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> list[str]:
+    """(N, L) generated ids ([DEC] first, [SEP]-terminated) → cleaned caption strings."""
+    sep = tokenizer.sep_token_id
+    texts = []
+    for row in ids[:, 1:].tolist():
+        row = row[:row.index(sep)] if sep in row else row
+        texts.append(pre_caption(tokenizer.decode(row, skip_special_tokens=True)))
+    return texts
+
+
+@torch.no_grad()
+def score_captions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, image_embeds: torch.Tensor,
+                   image_feats: torch.Tensor, texts: Sequence[str], owner: Sequence[int],
+                   max_txt_len: int) -> tuple[list[float], list[float]]:
+    """ITM probability and ITC similarity of each (image owner[j], texts[j]) pair.
+
+    image_embeds (B, Nimg, W) and image_feats (B, Nq, E) come from `encode_image`. Text is padded to
+    max_txt_len (not to the longest in the batch), so a pair's score does not depend on its batch.
+    """
+    tok = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_txt_len,
+                    return_tensors="pt")
+    device = image_embeds.device
+    ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)  # (N, T)
+    idx = torch.tensor(list(owner), dtype=torch.long, device=device)  # (N,)
+    itm = model.itm_scores(image_embeds[idx], ids, mask, probability=True)  # (N,)
+    text_feat = model.encode_text(ids, mask).float()  # (N, E)
+    itc = torch.einsum("nqe,ne->nq", image_feats[idx].float(), text_feat).amax(-1)  # (N, Nq) → (N,)
+    return itm.float().cpu().tolist(), itc.cpu().tolist()
+
+
+def select_captions(web: Optional[Candidate], synthetic: Sequence[Candidate], keep_top: int,
+                    threshold: float) -> tuple[list[Candidate], list[Candidate]]:
+    """(kept, candidates): the web caption if it passes ITM, then the top `keep_top` synthetic captions
+    by ITC (ties keep sampling order) that pass ITM; `candidates` are the top-k before the ITM test."""
+    kept = [web] if web is not None and web.itm >= threshold else []
+    ranked = sorted(range(len(synthetic)), key=lambda j: -synthetic[j].itc)  # stable: ties by sample order
+    candidates = [synthetic[j] for j in ranked[:keep_top]]
+    kept += [c for c in candidates if c.itm >= threshold]
+    return kept, candidates
+
+
+def output_row(row: dict[str, Any], index: int, cand: Candidate) -> dict[str, Any]:
+    """The input sample carrying `cand` as its caption, with provenance and scores.
+
+    Caption-task rows whose answer is their caption (captioning targets) get the new caption as
+    answer too; other rows keep their question/answer. A synthetic caption is not known to be wrong,
+    so its `noisy` is 0; a kept web caption keeps the input's flag.
+    """
+    out = {k: row[k] for k in COLUMNS if k in row}
+    out["caption"] = cand.text
+    if row.get("task") == "caption" and row.get("answer") == row.get("caption"):
+        out["answer"], out["answers"] = cand.text, [cand.text]
+    out["source"] = cand.source
+    out["noisy"] = int(row.get("noisy", 0)) if cand.source == "web" else 0
+    out.update(orig_index=int(index), itm_score=float(cand.itm), itc_score=float(cand.itc))
+    return out
+
+
+@torch.no_grad()
+def process_chunk(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                  samples: Sequence[tuple[int, dict[str, Any]]], settings: CapFiltSettings,
+                  generator: Optional[torch.Generator] = None) -> tuple[list[dict[str, Any]], CapFiltStats]:
+    """Caption, score and select for (input index, row) samples; returns output rows (input order) and stats.
+
+    `generator` (on the model's device) drives nucleus sampling; seed it from the chunk, not the rank.
+    """
+    stats = CapFiltStats()
+    rows: list[dict[str, Any]] = []
+    transform = build_transform(settings.image_size, train=False)
+    device = next(model.parameters()).device
+    top_p = settings.top_p if settings.sampling == "nucleus" else None
+    k = settings.num_captions
+    for start in range(0, len(samples), settings.batch_size):
+        batch, pixels = [], []
+        for index, row in samples[start:start + settings.batch_size]:
+            stats.add("images")
+            try:
+                pixels.append(transform(decode_rgb(row["image"])))
+            except Exception:  # PIL raises many types for bad bytes; one bad image must not stop the run
+                stats.add("undecodable")
+                continue
+            batch.append((index, row))
+        if not batch:
+            continue
+        px = torch.stack(pixels).to(device)  # (B, 3, H, W)
+        image_embeds, image_feats = model.encode_image(px)  # (B, Nimg, W), (B, Nq, E)
+        sampled: list[str] = []
+        if k:
+            ids = model.generate_captions(px, tokenizer.bos_token_id, tokenizer.sep_token_id,
+                                          tokenizer.pad_token_id, max_len=settings.max_len, top_p=top_p,
+                                          num_captions=k, generator=generator)  # (B*k, max_len), image-major
+            sampled = decode_captions(tokenizer, ids)
+
+        # Candidates per image: the web caption (if any) and the distinct non-empty sampled ones.
+        texts, owner, per_image = [], [], []
+        for b, (_, row) in enumerate(batch):
+            web = pre_caption(row.get("caption") or "")
+            seen = {web} if web else set()
+            synth = []
+            for text in sampled[b * k:(b + 1) * k]:
+                if not text:
+                    stats.add("synthetic_empty")
+                elif text in seen:
+                    stats.add("synthetic_duplicates")
+                else:
+                    seen.add(text)
+                    synth.append(text)
+            stats.add("synthetic_generated", k)
+            per_image.append((web, synth))
+            for text in ([web] if web else []) + synth:
+                texts.append(text)
+                owner.append(b)
+        itm, itc = score_captions(model, tokenizer, image_embeds, image_feats, texts, owner, settings.max_txt_len)
+
+        j = 0
+        for (index, row), (web_text, synth) in zip(batch, per_image):
+            web = None
+            if web_text:
+                # The kept web caption is the original text; scoring read its cleaned form.
+                web = Candidate(row["caption"], "web", itm[j], itc[j])
+                j += 1
+            cands = [Candidate(t, "synthetic", itm[j + n], itc[j + n]) for n, t in enumerate(synth)]
+            j += len(synth)
+            kept, top = select_captions(web, cands, settings.keep_top, settings.itm_threshold)
+            _count(stats, row, web, kept, top, cands)
+            rows += [output_row(row, index, c) for c in kept]
+    stats.add("rows", len(rows))
+    return rows, stats
+
+
+def _count(stats: CapFiltStats, row: dict[str, Any], web: Optional[Candidate], kept: list[Candidate],
+           top: list[Candidate], synthetic: list[Candidate]) -> None:
+    """Add one image's outcome to the counters and histograms."""
+    h = stats.histograms
+    if web is None:
+        stats.add("web_empty")
+    else:
+        web_kept = bool(kept) and kept[0] is web
+        stats.add("web_kept" if web_kept else "web_dropped")
+        flag = "noisy" if int(row.get("noisy", 0)) else "clean"
+        stats.add(f"{flag}_web")
+        if web_kept == (flag == "clean"):  # a clean caption kept, or a noisy one dropped
+            stats.add("clean_web_kept" if flag == "clean" else "noisy_web_dropped")
+        h[f"itm_web_{flag}"].add([web.itm])
+        h[f"itc_web_{flag}"].add([web.itc])
+    stats.add("synthetic_candidates", len(top))
+    stats.add("synthetic_kept", sum(c.source == "synthetic" for c in kept))
+    h["itm_synthetic"].add([c.itm for c in synthetic])
+    h["itc_synthetic"].add([c.itc for c in synthetic])
