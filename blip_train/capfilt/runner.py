@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from blip_train.capfilt.capfilt import EXTRA_COLUMNS, CapFiltSettings, process_chunk
 from blip_train.capfilt.report import CapFiltStats, build_report
-from blip_train.data.schema import verify_split, write_split
+from blip_train.data.schema import split_num_samples, verify_split, write_split
 
 PARTS_DIR = ".parts"
 SETTINGS_FILE = "settings.json"
@@ -105,6 +105,8 @@ def _agree(rank: int, world: int, make: Callable[[], Any]) -> Any:
 def _read_part(path: Path) -> Iterator[dict[str, Any]]:
     from streaming import LocalDataset  # deferred: importing streaming pulls in torchvision
 
+    if split_num_samples(path) == 0:
+        return  # a chunk where nothing was kept (LocalDataset cannot open a split without shards)
     ds = LocalDataset(str(path))
     for i in range(len(ds)):
         yield dict(ds[i])
@@ -139,12 +141,14 @@ def run_capfilt(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data
 
     model.eval()
     device = next(model.parameters()).device
-    ds = LocalDataset(str(data))
+    ds = LocalDataset(str(data)) if mine else None  # (cannot open an empty split)
 
     def chunk_indices(k: int) -> range:
         return range(k * settings.chunk_size, min((k + 1) * settings.chunk_size, num_samples))
 
     my_images = sum(len(chunk_indices(k)) for k in mine)
+    if progress is not None:
+        progress(0, my_images)
     for k in mine:
         indices = chunk_indices(k)
         samples = [(i, dict(ds[i])) for i in indices]

@@ -52,18 +52,28 @@ class DemoTexts:
     """(context, instruction, answer): each train sample under a few templates of its task."""
 
 
+STOPWORDS = frozenset("a an the of on at in near is are there and to with this that it its".split())
+"""English function words: what remains of a caption is its content (a compact context)."""
+
+
+def _content_words(caption: str) -> str:
+    return " ".join(w for w in caption.split() if w not in STOPWORDS)
+
+
 def read_demo_texts(train_split: str, seed: int = 0, phrasings_per_sample: int = 3) -> DemoTexts:
     """The train split's texts (captions; instructions with answers, as InstructCollator forms them)."""
     ds = StreamingDataset(local=train_split, shuffle=False, batch_size=1)
     rng = random.Random(seed)
+    rows = [ds[i] for i in range(len(ds))]
     captions, pairs = [], []
-    for i in range(len(ds)):
-        row = ds[i]
+    for row in rows:
         phrasings = [pre_caption(c) for c in (row["captions"] or [row["caption"]])]
-        captions.extend((rng.choice(phrasings), c) for c in phrasings)
+        # Context: another phrasing of the same image, whole or as its content words.
+        contexts = phrasings + [_content_words(c) for c in phrasings]
+        captions.extend((rng.choice(contexts), c) for c in phrasings)
         answer = row["answer"] or row["caption"]
         for _ in range(phrasings_per_sample):
-            pairs.append((rng.choice(phrasings), choose_instruction(row["task"] or "caption", row["question"], rng),
+            pairs.append((rng.choice(contexts), choose_instruction(row["task"] or "caption", row["question"], rng),
                           answer.strip()))
     return DemoTexts(captions=captions, instructions=pairs)
 

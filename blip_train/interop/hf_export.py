@@ -26,7 +26,7 @@ from blip_train.config import ConfigError, ExperimentConfig, config_from_dict
 from blip_train.interop.hf_config import (LAYOUTS, assign_into, build_processor, generation_config_for, hf_class,
                                           hf_config_for)
 from blip_train.interop.weights_io import (InteropError, check_output, discard, is_weights_file, is_weights_folder,
-                                           move_into_place, parse_dtype, read_weights, temp_path)
+                                           move_into_place, parse_dtype, parse_size, read_weights, temp_path)
 from blip_train.models.hf_names import model_to_hf
 
 EXPORT_INFO = "blip_train_export.json"
@@ -218,6 +218,7 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
     out = Path(out)
     check_output(out, overwrite)
     target = parse_dtype(dtype)
+    parse_size(max_shard_size)  # fail before the (long) loading
     src = load_export_source(source, tag, config, overrides)
     cfg, arch = src.cfg, src.cfg.model.arch
     if arch not in LAYOUTS:

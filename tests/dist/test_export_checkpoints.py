@@ -173,6 +173,7 @@ def test_bad_inputs_fail_with_one_line(zero3_fp32, tmp_path, capsys):
     merged.meta["config"]["model"]["embed_dim"] = 24
     from blip_train.interop.weights_io import write_weights
     write_weights(merged.tensors, tmp_path / "w", merged.meta)
+    capsys.readouterr()  # DeepSpeed's progress bar from the merge above
     assert_one_line_failure(run_cli("export_hf.py", "--checkpoint", str(tmp_path / "w"), "--out",
                                     str(tmp_path / "hf"), capsys=capsys),
                             "vision_proj.weight has shape (16, 32)", "(24, 32)")

@@ -1,0 +1,191 @@
+"""Model FLOPs of one training micro-batch, for throughput and effective MFU reporting.
+
+Counting convention (as nanoGPT / PaLM's MFU): only matrix multiplies count, 2 FLOPs per
+multiply-add. A frozen module run forward only costs its forward (2N per token, N = matmul
+parameters it applies); a trained module costs forward + backward = 3x forward (6N per token: the
+backward computes input and weight gradients). A frozen module that gradients flow *through* (the
+LLM of stage 2 / InstructBLIP) costs forward + input gradient = 2x forward (4N per token).
+Attention is counted explicitly: Q K^T and P V are 2 * Tq * Tk * D FLOPs each per layer and sample,
+over the full (padded, masked) rectangle, since the kernels compute it all.
+
+Tokens (for tokens/s) are the positions a sample feeds the model: image patch tokens (+ CLS) plus
+the non-padding text tokens. Everything here is arithmetic on shapes and configs: no device sync.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from blip_train.config.schema import ModelConfig, QFormerConfig, VisionConfig
+
+TRAINED, FROZEN_FORWARD, FROZEN_BACKPROP = 3.0, 1.0, 2.0
+"""Multipliers of the forward FLOPs: trained module, frozen forward-only, frozen with input gradient."""
+
+PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0),
+               ("L4", 121.0), ("A10", 125.0), ("V100", 125.0))
+"""Dense fp16/bf16 tensor-core peak per GPU, matched against the device name in this order."""
+
+
+def _attention(tq: int, tk: int, width: int) -> float:
+    """Forward FLOPs of softmax(Q K^T) V for one sample and layer: two (Tq x Tk x D) matmuls."""
+    return 4.0 * tq * tk * width
+
+
+def vision_tokens(v: VisionConfig) -> int:
+    """Tokens of one image in the ViT: CLS + (S/P)^2 patches."""
+    return 1 + (v.image_size // v.patch_size) ** 2
+
+
+def vit_forward_flops(v: VisionConfig, batch: int) -> float:
+    """Forward FLOPs of the EVA ViT on `batch` images (patch conv + blocks, no final norm)."""
+    n = vision_tokens(v)
+    blocks = v.layers - 1 if v.drop_last_block else v.layers
+    patch = 2.0 * (n - 1) * 3 * v.patch_size ** 2 * v.width
+    per_block = 2.0 * n * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim) + _attention(n, n, v.width)
+    return batch * (patch + blocks * per_block)
+
+
+def qformer_forward_flops(q: QFormerConfig, encoder_width: int, batch: int, n_query: int, n_text: int,
+                          n_image: int = 0, n_cached: int = 0) -> float:
+    """Forward FLOPs of one Q-Former call on `batch` sequences of [n_query queries; n_text text].
+
+    n_image: image tokens the queries cross-attend to (layers 0, f, 2f, ...); n_cached: cached query
+    keys/values the rows also attend to (the ITG call), whose projections are not recomputed.
+    """
+    d, t = q.hidden_size, n_query + n_text
+    flops = 0.0
+    for layer in range(q.layers):
+        flops += 2.0 * t * 4 * d * d + _attention(t, n_cached + t, d)  # self-attention q, k, v, out
+        if n_query and layer % q.cross_attention_freq == 0:
+            flops += 2.0 * (n_query * 2 * d * d + n_image * 2 * encoder_width * d)  # cross q, out; k, v
+            flops += _attention(n_query, n_image, d)
+        flops += 2.0 * t * 2 * d * q.intermediate_size  # query FFN or text FFN, one per position
+    return batch * flops
+
+
+def stage1_flops(cfg: ModelConfig, batch: int, text_len: int, itm_text_len: Optional[int] = None,
+                 itg: bool = True) -> dict[str, float]:
+    """FLOPs of one Blip2Stage1 forward + backward, by part (see the module docstring).
+
+    text_len: the batch's (padded) text length; itm_text_len: the ITM text length (max_txt_len:
+    the model pads text to it for the cross-rank gather). itg=False leaves out the ITG pass and LM head.
+    """
+    q, v = cfg.qformer, cfg.vision
+    itm_text_len = cfg.max_txt_len if itm_text_len is None else itm_text_len
+    nq, nimg, d = q.num_query_tokens, vision_tokens(v), q.hidden_size
+    parts = {"vision": vit_forward_flops(v, batch) * (FROZEN_FORWARD if v.frozen else TRAINED)}
+    qf = qformer_forward_flops(q, v.width, batch, nq, 0, nimg)  # ITC: queries over the image
+    qf += qformer_forward_flops(q, v.width, batch, 0, text_len)  # ITC: text alone
+    qf += qformer_forward_flops(q, v.width, 3 * batch, nq, itm_text_len, nimg)  # ITM: pos, neg image, neg text
+    heads = 2.0 * batch * (nq * d * cfg.embed_dim + d * cfg.embed_dim + 3 * nq * d * 2)  # projections, ITM head
+    if itg:
+        qf += qformer_forward_flops(q, v.width, batch, 0, text_len, n_cached=nq)
+        heads += 2.0 * batch * text_len * (d * d + d * q.vocab_size)  # LM head: dense + tied decoder
+    parts["qformer"] = qf * TRAINED
+    parts["heads"] = heads * TRAINED
+    return parts
+
+
+@dataclass
+class LLMShape:
+    """What the FLOP count needs to know about a frozen HF LLM (read once from the module)."""
+    encoder_decoder: bool
+    encoder_matmul_params: int
+    """Linear weights applied to each encoder token (decoder-only: to each token, LM head included)."""
+    decoder_matmul_params: int
+    """Encoder-decoder: Linear weights applied to each decoder token (LM head included)."""
+    width: int
+    encoder_layers: int
+    decoder_layers: int
+
+
+def llm_shape(llm: nn.Module) -> LLMShape:
+    """Count the Linear weights of `llm` by side (`encoder.` / `decoder.` / the rest = both).
+
+    ZeRO-3 partitions hold 0 local elements; their full size is `ds_numel`. For an encoder-decoder the
+    decoder's cross-attention key/value projections really run on encoder tokens: counted on decoder
+    tokens here, a small approximation for captions and answers.
+    """
+    enc = dec = 0
+    for name, module in llm.named_modules():
+        if isinstance(module, nn.Linear):
+            n = getattr(module.weight, "ds_numel", module.weight.numel())
+            if ".encoder." in f".{name}.":
+                enc += n
+            else:
+                dec += n
+    c = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
+    width = getattr(c, "hidden_size", None) or getattr(c, "d_model")
+    ed = bool(getattr(llm.config, "is_encoder_decoder", False))
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "num_layers")
+    dec_layers = getattr(c, "num_decoder_layers", None) or layers
+    if not ed:
+        return LLMShape(False, enc + dec, 0, width, layers, 0)
+    return LLMShape(True, enc, dec, width, layers, dec_layers)
+
+
+def llm_stage_flops(cfg: ModelConfig, llm: LLMShape, batch: int, llm_len: int, decoder_len: int = 0,
+                    instruction_len: int = 0) -> dict[str, float]:
+    """FLOPs of one Blip2LLM forward + backward, by part.
+
+    llm_len: text tokens after the soft prompt (decoder-only) or encoder text (encoder-decoder);
+    decoder_len: decoder targets (encoder-decoder); instruction_len: Q-Former text (InstructBLIP).
+    """
+    q, v = cfg.qformer, cfg.vision
+    nq = q.num_query_tokens
+    parts = {"vision": vit_forward_flops(v, batch) * (FROZEN_FORWARD if v.frozen else TRAINED)}
+    qf = qformer_forward_flops(q, v.width, batch, nq, instruction_len, vision_tokens(v))
+    parts["qformer"] = TRAINED * (qf + 2.0 * batch * nq * q.hidden_size * llm.width)  # + llm_proj
+    enc_t = nq + llm_len  # soft prompt + text
+    f = 2.0 * enc_t * llm.encoder_matmul_params + llm.encoder_layers * _attention(enc_t, enc_t, llm.width)
+    if llm.encoder_decoder:
+        f += 2.0 * decoder_len * llm.decoder_matmul_params
+        f += llm.decoder_layers * (_attention(decoder_len, decoder_len, llm.width)
+                                   + _attention(decoder_len, enc_t, llm.width))
+    parts["llm"] = batch * f * FROZEN_BACKPROP  # frozen, but the gradient flows back to the soft prompt
+    return parts
+
+
+def batch_tokens(batch: Mapping[str, torch.Tensor], n_image_tokens: int, decoder_targets: bool = False) -> int:
+    """Input tokens of a micro-batch: image tokens + non-padding text (stage-1 or LLM keys).
+
+    decoder_targets: also count the decoder's target tokens (encoder-decoder LLMs).
+    """
+    text = sum(int(batch[k].sum()) for k in ("text_mask", "llm_attention_mask", "qformer_attention_mask")
+               if k in batch)
+    if decoder_targets:
+        text += int((batch["llm_labels"] != -100).sum())
+    return batch["pixel_values"].shape[0] * n_image_tokens + text
+
+
+def build_flops_counter(cfg: ModelConfig, model: nn.Module) -> Callable[[Mapping[str, torch.Tensor]], tuple[int, float]]:
+    """A function micro-batch -> (tokens, model FLOPs) for this model; call it on the host-side batch
+    (before it moves to the device) so that counting tokens never waits for the device."""
+    n_img = vision_tokens(cfg.vision)
+    if cfg.arch == "stage1":
+        def count(batch: Mapping[str, torch.Tensor]) -> tuple[int, float]:
+            b, t = batch["text_ids"].shape
+            return batch_tokens(batch, n_img), sum(stage1_flops(cfg, b, t).values())
+        return count
+    shape = llm_shape(model.llm)
+
+    def count_llm(batch: Mapping[str, torch.Tensor]) -> tuple[int, float]:
+        b, t = batch["llm_input_ids"].shape
+        dec = batch["llm_labels"].shape[1] if shape.encoder_decoder else 0
+        inst = batch["qformer_input_ids"].shape[1] if "qformer_input_ids" in batch else 0
+        return batch_tokens(batch, n_img, shape.encoder_decoder), sum(llm_stage_flops(cfg, shape, b, t, dec, inst).values())
+    return count_llm
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    """Dense bf16/fp16 peak FLOP/s of one device, or None when unknown (CPUs, unlisted GPUs)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
