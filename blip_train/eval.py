@@ -51,6 +51,40 @@ def load_run_config(checkpoint: str, overrides: list[str]):
     return cfg, ckpt_dir, tag
 
 
+TASK_ARCHS = {"retrieval": ("stage1",), "caption": ("stage2", "instruct"), "vqa": ("instruct",)}
+
+
+def build_generative_eval(cfg, ckpt_dir: Path, tag: str, task: str, untrained: bool):
+    """(model, collate, tokenizer, generation kwargs) for --task caption|vqa on a stage-2/instruct run."""
+    from blip_train.data.llm_collate import DecoderLMCollator, InstructCollator, T5PrefixCollator
+    from blip_train.data.tokenizers import load_qformer_tokenizer
+    from blip_train.training.stages import END_OF_TEXT, build_llm_stage_model
+    from blip_train.training.weights import consolidate_trainable, load_trainable_
+
+    model, tok, _ = build_llm_stage_model(cfg)
+    if not untrained:
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
+    m, e = cfg.model, cfg.eval
+    gen = {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens}
+    if m.arch == "instruct":
+        qtok = load_qformer_tokenizer(m.qformer.tokenizer)
+        force = (lambda s: dict(s, task="caption", question="")) if task == "caption" else (lambda s: s)
+        inner = InstructCollator(qtok, tok, max_prompt_len=m.llm.max_prompt_len, max_txt_len=m.llm.max_txt_len,
+                                 decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len, generation=True)
+        collate = lambda samples: inner([force(s) for s in samples])  # noqa: E731
+        if task == "vqa":  # short answers (InstructBLIP's VQA setting)
+            gen.update(max_new_tokens=min(e.max_new_tokens, 10))
+    elif model.decoder_only:
+        collate = DecoderLMCollator(tok, prompt=m.llm.prompt, max_txt_len=m.llm.max_txt_len, generation=True)
+        end = END_OF_TEXT.get(model.llm.config.model_type)
+        if end is not None:  # OPT stage 2 ends captions with "\n"
+            gen["eos_token_id"] = [tok.eos_token_id, tok(end, add_special_tokens=False)["input_ids"][-1]]
+    else:
+        collate = T5PrefixCollator(tok, max_txt_len=m.llm.max_txt_len, prompt=m.llm.prompt, generation=True)
+    return model, collate, tok, gen
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not Path(args.data).is_dir():
@@ -61,31 +95,40 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"eval error: {e}", file=sys.stderr)
         return 2
+    if cfg.model.arch not in TASK_ARCHS[args.task]:
+        print(f"eval error: --task {args.task} needs a run with model.arch in {TASK_ARCHS[args.task]}; "
+              f"{ckpt_dir.parent} is model.arch={cfg.model.arch}", file=sys.stderr)
+        return 2
     from blip_train.dist.env import discover_environment, export_environment
-    from blip_train.dist.process_group import destroy_distributed, init_distributed, print0
-    from blip_train.training.stages import load_trained_stage1
+    from blip_train.dist.process_group import destroy_distributed, init_distributed, is_main_process, print0
 
     env = discover_environment()
     export_environment(env)
     if env.world_size > 1:
         init_distributed(env, cfg.deepspeed.timeout_minutes)
-    if args.task != "retrieval":
-        print(f"eval error: --task {args.task} needs a generative (stage 2 / instruct) checkpoint", file=sys.stderr)
-        return 2
-    if cfg.model.arch != "stage1":
-        print(f"eval error: --task retrieval needs a stage-1 run, {ckpt_dir} is model.arch={cfg.model.arch}",
-              file=sys.stderr)
-        return 2
-    from blip_train.evaluation.stage1_eval import evaluate_retrieval
-    model, tokenizer = load_trained_stage1(cfg, ckpt_dir, tag, untrained=args.untrained)
-    metrics = evaluate_retrieval(model, tokenizer, args.data, cfg.model.vision.image_size, cfg.model.max_txt_len,
-                                 k_test=cfg.eval.k_test, batch_size=cfg.eval.batch_size,
-                                 max_samples=cfg.eval.max_samples)
-    metrics.update(checkpoint=str(ckpt_dir / tag), untrained=args.untrained)
-    print0(f"{'metric':<16}value")
+    predictions: list = []
+    if args.task == "retrieval":
+        from blip_train.evaluation.stage1_eval import evaluate_retrieval
+        from blip_train.training.stages import load_trained_stage1
+        model, tokenizer = load_trained_stage1(cfg, ckpt_dir, tag, untrained=args.untrained)
+        metrics = evaluate_retrieval(model, tokenizer, args.data, cfg.model.vision.image_size, cfg.model.max_txt_len,
+                                     k_test=cfg.eval.k_test, batch_size=cfg.eval.batch_size,
+                                     max_samples=cfg.eval.max_samples)
+    else:
+        from blip_train.evaluation.generative_eval import evaluate_captions, evaluate_vqa
+        model, collate, tok, gen = build_generative_eval(cfg, ckpt_dir, tag, args.task, args.untrained)
+        run_task = evaluate_captions if args.task == "caption" else evaluate_vqa
+        metrics, predictions = run_task(model, collate, tok, cfg, args.data, gen)
+    metrics.update(task=args.task, checkpoint=str(ckpt_dir / tag), untrained=args.untrained)
+    if is_main_process():
+        out = ckpt_dir.parent / "eval" / f"{args.task}{'_untrained' if args.untrained else ''}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"metrics": metrics, "predictions": predictions}, indent=1))
+        metrics["predictions_file"] = str(out)
+    print0(f"{'metric':<22}value")
     for k, v in metrics.items():
         if isinstance(v, float):
-            print0(f"{k:<16}{v:.2f}")
+            print0(f"{k:<22}{v:.2f}")
     print0(json.dumps(metrics))
     if env.world_size > 1:
         destroy_distributed()

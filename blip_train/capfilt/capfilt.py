@@ -5,9 +5,15 @@ For each image (BLIP; BLIP-2 §3.4):
 2. score: the web caption and every synthetic one get an ITM match probability (softmax of the
    2-way head, so one threshold means the same thing for every model) and an ITC similarity
    (cosine, max over the query tokens, no temperature);
-3. select: the web caption is kept when P(match) >= itm_threshold; synthetic captions are ranked by
-   ITC (BLIP-2 ranked by CLIP score; ITC is this model's own image-text similarity), the top
-   `keep_top` distinct ones are taken, and each is kept when it also passes the ITM threshold.
+3. select: a caption passes the filter when P(match) >= itm_threshold (BLIP's filter: the ITM head
+   says "matched") and, if itc_threshold is set, its ITC similarity >= itc_threshold. The web
+   caption is kept when it passes; synthetic captions are ranked by ITC (BLIP-2 ranked by CLIP
+   score; ITC is this model's own image-text similarity), the top `keep_top` distinct ones are
+   taken, and each is kept when it passes too.
+
+The ITM head is trained on one positive per two negatives, so its probabilities carry a 1/3 prior;
+a well-trained model is confident either way, an under-trained one is not (the report's histograms
+show where to put the thresholds, see README.md).
 
 Everything here is a function of (settings, chunk of samples, generator): `process_chunk` gives the
 same rows whichever rank runs it, which is what makes sharded and resumed runs equal to one run.
@@ -45,6 +51,8 @@ class CapFiltSettings:
     """Synthetic captions per image that may be kept: the top ones by ITC that also pass ITM."""
     itm_threshold: float = 0.5
     """Minimum ITM match probability for a caption (web or synthetic) to be kept."""
+    itc_threshold: Optional[float] = None
+    """Minimum ITC similarity (cosine, max over queries) to be kept as well; None: no ITC filter."""
     sampling: str = "nucleus"
     """nucleus | greedy (greedy gives one distinct caption per image)."""
     top_p: float = 0.9
@@ -63,6 +71,7 @@ class CapFiltSettings:
             (self.num_captions >= 0, "num_captions must be >= 0"),
             (self.keep_top >= 0, "keep_top must be >= 0"),
             (0.0 <= self.itm_threshold <= 1.0, "itm_threshold is a probability, in [0, 1]"),
+            (self.itc_threshold is None or -1.0 <= self.itc_threshold <= 1.0, "itc_threshold is a cosine, in [-1, 1]"),
             (self.sampling in SAMPLING, f"sampling must be one of {SAMPLING}"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.max_len >= 2, "max_len must be >= 2 ([DEC] and one token)"),
@@ -116,14 +125,20 @@ def score_captions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, i
     return itm.float().cpu().tolist(), itc.cpu().tolist()
 
 
+def passes(cand: Candidate, itm_threshold: float, itc_threshold: Optional[float] = None) -> bool:
+    """The filter: ITM match probability >= itm_threshold and, when set, ITC similarity >= itc_threshold."""
+    return cand.itm >= itm_threshold and (itc_threshold is None or cand.itc >= itc_threshold)
+
+
 def select_captions(web: Optional[Candidate], synthetic: Sequence[Candidate], keep_top: int,
-                    threshold: float) -> tuple[list[Candidate], list[Candidate]]:
-    """(kept, candidates): the web caption if it passes ITM, then the top `keep_top` synthetic captions
-    by ITC (ties keep sampling order) that pass ITM; `candidates` are the top-k before the ITM test."""
-    kept = [web] if web is not None and web.itm >= threshold else []
+                    itm_threshold: float, itc_threshold: Optional[float] = None
+                    ) -> tuple[list[Candidate], list[Candidate]]:
+    """(kept, candidates): the web caption if it passes the filter, then the top `keep_top` synthetic
+    captions by ITC (ties keep sampling order) that pass; `candidates` are that top-k before the filter."""
+    kept = [web] if web is not None and passes(web, itm_threshold, itc_threshold) else []
     ranked = sorted(range(len(synthetic)), key=lambda j: -synthetic[j].itc)  # stable: ties by sample order
     candidates = [synthetic[j] for j in ranked[:keep_top]]
-    kept += [c for c in candidates if c.itm >= threshold]
+    kept += [c for c in candidates if passes(c, itm_threshold, itc_threshold)]
     return kept, candidates
 
 
@@ -209,7 +224,8 @@ def process_chunk(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                 j += 1
             cands = [Candidate(t, "synthetic", itm[j + n], itc[j + n]) for n, t in enumerate(synth)]
             j += len(synth)
-            kept, top = select_captions(web, cands, settings.keep_top, settings.itm_threshold)
+            kept, top = select_captions(web, cands, settings.keep_top, settings.itm_threshold,
+                                        settings.itc_threshold)
             _count(stats, row, web, kept, top, cands)
             rows += [output_row(row, index, c) for c in kept]
     stats.add("rows", len(rows))

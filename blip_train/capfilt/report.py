@@ -5,6 +5,7 @@ different ranks, or before and after a restart, add up exactly to those of one u
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -44,9 +45,11 @@ class Histogram:
             self.counts = [0] * self.bins
 
     def add(self, values: Iterable[float]) -> None:
-        width = (self.high - self.low) / self.bins
+        scale = self.bins / (self.high - self.low)
         for v in values:
-            b = int((v - self.low) // width)
+            if not math.isfinite(v):
+                continue  # a NaN score fails every threshold (dropped) and has no bin
+            b = math.floor((v - self.low) * scale)
             self.counts[min(max(b, 0), self.bins - 1)] += 1
 
     def merge_(self, other: "Histogram") -> None:
@@ -56,11 +59,12 @@ class Histogram:
         return {"low": self.low, "high": self.high, "counts": list(self.counts)}
 
     def render(self, width: int = 40) -> list[str]:
-        """One text line per bin: `[lo, hi)  count  ####`."""
+        """One text line per bin, `[lo, hi)  count  ####`, from the first to the last non-empty bin."""
         step = (self.high - self.low) / self.bins
         peak = max(self.counts) or 1
-        return [f"  [{self.low + i * step:+.2f}, {self.low + (i + 1) * step:+.2f})  {c:>7}  "
-                f"{'#' * round(width * c / peak)}" for i, c in enumerate(self.counts)]
+        used = [i for i, c in enumerate(self.counts) if c] or [0]
+        return [f"  [{self.low + i * step:+.2f}, {self.low + (i + 1) * step:+.2f})  {self.counts[i]:>7}  "
+                f"{'#' * round(width * self.counts[i] / peak)}" for i in range(used[0], used[-1] + 1)]
 
 
 @dataclass

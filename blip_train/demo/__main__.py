@@ -93,6 +93,8 @@ def make_assets(out: Path, data: Path, image_size: int) -> dict:
         texts = [r["caption"] for r in rows] + [r["question"] for r in rows]
         train_wordpiece_tokenizer(texts, vocab_size=400, out_dir=tok_dir)
         log(f"assets: Q-Former tokenizer trained on {len(texts)} train texts → {tok_dir}")
+    from blip_train.demo.llms import build_demo_llms
+    info["llm_pretraining"] = build_demo_llms(str(data / "train"), assets, log=log)
     vit_file = assets / "vit.safetensors"
     if not vit_file.is_file():
         vcfg = load_config("demo/stage1").model.vision
@@ -137,10 +139,66 @@ def stage1(out: Path, data: Path, path_sets: list[str]) -> dict:
     return res
 
 
+GENERATIVE = {  # demo stage → (recipe, held-out task, metric key, primary metric name)
+    "stage2_opt": ("demo/stage2_opt", "caption", "cider", "caption CIDEr-D"),
+    "stage2_t5": ("demo/stage2_t5", "caption", "cider", "caption CIDEr-D"),
+    "instruct_llama": ("demo/instruct_llama", "vqa", "vqa_accuracy", "VQA accuracy (%)"),
+    "instruct_t5": ("demo/instruct_t5", "vqa", "vqa_accuracy", "VQA accuracy (%)"),
+}
+
+
+def generative_stage(name: str, out: Path, data: Path, path_sets: list[str]) -> dict:
+    recipe, task, key, label = GENERATIVE[name]
+    sets = path_sets + ([f"model.init_from={out / 'stage1'}",
+                         f"model.llm.path={out / 'assets' / recipe.split('_', 1)[1]}"] if path_sets else [])
+    res = train_stage(recipe, out, name, sets)
+    trained = evaluate(task, res["run_dir"], data)
+    untrained = evaluate(task, res["run_dir"], data, untrained=True)
+    res["metrics"] = {task: trained, f"{task}_untrained": untrained,
+                      "primary": {"name": label, "trained": trained[key], "untrained": untrained[key],
+                                  "chance": trained[f"chance_{key}"]}}
+    return res
+
+
+def export_and_check(name: str, run_dir: str, out: Path, data: Path) -> dict:
+    """tools/export_hf.py on a demo stage, then transformers loads it (strictly) and generates from it."""
+    import io
+
+    import torch
+    from PIL import Image
+    from streaming import StreamingDataset
+    from transformers import AutoProcessor
+
+    from blip_train.interop.hf_config import hf_class
+
+    folder = out / "export" / name
+    if not (folder / "config.json").is_file():
+        run([sys.executable, "tools/export_hf.py", "--checkpoint", run_dir, "--out", str(folder), "--overwrite"])
+    arch = "instruct" if name.startswith("instruct") else "stage2"
+    model, info = hf_class(arch).from_pretrained(str(folder), output_loading_info=True)
+    processor = AutoProcessor.from_pretrained(str(folder))
+    image = Image.open(io.BytesIO(StreamingDataset(local=str(data / "val"), shuffle=False,
+                                                   batch_size=1)[0]["image"])).convert("RGB")
+    text = "What color is the shape?" if arch == "instruct" else ""
+    with torch.no_grad():
+        ids = model.eval().generate(**processor(images=[image], text=[text], return_tensors="pt"), max_new_tokens=12)
+    return {"dir": str(folder), "class": type(model).__name__,
+            "missing_keys": len(info["missing_keys"]), "unexpected_keys": len(info["unexpected_keys"]),
+            "generated": processor.batch_decode(ids, skip_special_tokens=True)[0].strip()}
+
+
 def stage_entry(res: dict) -> dict:
     """The per-stage record of summary.json (DESIGN.md §3)."""
     return {k: res[k] for k in ("world_size", "zero_stage", "steps", "initial_loss", "final_loss", "checkpoint",
-                                "metrics")}
+                                "metrics", "run_dir")}
+
+
+def write_summary(out: Path, summary: dict, t0: float) -> None:
+    """Written after every stage, so an interrupted demo still shows what it finished."""
+    summary["wall_seconds"] = round(time.time() - t0, 1)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "summary.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,11 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     log("stage1: Q-Former representation learning (ITC + ITM + ITG), 2 ranks, ZeRO-3")
     s1 = stage1(out, data, path_sets)
     summary["stages"]["stage1"] = stage_entry(s1)
-    summary["wall_seconds"] = round(time.time() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    prim = summary["stages"]["stage1"]["metrics"]["primary"]
-    log(f"stage1: loss {s1['initial_loss']:.3f} → {s1['final_loss']:.3f}; {prim['name']}: trained "
-        f"{prim['trained']:.1f} vs untrained {prim['untrained']:.1f} vs chance {prim['chance']:.1f}")
+    write_summary(out, summary, t0)
+    for name in GENERATIVE:
+        log(f"{name}: {GENERATIVE[name][0]}, 2 ranks, ZeRO-3, Q-Former from stage 1, frozen LLM")
+        summary["stages"][name] = stage_entry(generative_stage(name, out, data, path_sets))
+        write_summary(out, summary, t0)
+    summary["export"] = {name: export_and_check(name, summary["stages"][name]["run_dir"], out, data)
+                         for name in GENERATIVE}
+    write_summary(out, summary, t0)
+    for name, st in summary["stages"].items():
+        prim = st["metrics"]["primary"]
+        log(f"{name:<15} loss {st['initial_loss']:.3f} → {st['final_loss']:.3f}; {prim['name']}: trained "
+            f"{prim['trained']:.1f} vs untrained {prim['untrained']:.1f} vs chance {prim['chance']:.1f}")
+    for name, ex in summary["export"].items():
+        log(f"export {name}: {ex['class']} loads with {ex['missing_keys']} missing / {ex['unexpected_keys']} "
+            f"unexpected keys; generates {ex['generated']!r}")
     log(f"wrote {out / 'summary.json'} in {summary['wall_seconds']:.0f}s")
     return 0
 

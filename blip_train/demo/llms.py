@@ -93,7 +93,7 @@ def _build_model(kind: str, tok) -> nn.Module:
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         return AutoModelForCausalLM.from_config(cfg)
-    cfg = T5Config(vocab_size=v, d_model=128, d_kv=32, d_ff=384, num_layers=3, num_decoder_layers=3, num_heads=4,
+    cfg = T5Config(vocab_size=v, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
     return AutoModelForSeq2SeqLM.from_config(cfg)
@@ -154,7 +154,7 @@ def _lm_loss(kind: str, model: nn.Module, batch: list, pad_id: int) -> torch.Ten
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
-def pretrain_llm(kind: str, texts: DemoTexts, out_dir: Path, steps: int = 400, batch_size: int = 64,
+def pretrain_llm(kind: str, texts: DemoTexts, out_dir: Path, steps: int = 300, batch_size: int = 64,
                  lr: float = 3e-3, seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Train the tokenizer and the tiny `kind` LM on `texts`; save both to out_dir (an HF folder)."""
     if kind not in KINDS:
@@ -193,7 +193,7 @@ def pretrain_llm(kind: str, texts: DemoTexts, out_dir: Path, steps: int = 400, b
             "seconds": round(time.time() - t0, 1)}
 
 
-def build_demo_llms(train_split: str, out_dir: str | Path, kinds: tuple[str, ...] = KINDS, steps: int = 400,
+def build_demo_llms(train_split: str, out_dir: str | Path, kinds: tuple[str, ...] = KINDS, steps: int = 300,
                     seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """`out_dir/{opt,llama,t5}`: each a pretrained tiny LM + tokenizer; existing folders are reused."""
     out_dir = Path(out_dir)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True, help="MDS train split (synthetic dataset)")
     p.add_argument("--out", required=True, help="assets folder; writes opt/, llama/, t5/")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=300)
     args = p.parse_args(argv)
     print(build_demo_llms(args.train, args.out, steps=args.steps))
     return 0

@@ -6,13 +6,15 @@ parameters it applies); a trained module costs forward + backward = 3x forward (
 backward computes input and weight gradients). A frozen module that gradients flow *through* (the
 LLM of stage 2 / InstructBLIP) costs forward + input gradient = 2x forward (4N per token).
 Attention is counted explicitly: Q K^T and P V are 2 * Tq * Tk * D FLOPs each per layer and sample,
-over the full (padded, masked) rectangle, since the kernels compute it all.
+over the full (padded, masked) rectangle, since the kernels compute it all; its backward is 2x its
+forward wherever a gradient passes (it has no weights, so the frozen LLM's attention costs 3x too).
 
 Tokens (for tokens/s) are the positions a sample feeds the model: image patch tokens (+ CLS) plus
 the non-padding text tokens. Everything here is arithmetic on shapes and configs: no device sync.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -97,34 +99,36 @@ class LLMShape:
     """Linear weights applied to each encoder token (decoder-only: to each token, LM head included)."""
     decoder_matmul_params: int
     """Encoder-decoder: Linear weights applied to each decoder token (LM head included)."""
+    cross_kv_params: int
+    """Encoder-decoder: the decoder's cross-attention key/value weights (they run on encoder tokens)."""
     width: int
     encoder_layers: int
     decoder_layers: int
 
 
-def llm_shape(llm: nn.Module) -> LLMShape:
-    """Count the Linear weights of `llm` by side (`encoder.` / `decoder.` / the rest = both).
+_CROSS_KV = re.compile(r"(EncDecAttention\.[kv]|encoder_attn\.[kv]_proj)$")
+"""Decoder Linears that project the encoder output (T5, BART naming)."""
 
-    ZeRO-3 partitions hold 0 local elements; their full size is `ds_numel`. For an encoder-decoder the
-    decoder's cross-attention key/value projections really run on encoder tokens: counted on decoder
-    tokens here, a small approximation for captions and answers.
-    """
-    enc = dec = 0
+
+def llm_shape(llm: nn.Module) -> LLMShape:
+    """Count the Linear weights of `llm` by the tokens they run on: encoder, decoder, or (decoder-only)
+    every token. ZeRO-3 partitions hold 0 local elements; their full size is `ds_numel`."""
+    enc = dec = cross = 0
     for name, module in llm.named_modules():
         if isinstance(module, nn.Linear):
             n = getattr(module.weight, "ds_numel", module.weight.numel())
             if ".encoder." in f".{name}.":
                 enc += n
+            elif _CROSS_KV.search(name):
+                cross += n
             else:
                 dec += n
-    c = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
-    width = getattr(c, "hidden_size", None) or getattr(c, "d_model")
-    ed = bool(getattr(llm.config, "is_encoder_decoder", False))
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "num_layers")
-    dec_layers = getattr(c, "num_decoder_layers", None) or layers
-    if not ed:
-        return LLMShape(False, enc + dec, 0, width, layers, 0)
-    return LLMShape(True, enc, dec, width, layers, dec_layers)
+    c = llm.config.get_text_config()
+    width = getattr(c, "hidden_size", None) or c.d_model
+    layers = getattr(c, "num_hidden_layers", None) or c.num_layers
+    if not llm.config.is_encoder_decoder:
+        return LLMShape(False, enc + dec + cross, 0, 0, width, layers, 0)
+    return LLMShape(True, enc, dec, cross, width, layers, getattr(c, "num_decoder_layers", None) or layers)
 
 
 def llm_stage_flops(cfg: ModelConfig, llm: LLMShape, batch: int, llm_len: int, decoder_len: int = 0,
@@ -140,12 +144,15 @@ def llm_stage_flops(cfg: ModelConfig, llm: LLMShape, batch: int, llm_len: int, d
     qf = qformer_forward_flops(q, v.width, batch, nq, instruction_len, vision_tokens(v))
     parts["qformer"] = TRAINED * (qf + 2.0 * batch * nq * q.hidden_size * llm.width)  # + llm_proj
     enc_t = nq + llm_len  # soft prompt + text
-    f = 2.0 * enc_t * llm.encoder_matmul_params + llm.encoder_layers * _attention(enc_t, enc_t, llm.width)
+    matmul = 2.0 * enc_t * llm.encoder_matmul_params
+    attn = llm.encoder_layers * _attention(enc_t, enc_t, llm.width)
     if llm.encoder_decoder:
-        f += 2.0 * decoder_len * llm.decoder_matmul_params
-        f += llm.decoder_layers * (_attention(decoder_len, decoder_len, llm.width)
-                                   + _attention(decoder_len, enc_t, llm.width))
-    parts["llm"] = batch * f * FROZEN_BACKPROP  # frozen, but the gradient flows back to the soft prompt
+        matmul += 2.0 * (decoder_len * llm.decoder_matmul_params + enc_t * llm.cross_kv_params)
+        attn += llm.decoder_layers * (_attention(decoder_len, decoder_len, llm.width)
+                                      + _attention(decoder_len, enc_t, llm.width))
+    # Frozen, but the gradient flows back to the soft prompt: matmuls 2x (no weight gradient),
+    # attention 3x (its backward needs dQ, dK, dV and dP whatever is trained).
+    parts["llm"] = batch * (matmul * FROZEN_BACKPROP + attn * TRAINED)
     return parts
 
 
@@ -161,7 +168,11 @@ def batch_tokens(batch: Mapping[str, torch.Tensor], n_image_tokens: int, decoder
     return batch["pixel_values"].shape[0] * n_image_tokens + text
 
 
-def build_flops_counter(cfg: ModelConfig, model: nn.Module) -> Callable[[Mapping[str, torch.Tensor]], tuple[int, float]]:
+WorkCounter = Callable[[Mapping[str, torch.Tensor]], tuple[int, float]]
+"""micro-batch -> (input tokens, model FLOPs of its forward + backward)."""
+
+
+def build_flops_counter(cfg: ModelConfig, model: nn.Module) -> WorkCounter:
     """A function micro-batch -> (tokens, model FLOPs) for this model; call it on the host-side batch
     (before it moves to the device) so that counting tokens never waits for the device."""
     n_img = vision_tokens(cfg.vision)
@@ -176,7 +187,8 @@ def build_flops_counter(cfg: ModelConfig, model: nn.Module) -> Callable[[Mapping
         b, t = batch["llm_input_ids"].shape
         dec = batch["llm_labels"].shape[1] if shape.encoder_decoder else 0
         inst = batch["qformer_input_ids"].shape[1] if "qformer_input_ids" in batch else 0
-        return batch_tokens(batch, n_img, shape.encoder_decoder), sum(llm_stage_flops(cfg, shape, b, t, dec, inst).values())
+        flops = sum(llm_stage_flops(cfg, shape, b, t, dec, inst).values())
+        return batch_tokens(batch, n_img, shape.encoder_decoder), flops
     return count_llm
 
 

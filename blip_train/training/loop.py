@@ -7,21 +7,20 @@ step, saves), so ZeRO-3 and gloo/NCCL never wait on a rank that took another bra
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
 from blip_train.config import ConfigError, ExperimentConfig, save_resolved_config
 from blip_train.dist.env import discover_environment, export_environment
 from blip_train.dist.preemption import PreemptionHandler
-from blip_train.dist.process_group import init_distributed, print0
+from blip_train.dist.process_group import all_reduce_max_bool, init_distributed, print0
 from blip_train.dist.world import build_world_info
 from blip_train.training.checkpoint import (TrainState, convert_to_universal, find_resume_tag, load_checkpoint,
                                             read_meta, save_checkpoint)
 from blip_train.training.engine import build_engine
+from blip_train.training.flops import build_flops_counter
 from blip_train.training.metrics import MetricLogger
 from blip_train.training.seeding import seed_everything
 from blip_train.training.stages import build_stage, describe_parameters
@@ -32,12 +31,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _any_rank(flag: bool) -> bool:
-    """True on every rank if it is True on any rank (a vote all ranks take part in)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    """True on every rank if it is True on any rank (a vote all ranks take part in; on the device NCCL needs)."""
+    return all_reduce_max_bool(flag)
 
 
 def _forever(loader) -> Iterator[dict]:
@@ -59,11 +54,15 @@ def train_step(engine, batches: Iterator[dict], cfg: ExperimentConfig, state: Tr
                logger: MetricLogger) -> None:
     """One optimizer step over grad_accum_steps micro-batches; a non-finite micro-batch is skipped on all ranks."""
     done, bad_in_row = 0, 0
+    timer = logger.timer  # phase laps; no device sync here (see StepTimer)
     while done < cfg.train.grad_accum_steps:
-        t0 = time.perf_counter()
-        batch = _to_device(next(batches), engine.device)
-        logger.add_data_wait(time.perf_counter() - t0)
+        timer.start()
+        host_batch = next(batches)
+        logger.add_work(host_batch)  # tokens and FLOPs from the host-side batch: no device sync
+        batch = _to_device(host_batch, engine.device)
+        timer.lap("data")
         losses = engine(batch)
+        timer.lap("forward")
         if _any_rank(not math.isfinite(float(losses["loss"].detach()))):
             bad_in_row += 1
             state.bad_steps_total += 1
@@ -75,7 +74,9 @@ def train_step(engine, batches: Iterator[dict], cfg: ExperimentConfig, state: Tr
             continue
         bad_in_row = 0
         engine.backward(losses["loss"])
+        timer.lap("backward")
         engine.step()  # applies the optimizer only at the accumulation boundary
+        timer.lap("step")
         logger.add_losses(losses)
         done += 1
     state.step += 1
@@ -133,7 +134,8 @@ def train(cfg: ExperimentConfig) -> dict:
             loader.load_state_dict(data_state)
         print0(f"resumed from {ckpt_dir / tag} at step {state.step}")
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
-    logger = MetricLogger(out, env.rank == 0, cfg.run.tensorboard, samples_per_step)
+    logger = MetricLogger(out, env.rank == 0, cfg.run.tensorboard, samples_per_step,
+                          count_work=build_flops_counter(cfg.model, stage.model), device=engine.device)
     meta = {"arch": cfg.model.arch, "frozen_sources": stage.frozen_sources, "global_batch": samples_per_step}
     history: list[dict] = []
     batches = _forever(loader)

@@ -1,27 +1,91 @@
 """Console + TensorBoard logging of flat, namespaced scalars (`train/loss_itc`, `perf/samples_per_s`).
 
-Loss terms are accumulated locally every step and reduced across ranks only on logging steps, so the
-hot path has no extra collectives.
+Loss terms, step-phase times and work (tokens, FLOPs) are accumulated locally every step and reduced
+across ranks only on logging steps, so the hot path has no extra collectives and no device syncs.
 """
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
+from blip_train.dist.process_group import collective_device
+from blip_train.training.flops import peak_flops
+
+PHASES = ("data", "forward", "backward", "step")
+"""Step-time breakdown: waiting for the batch (and its host→device copy), engine(batch),
+engine.backward, engine.step."""
+
+
+class StepTimer:
+    """Time spent per phase, laps marked by the loop: `start()`, then `lap(phase)` after each phase.
+
+    On CUDA the laps are CUDA events on the current stream, so a lap measures when the device got
+    through the phase's work, not when the host finished enqueuing it; nothing waits until `totals()`
+    (a logging step) synchronizes once. On CPU the clock is `time.perf_counter`.
+    """
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self._marks: list[tuple[str, object]] = []  # (phase ending at this mark, event or time)
+        self._host: dict[str, float] = defaultdict(float)
+        self._last: float = 0.0
+
+    def _now(self) -> object:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._marks.append(("", self._now()))
+
+    def lap(self, phase: str) -> None:
+        self._marks.append((phase, self._now()))
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase since the last call (a mark without a preceding one opens a new span)."""
+        if self.cuda and self._marks:
+            self._marks[-1][1].synchronize()  # type: ignore[union-attr]
+        out = {p: 0.0 for p in PHASES}
+        for (_, a), (phase, b) in zip(self._marks, self._marks[1:]):
+            if phase:  # "" marks a start: the gap before it belongs to no phase
+                out[phase] += (a.elapsed_time(b) / 1e3) if self.cuda else (b - a)  # type: ignore[union-attr,operator]
+        self._marks.clear()
+        return out
+
+
+def host_peak_rss_gib() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
 
 class MetricLogger:
-    def __init__(self, output_dir: Path, is_main: bool, tensorboard: bool, samples_per_step: int):
+    def __init__(self, output_dir: Path, is_main: bool, tensorboard: bool, samples_per_step: int, *,
+                 count_work: Optional[Callable[[Mapping[str, torch.Tensor]], tuple[int, float]]] = None,
+                 device: torch.device = torch.device("cpu")):
+        """samples_per_step: global samples per optimizer step; count_work: micro-batch -> (tokens,
+        FLOPs) from `flops.build_flops_counter` (None: no tokens/s or MFU); device: the training device."""
         self.is_main = is_main
         self.samples_per_step = samples_per_step
+        self.count_work = count_work
+        self.device = torch.device(device)
+        self.timer = StepTimer(self.device.type == "cuda")
+        self.peak_flops = peak_flops(self.device)
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
+        self._tokens = 0.0
+        self._flops = 0.0
         self._t_last = time.perf_counter()
-        self._data_wait = 0.0
         self.writer = None
         self.history_path = output_dir / "metrics.jsonl"
         if is_main and tensorboard:
@@ -33,46 +97,83 @@ class MetricLogger:
             self._sums[k] += float(v.detach().float())
         self._count += 1
 
-    def add_data_wait(self, seconds: float) -> None:
-        self._data_wait += seconds
+    def add_work(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Count the tokens and model FLOPs of a (host-side) micro-batch."""
+        if self.count_work is not None:
+            tokens, flops = self.count_work(batch)
+            self._tokens += tokens
+            self._flops += flops
 
     def reset_clock(self) -> None:
         self._t_last = time.perf_counter()
+        self.timer.totals()  # drop laps from before the loop
+
+    def _peak_memory_per_rank(self) -> list[float]:
+        """Peak memory (GiB) of every rank: device memory on CUDA, else host RSS. Collective."""
+        if self.device.type == "cuda":
+            mine = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            mine = host_peak_rss_gib()
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return [mine]
+        buf = [torch.zeros(1, dtype=torch.float64, device=collective_device()) for _ in range(dist.get_world_size())]
+        dist.all_gather(buf, torch.tensor([mine], dtype=torch.float64, device=collective_device()))
+        return [float(t) for t in buf]
 
     def log(self, step: int, lr: float, extra: dict[str, float] | None = None) -> dict[str, float]:
         """Reduce the accumulated means across ranks and write them (rank 0). Collective: call on all ranks."""
-        keys = sorted(self._sums)
-        vals = torch.tensor([self._sums[k] / max(1, self._count) for k in keys] + [self._data_wait], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(vals)
-            vals /= dist.get_world_size()
+        phases = self.timer.totals()  # synchronizes the device once (CUDA)
         now = time.perf_counter()
         elapsed = max(now - self._t_last, 1e-9)
         steps = max(1, self._count)
-        scalars = {f"train/{k}": float(v) for k, v in zip(keys, vals[:-1])}
+        achieved = self._flops / elapsed  # this rank's model FLOP/s
+        keys = sorted(self._sums)
+        local = ([self._sums[k] / steps for k in keys] + [phases[p] for p in PHASES]
+                 + [self._tokens / elapsed, achieved, achieved / self.peak_flops if self.peak_flops else 0.0])
+        vals = torch.tensor(local, dtype=torch.float64, device=collective_device())
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            dist.all_reduce(vals)
+            vals /= world  # means over ranks (tokens/s is scaled back to a sum below)
+        vals = vals.cpu().tolist()
+        n = len(keys)
+        scalars = {f"train/{k}": v for k, v in zip(keys, vals[:n])}
         scalars["train/lr"] = lr
         scalars["perf/step_time_s"] = elapsed / steps
         scalars["perf/samples_per_s"] = self.samples_per_step * steps / elapsed
-        scalars["perf/data_wait_frac"] = float(vals[-1]) / elapsed
-        if torch.cuda.is_available():
-            scalars["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        scalars["perf/samples_per_s_per_rank"] = scalars["perf/samples_per_s"] / world
+        for p, v in zip(PHASES, vals[n:n + len(PHASES)]):
+            scalars[f"perf/time_{p}_s"] = v / steps
+        scalars["perf/data_wait_frac"] = vals[n] / elapsed
+        tokens_s, flops_s, mfu = vals[n + len(PHASES):]
+        if self.count_work is not None:
+            scalars["perf/tokens_per_s"] = tokens_s * world
+            scalars["perf/tflops_per_rank"] = flops_s / 1e12
+            if self.peak_flops:
+                scalars["perf/mfu"] = mfu
+        peaks = self._peak_memory_per_rank()
+        scalars["perf/peak_mem_gib"] = max(peaks)  # device memory on CUDA, host RSS on CPU
+        scalars.update({f"mem/peak_gib_rank{r}": v for r, v in enumerate(peaks)})
         scalars.update(extra or {})
         if self.is_main:
-            loss_txt = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in scalars.items() if k.startswith("train/loss"))
-            print(f"step {step:>7d} | {loss_txt} | lr {lr:.3e} | {scalars['perf/samples_per_s']:.1f} samples/s | "
-                  f"{scalars['perf/step_time_s'] * 1000:.0f} ms/step | data wait {scalars['perf/data_wait_frac']:.0%}",
-                  flush=True)
-            if self.writer is not None:
-                for k, v in scalars.items():
-                    self.writer.add_scalar(k, v, step)
-                self.writer.flush()
-            with open(self.history_path, "a") as f:
-                f.write(json.dumps({"step": step, **scalars}) + "\n")
+            self._print(step, lr, scalars)
+            self.log_scalars(step, scalars)
         self._sums.clear()
         self._count = 0
-        self._data_wait = 0.0
+        self._tokens = self._flops = 0.0
         self._t_last = now
         return scalars
+
+    def _print(self, step: int, lr: float, s: dict[str, float]) -> None:
+        loss_txt = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in s.items() if k.startswith("train/loss"))
+        split = "/".join(f"{s[f'perf/time_{p}_s'] * 1000:.0f}" for p in PHASES)
+        work = ""
+        if "perf/tokens_per_s" in s:
+            work = f" | {s['perf/tokens_per_s']:.0f} tok/s | {s['perf/tflops_per_rank']:.3g} TFLOP/s/rank"
+            work += f" | MFU {s['perf/mfu']:.1%}" if "perf/mfu" in s else ""
+        print(f"step {step:>7d} | {loss_txt} | lr {lr:.3e} | {s['perf/samples_per_s']:.1f} samples/s | "
+              f"{s['perf/step_time_s'] * 1000:.0f} ms/step (data/fwd/bwd/step {split}){work} | "
+              f"peak mem {s['perf/peak_mem_gib']:.2f} GiB", flush=True)
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if self.is_main:

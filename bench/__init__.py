@@ -1,0 +1,1 @@
+"""Side-by-side performance harness: blip-train vs the transformers reference (run `make bench`)."""

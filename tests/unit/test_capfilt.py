@@ -1,0 +1,209 @@
+"""CapFilt on a tiny random stage-1 model: selection rules, report, output schema, determinism, resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip_train.capfilt import (EXTRA_COLUMNS, REPORT_FILE, Candidate, CapFiltSettings, CapFiltStats, Histogram,
+                                build_report, decode_captions, format_report, output_row, process_chunk,
+                                run_capfilt, select_captions)
+from blip_train.capfilt import runner
+from blip_train.data.schema import COLUMNS, SCHEMA_FILE, verify_split, write_split
+from blip_train.data.synthetic import write_synthetic_dataset
+from blip_train.data.tokenizers import load_qformer_tokenizer
+from blip_train.models.stage1 import Blip2Stage1
+from tests.helpers.tiny import tiny_model_config, tiny_qformer_config
+
+MAX_TXT_LEN = 16
+
+
+def read_rows(split: Path) -> list[dict]:
+    from streaming import LocalDataset
+    ds = LocalDataset(str(split))
+    return [dict(ds[i]) for i in range(len(ds))]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_assets):
+    tokenizer = load_qformer_tokenizer(tiny_assets / "qformer_tokenizer")
+    cfg = tiny_model_config(max_txt_len=MAX_TXT_LEN, qformer=tiny_qformer_config(vocab_size=256))
+    torch.manual_seed(0)
+    return Blip2Stage1(cfg, device_type="cpu").eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def noisy_split(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("capfilt_data")
+    write_synthetic_dataset(root, num_samples=20, seed=3, noise_fraction=0.3, val_fraction=0.0, image_size=32)
+    return root / "train"
+
+
+def settings(**kw) -> CapFiltSettings:
+    base = dict(image_size=32, max_txt_len=MAX_TXT_LEN, num_captions=3, keep_top=2, itm_threshold=0.5,
+                max_len=6, chunk_size=6, batch_size=4)
+    return CapFiltSettings(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------ pure pieces
+
+def test_select_keeps_passing_web_and_top_itc_synthetic_that_pass_itm() -> None:
+    web = Candidate("web", "web", itm=0.7, itc=0.1)
+    syn = [Candidate("a", "synthetic", itm=0.9, itc=0.2), Candidate("b", "synthetic", itm=0.2, itc=0.9),
+           Candidate("c", "synthetic", itm=0.8, itc=0.5), Candidate("d", "synthetic", itm=0.9, itc=0.5)]
+    kept, top = select_captions(web, syn, keep_top=2, itm_threshold=0.5)
+    assert [c.text for c in top] == ["b", "c"]  # by ITC; c before d on a tie (sampling order)
+    assert [c.text for c in kept] == ["web", "c"]  # b fails ITM: not replaced by the next one
+    kept, _ = select_captions(Candidate("w", "web", itm=0.4, itc=0.9), syn, keep_top=0, itm_threshold=0.5)
+    assert kept == []
+    kept, _ = select_captions(web, syn, keep_top=3, itm_threshold=0.5, itc_threshold=0.3)
+    assert [c.text for c in kept] == ["c", "d"]  # the web caption fails the ITC filter
+
+
+def test_settings_refuse_bad_values() -> None:
+    for bad in (dict(itm_threshold=1.5), dict(top_p=0.0), dict(sampling="beam"), dict(num_captions=-1),
+                dict(itc_threshold=2.0), dict(max_len=1), dict(chunk_size=0)):
+        with pytest.raises(ValueError, match="capfilt:"):
+            settings(**bad)
+
+
+def test_histogram_bins_merge_and_report() -> None:
+    h = Histogram(0.0, 1.0, 10)
+    h.add([0.0, 0.3, 0.95, 1.0, 1.7, -0.2, float("nan")])
+    assert h.counts == [2, 0, 0, 1, 0, 0, 0, 0, 0, 3]  # ends clamp, NaN skipped
+    stats, other = CapFiltStats(), CapFiltStats()
+    stats.counts.update(images=10, web_kept=6, web_dropped=4, noisy_web=4, noisy_web_dropped=3, clean_web=6,
+                        clean_web_kept=5, synthetic_kept=7, rows=13)
+    other.histograms["itm_web_clean"].add([0.55])
+    stats.merge_(CapFiltStats.from_json(json.loads(json.dumps(other.to_json()))))
+    report = build_report(stats, {"settings": {}})
+    assert report["noise"]["noisy_drop_rate"] == 0.75 and report["noise"]["clean_keep_rate"] == 0.8333
+    assert report["web"] == {"kept": 6, "dropped": 4, "no_caption": 0, "kept_rate": 0.6}
+    assert report["histograms"]["itm_web_clean"]["counts"][5] == 1
+    text = format_report(report)
+    assert "noisy web dropped           3/4 (75.0%)" in text and "clean web kept              5/6 (83.3%)" in text
+    assert "noise" not in build_report(CapFiltStats(), {})  # no noisy flags in the input: no rates
+
+
+def test_decode_captions_cuts_at_sep(model_and_tokenizer) -> None:
+    _, tok = model_and_tokenizer
+    words = tok("a red circle", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[tok.bos_token_id, *words, tok.sep_token_id, tok.pad_token_id],
+                        [tok.bos_token_id, *words, words[0], words[0]]])
+    assert decode_captions(tok, ids) == ["a red circle", "a red circle a a"]
+
+
+def test_output_row_provenance() -> None:
+    row = {"image": b"x", "caption": "web text", "answer": "web text", "answers": ["web text"], "task": "caption",
+           "noisy": 1, "source": "laion", "question": "q?", "image_id": 4}
+    out = output_row(row, 17, Candidate("new text", "synthetic", itm=0.75, itc=0.25))
+    assert out["caption"] == out["answer"] == "new text" and out["answers"] == ["new text"]
+    assert (out["source"], out["noisy"], out["orig_index"], out["itm_score"]) == ("synthetic", 0, 17, 0.75)
+    web = output_row(dict(row, task="vqa", answer="yes"), 3, Candidate("web text", "web", 0.9, 0.4))
+    assert (web["answer"], web["noisy"], web["source"]) == ("yes", 1, "web")
+
+
+def test_itm_probability_and_seeded_sampling(model_and_tokenizer) -> None:
+    model, tok = model_and_tokenizer
+    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    embeds, _ = model.encode_image(px)
+    t = tok(["a red circle", "a blue square"], padding="max_length", max_length=MAX_TXT_LEN, return_tensors="pt")
+    probs = model.itm_scores(embeds, t["input_ids"], t["attention_mask"], probability=True)
+    logits = model._itm_logits(embeds, t["input_ids"], t["attention_mask"]).float()
+    torch.testing.assert_close(probs, logits.softmax(-1)[:, 1])
+
+    def sample(seed: int) -> torch.Tensor:
+        return model.generate_captions(px, tok.bos_token_id, tok.sep_token_id, tok.pad_token_id, max_len=6,
+                                       top_p=0.9, num_captions=3, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(123)
+    a = sample(5)
+    torch.manual_seed(456)  # the global RNG no longer matters
+    assert torch.equal(a, sample(5)) and not torch.equal(a, sample(6))
+
+
+# ------------------------------------------------------------------------------------ chunks and runs
+
+def test_process_chunk_is_deterministic_and_counts_add_up(model_and_tokenizer, noisy_split) -> None:
+    from streaming import LocalDataset
+    model, tok = model_and_tokenizer
+    ds = LocalDataset(str(noisy_split))
+    samples = [(i, dict(ds[i])) for i in range(7)]
+    s = settings(itm_threshold=0.0)  # everything passes: counts are exact
+    rows, stats = process_chunk(model, tok, samples, s, torch.Generator().manual_seed(1))
+    again, _ = process_chunk(model, tok, samples, s, torch.Generator().manual_seed(1))
+    assert rows == again
+    c = stats.counts
+    assert c["images"] == 7 and c["web_kept"] == 7 and c["web_dropped"] == 0
+    assert c["synthetic_generated"] == 21
+    assert c["synthetic_kept"] == c["synthetic_candidates"] <= 14
+    assert c["rows"] == len(rows) == 7 + c["synthetic_kept"]
+    assert [r["orig_index"] for r in rows] == sorted(r["orig_index"] for r in rows)
+    assert {r["source"] for r in rows} == {"web", "synthetic"}
+
+
+def test_run_writes_schema_split_with_provenance_and_report(model_and_tokenizer, noisy_split, tmp_path) -> None:
+    model, tok = model_and_tokenizer
+    out = tmp_path / "out"
+    report = run_capfilt(model, tok, noisy_split, out, settings(itm_threshold=0.45), identity={"checkpoint": "x"})
+    rows = read_rows(out)
+    assert verify_split(out) == len(rows) == report["rows_written"]
+    assert json.loads((out / SCHEMA_FILE).read_text())["extra_columns"] == EXTRA_COLUMNS
+    assert set(rows[0]) == set(COLUMNS) | set(EXTRA_COLUMNS)
+    assert not (out / runner.PARTS_DIR).exists()
+    assert json.loads((out / REPORT_FILE).read_text()) == report
+    assert report["images_seen"] == 20 and report["settings"]["checkpoint"] == "x"
+    noise = report["noise"]
+    assert noise["noisy_web"] + noise["clean_web"] == 20 and noise["noisy_web"] == 6
+    web = [r for r in rows if r["source"] == "web"]
+    assert len(web) == report["web"]["kept"] and all(r["itm_score"] >= 0.45 for r in rows)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_capfilt(model, tok, noisy_split, out, settings(itm_threshold=0.45), identity={"checkpoint": "x"})
+
+
+def test_crash_then_rerun_skips_finished_chunks_and_matches_one_run(model_and_tokenizer, noisy_split, tmp_path,
+                                                                    monkeypatch) -> None:
+    model, tok = model_and_tokenizer
+    s = settings(itm_threshold=0.45)
+    reference = run_capfilt(model, tok, noisy_split, tmp_path / "ref", s)
+    out = tmp_path / "out"
+    calls: list[int] = []
+    real = runner.process_chunk
+
+    def crash_on_third(m, t, samples, st, generator):
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        calls.append(samples[0][0])
+        return real(m, t, samples, st, generator)
+
+    monkeypatch.setattr(runner, "process_chunk", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_capfilt(model, tok, noisy_split, out, s)
+    assert sorted(p.name for p in (out / runner.PARTS_DIR).glob("chunk_*.json")) == ["chunk_000000.json",
+                                                                                   "chunk_000001.json"]
+    # Another run with other settings must not mix into this one.
+    with pytest.raises(ValueError, match="other settings"):
+        run_capfilt(model, tok, noisy_split, out, settings(itm_threshold=0.3))
+
+    calls.clear()
+    monkeypatch.setattr(runner, "process_chunk", lambda *a: (calls.append(a[2][0][0]), real(*a))[1])
+    assert run_capfilt(model, tok, noisy_split, out, s, max_chunks=1) is None  # time-boxed: one chunk, no merge
+    report = run_capfilt(model, tok, noisy_split, out, s)
+    assert calls == [12, 18]  # chunks 0 and 1 (indices 0-11) were not recomputed
+    assert report == reference
+    assert read_rows(out) == read_rows(tmp_path / "ref")
+
+
+def test_write_split_extra_columns(tmp_path) -> None:
+    from blip_train.data.images import encode_jpeg
+    from PIL import Image
+    img = encode_jpeg(Image.new("RGB", (8, 8)))
+    write_split(tmp_path / "s", [{"image": img, "caption": "c", "orig_index": 3, "itm_score": 0.5, "itc_score": 0.1}],
+                extra_columns=EXTRA_COLUMNS)
+    assert verify_split(tmp_path / "s") == 1
+    assert read_rows(tmp_path / "s")[0]["orig_index"] == 3
+    with pytest.raises(ValueError, match="lacks extra columns"):
+        write_split(tmp_path / "t", [{"image": img}], extra_columns=EXTRA_COLUMNS)
+    with pytest.raises(ValueError, match="redefine"):
+        write_split(tmp_path / "u", [], extra_columns={"caption": "str"})

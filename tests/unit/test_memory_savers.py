@@ -1,0 +1,190 @@
+"""Memory savers, each a config switch: activation checkpointing (ViT, Q-Former), ZeRO-3 offload of
+frozen weights, frozen towers in 16-bit and run under no_grad, fused AdamW (CUDA only).
+
+Checkpointing must change memory, not math: same loss and same gradients as without it, on a plain
+module and under a 1-rank in-process ZeRO-3 engine where every parameter (frozen ones included) is
+partitioned and must be gathered again for the recomputation.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from blip_train.config import ConfigError, load_config
+from blip_train.models.stage1 import Blip2Stage1, frozen_vision_dtype
+from blip_train.models.world import WorldInfo
+from blip_train.training.engine import build_engine, build_optimizer
+from blip_train.training.stages import build_stage
+from tests.helpers.tiny import tiny_model_config
+from tests.helpers.tiny_run import write_tiny_config
+
+B = 3
+
+
+def _batch(cfg, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    t, v = cfg.max_txt_len, cfg.qformer.vocab_size
+    ids = torch.randint(5, v - 1, (B, t), generator=g)
+    mask = torch.ones(B, t, dtype=torch.long)
+    mask[1, t // 2:] = 0
+    itg = ids.clone()
+    itg[:, 0] = v - 1
+    size = cfg.vision.image_size
+    return {"pixel_values": torch.randn(B, 3, size, size, generator=g), "text_ids": ids, "text_mask": mask,
+            "itg_input_ids": itg, "itg_labels": itg.masked_fill(mask == 0, -100), "image_ids": torch.arange(B)}
+
+
+def _loss_and_grads(cfg, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Loss, gradients and the number of Q-Former layer-0 forward calls (recomputation shows as extra)."""
+    torch.manual_seed(0)
+    model = Blip2Stage1(cfg, device_type="cpu").train()
+    calls = []
+    # a pre-hook: the recomputation stops early, once it has what backward needs
+    model.qformer.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    torch.manual_seed(1)  # the ITM negatives
+    loss = model(batch)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+
+@pytest.mark.parametrize("vision_frozen", [True, False])
+def test_activation_checkpointing_same_loss_and_gradients(vision_frozen):
+    base = tiny_model_config()  # fp32 towers, dropout 0
+    base = replace(base, vision=replace(base.vision, frozen=vision_frozen))
+    saver = replace(base, vision=replace(base.vision, grad_checkpointing=True),
+                    qformer=replace(base.qformer, grad_checkpointing=True))
+    batch = _batch(base)
+    loss_a, grads_a, calls_a = _loss_and_grads(base, batch)
+    loss_b, grads_b, calls_b = _loss_and_grads(saver, batch)
+    assert calls_b > calls_a  # the layers really ran again in backward
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    assert any(k.startswith("visual_encoder.") for k in grads_a) != vision_frozen
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------ under a 1-rank ZeRO-3 engine
+
+def _zero3_fp32_template(tmp_path) -> str:
+    """ZeRO-3 without mixed precision (the shipped templates enable bf16): exact comparisons."""
+    path = tmp_path / "zero3_fp32.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    return str(path)
+
+
+def _engine(tiny_assets, tmp_path, name: str, sets: tuple[str, ...] = (), **sections):
+    """In-process 1-rank engine for the tiny stage-1 experiment; `sets` are --set overrides."""
+    import deepspeed
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+    cfg = load_config(str(write_tiny_config(tiny_assets, tmp_path / name, **sections)), list(sets))
+    stage = build_stage(cfg, WorldInfo(), on_cuda=False)
+    engine, _, _, ds_config = build_engine(stage.model, cfg, 1, on_cuda=False)
+    return engine, stage, ds_config
+
+
+def _zero3_grads(engine, batch) -> tuple[float, dict[str, torch.Tensor], int]:
+    """Loss, full (gathered) gradients, and Q-Former layer-0 calls of one forward + backward."""
+    from deepspeed.utils import safe_get_full_grad
+
+    calls = []
+    hook = engine.module.qformer.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    torch.manual_seed(1)
+    loss = engine(batch)["loss"]
+    engine.backward(loss)
+    hook.remove()
+    grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+    return float(loss.detach()), grads, len(calls)
+
+
+@pytest.mark.parametrize("vision_frozen", [True, False])
+def test_activation_checkpointing_under_zero3(tiny_assets, tmp_path, vision_frozen):
+    common = dict(deepspeed={"config": _zero3_fp32_template(tmp_path), "precision": "fp32",
+                             "param_persistence_threshold": 0},
+                  optim={"warmup_steps": 0})
+    sets = (f"model.vision.frozen={str(vision_frozen).lower()}", "model.vision.precision=fp32",
+            "model.qformer.dropout=0.0")
+    ckpt = ("model.vision.grad_checkpointing=true", "model.qformer.grad_checkpointing=true")
+    plain, stage, _ = _engine(tiny_assets, tmp_path, "plain", sets, **common)
+    batch = next(iter(stage.build_train_loader()))
+    saver, _, _ = _engine(tiny_assets, tmp_path, "ckpt", sets + ckpt, **common)
+    assert saver.module.qformer.grad_checkpointing and saver.module.visual_encoder.grad_checkpointing
+    frozen = [p for p in saver.module.parameters() if not p.requires_grad]
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in saver.module.parameters())  # all partitioned
+    assert bool(frozen) == vision_frozen
+    loss_a, grads_a, calls_a = _zero3_grads(plain, batch)
+    loss_b, grads_b, calls_b = _zero3_grads(saver, batch)
+    assert calls_b > calls_a  # recomputed in backward, with the partitioned weights gathered again
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+    saver.step()  # the optimizer step after a checkpointed backward works too
+
+
+# ------------------------------------------------------------------ offload, 16-bit frozen, fused
+
+def test_offload_frozen_sets_offload_param_and_trains(tiny_assets, tmp_path):
+    from blip_train.dist.zero import gathered
+
+    engine, stage, ds = _engine(tiny_assets, tmp_path, "offload", deepspeed={"offload_frozen": True},
+                                optim={"warmup_steps": 0})
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
+    assert ds["zero_force_ds_cpu_optimizer"] is False
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    with gathered(trainable):
+        before = [p.detach().clone() for p in trainable]
+    loss = engine(next(iter(stage.build_train_loader())))["loss"]
+    engine.backward(loss)
+    engine.step()
+    with gathered(trainable):
+        after = [p.detach().clone() for p in trainable]
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_offload_is_a_zero3_setting():
+    with pytest.raises(ConfigError, match="deepspeed.offload_frozen: needs deepspeed.zero_stage=3"):
+        load_config(None, ["deepspeed.offload_frozen=true", "deepspeed.config=zero2", "deepspeed.zero_stage=2"])
+
+
+def test_frozen_vit_is_16_bit_and_runs_without_autograd(tiny_assets, tmp_path):
+    # fp32 trainable part: DeepSpeed casts nothing, so the tower's dtype is the one the builder chose
+    engine, stage, _ = _engine(tiny_assets, tmp_path, "frozen16",
+                               deepspeed={"config": _zero3_fp32_template(tmp_path), "precision": "fp32"})
+    vit = engine.module.visual_encoder
+    assert all(p.dtype in (torch.bfloat16, torch.float16) and not p.requires_grad for p in vit.parameters())
+    assert all(p.dtype == torch.float32 for p in engine.module.qformer.parameters())
+    grad_mode = []
+    vit.register_forward_hook(lambda *_: grad_mode.append(torch.is_grad_enabled()))
+    engine.backward(engine(next(iter(stage.build_train_loader())))["loss"])
+    assert grad_mode == [False]  # no activations are kept for the frozen tower
+    assert all(p.grad is None for p in vit.parameters())
+    assert not vit.training  # a frozen tower stays in eval mode under engine.train()
+
+
+def test_frozen_vision_dtype_choice():
+    assert frozen_vision_dtype("fp16", "cuda") == torch.float16
+    assert frozen_vision_dtype("fp16", "cpu") == torch.bfloat16  # CPU fp16 kernels are incomplete
+    assert frozen_vision_dtype("bf16", "cuda") == torch.bfloat16
+    assert frozen_vision_dtype("fp32", "cuda") == torch.float32
+
+
+def test_fused_adamw_on_cpu_refused_with_a_clear_error():
+    model = Blip2Stage1(tiny_model_config(), device_type="cpu")
+    with pytest.raises(ConfigError, match=r"optim\.fused: 'on' needs a CUDA device"):
+        build_optimizer(model, load_config(None, ["optim.fused='on'"]), on_cuda=False)
+    auto = build_optimizer(model, load_config(None, ["optim.fused=auto"]), on_cuda=False)
+    assert not auto.defaults["fused"]  # auto: fused only on CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_adamw_on_cuda():
+    model = Blip2Stage1(tiny_model_config(), device_type="cuda").cuda()
+    opt = build_optimizer(model, load_config(None, ["optim.fused=auto"]), on_cuda=True)
+    assert opt.defaults["fused"] is True
