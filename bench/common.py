@@ -1,7 +1,7 @@
 """Timing, sizes and small helpers shared by the stage-1 and stage-2 benchmarks.
 
 Timings are taken side by side in one process: the functions under comparison alternate within
-every repetition (ABAB, then BABA), so load from other processes and clock drift hit both alike;
+every repetition (A B, then B A, ...), so load from other processes and clock drift hit both alike;
 what the table reports is the median of the repetitions.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Preset:
 
 
 def small_preset() -> Preset:
-    """CPU size: every step 0.1-1 s on one core, yet every dimension > 1 of what it stands for.
+    """CPU size: each compared step takes 0.1-1 s on one core, with every part of the real model present.
 
     ViT 112 px / patch 16 (50 tokens), width 256, 4 blocks; Q-Former width 256, 4 layers, 16 queries,
     BERT's vocabulary; OPT-like LLM width 384, 4 layers, vocab 8192. Dropout 0 on both sides so the

@@ -44,6 +44,7 @@ class Row:
     """Model FLOPs of one step (training/flops.py), the same count for both sides."""
     samples: int
     peak_gib: Optional[float] = None
+    """Device memory of one step of ours beyond the resident weights (CUDA)."""
     loss_diff: Optional[float] = None
     extra: dict = field(default_factory=dict)
 
@@ -89,13 +90,23 @@ def in_autocast(device: torch.device, fn: Callable[[], torch.Tensor]) -> Callabl
     return run
 
 
-def timed(device: torch.device, fns: dict, warmup: int, reps: int) -> tuple[dict, Optional[float]]:
-    """time_side_by_side plus the peak device memory (GiB) over the timed calls (CUDA only)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def step_memory_gib(device: torch.device, fn: Callable[[], object]) -> Optional[float]:
+    """Device memory one call needs on top of what is resident (weights, both models): its
+    activations, gradients and workspace, in GiB (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    resident = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - resident) / 2**30
+
+
+def timed(device: torch.device, fns: dict, warmup: int, reps: int) -> tuple[dict, dict]:
+    """time_side_by_side, then each function's step memory (`step_memory_gib`)."""
     times = time_side_by_side(fns, warmup, reps, device_sync(device))
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return times, peak
+    return times, {k: step_memory_gib(device, fn) for k, fn in fns.items()}
 
 
 def bench_stage1(preset: Preset, device: torch.device, args: argparse.Namespace,
@@ -111,21 +122,34 @@ def bench_stage1(preset: Preset, device: torch.device, args: argparse.Namespace,
     with count_attention_backends() as tally:
         loss_ours = step_ours()
     loss_diff = float((loss_ours.float() - step_ref().float()).abs())
-    times, peak = timed(device, {"ours": step_ours, "ref": step_ref}, args.warmup, args.reps)
+    times, mem = timed(device, {"ours": step_ours, "ref": step_ref}, args.warmup, args.reps)
     rows = [Row("stage1_itc_itm", "stage 1: ViT + ITC + ITM, fwd+bwd", times["ours"], times["ref"],
-                sum(stage1_flops(preset.model, b, t, itg=False).values()), b, peak, loss_diff)]
-    for backend in backends:  # our full step per attention backend, measured rather than assumed
-        set_attention_(ours, backend)
-        full = train_step_fn(ours, in_autocast(device, lambda: ours(batch)["loss"]))
-        with count_attention_backends() as used:
-            full()
-        times, peak = timed(device, {"ours": full}, args.warmup, max(5, args.reps // 2))
+                sum(stage1_flops(preset.model, b, t, itg=False).values()), b, mem["ours"], loss_diff,
+                extra={"ref_step_gib": mem["ref"]})]
+    # Our full step once per attention backend, timed side by side: the choice is measured, not assumed.
+    def full_step(backend: str) -> Callable[[], torch.Tensor]:
+        step = train_step_fn(ours, in_autocast(device, lambda: ours(batch)["loss"]))
+
+        def run() -> torch.Tensor:
+            set_attention_(ours, backend)
+            return step()
+        return run
+    fulls = {backend: full_step(backend) for backend in backends}
+    used = {}
+    for backend, fn in fulls.items():
+        with count_attention_backends() as used[backend]:
+            fn()
+    times, mem = timed(device, fulls, args.warmup, max(5, args.reps // 2))
+    for backend in backends:
+        vs = median([a / b for a, b in zip(times[backend], times[backends[0]])])
         rows.append(Row(f"stage1_full_{backend}", f"stage 1 full (+ITG), ours only, attention={backend}",
-                        times["ours"], None, sum(stage1_flops(preset.model, b, t).values()), b, peak,
-                        extra={"attention_calls": dict(used)}))
+                        times[backend], None, sum(stage1_flops(preset.model, b, t).values()), b, mem[backend],
+                        extra={"backend": backend, "attention_calls": dict(used[backend]),
+                               "vs_first_backend": vs}))
+    set_attention_(ours, "auto")
     reference_attention = {"vit": ref.vision_model.config._attn_implementation,
                            "qformer": ref.qformer.config._attn_implementation}
-    del ours, ref, step_ours, step_ref, full
+    del ours, ref, step_ours, step_ref, fulls
     if device.type == "cuda":
         torch.cuda.empty_cache()  # room for the stage-2 pair
     return rows, {"ours": dict(tally), "reference": reference_attention}
@@ -139,18 +163,18 @@ def bench_stage2(preset: Preset, device: torch.device, args: argparse.Namespace)
     step_ours = train_step_fn(ours, in_autocast(device, lambda: ours_stage2(ours, batch)))
     step_ref = train_step_fn(ref, in_autocast(device, lambda: reference_stage2(ref, batch)))
     loss_diff = float((step_ours().float() - step_ref().float()).abs())
-    times, peak = timed(device, {"ours": step_ours, "ref": step_ref}, args.warmup, args.reps)
+    times, mem = timed(device, {"ours": step_ours, "ref": step_ref}, args.warmup, args.reps)
     b, t = batch["llm_input_ids"].shape
     flops = sum(llm_stage_flops(replace(preset.model, arch="stage2"), llm_shape(ours.llm), b, t).values())
     return Row("stage2_opt", "stage 2: ViT + Q-Former + OPT LM loss, fwd+bwd", times["ours"], times["ref"],
-               flops, b, peak, loss_diff)
+               flops, b, mem["ours"], loss_diff, extra={"ref_step_gib": mem["ref"]})
 
 
 def print_table(rows: list[Row], peak: Optional[float], cuda: bool) -> None:
     """Markdown table: median times, the paired ratio, model FLOPs, ours' throughput (+ MFU, memory on GPU)."""
     head = ["work", "ours ms", "ref ms", "ours/ref", "GFLOP/step", "ours TFLOP/s", "samples/s"]
     head += ["MFU"] if peak else []
-    head += ["peak GiB"] if cuda else []
+    head += ["step GiB ours/ref"] if cuda else []
     lines = [head]
     for r in rows:
         o = median(r.ours_s)
@@ -158,7 +182,9 @@ def print_table(rows: list[Row], peak: Optional[float], cuda: bool) -> None:
                  f"{r.ratio:.3f}" if r.ratio is not None else "-", f"{r.flops / 1e9:.2f}",
                  f"{r.flops / o / 1e12:.3f}", f"{r.samples / o:.1f}"]
         cells += [f"{r.flops / o / peak:.1%}"] if peak else []
-        cells += [f"{r.peak_gib:.1f}"] if cuda else []
+        if cuda:
+            ref_gib = r.extra.get("ref_step_gib")
+            cells.append(f"{r.peak_gib:.2f}" + (f" / {ref_gib:.2f}" if ref_gib is not None else ""))
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for i, line in enumerate(lines):
@@ -181,8 +207,8 @@ def main() -> None:
     print(f"blip-train bench | {datetime.date.today()} | {describe_device(device)} | "
           f"torch {torch.__version__}")
     print(f"preset {preset.name}: batch {preset.batch_size}, text {preset.text_len} tokens; "
-          f"ViT {m.vision.image_size}px "
-          f"/{m.vision.patch_size}, width {m.vision.width}, {m.vision.layers - int(m.vision.drop_last_block)} blocks; "
+          f"ViT {m.vision.image_size}px/{m.vision.patch_size}, width {m.vision.width}, "
+          f"{m.vision.layers - int(m.vision.drop_last_block)} blocks; "
           f"Q-Former width {m.qformer.hidden_size}, {m.qformer.layers} layers, {m.qformer.num_query_tokens} queries; "
           f"stage-2 LLM OPT-like width {preset.llm['hidden_size']}, {preset.llm['num_hidden_layers']} layers; "
           f"{'bf16 autocast, frozen towers bf16' if cuda else 'fp32'}; {args.warmup} warmup + {args.reps} timed reps")
@@ -204,13 +230,20 @@ def main() -> None:
           f"Q-Former {attention['reference']['qformer']} (transformers has no other Q-Former attention)")
     for r in rows:
         if "attention_calls" in r.extra:
-            print(f"  {r.work}: attention calls {r.extra['attention_calls']}")
+            print(f"  {r.work}: attention calls {r.extra['attention_calls']}, "
+                  f"time {r.extra['vs_first_backend']:.3f}x attention={backends[0]} (paired median)")
         if r.loss_diff is not None:
             print(f"  same work check, {r.work}: |loss ours - loss reference| = {r.loss_diff:.2e}")
-    peak = peak_flops(device)
+    peak = peak_flops(device)  # dense bf16 FLOP/s of this GPU; None on CPU
     print_table(rows, peak, cuda)
     print("times: medians of the timed reps; ours/ref: median of per-rep ratios (each pair ran back to back); "
           "FLOPs: blip_train/training/flops.py, the same count for both sides")
+    print(json.dumps(summary(rows, attention, remaining, preset, device, peak)))
+
+
+def summary(rows: list[Row], attention: dict, remaining: list[str], preset: Preset, device: torch.device,
+            peak: Optional[float]) -> dict:
+    """The closing JSON line; `ratio_vs_reference` is the stage-1 comparison (ours / reference time)."""
     compared = [r for r in rows if r.ratio is not None]
     result = {
         "bench": "blip-train", "date": str(datetime.date.today()), "device": describe_device(device),
@@ -221,13 +254,13 @@ def main() -> None:
         "reference_ms": {r.key: round(median(r.ref_s) * 1e3, 2) for r in compared},
         "attention": attention, "remaining": remaining,
     }
-    if cuda:
-        full = [r for r in rows if r.work.startswith("stage 1 full")]
-        result["images_per_s_per_gpu"] = {r.work.rsplit("=", 1)[1]: round(r.samples / median(r.ours_s), 1)
-                                          for r in full}
+    if device.type == "cuda":
+        full = {r.extra["backend"]: r for r in rows if "backend" in r.extra}
+        result["images_per_s_per_gpu"] = {k: round(r.samples / median(r.ours_s), 1) for k, r in full.items()}
         if peak:
-            result["mfu"] = {r.work.rsplit("=", 1)[1]: round(r.flops / median(r.ours_s) / peak, 4) for r in full}
-    print(json.dumps(result))
+            result["mfu"] = {k: round(r.flops / median(r.ours_s) / peak, 4) for k, r in full.items()}
+        result["step_gib"] = {r.key: round(r.peak_gib, 3) for r in rows}
+    return result
 
 
 if __name__ == "__main__":

@@ -197,7 +197,8 @@ class DeepSpeedConfig:
     precision: str = "bf16"
     """bf16 | fp16 | fp32 mixed-precision mode of the trainable part (fp16: GPU only)."""
     offload_frozen: bool = False
-    """ZeRO-3 parameter offload to CPU (frozen towers)."""
+    """ZeRO-3 parameter offload to CPU. DeepSpeed offloads every partition (trainable ones too), which
+    mostly matters for the large frozen towers; GPU memory then holds only gathered working copies."""
     param_persistence_threshold: int = -1
     """stage3_param_persistence_threshold; -1 keeps DeepSpeed's default, 0 partitions everything."""
     zero_init: bool = True

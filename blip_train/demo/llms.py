@@ -103,9 +103,14 @@ def _ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _context(tok, context: str, rng: random.Random) -> list[int]:
-    # Half of the examples: another caption of the same image first, where the queries will be.
-    return _ids(tok, context) if rng.random() < 0.5 else []
+CONTEXT_PROBABILITY = {"caption": 0.75, "instruction": 1.0}
+"""How often an example is preceded by its image's context. Answers are image facts, so an instruction
+always has context (the LM learns to read answers there); some captions are unconditional text."""
+
+
+def _context(tok, context: str, rng: random.Random, kind: str) -> list[int]:
+    # Another caption of the same image first, where the queries will be.
+    return _ids(tok, context) if rng.random() < CONTEXT_PROBABILITY[kind] else []
 
 
 def _decoder_examples(kind: str, tok, texts: DemoTexts, rng: random.Random) -> list[tuple[list[int], int]]:
@@ -115,10 +120,10 @@ def _decoder_examples(kind: str, tok, texts: DemoTexts, rng: random.Random) -> l
     end = _ids(tok, "\n") if kind == "opt" else eos
     out = []
     for ctx, cap in texts.captions:
-        c = _context(tok, ctx, rng)
+        c = _context(tok, ctx, rng, "caption")
         out.append((c + bos + _ids(tok, cap) + end, len(c)))
     for ctx, inst, ans in texts.instructions:
-        c = _context(tok, ctx, rng)
+        c = _context(tok, ctx, rng, "instruction")
         out.append((c + bos + _ids(tok, inst) + _ids(tok, " " + ans) + eos, len(c)))
     return out
 
@@ -130,9 +135,9 @@ def _t5_examples(tok, texts: DemoTexts, rng: random.Random) -> list[tuple[list[i
     for ctx, cap in texts.captions:
         ids = _ids(tok, cap)
         k = rng.randint(0, len(ids) // 2)
-        out.append((_context(tok, ctx, rng) + ids[:k] + [eos], ids[k:] + [eos]))
+        out.append((_context(tok, ctx, rng, "caption") + ids[:k] + [eos], ids[k:] + [eos]))
     for ctx, inst, ans in texts.instructions:
-        out.append((_context(tok, ctx, rng) + _ids(tok, inst) + [eos], _ids(tok, ans) + [eos]))
+        out.append((_context(tok, ctx, rng, "instruction") + _ids(tok, inst) + [eos], _ids(tok, ans) + [eos]))
     return out
 
 

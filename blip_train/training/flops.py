@@ -27,7 +27,7 @@ TRAINED, FROZEN_FORWARD, FROZEN_BACKPROP = 3.0, 1.0, 2.0
 """Multipliers of the forward FLOPs: trained module, frozen forward-only, frozen with input gradient."""
 
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0),
-               ("L4", 121.0), ("A10", 125.0), ("V100", 125.0))
+               ("L4", 121.0), ("V100", 125.0))
 """Dense fp16/bf16 tensor-core peak per GPU, matched against the device name in this order."""
 
 

@@ -11,13 +11,13 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
 from blip_train.dist.process_group import collective_device
-from blip_train.training.flops import peak_flops
+from blip_train.training.flops import WorkCounter, peak_flops
 
 PHASES = ("data", "forward", "backward", "step")
 """Step-time breakdown: waiting for the batch (and its host→device copy), engine(batch),
@@ -71,7 +71,7 @@ def host_peak_rss_gib() -> float:
 
 class MetricLogger:
     def __init__(self, output_dir: Path, is_main: bool, tensorboard: bool, samples_per_step: int, *,
-                 count_work: Optional[Callable[[Mapping[str, torch.Tensor]], tuple[int, float]]] = None,
+                 count_work: Optional[WorkCounter] = None,
                  device: torch.device = torch.device("cpu")):
         """samples_per_step: global samples per optimizer step; count_work: micro-batch -> (tokens,
         FLOPs) from `flops.build_flops_counter` (None: no tokens/s or MFU); device: the training device."""
