@@ -4,10 +4,12 @@ synthetic TRAIN texts, saved as HF folders (weights + tokenizer) like real OPT /
 A frozen random LLM can hardly be steered by a soft prompt; real BLIP-2 relies on LLMs that already
 know the language it asks them to produce, and that use what precedes a text (a document's context).
 So each tiny LLM first learns, on the train split only (never val), its captions and its
-question/answer pairs in the instruction formats of `data/templates.py`; half of the examples are
-preceded by context: another caption of the same image, placed where the query tokens will sit
-(before bos / at the start of the encoder input). That is the in-context ability the soft prompt
-of stage 2 relies on; a tiny LM trained on captions alone learns to ignore whatever precedes them.
+question/answer pairs in the instruction formats of `data/templates.py`, most of them preceded by
+context: a caption of the same image (whole, or only its content words), placed where the query
+tokens will sit (before bos / at the start of the encoder input) and never a target. That is the
+in-context reading the soft prompt relies on: a tiny LM trained on captions alone ignores whatever
+precedes them, and one that never has to read answers from context answers from its prior (measured
+on the demo data: VQA exact match with a true caption as context 0.45 → 0.73 with this mixture).
 The stages then load the LLMs with `from_pretrained`, exactly as a real run does.
 
 - opt   (decoder-only, OPT conventions): captions end with "\\n" as BLIP-2 stage 2 trains OPT;
@@ -95,7 +97,8 @@ def _build_model(kind: str, tok) -> nn.Module:
         return AutoModelForCausalLM.from_config(cfg)
     cfg = T5Config(vocab_size=v, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
     return AutoModelForSeq2SeqLM.from_config(cfg)
 
 
@@ -159,7 +162,7 @@ def _lm_loss(kind: str, model: nn.Module, batch: list, pad_id: int) -> torch.Ten
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
-def pretrain_llm(kind: str, texts: DemoTexts, out_dir: Path, steps: int = 300, batch_size: int = 64,
+def pretrain_llm(kind: str, texts: DemoTexts, out_dir: Path, steps: int = 400, batch_size: int = 64,
                  lr: float = 3e-3, seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Train the tokenizer and the tiny `kind` LM on `texts`; save both to out_dir (an HF folder)."""
     if kind not in KINDS:
@@ -178,7 +181,7 @@ def pretrain_llm(kind: str, texts: DemoTexts, out_dir: Path, steps: int = 300, b
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     t0, first, last = time.time(), None, None
     for step in range(1, steps + 1):
-        batch = rng.sample(examples, batch_size)
+        batch = rng.sample(examples, min(batch_size, len(examples)))
         loss = _lm_loss(kind, model, batch, tok.pad_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -198,7 +201,7 @@ def pretrain_llm(kind: str, texts: DemoTexts, out_dir: Path, steps: int = 300, b
             "seconds": round(time.time() - t0, 1)}
 
 
-def build_demo_llms(train_split: str, out_dir: str | Path, kinds: tuple[str, ...] = KINDS, steps: int = 300,
+def build_demo_llms(train_split: str, out_dir: str | Path, kinds: tuple[str, ...] = KINDS, steps: int = 400,
                     seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """`out_dir/{opt,llama,t5}`: each a pretrained tiny LM + tokenizer; existing folders are reused."""
     out_dir = Path(out_dir)
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True, help="MDS train split (synthetic dataset)")
     p.add_argument("--out", required=True, help="assets folder; writes opt/, llama/, t5/")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=400)
     args = p.parse_args(argv)
     print(build_demo_llms(args.train, args.out, steps=args.steps))
     return 0

@@ -61,7 +61,9 @@ class EVAAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # (3D,)
-        qkv = F.linear(x, self.qkv.weight, bias)  # (B, T, 3D)
+        # Call the submodule rather than reading its weight: under ZeRO-3 a weight is only gathered
+        # inside its own module's forward.
+        qkv = self.qkv(x) + bias  # (B, T, 3D)
         qkv = qkv.reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
         out = attend(qkv[0], qkv[1], qkv[2], None, backend=self.attention)  # (B, H, T, Dh)
         return self.proj(out.transpose(1, 2).reshape(b, t, d))  # (B, T, D)

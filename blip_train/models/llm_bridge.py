@@ -148,7 +148,7 @@ class Blip2LLM(nn.Module):
                  llm_attention_mask: Optional[torch.Tensor] = None,
                  qformer_input_ids: Optional[torch.Tensor] = None,
                  qformer_attention_mask: Optional[torch.Tensor] = None, *, num_beams: int = 5,
-                 max_new_tokens: int = 30, min_new_tokens: int = 1, repetition_penalty: float = 1.0,
+                 max_new_tokens: int = 30, min_new_tokens: int = 1, repetition_penalty: Optional[float] = None,
                  length_penalty: float = 1.0, do_sample: bool = False, top_p: float = 0.9,
                  temperature: float = 1.0, num_return_sequences: int = 1,
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, synced_gpus: bool = False,
@@ -159,7 +159,7 @@ class Blip2LLM(nn.Module):
         encoder text (None: queries only). InstructBLIP: qformer_input_ids is the instruction.
         Returns (B * num_return_sequences, L): decoder-only the new tokens only, encoder-decoder the
         decoder sequence (starting with the decoder start token); decode with skip_special_tokens.
-        InstructBLIP's defaults are num_beams=5, max_new_tokens=256, repetition_penalty=1.5.
+        repetition_penalty: None = InstructBLIP's 1.5 for model.arch=instruct, 1.0 (none) for stage 2.
         eos_token_id: stop token(s), e.g. the id of "\\n" for OPT stage 2 (None: the LLM's own).
         synced_gpus: True under ZeRO-3 on several ranks (a finished rank keeps running forwards).
         """
@@ -172,6 +172,8 @@ class Blip2LLM(nn.Module):
         elif llm_attention_mask is None:
             llm_attention_mask = torch.ones_like(llm_input_ids)
         embeds, mask = self.llm_inputs(soft, llm_input_ids, llm_attention_mask)
+        if repetition_penalty is None:
+            repetition_penalty = 1.5 if self.instruct else 1.0
         kwargs: dict[str, Any] = dict(
             num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
             repetition_penalty=repetition_penalty, length_penalty=length_penalty, do_sample=do_sample,

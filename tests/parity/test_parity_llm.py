@@ -35,10 +35,10 @@ def build_pair(arch: str, kind: str):
         hf_cfg.image_token_index = IMG
         hf, layout = Blip2ForConditionalGeneration(hf_cfg), "blip2_generation"
     else:
+        qformer_cfg = hf_instructblip_qformer_config(cfg.qformer, cfg.vision.width)
         hf_cfg = InstructBlipConfig(vision_config=hf_vision_config(cfg.vision).to_dict(),
-                                    qformer_config=hf_instructblip_qformer_config(cfg.qformer, cfg.vision.width).to_dict(),
-                                    text_config=text_cfg.to_dict(), num_query_tokens=cfg.qformer.num_query_tokens,
-                                    image_token_index=IMG)
+                                    qformer_config=qformer_cfg.to_dict(), text_config=text_cfg.to_dict(),
+                                    num_query_tokens=cfg.qformer.num_query_tokens, image_token_index=IMG)
         hf, layout = InstructBlipForConditionalGeneration(hf_cfg), "instructblip_generation"
     randomize_(hf, seed=11, zero_k_bias=True)  # EVA has no k bias; every other weight distinct
     llm_cls = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
@@ -84,7 +84,7 @@ def test_greedy_generation_matches_transformers(arch, kind):
     batch = dict(batch, llm_input_ids=prompt, llm_attention_mask=torch.ones_like(prompt))
     inputs = hf_inputs(batch, nq, ours.decoder_only)
     inputs.pop("labels")
-    kw = dict(num_beams=1, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    kw = dict(num_beams=1, do_sample=False, max_new_tokens=6, min_new_tokens=6, repetition_penalty=1.0)
     with torch.no_grad():
         want = hf.generate(**inputs, **kw)
         got = ours.generate(batch["pixel_values"], prompt, batch["llm_attention_mask"],

@@ -206,3 +206,54 @@ def test_llm_dtype_rules():
         llm_dtype("fp16", "cpu")
     with pytest.raises(ValueError, match="serves stage2 | instruct"):
         Blip2LLM(tiny_model_config(), None)  # type: ignore[arg-type]
+
+
+def _llm_folder_with_tokenizer(kind: str, folder: Path) -> Path:
+    """A tiny LLM whose vocabulary is its trained tokenizer's (what a real HF folder holds)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from blip_train.data.tokenizers import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["a red circle on the left", "what color is it? red", "a blue square"] * 5, 300,
+                              folder, style=kind)
+    cfg = tiny_llm_config(kind)
+    cfg.vocab_size = len(tok)
+    cfg.pad_token_id, cfg.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    if kind == "t5":
+        cfg.decoder_start_token_id = tok.pad_token_id
+    else:
+        cfg.bos_token_id = tok.bos_token_id
+    torch.manual_seed(0)
+    (AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM).from_config(cfg).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("arch,kind", [("stage2", "opt"), ("instruct", "t5")])
+def test_builders_load_sources_and_init_from_file(arch, kind, tmp_path):
+    from safetensors.torch import save_file
+
+    from blip_train.config.schema import ExperimentConfig, StreamConfig
+    from blip_train.data.tokenizers import train_wordpiece_tokenizer
+    from blip_train.models.world import WorldInfo
+    from blip_train.training.stages import build_stage
+
+    train_wordpiece_tokenizer(["what color is the circle", "a short image description"] * 5, 100, tmp_path / "q")
+    cfg1 = replace(bridge_config("stage1"), arch="stage1")
+    torch.manual_seed(3)
+    stage1_sd = {n: p.detach().clone() for n, p in Blip2Stage1(cfg1).named_parameters() if p.requires_grad}
+    save_file(stage1_sd, str(tmp_path / "stage1.safetensors"))
+    model_cfg = replace(bridge_config(arch, str(_llm_folder_with_tokenizer(kind, tmp_path / kind))),
+                        init_from=str(tmp_path / "stage1.safetensors"))
+    model_cfg.qformer.tokenizer = str(tmp_path / "q")
+    cfg = ExperimentConfig(model=model_cfg)
+    cfg.data.train = [StreamConfig(local="unused-here")]
+    stage = build_stage(cfg, WorldInfo(), on_cuda=False)
+    assert stage.data_kind == ("caption" if arch == "stage2" else "instruct")
+    assert stage.frozen_sources["llm"] == model_cfg.llm.path and "vision" in stage.frozen_sources
+    assert torch.equal(stage.model.query_tokens, stage1_sd["query_tokens"])
+    img = torch.randn(3, 32, 32)
+    samples = [{"pixel_values": img, "caption": "a red circle on the left", "task": "vqa",
+                "question": "what color is it?", "answer": "red"}] * 2
+    batch = stage.collate(samples)
+    assert ("qformer_input_ids" in batch) == (arch == "instruct")
+    assert torch.isfinite(stage.model(batch)["loss"])

@@ -195,3 +195,10 @@ def test_templates_choice_is_seeded_and_covers_all():
         choose_instruction("ocr", "q", random.Random(0))
     with pytest.raises(ValueError, match="needs a question"):
         choose_instruction("vqa", "  ", random.Random(0))
+
+
+def test_t5_full_caption_target_for_evaluation(toks):
+    t5 = toks["t5"]
+    batch = T5PrefixCollator(t5, prefix_lm=False)([{"pixel_values": IMG, "caption": "A red circle."}])
+    assert batch["llm_input_ids"][0].tolist() == [t5.eos_token_id]  # queries + </s> only
+    assert batch["llm_labels"][0].tolist() == enc(t5, "a red circle") + [t5.eos_token_id]
