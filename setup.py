@@ -8,6 +8,7 @@ INSTALL_REQUIRES = [
     "torchvision==0.29.1",
     "deepspeed==0.19.8",
     "transformers==4.57.6",
+    "accelerate==1.11.0",  # transformers' DeepSpeed integration (ZeRO-3 partitioned from_pretrained) needs it
     "tokenizers>=0.21,<0.23",
     "mosaicml-streaming==0.13.0",
     "numpy>=1.26,<2.2",

@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed's ZeRO reduce path calls a torch API that warns on every step; nothing for a user to act on.
     warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*deprecated")
     from blip_train.training.loop import train  # heavy imports only after the config is known good
-    train(cfg)
+    try:
+        train(cfg)
+    except ConfigError as e:  # settings that need the world size (batch arithmetic, templates, paths)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

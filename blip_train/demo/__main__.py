@@ -84,6 +84,10 @@ def make_assets(out: Path, data: Path, image_size: int) -> dict:
     from blip_train.data.tokenizers import train_wordpiece_tokenizer
     from blip_train.demo.pretrain import pretrain_vit
 
+    import torch
+
+    # Nothing else runs during asset pretraining: use every core (the training children get one each).
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     assets = out / "assets"
     info: dict = {}
     tok_dir = assets / "qformer_tokenizer"

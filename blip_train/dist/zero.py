@@ -63,3 +63,17 @@ def maybe_zero_init(enabled: bool, ds_config: Dict[str, Any]) -> ContextManager[
     import deepspeed
 
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def hf_zero3_loading(ds_config: dict, enabled: bool):
+    """Make transformers' `from_pretrained` load straight into ZeRO-3 partitions (returns the handle to keep).
+
+    transformers checks a module-level weak reference to an `HfDeepSpeedConfig`: while the returned
+    object is alive, a frozen 13B LLM is partitioned as it loads instead of materialising whole on every
+    rank. Returns None (normal loading) unless `enabled` and the config is ZeRO stage 3.
+    """
+    if not enabled or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)

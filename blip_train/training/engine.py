@@ -128,11 +128,15 @@ def assert_optimizer_holds_trainable(model: nn.Module, optimizer: torch.optim.Op
 
 
 def build_engine(model: nn.Module, cfg: ExperimentConfig, world_size: int, on_cuda: bool,
-                 extra_ds: dict | None = None):
-    """deepspeed.initialize with a client AdamW and per-step warmup+cosine schedule."""
+                 extra_ds: dict | None = None, ds_config: dict | None = None):
+    """deepspeed.initialize with a client AdamW and per-step warmup+cosine schedule.
+
+    `ds_config`: the JSON from `build_ds_config` when the caller built it already (to validate it before
+    any process group exists); `extra_ds` is merged on top (e.g. universal-checkpoint loading).
+    """
     import deepspeed
 
-    ds_config = build_ds_config(cfg, world_size, on_cuda)
+    ds_config = copy.deepcopy(ds_config) if ds_config is not None else build_ds_config(cfg, world_size, on_cuda)
     ds_config.update(extra_ds or {})
     optimizer = build_optimizer(model, cfg, on_cuda)
     assert_optimizer_holds_trainable(model, optimizer)

@@ -17,9 +17,10 @@ from blip_train.dist.env import discover_environment, export_environment
 from blip_train.dist.preemption import PreemptionHandler
 from blip_train.dist.process_group import all_reduce_max_bool, init_distributed, print0
 from blip_train.dist.world import build_world_info
+from blip_train.dist.zero import hf_zero3_loading
 from blip_train.training.checkpoint import (TrainState, convert_to_universal, find_resume_tag, load_checkpoint,
                                             read_meta, save_checkpoint)
-from blip_train.training.engine import build_engine
+from blip_train.training.engine import build_ds_config, build_engine
 from blip_train.training.flops import build_flops_counter
 from blip_train.training.metrics import MetricLogger
 from blip_train.training.seeding import seed_everything
@@ -104,26 +105,33 @@ def train(cfg: ExperimentConfig) -> dict:
     env = discover_environment()
     export_environment(env)
     on_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
-    init_distributed(env, cfg.deepspeed.timeout_minutes)
     out = Path(cfg.run.output_dir)
     ckpt_dir = out / "checkpoints"
+    tag = find_resume_tag(ckpt_dir)
+    elastic = tag is not None and read_meta(ckpt_dir / tag)["world_size"] != env.world_size
+    if elastic:
+        keep_global_batch(cfg, read_meta(ckpt_dir / tag), env.world_size)
+    ds_config = build_ds_config(cfg, env.world_size, on_cuda)  # batch/template errors before any process group
+    init_distributed(env, cfg.deepspeed.timeout_minutes)
     if env.rank == 0:
         save_resolved_config(cfg, out / "config.yaml")
     # Installed before the (slow) build so an early preemption signal cannot kill the process.
     preemption = PreemptionHandler()
     preemption.install()
     seed_everything(cfg.run.seed, env.rank)
-
-    tag = find_resume_tag(ckpt_dir)
-    elastic = tag is not None and read_meta(ckpt_dir / tag)["world_size"] != env.world_size
     if elastic:  # saved on another number of ranks: go through DeepSpeed's universal format
-        keep_global_batch(cfg, read_meta(ckpt_dir / tag), env.world_size)
         print0(f"{ckpt_dir / tag} was saved on {read_meta(ckpt_dir / tag)['world_size']} ranks; this run has "
                f"{env.world_size}: converting to a universal checkpoint")
         convert_to_universal(ckpt_dir, tag)
+
+    # Frozen HF LLMs load straight into ZeRO-3 partitions (kept alive for the whole run on purpose).
+    hf_zero3 = hf_zero3_loading(ds_config, cfg.deepspeed.zero_init and cfg.model.arch != "stage1")  # noqa: F841
     stage = build_stage(cfg, build_world_info(), on_cuda)
     print0(describe_parameters(stage.model))
-    engine, _, scheduler, _ = build_engine(stage.model, cfg, env.world_size, on_cuda,
+    if hf_zero3 is not None:
+        at_load = sum(p.ds_numel for p in stage.model.parameters() if hasattr(p, "ds_id"))
+        print0(f"ZeRO-3: {at_load:,d} parameters were partitioned as they loaded (frozen LLM)")
+    engine, _, scheduler, _ = build_engine(stage.model, cfg, env.world_size, on_cuda, ds_config=ds_config,
                                            extra_ds={"checkpoint": {"load_universal": True}} if elastic else None)
     loader = stage.build_train_loader()
 

@@ -5,6 +5,7 @@ same checkpoint (fp32 towers from their sources, trained parts from the consolid
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -42,8 +43,11 @@ def test_trained_checkpoint_exports_to_a_working_transformers_model(arch, kind, 
 
     llm = {"path": str(llm_folder(tiny_assets, kind)), "dtype": "bf16", "max_txt_len": 12, "max_prompt_len": 16}
     run = tmp_path / f"{arch}_{kind}"
-    run_train(write_tiny_config(tiny_assets, run, model={"arch": arch, "llm": llm},
-                                train={"max_steps": 2, "save_interval": 2}))
+    trained = run_train(write_tiny_config(tiny_assets, run, model={"arch": arch, "llm": llm},
+                                          train={"max_steps": 2, "save_interval": 2}))
+    # The frozen LLM went straight into ZeRO-3 partitions at from_pretrained (HfDeepSpeedConfig alive).
+    loaded = re.search(r"ZeRO-3: ([\d,]+) parameters were partitioned as they loaded", trained.stdout)
+    assert loaded and int(loaded.group(1).replace(",", "")) > 0, trained.stdout[-2000:]
     out = tmp_path / "hf"
     r = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(run),
                         "--out", str(out)], capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=600)
