@@ -56,32 +56,15 @@ TASK_ARCHS = {"retrieval": ("stage1",), "caption": ("stage2", "instruct"), "vqa"
 
 def build_generative_eval(cfg, ckpt_dir: Path, tag: str, task: str, untrained: bool):
     """(model, collate, tokenizer, generation kwargs) for --task caption|vqa on a stage-2/instruct run."""
-    from blip_train.data.llm_collate import DecoderLMCollator, InstructCollator, T5PrefixCollator
-    from blip_train.data.tokenizers import load_qformer_tokenizer
-    from blip_train.training.stages import END_OF_TEXT, build_llm_stage_model
+    from blip_train.evaluation.generative_eval import generation_setup
+    from blip_train.training.stages import build_llm_stage_model
     from blip_train.training.weights import consolidate_trainable, load_trainable_
 
     model, tok, _ = build_llm_stage_model(cfg)
     if not untrained:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
-    m, e = cfg.model, cfg.eval
-    gen = {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens}
-    if m.arch == "instruct":
-        qtok = load_qformer_tokenizer(m.qformer.tokenizer)
-        force = (lambda s: dict(s, task="caption", question="")) if task == "caption" else (lambda s: s)
-        inner = InstructCollator(qtok, tok, max_prompt_len=m.llm.max_prompt_len, max_txt_len=m.llm.max_txt_len,
-                                 decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len, generation=True)
-        collate = lambda samples: inner([force(s) for s in samples])  # noqa: E731
-        if task == "vqa":  # short answers (InstructBLIP's VQA setting)
-            gen.update(max_new_tokens=min(e.max_new_tokens, 10))
-    elif model.decoder_only:
-        collate = DecoderLMCollator(tok, prompt=m.llm.prompt, max_txt_len=m.llm.max_txt_len, generation=True)
-        end = END_OF_TEXT.get(model.llm.config.model_type)
-        if end is not None:  # OPT stage 2 ends captions with "\n"
-            gen["eos_token_id"] = [tok.eos_token_id, tok(end, add_special_tokens=False)["input_ids"][-1]]
-    else:
-        collate = T5PrefixCollator(tok, max_txt_len=m.llm.max_txt_len, prompt=m.llm.prompt, generation=True)
+    collate, gen = generation_setup(cfg, model, tok, task)
     return model, collate, tok, gen
 
 

@@ -203,6 +203,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
             raise ConfigError("model.llm.dtype: fp16 needs a CUDA device (this run is on CPU; use bf16 or fp32)")
         if m.attention == "flash":
             raise ConfigError("model.attention: flash needs a CUDA device (this run is on CPU; use auto or sdpa)")
+    if cfg.eval.interval and not d.val:
+        raise ConfigError("eval.interval: in-training evaluation needs data.val (a held-out MDS split)")
     if ds.offload_frozen and ds.zero_stage != 3:
         raise ConfigError(f"deepspeed.offload_frozen: needs deepspeed.zero_stage=3, got {ds.zero_stage}")
 

@@ -6,8 +6,8 @@ rank must run every decoding step (`synced_gpus`), even after its own sequences 
 All ranks call these functions together.
 
 Generation runs outside `engine(batch)`, so DeepSpeed's discovery of weights that a module reads
-from a child without calling it (EVA's attention reads `qkv.weight`) is switched on here exactly as
-`engine.forward` switches it on; without it a generate-only run (no training step before) would
+from a child without calling it (tied or shared weights in some HF models) is switched on here exactly
+as `engine.forward` switches it on; without it a generate-only run (no training step before) could
 read an empty ZeRO-3 partition.
 """
 from __future__ import annotations

@@ -52,22 +52,22 @@ def load_samples(split: str, image_size: int, max_samples: int = 0,
 
 @torch.no_grad()
 def generate_texts(model, collate, tokenizer, samples: list[dict], batch_size: int,
-                   gen_kwargs: dict) -> dict[int, str]:
-    """{sample index: generated text} for all samples, each rank generating whole batches of its own."""
+                   gen_kwargs: dict, shard: bool = True) -> dict[int, str]:
+    """{sample index: generated text} for all samples.
+
+    shard=True: each rank generates whole batches of its own (an un-partitioned model per rank).
+    shard=False: every rank generates every batch — the ZeRO-3 case inside training, where all ranks
+    must make the same module calls (query tokens gathered, synced decoding, see generate.py).
+    """
+    from blip_train.evaluation.generate import generate_text
+
     model.eval()
-    rank, world = _rank_world()
-    device = next(model.parameters()).device
+    rank, world = _rank_world() if shard else (0, 1)
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     mine: dict[int, str] = {}
     for chunk in batches[rank::world]:
-        batch = collate(chunk)
-        # InstructBLIP batches carry the instruction for the Q-Former; stage-2 batches do not.
-        q_ids, q_mask = (batch[k].to(device) if k in batch else None
-                         for k in ("qformer_input_ids", "qformer_attention_mask"))
-        ids = model.generate(batch["pixel_values"].to(device), batch["llm_input_ids"].to(device),
-                             batch["llm_attention_mask"].to(device), q_ids, q_mask, **gen_kwargs)
-        for s, text in zip(chunk, tokenizer.batch_decode(ids, skip_special_tokens=True)):
-            mine[s["index"]] = text.strip()
+        for s, text in zip(chunk, generate_text(model, tokenizer, collate(chunk), **gen_kwargs)):
+            mine[s["index"]] = text
     if world > 1:
         parts: list = [None] * world
         dist.all_gather_object(parts, mine)
@@ -76,9 +76,9 @@ def generate_texts(model, collate, tokenizer, samples: list[dict], batch_size: i
 
 
 def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: str,
-                      gen_kwargs: dict) -> tuple[dict[str, float], list[dict]]:
+                      gen_kwargs: dict, shard: bool = True) -> tuple[dict[str, float], list[dict]]:
     samples = load_samples(split, cfg.model.vision.image_size, cfg.eval.max_samples)
-    preds = generate_texts(model, collate, tokenizer, samples, cfg.eval.batch_size, gen_kwargs)
+    preds = generate_texts(model, collate, tokenizer, samples, cfg.eval.batch_size, gen_kwargs, shard)
     refs = {s["index"]: [pre_caption(c) for c in s["captions"]] for s in samples}
     hyps = {k: pre_caption(v) for k, v in preds.items()}
     scores = caption_metrics(hyps, refs)
@@ -94,12 +94,12 @@ def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: s
 
 
 def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str,
-                 gen_kwargs: dict) -> tuple[dict[str, float], list[dict]]:
+                 gen_kwargs: dict, shard: bool = True) -> tuple[dict[str, float], list[dict]]:
     samples = load_samples(split, cfg.model.vision.image_size, cfg.eval.max_samples,
                            keep=lambda row: row["task"] == "vqa" and bool(row["question"]) and len(row["answers"]) > 0)
     if not samples:
         raise ValueError(f"{split}: no VQA samples (task 'vqa' with a question and answers)")
-    preds = generate_texts(model, collate, tokenizer, samples, cfg.eval.batch_size, gen_kwargs)
+    preds = generate_texts(model, collate, tokenizer, samples, cfg.eval.batch_size, gen_kwargs, shard)
     qid = {s["index"]: s["question_id"] for s in samples}
     answers = {qid[s["index"]]: s["answers"] if len(s["answers"]) >= 2 else s["answers"] * 2 for s in samples}
     predictions = {qid[k]: v for k, v in preds.items()}
@@ -112,3 +112,27 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str,
     out = [{"question_id": qid[s["index"]], "question": s["question"], "prediction": preds[s["index"]],
             "answers": s["answers"]} for s in samples]
     return metrics, out
+
+
+def generation_setup(cfg: ExperimentConfig, model, tok, task: str) -> tuple[Callable[[list[dict]], dict], dict]:
+    """(collate, generate kwargs) for --task caption|vqa with a stage-2 / InstructBLIP model."""
+    from blip_train.data.llm_collate import DecoderLMCollator, InstructCollator, T5PrefixCollator
+    from blip_train.data.tokenizers import load_qformer_tokenizer
+    from blip_train.training.stages import END_OF_TEXT
+
+    m, e = cfg.model, cfg.eval
+    gen: dict[str, Any] = {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens}
+    if m.arch == "instruct":
+        qtok = load_qformer_tokenizer(m.qformer.tokenizer)
+        inner = InstructCollator(qtok, tok, max_prompt_len=m.llm.max_prompt_len, max_txt_len=m.llm.max_txt_len,
+                                 decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len, generation=True)
+        if task == "caption":  # the caption instruction, whatever task the sample was written for
+            return (lambda samples: inner([dict(s, task="caption", question="") for s in samples])), gen
+        gen["max_new_tokens"] = min(e.max_new_tokens, 10)  # short answers (InstructBLIP's VQA setting)
+        return inner, gen
+    if model.decoder_only:
+        end = END_OF_TEXT.get(model.llm.config.model_type)
+        if end is not None:  # OPT stage 2 ends captions with "\n"
+            gen["eos_token_id"] = [tok.eos_token_id, tok(end, add_special_tokens=False)["input_ids"][-1]]
+        return DecoderLMCollator(tok, prompt=m.llm.prompt, max_txt_len=m.llm.max_txt_len, generation=True), gen
+    return T5PrefixCollator(tok, max_txt_len=m.llm.max_txt_len, prompt=m.llm.prompt, generation=True), gen

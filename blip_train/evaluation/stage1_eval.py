@@ -22,8 +22,8 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_gather_objects(obj):
-    rank, world = _rank_world()
+def _all_gather_objects(obj, world: int) -> list:
+    """Every rank's `obj` in rank order (just [obj] when the work was not sharded)."""
     if world == 1:
         return [obj]
     out = [None] * world
@@ -48,10 +48,15 @@ def load_retrieval_split(split: str, max_samples: int = 0) -> tuple[list[bytes],
 
 @torch.no_grad()
 def evaluate_retrieval(model, tokenizer, split: str, image_size: int, max_txt_len: int, k_test: int = 128,
-                       batch_size: int = 64, max_samples: int = 0) -> dict[str, float]:
-    """TR@K / IR@K of ITC top-k re-ranked with ITM; each rank encodes and re-ranks its share."""
+                       batch_size: int = 64, max_samples: int = 0, shard: bool = True) -> dict[str, float]:
+    """TR@K / IR@K of ITC top-k re-ranked with ITM.
+
+    shard=True: each rank encodes and re-ranks its share (an un-partitioned model per rank).
+    shard=False: every rank does all the work — inside ZeRO-3 training, where all ranks must make the
+    same module calls; the caller gathers the root-level parameters (query tokens, temperature).
+    """
     model.eval()
-    rank, world = _rank_world()
+    rank, world = _rank_world() if shard else (0, 1)
     images, refs = load_retrieval_split(split, max_samples)
     texts = [pre_caption(c) for caps in refs for c in caps]
     txt2img = np.array([i for i, caps in enumerate(refs) for _ in caps])
@@ -77,7 +82,8 @@ def evaluate_retrieval(model, tokenizer, split: str, image_size: int, max_txt_le
         e, f = model.encode_image(px.to(device))
         embeds.append(e.cpu())
         feats.append(f.float().cpu())
-    shards = _all_gather_objects((mine, torch.cat(embeds) if embeds else None, torch.cat(feats) if feats else None))
+    shards = _all_gather_objects((mine, torch.cat(embeds) if embeds else None,
+                                  torch.cat(feats) if feats else None), world)
     order = [j for m, _, _ in shards for j in m]
     image_embeds = torch.cat([e for _, e, _ in shards if e is not None])[np.argsort(order)]   # (Ni, 1+N, W)
     image_feats = torch.cat([f for _, _, f in shards if f is not None])[np.argsort(order)]    # (Ni, Nq, E)

@@ -20,6 +20,7 @@ from blip_train.dist.world import build_world_info
 from blip_train.dist.zero import hf_zero3_loading
 from blip_train.training.checkpoint import (TrainState, convert_to_universal, find_resume_tag, load_checkpoint,
                                             read_meta, save_checkpoint)
+from blip_train.evaluation.in_training import evaluate_during_training
 from blip_train.training.engine import build_ds_config, build_engine
 from blip_train.training.flops import build_flops_counter
 from blip_train.training.metrics import MetricLogger
@@ -157,6 +158,10 @@ def train(cfg: ExperimentConfig) -> dict:
                 scalars = logger.log(state.step, scheduler.get_last_lr()[0],
                                      {"data/skipped_samples": float(stage.skipped_samples())})
                 history.append({"step": state.step, **scalars})
+            if cfg.eval.interval and state.step % cfg.eval.interval == 0:
+                scores = evaluate_during_training(cfg, engine.module, stage.tokenizer)
+                logger.log_scalars(state.step, scores)
+                print0(f"step {state.step:>7d} | " + " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
             stop = preemption.should_stop()
             if stop or state.step % cfg.train.save_interval == 0 or state.step == cfg.train.max_steps:
                 save_checkpoint(engine, ckpt_dir, state, loader.state_dict(), meta,

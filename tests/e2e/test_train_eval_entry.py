@@ -16,8 +16,15 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def trained(tiny_assets, tmp_path_factory):
     run = tmp_path_factory.mktemp("e2e") / "run"
-    run_train(write_tiny_config(tiny_assets, run, train={"max_steps": 4, "save_interval": 4}))
+    run_train(write_tiny_config(tiny_assets, run, train={"max_steps": 4, "save_interval": 4},
+                                eval={"interval": 2, "k_test": 8, "batch_size": 16}))
     return run
+
+
+def test_in_training_retrieval_evaluation_is_logged(trained):
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval/r_mean" in r}
+    assert sorted(evals) == [2, 4] and all(0.0 <= r["eval/img_r1"] <= 100.0 for r in evals.values())
 
 
 def _eval(args, nproc=1):

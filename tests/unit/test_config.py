@@ -70,6 +70,7 @@ def test_design_contract_keys_exist():
     (["model.arch=stage2"], "model.llm.path: required"),
     (["run.tensorboard=maybe"], "run.tensorboard: expected true/false"),
     (["data.image_size=64"], "data.image_size: 64 differs from model.vision.image_size"),
+    (["eval.interval=5"], "eval.interval: in-training evaluation needs data.val"),
 ])
 def test_bad_configs_refused_naming_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:

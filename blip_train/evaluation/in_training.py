@@ -1,0 +1,42 @@
+"""Evaluation every `eval.interval` steps inside training, on the live (ZeRO-3 partitioned) model.
+
+Every rank runs the same full evaluation (no sharding): under ZeRO-3 each module call is a collective,
+so all ranks must make identical calls. Parameters that the inference paths read outside a module
+forward (query tokens, ITC temperature) are gathered here. Cap the cost with `eval.max_samples`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from blip_train.config import ExperimentConfig
+from blip_train.dist.zero import gathered
+
+
+def evaluate_during_training(cfg: ExperimentConfig, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+    """Held-out metrics of the current weights, as flat `eval/...` scalars (same on every rank)."""
+    from blip_train.evaluation.generate import zero3_forward_context
+
+    was_training = model.training
+    try:
+        if cfg.model.arch == "stage1":
+            from blip_train.evaluation.stage1_eval import evaluate_retrieval
+
+            with gathered([model.query_tokens, model.temp]), zero3_forward_context(model):
+                m = evaluate_retrieval(model, tokenizer, cfg.data.val, cfg.model.vision.image_size,
+                                       cfg.model.max_txt_len, k_test=cfg.eval.k_test,
+                                       batch_size=cfg.eval.batch_size, max_samples=cfg.eval.max_samples,
+                                       shard=False)
+            keys = ("txt_r1", "img_r1", "txt_r5", "img_r5", "r_mean")
+        else:
+            from blip_train.evaluation.generative_eval import evaluate_captions, evaluate_vqa, generation_setup
+
+            task = "vqa" if cfg.model.arch == "instruct" else "caption"
+            collate, gen = generation_setup(cfg, model, tokenizer, task)
+            run = evaluate_vqa if task == "vqa" else evaluate_captions
+            m, _ = run(model, collate, tokenizer, cfg, cfg.data.val, gen, shard=False)
+            keys = ("vqa_accuracy", "exact_match") if task == "vqa" else ("cider", "bleu_4")
+    finally:
+        model.train(was_training)
+    return {f"eval/{k}": float(m[k]) for k in keys}
