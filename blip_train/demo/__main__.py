@@ -173,6 +173,7 @@ def export_and_check(name: str, run_dir: str, out: Path, data: Path) -> dict:
     from streaming import StreamingDataset
     from transformers import AutoProcessor
 
+    from blip_train.data.templates import eval_instruction
     from blip_train.interop.hf_config import hf_class
 
     folder = out / "export" / name
@@ -183,10 +184,13 @@ def export_and_check(name: str, run_dir: str, out: Path, data: Path) -> dict:
     processor = AutoProcessor.from_pretrained(str(folder))
     image = Image.open(io.BytesIO(StreamingDataset(local=str(data / "val"), shuffle=False,
                                                    batch_size=1)[0]["image"])).convert("RGB")
-    text = "What color is the shape?" if arch == "instruct" else ""
+    # InstructBLIP is asked in the instruction format it was tuned with (the VQA evaluation template).
+    text = eval_instruction("vqa", "what color is the shape?") if arch == "instruct" else ""
     with torch.no_grad():
-        ids = model.eval().generate(**processor(images=[image], text=[text], return_tensors="pt"), max_new_tokens=12)
-    return {"dir": str(folder), "class": type(model).__name__,
+        # The saved generation config's stop tokens ("\n" for OPT stage 2) are passed on to the LLM.
+        ids = model.eval().generate(**processor(images=[image], text=[text], return_tensors="pt"), max_new_tokens=12,
+                                    eos_token_id=model.generation_config.eos_token_id)
+    return {"dir": str(folder), "class": type(model).__name__, "prompt": text,
             "missing_keys": len(info["missing_keys"]), "unexpected_keys": len(info["unexpected_keys"]),
             "generated": processor.batch_decode(ids, skip_special_tokens=True)[0].strip()}
 
