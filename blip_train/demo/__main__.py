@@ -186,10 +186,8 @@ def export_and_check(name: str, run_dir: str, out: Path, data: Path) -> dict:
                                                    batch_size=1)[0]["image"])).convert("RGB")
     # InstructBLIP is asked in the instruction format it was tuned with (the VQA evaluation template).
     text = eval_instruction("vqa", "what color is the shape?") if arch == "instruct" else ""
-    with torch.no_grad():
-        # The saved generation config's stop tokens ("\n" for OPT stage 2) are passed on to the LLM.
-        ids = model.eval().generate(**processor(images=[image], text=[text], return_tensors="pt"), max_new_tokens=12,
-                                    eos_token_id=model.generation_config.eos_token_id)
+    with torch.no_grad():  # plain generate: the export's saved defaults (beams, stop tokens) apply
+        ids = model.eval().generate(**processor(images=[image], text=[text], return_tensors="pt"), max_new_tokens=12)
     return {"dir": str(folder), "class": type(model).__name__, "prompt": text,
             "missing_keys": len(info["missing_keys"]), "unexpected_keys": len(info["unexpected_keys"]),
             "generated": processor.batch_decode(ids, skip_special_tokens=True)[0].strip()}

@@ -141,7 +141,8 @@ def generation_config_for(arch: str, llm_config: Any, llm_tokenizer: Any, num_be
     to generate (the `<image>` placeholder)."""
     from transformers import GenerationConfig
 
-    eos: list[int] = [] if llm_config.eos_token_id is None else [int(llm_config.eos_token_id)]
+    held = llm_config.eos_token_id  # an int, or a list (an LLM folder imported from an export of ours)
+    eos: list[int] = [int(e) for e in (held if isinstance(held, (list, tuple)) else [held]) if e is not None]
     end_text = END_OF_TEXT.get(llm_config.model_type) if arch == "stage2" else None
     if end_text is not None:
         end_ids = llm_tokenizer(end_text, add_special_tokens=False)["input_ids"]
@@ -156,6 +157,36 @@ def generation_config_for(arch: str, llm_config: Any, llm_tokenizer: Any, num_be
     if suppress:
         gen.suppress_tokens = list(suppress)
     return gen
+
+
+def carry_generation_defaults_(text_config: Any, gen: Any) -> None:
+    """Write the decoding defaults of `gen` (the exported generation_config.json) into the LLM's config.
+
+    Blip2 / InstructBlipForConditionalGeneration.generate hands over to `language_model.generate`, which
+    decodes with the language model's own generation config; transformers builds that one, when it
+    loads the folder, from `text_config` (GenerationConfig.from_model_config), never from
+    generation_config.json (that one only reaches the outer model). Without this copy every saved
+    default is silently dropped: min_new_tokens (an instruction-tuned T5 whose first choice is </s>
+    answers ""), beams, InstructBLIP's repetition penalty, the suppressed `<image>`, OPT's "\n" stop."""
+    for key, value in gen.to_diff_dict().items():
+        if key != "transformers_version":
+            setattr(text_config, key, value)
+
+
+DECODING_KEYS = ("num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty", "length_penalty",
+                 "suppress_tokens")
+"""Decoding defaults `carry_generation_defaults_` may put in a text_config (the token ids are its own)."""
+
+
+def without_decoding_defaults(text_config: Any) -> Any:
+    """A copy of `text_config` for a plain LLM folder (import_hf): the BLIP model's decoding defaults
+    left out (save_pretrained would move them, warning, into the LLM's generation_config.json)."""
+    import copy
+
+    out = copy.deepcopy(text_config)
+    for key in DECODING_KEYS:
+        out.__dict__.pop(key, None)
+    return out
 
 
 def assign_into(model: Any, sd: dict, where: str) -> Any:

@@ -10,7 +10,9 @@ Left out on purpose: the ITC temperature `temp` and the Q-Former LM head (no tra
 them). transformers places the soft prompt at `<image>` placeholder tokens, so the exported LLM
 tokenizer gains `<image>`; when its id falls outside the LLM's embedding matrix, zero rows are
 appended (the placeholder's embedding is never read: the soft prompt replaces it) and generation
-suppresses it, so outputs over the original vocabulary are unchanged.
+suppresses it, so outputs over the original vocabulary are unchanged. The decoding defaults are
+written twice: generation_config.json (the outer model's) and text_config, because the outer
+`generate` runs `language_model.generate`, whose generation config transformers builds from text_config.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from blip_train.config import ConfigError, ExperimentConfig, config_from_dict
-from blip_train.interop.hf_config import (LAYOUTS, assign_into, build_processor, generation_config_for, hf_class,
-                                          hf_config_for)
+from blip_train.interop.hf_config import (LAYOUTS, assign_into, build_processor, carry_generation_defaults_,
+                                          generation_config_for, hf_class, hf_config_for)
 from blip_train.interop.weights_io import (InteropError, check_output, discard, is_weights_file, is_weights_folder,
                                            move_into_place, parse_dtype, parse_size, read_weights, temp_path)
 from blip_train.models.hf_names import model_to_hf
@@ -262,6 +264,13 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
     hf_sd = {k: (t.to(target) if t.is_floating_point() else t) for k, t in hf_sd.items()}
     hf_cfg = hf_config_for(m, llm_config, image_token_index)
     hf_cfg.dtype = target
+    gen = None
+    if arch != "stage1":
+        gen = generation_config_for(arch, llm_config, llm_tokenizer, cfg.eval.num_beams, cfg.eval.max_new_tokens,
+                                    suppress=[image_token_index] if padded else None)
+        # generate() decodes with the language model's generation config, which transformers rebuilds
+        # from text_config on loading: the defaults must be there too, not only in generation_config.json.
+        carry_generation_defaults_(hf_cfg.text_config, gen)
 
     with torch.device("meta"):
         model = hf_class(arch)(hf_cfg)
@@ -269,10 +278,8 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
     if result.missing_keys or result.unexpected_keys:
         raise InteropError(f"{hf_class(arch).__name__} state mismatch: missing {result.missing_keys[:4]}, "
                            f"unexpected {result.unexpected_keys[:4]}")
-    if arch != "stage1":
-        model.generation_config = generation_config_for(
-            arch, llm_config, llm_tokenizer, cfg.eval.num_beams, cfg.eval.max_new_tokens,
-            suppress=[image_token_index] if padded else None)
+    if gen is not None:
+        model.generation_config = gen
 
     tmp = temp_path(out)
     try:

@@ -19,7 +19,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 import yaml
 
-from blip_train.interop.hf_config import LAYOUTS, arch_of_hf_config, assign_into, hf_class, model_section_from_hf
+from blip_train.interop.hf_config import (LAYOUTS, arch_of_hf_config, assign_into, hf_class, model_section_from_hf,
+                                          without_decoding_defaults)
 from blip_train.interop.weights_io import (InteropError, check_output, discard, move_into_place, temp_path,
                                            write_weights)
 from blip_train.models.hf_names import model_from_hf, read_hf_folder_weights
@@ -135,7 +136,7 @@ def import_hf(hf_dir: Union[str, Path], out: Union[str, Path], *, overwrite: boo
             qformer_tok.save_pretrained(str(tmp / QFORMER_TOKENIZER_DIR))
         if arch != "stage1":
             log(f"language model: {type(hf_cfg.text_config).__name__} -> {out / LLM_DIR}")
-            _save_llm(llm, hf_cfg.text_config, tmp / LLM_DIR)
+            _save_llm(llm, without_decoding_defaults(hf_cfg.text_config), tmp / LLM_DIR)
             if llm_tok is not None:
                 llm_tok.save_pretrained(str(tmp / LLM_DIR))
         snippet = json.loads(json.dumps(model))

@@ -172,6 +172,9 @@ def assert_export_matches_ours(out: Path, ours, arch: str) -> None:
         theirs = theirs[:, ids.shape[1]:]  # transformers returns the prompt first
     assert torch.equal(theirs, mine), (theirs, mine)
     assert gen.suppress_tokens == [hf.config.image_token_index]
+    # generate() decodes with the language model's generation config (built from text_config on loading)
+    saved = {k: v for k, v in gen.to_diff_dict().items() if k != "transformers_version"}
+    assert {k: getattr(hf.language_model.generation_config, k) for k in saved} == saved
     with torch.no_grad():  # the saved defaults (beams, InstructBLIP's penalty) run as they are
         text = processor.batch_decode(hf.generate(**inputs, max_new_tokens=4), skip_special_tokens=True)
     assert len(text) == 2 and all(isinstance(t, str) for t in text)
