@@ -90,7 +90,8 @@ class SchemaDataset(StreamingDataset):
         return torch.Generator().manual_seed(seed)
 
     def format_sample(self, row: dict[str, Any], pixel_values: torch.Tensor) -> dict[str, Any]:
-        raise NotImplementedError
+        """Every schema field but the encoded image, plus the transformed pixels (subclasses pick fields)."""
+        return {"pixel_values": pixel_values, **{k: v for k, v in row.items() if k != "image"}}
 
 
 class ImageTextDataset(SchemaDataset):
