@@ -139,7 +139,9 @@ def train(cfg: ExperimentConfig) -> dict:
     state = TrainState()
     if tag is not None:
         state, data_state = load_checkpoint(engine, ckpt_dir, tag)
-        if data_state is not None:
+        # A finished run has nothing to iterate: restoring the position would leave streaming's
+        # resume buffer in shared memory, where the next job on the node would collide with it.
+        if data_state is not None and state.step < cfg.train.max_steps:
             loader.load_state_dict(data_state)
         print0(f"resumed from {ckpt_dir / tag} at step {state.step}")
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
