@@ -43,7 +43,8 @@ class VisionConfig:
     frozen: bool = True
     """Freeze the tower (requires_grad False, permanently in eval mode)."""
     precision: str = "fp16"
-    """Dtype of the frozen tower: fp16 | bf16 | fp32. fp16 falls back to bf16 where fp16 is unavailable (CPU)."""
+    """Dtype of the frozen tower: fp16 | bf16 | fp32. fp16 falls back to bf16 where fp16 is unavailable (CPU).
+    Kept under the engine, whatever deepspeed.precision says."""
     grad_checkpointing: bool = False
     """Recompute block activations in backward (only matters when the tower trains)."""
 
@@ -77,7 +78,8 @@ class LLMConfig:
     path: str = ""
     """Local HF folder (AutoModelForCausalLM or AutoModelForSeq2SeqLM) with its tokenizer."""
     dtype: str = "bf16"
-    """Frozen LLM dtype: bf16 | fp16 | fp32 (fp16 overflows in T5; GPU only)."""
+    """Frozen LLM dtype: bf16 | fp16 | fp32 (fp16 overflows in T5; GPU only). Kept under the engine,
+    whatever deepspeed.precision says."""
     prompt: str = ""
     """Text prompt for stage 2 (e.g. 'a photo of'); loss is never taken on it."""
     max_txt_len: int = 32
@@ -195,7 +197,8 @@ class DeepSpeedConfig:
     zero_stage: int = 3
     """0 | 1 | 2 | 3, overrides the template."""
     precision: str = "bf16"
-    """bf16 | fp16 | fp32 mixed-precision mode of the trainable part (fp16: GPU only)."""
+    """bf16 | fp16 | fp32: dtype of the trainable part (fp32 masters in the optimizer; fp16: GPU only).
+    Frozen towers keep model.vision.precision / model.llm.dtype."""
     offload_frozen: bool = False
     """ZeRO-3 parameter offload to CPU. DeepSpeed offloads every partition (trainable ones too), which
     mostly matters for the large frozen towers; GPU memory then holds only gathered working copies."""

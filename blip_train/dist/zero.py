@@ -65,15 +65,49 @@ def maybe_zero_init(enabled: bool, ds_config: Dict[str, Any]) -> ContextManager[
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 
-def hf_zero3_loading(ds_config: dict, enabled: bool):
+def with_precision(ds_config: dict, dtype: torch.dtype) -> dict:
+    """A copy of `ds_config` whose bf16/fp16 switches say `dtype` (fp32: both off).
+
+    zero.Init takes the dtype it builds in from these switches; a frozen tower that must be built in
+    its own dtype (an fp32 FlanT5 next to a bf16 Q-Former) is built under such a copy.
+    """
+    out = dict(ds_config)
+    for key, on in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        out[key] = {**ds_config.get(key, {}), "enabled": on}
+    return out
+
+
+def hf_zero3_loading(ds_config: dict, enabled: bool, dtype: Optional[torch.dtype] = None):
     """Make transformers' `from_pretrained` load straight into ZeRO-3 partitions (returns the handle to keep).
 
     transformers checks a module-level weak reference to an `HfDeepSpeedConfig`: while the returned
     object is alive, a frozen 13B LLM is partitioned as it loads instead of materialising whole on every
-    rank. Returns None (normal loading) unless `enabled` and the config is ZeRO stage 3.
+    rank. transformers builds under zero.Init with the config's precision, so `dtype` (the frozen LLM's
+    own, `model.llm.dtype`) is written into the copy it sees. Returns None (normal loading) unless
+    `enabled` and the config is ZeRO stage 3.
     """
-    if not enabled or ds_config.get("zero_optimization", {}).get("stage") != 3:
+    if not enabled or zero_stage(ds_config) != 3:
         return None
     from transformers.integrations import HfDeepSpeedConfig
 
-    return HfDeepSpeedConfig(ds_config)
+    return HfDeepSpeedConfig(with_precision(ds_config, dtype) if dtype is not None else ds_config)
+
+
+def partition_module_(module: nn.Module, ds_config: Dict[str, Any]) -> None:
+    """Partition every not-yet-partitioned parameter of a built module as ZeRO-3 would, keeping dtypes.
+
+    DeepSpeed casts every parameter of a model it has not seen partitioned to the engine's 16-bit
+    dtype; one that arrives partitioned keeps the dtypes its parts were built in. Offload placement
+    comes from the config, as in DeepSpeed's own conversion. A collective: all ranks call it.
+    """
+    import deepspeed
+
+    params = list(module.parameters())
+    whole = [p for p in params if not is_zero3_param(p)]
+    partitioned = [p for p in params if is_zero3_param(p)]
+    if not whole:
+        return
+    if partitioned:  # join the partitioning context of the parts built under zero.Init (e.g. the LLM)
+        partitioned[0].convert_to_zero_parameters(param_list=whole)
+    else:
+        deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)

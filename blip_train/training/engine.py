@@ -9,15 +9,19 @@ from __future__ import annotations
 import copy
 import json
 import math
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from blip_train.config import ConfigError, ExperimentConfig
+from blip_train.dist.zero import is_zero3_param, partition_module_, zero_stage
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 _PRECISION_KEYS = {"bf16": "bf16", "fp16": "fp16"}
+ENGINE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def load_ds_template(name_or_path: str) -> dict:
@@ -127,20 +131,63 @@ def assert_optimizer_holds_trainable(model: nn.Module, optimizer: torch.optim.Op
         raise RuntimeError(f"optimizer holds {len(in_opt)} tensors but the model has {len(trainable)} trainable ones")
 
 
+def cast_trainable_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Trainable parameters in the engine's dtype (DeepSpeed keeps their fp32 masters in the optimizer)."""
+    for name, p in model.named_parameters():
+        if not p.requires_grad or p.dtype == dtype:
+            continue
+        if is_zero3_param(p):
+            raise RuntimeError(f"{name}: trainable but partitioned in {p.dtype} before the engine exists; "
+                               f"build trainable modules outside zero.Init")
+        p.data = p.data.to(dtype)
+
+
+@contextmanager
+def frozen_set_aside(model: nn.Module, device_of: Callable[[], torch.device | None]):
+    """Frozen parameters step out while DeepSpeed (ZeRO-0/1/2) sets the model up, then return on its device.
+
+    deepspeed.initialize casts every parameter to the engine's 16-bit dtype; the frozen towers keep
+    the dtype their config asked for (model.vision.precision, model.llm.dtype). Each steps aside as an
+    empty tensor (nothing to cast, move or broadcast: every rank loaded the same source weights), so no
+    cast copy of a frozen LLM is ever made.
+    """
+    aside = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            aside[p] = p.data
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    try:
+        yield
+    finally:
+        device = device_of()  # None: initialize failed, nothing moved
+        for p, data in aside.items():
+            p.data = data if device is None else data.to(device)
+
+
 def build_engine(model: nn.Module, cfg: ExperimentConfig, world_size: int, on_cuda: bool,
                  extra_ds: dict | None = None, ds_config: dict | None = None):
     """deepspeed.initialize with a client AdamW and per-step warmup+cosine schedule.
 
-    `ds_config`: the JSON from `build_ds_config` when the caller built it already (to validate it before
-    any process group exists); `extra_ds` is merged on top (e.g. universal-checkpoint loading).
+    Dtypes are decided here, not by DeepSpeed: trainable parameters take `deepspeed.precision`, frozen
+    towers keep the dtype they were built in. `ds_config`: the JSON from `build_ds_config` when the
+    caller built it already (to validate it before any process group exists); `extra_ds` is merged on
+    top (e.g. universal-checkpoint loading).
     """
     import deepspeed
 
     ds_config = copy.deepcopy(ds_config) if ds_config is not None else build_ds_config(cfg, world_size, on_cuda)
     ds_config.update(extra_ds or {})
+    cast_trainable_(model, ENGINE_DTYPES[cfg.deepspeed.precision])
     optimizer = build_optimizer(model, cfg, on_cuda)
     assert_optimizer_holds_trainable(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg)
-    engine, ds_opt, _, ds_sched = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                       config=ds_config)
-    return engine, ds_opt, ds_sched, ds_config
+    built = {}
+    if zero_stage(ds_config) == 3:
+        partition_module_(model, ds_config)  # DeepSpeed does not recast a model that arrives partitioned
+        aside = nullcontext()
+    else:
+        aside = frozen_set_aside(model, lambda: built["engine"].device if "engine" in built else None)
+    with aside:
+        built["engine"], ds_opt, _, ds_sched = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                    lr_scheduler=scheduler, config=ds_config)
+    return built["engine"], ds_opt, ds_sched, ds_config

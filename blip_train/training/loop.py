@@ -18,6 +18,7 @@ from blip_train.dist.preemption import PreemptionHandler
 from blip_train.dist.process_group import all_reduce_max_bool, init_distributed, print0
 from blip_train.dist.world import build_world_info
 from blip_train.dist.zero import hf_zero3_loading
+from blip_train.models.llm_bridge import llm_dtype
 from blip_train.training.checkpoint import (TrainState, convert_to_universal, find_resume_tag, load_checkpoint,
                                             read_meta, save_checkpoint)
 from blip_train.evaluation.in_training import evaluate_during_training
@@ -126,7 +127,10 @@ def train(cfg: ExperimentConfig) -> dict:
         convert_to_universal(ckpt_dir, tag)
 
     # Frozen HF LLMs load straight into ZeRO-3 partitions (kept alive for the whole run on purpose).
-    hf_zero3 = hf_zero3_loading(ds_config, cfg.deepspeed.zero_init and cfg.model.arch != "stage1")  # noqa: F841
+    hf_zero3 = None
+    if cfg.model.arch != "stage1":  # in the LLM's own dtype (model.llm.dtype), not the engine's
+        hf_zero3 = hf_zero3_loading(ds_config, cfg.deepspeed.zero_init,  # noqa: F841
+                                    dtype=llm_dtype(cfg.model.llm.dtype, "cuda" if on_cuda else "cpu"))
     stage = build_stage(cfg, build_world_info(), on_cuda)
     print0(describe_parameters(stage.model))
     if hf_zero3 is not None:
