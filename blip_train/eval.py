@@ -89,14 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     export_environment(env)
     if env.world_size > 1:
         init_distributed(env, cfg.deepspeed.timeout_minutes)
-    predictions: list = []
     if args.task == "retrieval":
         from blip_train.evaluation.stage1_eval import evaluate_retrieval
         from blip_train.training.stages import load_trained_stage1
         model, tokenizer = load_trained_stage1(cfg, ckpt_dir, tag, untrained=args.untrained)
-        metrics = evaluate_retrieval(model, tokenizer, args.data, cfg.model.vision.image_size, cfg.model.max_txt_len,
-                                     k_test=cfg.eval.k_test, batch_size=cfg.eval.batch_size,
-                                     max_samples=cfg.eval.max_samples)
+        metrics, predictions = evaluate_retrieval(model, tokenizer, args.data, cfg.model.vision.image_size,
+                                                  cfg.model.max_txt_len, k_test=cfg.eval.k_test,
+                                                  batch_size=cfg.eval.batch_size, max_samples=cfg.eval.max_samples)
     else:
         from blip_train.evaluation.generative_eval import evaluate_captions, evaluate_vqa
         model, collate, tok, gen = build_generative_eval(cfg, ckpt_dir, tag, args.task, args.untrained)

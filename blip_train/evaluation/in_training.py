@@ -24,10 +24,10 @@ def evaluate_during_training(cfg: ExperimentConfig, model: nn.Module, tokenizer:
             from blip_train.evaluation.stage1_eval import evaluate_retrieval
 
             with gathered([model.query_tokens, model.temp]), zero3_forward_context(model):
-                m = evaluate_retrieval(model, tokenizer, cfg.data.val, cfg.model.vision.image_size,
-                                       cfg.model.max_txt_len, k_test=cfg.eval.k_test,
-                                       batch_size=cfg.eval.batch_size, max_samples=cfg.eval.max_samples,
-                                       shard=False)
+                m, _ = evaluate_retrieval(model, tokenizer, cfg.data.val, cfg.model.vision.image_size,
+                                          cfg.model.max_txt_len, k_test=cfg.eval.k_test,
+                                          batch_size=cfg.eval.batch_size, max_samples=cfg.eval.max_samples,
+                                          shard=False)
             keys = ("txt_r1", "img_r1", "txt_r5", "img_r5", "r_mean")
         else:
             from blip_train.evaluation.generative_eval import evaluate_captions, evaluate_vqa, generation_setup

@@ -13,7 +13,7 @@ from streaming import StreamingDataset
 from blip_train.data.collate import pre_caption
 from blip_train.data.schema import verify_split
 from blip_train.data.transforms import build_transform
-from blip_train.evaluation.retrieval import chance_recall_at_1, recall_metrics, rerank_with_itm
+from blip_train.evaluation.retrieval import chance_recall_at_1, ranked_predictions, recall_metrics, rerank_with_itm
 
 
 def _rank_world() -> tuple[int, int]:
@@ -48,8 +48,9 @@ def load_retrieval_split(split: str, max_samples: int = 0) -> tuple[list[bytes],
 
 @torch.no_grad()
 def evaluate_retrieval(model, tokenizer, split: str, image_size: int, max_txt_len: int, k_test: int = 128,
-                       batch_size: int = 64, max_samples: int = 0, shard: bool = True) -> dict[str, float]:
-    """TR@K / IR@K of ITC top-k re-ranked with ITM.
+                       batch_size: int = 64, max_samples: int = 0, shard: bool = True) -> tuple[dict, dict]:
+    """(metrics, predictions): TR@K / IR@K of ITC top-k re-ranked with ITM, and per query its rank and
+    top answers (`ranked_predictions`), the same on every rank.
 
     shard=True: each rank encodes and re-ranks its share (an un-partitioned model per rank).
     shard=False: every rank does all the work — inside ZeRO-3 training, where all ranks must make the
@@ -114,4 +115,4 @@ def evaluate_retrieval(model, tokenizer, split: str, image_size: int, max_txt_le
                     "num_images": len(images), "num_texts": len(texts), "k_test": min(k_test, len(texts))})
     if not math.isfinite(metrics["r_mean"]):
         raise RuntimeError("retrieval metrics are not finite")
-    return metrics
+    return metrics, ranked_predictions(scores_i2t.numpy(), scores_t2i.numpy(), img2txt, txt2img.tolist(), texts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,14 @@ def test_eval_prints_json_last_and_two_ranks_equal_one(trained, tiny_assets):
     m2 = json.loads(two.stdout.strip().splitlines()[-1])
     for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean", "itc_img_r1"):
         assert m2[key] == pytest.approx(m1[key], abs=1e-9), key
+    # the saved per-query rankings are the ones the recalls were counted from
+    saved = json.loads(Path(m2["predictions_file"]).read_text())
+    assert saved["metrics"]["img_r1"] == m2["img_r1"]
+    t2i, i2t = saved["predictions"]["text_to_image"], saved["predictions"]["image_to_text"]
+    assert len(t2i) == m1["num_texts"] and len(i2t) == m1["num_images"]
+    assert 100.0 * sum(q["rank"] < 5 for q in t2i) / len(t2i) == pytest.approx(m1["img_r5"])
+    assert 100.0 * sum(q["rank"] == 0 for q in i2t) / len(i2t) == pytest.approx(m1["txt_r1"])
+    assert all(q["top"][0]["text"] in q["correct_texts"] for q in i2t if q["rank"] == 0)
     untrained = _eval(args + ["--untrained"])
     assert json.loads(untrained.stdout.strip().splitlines()[-1])["untrained"] is True
 
