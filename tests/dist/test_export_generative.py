@@ -61,3 +61,10 @@ def test_trained_checkpoint_exports_to_a_working_transformers_model(arch, kind, 
     report = init_from_earlier_stage_(ours, read_init_weights(run))
     assert report["missing"] == [] and report["unused"] == []
     assert_export_matches_ours(out, ours.eval(), arch)
+
+    # the check `make demo` records in summary.json["export"], on this run
+    from blip_train.demo.__main__ import export_and_check
+    record = export_and_check(f"{arch}_{kind}", str(run), tmp_path / "demo", tiny_assets / "data")
+    expected = "InstructBlipForConditionalGeneration" if arch == "instruct" else "Blip2ForConditionalGeneration"
+    assert record["class"] == expected and record["missing_keys"] == 0 and record["unexpected_keys"] == 0
+    assert isinstance(record["generated"], str) and (record["prompt"] != "") == (arch == "instruct")
