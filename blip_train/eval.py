@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from blip_train.config import ConfigError, config_from_dict, validate_config
+from blip_train.config import EVAL_TASK_ARCHS, ConfigError, config_from_dict, validate_config
 
 TASKS = ("retrieval", "caption", "vqa")
 
@@ -51,7 +51,6 @@ def load_run_config(checkpoint: str, overrides: list[str]):
     return cfg, ckpt_dir, tag
 
 
-TASK_ARCHS = {"retrieval": ("stage1",), "caption": ("stage2", "instruct"), "vqa": ("instruct",)}
 
 
 def build_generative_eval(cfg, ckpt_dir: Path, tag: str, task: str, untrained: bool):
@@ -78,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"eval error: {e}", file=sys.stderr)
         return 2
-    if cfg.model.arch not in TASK_ARCHS[args.task]:
-        print(f"eval error: --task {args.task} needs a run with model.arch in {TASK_ARCHS[args.task]}; "
+    if cfg.model.arch not in EVAL_TASK_ARCHS[args.task]:
+        print(f"eval error: --task {args.task} needs a run with model.arch in {EVAL_TASK_ARCHS[args.task]}; "
               f"{ckpt_dir.parent} is model.arch={cfg.model.arch}", file=sys.stderr)
         return 2
     from blip_train.dist.env import discover_environment, export_environment

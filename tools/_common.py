@@ -40,7 +40,7 @@ def run_tool(main: Callable[[], int | None]) -> None:
     """Run a tool's main; expected failures exit 2 with a single `error: ...` line, no traceback."""
     try:
         code = main()
-    except (InputError, SchemaError, FileExistsError, ValueError) as e:
+    except (InputError, SchemaError, OSError, ValueError) as e:  # OSError: missing/unreadable inputs
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

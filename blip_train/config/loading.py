@@ -75,6 +75,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and key in _ON_OFF_KEYS:
+            return "on" if value else "off"
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
@@ -144,6 +146,18 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+EVAL_TASK_ARCHS = {"retrieval": ("stage1",), "caption": ("stage2", "instruct"), "vqa": ("instruct",)}
+"""Which model.arch can run each evaluation task (retrieval needs the ITC/ITM heads; the others an LLM)."""
+_DEFAULT_EVAL_TASK = {"stage1": "retrieval", "stage2": "caption", "instruct": "vqa"}
+_ON_OFF_KEYS = {"optim.fused"}
+"""String keys whose values include on/off, which YAML reads as booleans when unquoted."""
+
+
+def eval_task(cfg: ExperimentConfig) -> str:
+    """The in-training evaluation task: eval.task, or the architecture's own when 'auto'."""
+    return _DEFAULT_EVAL_TASK[cfg.model.arch] if cfg.eval.task == "auto" else cfg.eval.task
+
+
 def validate_config(cfg: ExperimentConfig) -> None:
     """Refuse impossible settings, naming the key to change. Runs before any distributed set-up."""
     r, m, d, o, t, ds = cfg.run, cfg.model, cfg.data, cfg.optim, cfg.train, cfg.deepspeed
@@ -205,6 +219,10 @@ def validate_config(cfg: ExperimentConfig) -> None:
             raise ConfigError("model.attention: flash needs a CUDA device (this run is on CPU; use auto or sdpa)")
     if cfg.eval.interval and not d.val:
         raise ConfigError("eval.interval: in-training evaluation needs data.val (a held-out MDS split)")
+    _choice("eval.task", cfg.eval.task, ("auto",) + tuple(EVAL_TASK_ARCHS))
+    if cfg.eval.task != "auto" and m.arch not in EVAL_TASK_ARCHS[cfg.eval.task]:
+        raise ConfigError(f"eval.task: {cfg.eval.task} needs model.arch in {', '.join(EVAL_TASK_ARCHS[cfg.eval.task])}, "
+                          f"this run is model.arch={m.arch}")
     if ds.offload_frozen and ds.zero_stage != 3:
         raise ConfigError(f"deepspeed.offload_frozen: needs deepspeed.zero_stage=3, got {ds.zero_stage}")
 

@@ -181,6 +181,9 @@ class TrainConfig:
 class EvalConfig:
     interval: int = 0
     """Steps between in-training evaluations (0: none)."""
+    task: str = "auto"
+    """In-training task: auto (stage1 retrieval, stage2 caption, instruct vqa) | retrieval | caption | vqa.
+    InstructBLIP validated on a captions-only split (COCO) needs caption."""
     k_test: int = 128
     """Retrieval: candidates re-ranked with ITM."""
     batch_size: int = 32
@@ -205,7 +208,9 @@ class DeepSpeedConfig:
     param_persistence_threshold: int = -1
     """stage3_param_persistence_threshold; -1 keeps DeepSpeed's default, 0 partitions everything."""
     zero_init: bool = True
-    """Build large modules under deepspeed.zero.Init (ZeRO-3)."""
+    """ZeRO-3: load the frozen HF LLM straight into partitions (zero.Init through HfDeepSpeedConfig), so a
+    13B LLM never exists whole on a rank. The ViT and Q-Former are built whole on each rank (ViT-g in
+    fp16 is 2 GB) and partitioned when the engine is built."""
     timeout_minutes: int = 30
     """Collective timeout."""
 

@@ -67,27 +67,28 @@ class SchemaDataset(StreamingDataset):
         for attempt in range(min(self.max_consecutive_corrupt, count)):
             sid = start + (int(sample_id) - start + attempt) % count
             row = self.get_item(sid)
+            seed = self._sample_seed(sid)
             try:
-                pixel_values = self.transform(decode_rgb(row["image"]), self._augmentation_generator(sid))
+                pixel_values = self.transform(decode_rgb(row["image"]), torch.Generator().manual_seed(seed))
             except Exception as e:  # PIL raises many types for bad bytes
                 with self._num_corrupt.get_lock():
                     self._num_corrupt.value += 1
                 logger.warning("skipping sample %d (image_id %s, dataset %s): undecodable image (%s)",
                                sid, row.get("image_id"), row.get("dataset"), type(e).__name__)
                 continue
-            return self.format_sample(row, pixel_values)
+            return {**self.format_sample(row, pixel_values), "draw_seed": seed}
         raise RuntimeError(f"{min(self.max_consecutive_corrupt, count)} consecutive samples from {sample_id} "
                            "have undecodable images: the split is broken, re-run its converter")
 
-    def _augmentation_generator(self, sample_id: int) -> torch.Generator:
-        """Augmentation randomness as a function of (seed, epoch, sample), never of worker or global RNG.
+    def _sample_seed(self, sample_id: int) -> int:
+        """Seed of a sample's randomness as a function of (seed, epoch, sample), never of worker or global RNG.
 
-        A resumed run then crops and flips every sample exactly as the uninterrupted run would, whatever
-        the number of workers, and the global RNG (dropout, ITM negatives) is left to the model alone.
+        A resumed run then crops and flips every sample, and draws its text randomness (T5 split point,
+        instruction template; the collators read `draw_seed`), exactly as the uninterrupted run would,
+        whatever the number of workers; the global RNG (dropout, ITM negatives) is left to the model.
         """
         epoch = max(0, self.next_epoch - 1)  # next_epoch is advanced when an epoch's iteration starts
-        seed = (self.shuffle_seed * 1_000_003 + epoch * 2_147_483_629 + sample_id) % (2**63 - 1)
-        return torch.Generator().manual_seed(seed)
+        return (self.shuffle_seed * 1_000_003 + epoch * 2_147_483_629 + sample_id) % (2**63 - 1)
 
     def format_sample(self, row: dict[str, Any], pixel_values: torch.Tensor) -> dict[str, Any]:
         """Every schema field but the encoded image, plus the transformed pixels (subclasses pick fields)."""
@@ -193,6 +194,22 @@ def mixture_proportions(sizes: list[int], explicit: list[float], balance: str) -
         out[i] = rest * w / sum(raw)
     total = sum(out)
     return [p / total for p in out]
+
+
+def check_local_splits(cfg: DataConfig) -> None:
+    """Refuse missing or non-schema local training splits before any work (ConfigError naming the key).
+
+    Remote streams are checked when the loader fetches their index (that needs the job's cache).
+    """
+    from blip_train.config import ConfigError
+    from blip_train.data.schema import SchemaError
+
+    for i, sc in enumerate(cfg.train):
+        if sc.local and not sc.remote:
+            try:
+                verify_split(sc.local)
+            except SchemaError as e:
+                raise ConfigError(f"data.train[{i}].local: {e}") from None
 
 
 def build_streams(streams: list[StreamConfig], balance: str, cache_dir: str = ""

@@ -15,8 +15,9 @@ Training batches are right-padded; `generation=True` batches carry no labels and
 decoder-only prompt so that every row's last position is a real token (HF's generate continues
 from the last position).
 
-Randomness (T5 split points, instruction templates) comes from a per-process `random.Random`
-seeded with (seed, DataLoader worker id): one seed gives the same draws, workers differ.
+Randomness (T5 split points, instruction templates) is drawn per sample from the reader's `draw_seed`
+(a function of the data seed, the epoch and the sample): the same whatever the worker or process, so
+a resumed run draws exactly what the uninterrupted one did.
 """
 from __future__ import annotations
 
@@ -63,24 +64,15 @@ def _pad_labels(seqs: Sequence[list[int]]) -> torch.Tensor:
     return _pad(seqs, IGNORE_INDEX)[0]
 
 
-class _WorkerRandom:
-    """random.Random seeded with (seed, DataLoader worker id), re-created in each worker process.
+def sample_random(sample: dict[str, Any], salt: int) -> random.Random:
+    """The text randomness of one sample: seeded by the reader's per-(seed, epoch, sample) `draw_seed`.
 
-    A forked worker inherits the parent's state, so without this every worker would draw the
-    same sequence.
+    Draws then depend on neither the DataLoader worker nor the process, so a resumed run draws what the
+    uninterrupted run drew. `salt` (the collator's seed) separates runs that differ only in run.seed.
     """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._pid: Optional[int] = None
-        self._rng = random.Random()
-
-    def get(self) -> random.Random:
-        if self._pid != os.getpid():
-            info = torch.utils.data.get_worker_info()
-            self._rng = random.Random(f"{self.seed}-worker{info.id if info is not None else -1}")
-            self._pid = os.getpid()
-        return self._rng
+    if "draw_seed" not in sample:
+        raise KeyError("training samples need 'draw_seed' (set by blip_train.data.datasets readers)")
+    return random.Random(f"{salt}-{int(sample['draw_seed'])}")
 
 
 class _LLMText:
@@ -174,19 +166,18 @@ class T5PrefixCollator:
         self.prompt = prompt.rstrip()
         self.max_txt_len, self.max_words, self.generation = max_txt_len, max_words, generation
         self.prefix_lm = prefix_lm
-        self.rng = _WorkerRandom(seed)
+        self.seed = seed
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         prompt_ids, eos = self.text.ids(self.prompt), self.text.eos
         if self.generation:
             ids, mask = _pad([prompt_ids + [eos]] * len(samples), self.text.pad)
             return {**collate_samples(samples), "llm_input_ids": ids, "llm_attention_mask": mask}
-        rng = self.rng.get()
         enc, dec = [], []
         for s in samples:
             caption = self.text.continuation(self.prompt, pre_caption(s["caption"], self.max_words))
             toks = self.text.ids(caption, self.max_txt_len - 1)  # room for </s> in the target
-            k = t5_split_point(len(toks), rng) if self.prefix_lm else 0
+            k = t5_split_point(len(toks), sample_random(s, self.seed)) if self.prefix_lm else 0
             enc.append(prompt_ids + toks[:k] + [eos])
             dec.append(toks[k:] + [eos])
         ids, mask = _pad(enc, self.text.pad)
@@ -219,13 +210,13 @@ class InstructCollator:
         self.max_prompt_len, self.max_txt_len = max_prompt_len, max_txt_len
         self.max_qformer_len = max_qformer_len or max_prompt_len
         self.decoder_only, self.eos_text, self.generation = decoder_only, eos_text, generation
-        self.rng = _WorkerRandom(seed)
+        self.seed = seed
 
     def instruction(self, sample: dict[str, Any]) -> str:
         task, question = sample.get("task") or "caption", sample.get("question") or ""
         if self.generation:
             return eval_instruction(task, question, self.templates)
-        return choose_instruction(task, question, self.rng.get(), self.templates)
+        return choose_instruction(task, question, sample_random(sample, self.seed), self.templates)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         instructions = [self.instruction(s) for s in samples]

@@ -71,8 +71,9 @@ def make_data(out: Path, num_samples: int) -> Path:
     if (data / "train").is_dir() and (data / "val").is_dir():
         log(f"data: reusing {data}")
         return data
+    # --overwrite: a demo interrupted between the two splits regenerates both (same seed, same bytes)
     run([sys.executable, "tools/make_synthetic_dataset.py", "--out", str(data), "--num-samples", str(num_samples),
-         "--seed", "0", "--val-fraction", "0.1"])
+         "--seed", "0", "--val-fraction", "0.1", "--overwrite"])
     return data
 
 

@@ -28,6 +28,11 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def is_vqa_row(row: dict) -> bool:
+    """A row VQA evaluation can score: a question with human answers."""
+    return row["task"] == "vqa" and bool(row["question"]) and len(row["answers"]) > 0
+
+
 def load_samples(split: str, image_size: int, max_samples: int = 0,
                  keep: Callable[[dict], bool] = lambda row: True) -> list[dict[str, Any]]:
     """Schema rows of `split` (all of them on every rank) as reader-style samples with eval transform."""
@@ -96,7 +101,7 @@ def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: s
 def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str,
                  gen_kwargs: dict, shard: bool = True) -> tuple[dict[str, float], list[dict]]:
     samples = load_samples(split, cfg.model.vision.image_size, cfg.eval.max_samples,
-                           keep=lambda row: row["task"] == "vqa" and bool(row["question"]) and len(row["answers"]) > 0)
+                           keep=is_vqa_row)
     if not samples:
         raise ValueError(f"{split}: no VQA samples (task 'vqa' with a question and answers)")
     preds = generate_texts(model, collate, tokenizer, samples, cfg.eval.batch_size, gen_kwargs, shard)

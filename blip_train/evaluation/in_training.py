@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from blip_train.config import ExperimentConfig
+from blip_train.config import ExperimentConfig, eval_task
 from blip_train.dist.zero import gathered
 
 
@@ -32,7 +32,7 @@ def evaluate_during_training(cfg: ExperimentConfig, model: nn.Module, tokenizer:
         else:
             from blip_train.evaluation.generative_eval import evaluate_captions, evaluate_vqa, generation_setup
 
-            task = "vqa" if cfg.model.arch == "instruct" else "caption"
+            task = eval_task(cfg)
             collate, gen = generation_setup(cfg, model, tokenizer, task)
             run = evaluate_vqa if task == "vqa" else evaluate_captions
             m, _ = run(model, collate, tokenizer, cfg, cfg.data.val, gen, shard=False)
@@ -40,3 +40,29 @@ def evaluate_during_training(cfg: ExperimentConfig, model: nn.Module, tokenizer:
     finally:
         model.train(was_training)
     return {f"eval/{k}": float(m[k]) for k in keys}
+
+
+def check_eval_split(cfg: ExperimentConfig) -> None:
+    """Refuse, before any work, a data.val that in-training evaluation could not use (ConfigError).
+
+    Evaluation runs first after `eval.interval` steps; a wrong split found then costs those steps.
+    VQA needs rows with a question and answers (a captions-only split such as COCO Karpathy has none:
+    evaluate InstructBLIP on it with eval.task=caption).
+    """
+    from streaming import StreamingDataset
+
+    from blip_train.config import ConfigError
+    from blip_train.data.schema import SchemaError, verify_split
+    from blip_train.evaluation.generative_eval import is_vqa_row
+
+    try:
+        n = verify_split(cfg.data.val)
+    except SchemaError as e:
+        raise ConfigError(f"data.val: {e}") from None
+    if n == 0:
+        raise ConfigError(f"data.val: {cfg.data.val} has no samples")
+    if eval_task(cfg) == "vqa":
+        ds = StreamingDataset(local=cfg.data.val, shuffle=False, batch_size=1)
+        if not any(is_vqa_row(ds[i]) for i in range(ds.num_samples)):
+            raise ConfigError(f"data.val: {cfg.data.val} has no VQA rows (task 'vqa' with a question and answers) "
+                              f"for eval.task={cfg.eval.task}; set eval.task=caption or point data.val at a VQA split")

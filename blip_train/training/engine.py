@@ -65,6 +65,10 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, on_cuda: bool) -> di
         section["enabled"] = p == precision
 
     zero = ds.setdefault("zero_optimization", {})
+    if "stage" in zero and zero["stage"] != cfg.deepspeed.zero_stage:
+        raise ConfigError(f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} contradicts the template "
+                          f"{cfg.deepspeed.config!r}, which is tuned for ZeRO stage {zero['stage']}; choose a "
+                          "matching template or zero_stage")
     zero["stage"] = cfg.deepspeed.zero_stage
     if cfg.deepspeed.param_persistence_threshold >= 0:
         zero["stage3_param_persistence_threshold"] = cfg.deepspeed.param_persistence_threshold

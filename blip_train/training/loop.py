@@ -13,15 +13,16 @@ from typing import Iterator
 import torch
 
 from blip_train.config import ConfigError, ExperimentConfig, save_resolved_config
+from blip_train.data.datasets import check_local_splits
 from blip_train.dist.env import discover_environment, export_environment
 from blip_train.dist.preemption import PreemptionHandler
 from blip_train.dist.process_group import all_reduce_max_bool, init_distributed, print0
 from blip_train.dist.world import build_world_info
 from blip_train.dist.zero import hf_zero3_loading
+from blip_train.evaluation.in_training import check_eval_split, evaluate_during_training
 from blip_train.models.llm_bridge import llm_dtype
 from blip_train.training.checkpoint import (TrainState, convert_to_universal, find_resume_tag, load_checkpoint,
                                             read_meta, save_checkpoint)
-from blip_train.evaluation.in_training import evaluate_during_training
 from blip_train.training.engine import build_ds_config, build_engine
 from blip_train.training.flops import build_flops_counter
 from blip_train.training.metrics import MetricLogger
@@ -114,6 +115,9 @@ def train(cfg: ExperimentConfig) -> dict:
     if elastic:
         keep_global_batch(cfg, read_meta(ckpt_dir / tag), env.world_size)
     ds_config = build_ds_config(cfg, env.world_size, on_cuda)  # batch/template errors before any process group
+    check_local_splits(cfg.data)  # and data errors too
+    if cfg.eval.interval:
+        check_eval_split(cfg)
     init_distributed(env, cfg.deepspeed.timeout_minutes)
     if env.rank == 0:
         save_resolved_config(cfg, out / "config.yaml")
@@ -155,7 +159,7 @@ def train(cfg: ExperimentConfig) -> dict:
     history: list[dict] = []
     batches = _forever(loader)
     engine.train()
-    logger.reset_clock()
+    logger.reset_clock(state.step)
     stopped_early = False
     try:
         while state.step < cfg.train.max_steps:
@@ -164,18 +168,21 @@ def train(cfg: ExperimentConfig) -> dict:
                 scalars = logger.log(state.step, scheduler.get_last_lr()[0],
                                      {"data/skipped_samples": float(stage.skipped_samples())})
                 history.append({"step": state.step, **scalars})
-            if cfg.eval.interval and state.step % cfg.eval.interval == 0:
-                scores = evaluate_during_training(cfg, engine.module, stage.tokenizer)
-                logger.log_scalars(state.step, scores)
-                print0(f"step {state.step:>7d} | " + " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
             stop = preemption.should_stop()
+            # Saved before evaluating: a failing evaluation must not cost the steps since the last save.
             if stop or state.step % cfg.train.save_interval == 0 or state.step == cfg.train.max_steps:
-                save_checkpoint(engine, ckpt_dir, state, loader.state_dict(), meta,
-                                cfg.train.keep_last, cfg.train.keep_every)
+                with logger.paused():
+                    save_checkpoint(engine, ckpt_dir, state, loader.state_dict(), meta,
+                                    cfg.train.keep_last, cfg.train.keep_every)
             if stop:
                 print0(f"stop requested ({preemption.signal_name or 'signal on another rank'}): checkpoint saved at step {state.step}; exiting for requeue")
                 stopped_early = True
                 break
+            if cfg.eval.interval and state.step % cfg.eval.interval == 0:
+                with logger.paused():
+                    scores = evaluate_during_training(cfg, engine.module, stage.tokenizer)
+                logger.log_scalars(state.step, scores)
+                print0(f"step {state.step:>7d} | " + " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     finally:
         preemption.uninstall()
         logger.close()

@@ -10,6 +10,7 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -82,7 +83,8 @@ class MetricLogger:
         self.timer = StepTimer(self.device.type == "cuda")
         self.peak_flops = peak_flops(self.device)
         self._sums: dict[str, float] = defaultdict(float)
-        self._count = 0
+        self._count = 0  # micro-batches since the last log (loss means)
+        self._step_at_clock = 0  # optimizer step when the clock last restarted (rates per step)
         self._tokens = 0.0
         self._flops = 0.0
         self._t_last = time.perf_counter()
@@ -104,8 +106,19 @@ class MetricLogger:
             self._tokens += tokens
             self._flops += flops
 
-    def reset_clock(self) -> None:
+    @contextmanager
+    def paused(self):
+        """Time spent inside (checkpointing, evaluation) is left out of the training rates."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._t_last += time.perf_counter() - t0
+
+    def reset_clock(self, step: int = 0) -> None:
+        """Start timing at optimizer step `step` (the resumed step, or 0)."""
         self._t_last = time.perf_counter()
+        self._step_at_clock = step
         self.timer.totals()  # drop laps from before the loop
 
     def _peak_memory_per_rank(self) -> list[float]:
@@ -125,10 +138,11 @@ class MetricLogger:
         phases = self.timer.totals()  # synchronizes the device once (CUDA)
         now = time.perf_counter()
         elapsed = max(now - self._t_last, 1e-9)
-        steps = max(1, self._count)
+        micro = max(1, self._count)
+        steps = max(1, step - self._step_at_clock)  # optimizer steps: each is grad_accum_steps micro-batches
         achieved = self._flops / elapsed  # this rank's model FLOP/s
         keys = sorted(self._sums)
-        local = ([self._sums[k] / steps for k in keys] + [phases[p] for p in PHASES]
+        local = ([self._sums[k] / micro for k in keys] + [phases[p] for p in PHASES]
                  + [self._tokens / elapsed, achieved, achieved / self.peak_flops if self.peak_flops else 0.0])
         vals = torch.tensor(local, dtype=torch.float64, device=collective_device())
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -162,6 +176,7 @@ class MetricLogger:
         self._count = 0
         self._tokens = self._flops = 0.0
         self._t_last = now
+        self._step_at_clock = step
         return scalars
 
     def _print(self, step: int, lr: float, s: dict[str, float]) -> None:

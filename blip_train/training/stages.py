@@ -75,13 +75,17 @@ def load_trained_stage1(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, untrain
                         device_type: str | None = None):
     """(model, tokenizer) of a finished stage-1 run for inference (eval, CapFilt): `build_stage1_model`
     (frozen ViT from its recorded source), then the trainable weights consolidated from the ZeRO shards
-    of `ckpt_dir/tag`, loaded strictly. untrained=True keeps the step-0 initialisation (same seed)."""
+    of `ckpt_dir/tag`, loaded strictly. untrained=True gives the step-0 weights instead (same seed, then
+    model.init_from as in training)."""
     from blip_train.training.weights import consolidate_trainable, load_trainable_
 
     model, tokenizer = build_stage1_model(cfg, device_type=device_type)
     if not untrained:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
+    elif cfg.model.init_from:  # step 0 of such a run started from the earlier weights, as training did
+        from blip_train.training.weights import init_stage1_from_
+        init_stage1_from_(model, cfg.model.init_from)
     return model, tokenizer
 
 
@@ -185,8 +189,7 @@ def build_stage2(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> Stag
         collate = DecoderLMCollator(tok, prompt=llm.prompt, max_txt_len=llm.max_txt_len,
                                     eos_text=END_OF_TEXT.get(model.llm.config.model_type))
     else:
-        collate = T5PrefixCollator(tok, max_txt_len=llm.max_txt_len, prompt=llm.prompt,
-                                   seed=cfg.run.seed + world.rank)
+        collate = T5PrefixCollator(tok, max_txt_len=llm.max_txt_len, prompt=llm.prompt, seed=cfg.run.seed)
     return _llm_stage(cfg, collate, model, tok, report, "caption")
 
 
@@ -206,8 +209,7 @@ def build_instruct(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> St
                           f"{len(qtok)} tokens ({m.qformer.tokenizer})")
     model, tok, report = build_llm_stage_model(cfg, "cuda" if on_cuda else "cpu")
     collate = InstructCollator(qtok, tok, max_prompt_len=m.llm.max_prompt_len, max_txt_len=m.llm.max_txt_len,
-                               decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len,
-                               seed=cfg.run.seed + world.rank)
+                               decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len, seed=cfg.run.seed)
     return _llm_stage(cfg, collate, model, tok, report, "instruct")
 
 

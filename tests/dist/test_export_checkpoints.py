@@ -160,6 +160,13 @@ def test_init_from_takes_the_consolidated_folder(zero3_fp32, tmp_path):
     params = dict(model.named_parameters())
     assert all(torch.equal(params[k].detach(), v) for k, v in live["trainable"].items())
 
+    # `eval --untrained` of a run that started from those weights evaluates them, not a random init
+    from blip_train.training.stages import load_trained_stage1
+    cfg.model.init_from = str(tmp_path / "w")
+    step0, _ = load_trained_stage1(cfg, run / "checkpoints", "unused", untrained=True, device_type="cpu")
+    params = dict(step0.named_parameters())
+    assert all(torch.equal(params[k].detach(), v) for k, v in live["trainable"].items())
+
 
 def test_bad_inputs_fail_with_one_line(zero3_fp32, tmp_path, capsys):
     run, _ = zero3_fp32

@@ -44,7 +44,7 @@ def test_key_snapshot():
         "optim.betas", "optim.eps", "optim.grad_clip", "optim.fused",
         "train.max_steps", "train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size",
         "train.log_interval", "train.save_interval", "train.keep_last", "train.keep_every", "train.max_bad_steps",
-        "eval.interval", "eval.k_test", "eval.batch_size", "eval.max_samples", "eval.num_beams", "eval.max_new_tokens",
+        "eval.interval", "eval.task", "eval.k_test", "eval.batch_size", "eval.max_samples", "eval.num_beams", "eval.max_new_tokens",
         "deepspeed.config", "deepspeed.zero_stage", "deepspeed.precision", "deepspeed.offload_frozen",
         "deepspeed.param_persistence_threshold", "deepspeed.zero_init", "deepspeed.timeout_minutes",
     ]
@@ -71,6 +71,9 @@ def test_design_contract_keys_exist():
     (["run.tensorboard=maybe"], "run.tensorboard: expected true/false"),
     (["data.image_size=64"], "data.image_size: 64 differs from model.vision.image_size"),
     (["eval.interval=5"], "eval.interval: in-training evaluation needs data.val"),
+    (["eval.task=vqa"], "eval.task: vqa needs model.arch in instruct, this run is model.arch=stage1"),
+    (["eval.task=captions"], "eval.task: 'captions' is not one of auto, retrieval, caption, vqa"),
+    (["optim.fused=sometimes"], "optim.fused: 'sometimes' is not one of auto, on, off"),
 ])
 def test_bad_configs_refused_naming_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -85,10 +88,26 @@ def test_override_types_and_numbers_from_yaml_strings():
     assert config_from_dict({"optim": {"lr": "1e-5"}}).optim.lr == pytest.approx(1e-5)
 
 
+def test_bare_on_off_reach_optim_fused_as_words():
+    # YAML reads unquoted on/off as booleans; for this key they mean the words
+    assert load_config(None, ["optim.fused=off"]).optim.fused == "off"
+    assert config_from_dict({"optim": {"fused": True}}).optim.fused == "on"
+    with pytest.raises(ConfigError, match="model.vision.weights: expected a string, got True"):
+        config_from_dict({"model": {"vision": {"weights": True}}})  # only where on/off are values
+
+
 @pytest.mark.parametrize("recipe", sorted(str(p.relative_to(RECIPES_DIR))[:-5] for p in RECIPES_DIR.rglob("*.yaml")))
 def test_every_shipped_recipe_loads(recipe):
+    """Loads, and its DeepSpeed JSON builds at the world size its global batch implies (CUDA assumed)."""
+    from blip_train.training.engine import build_ds_config
+
     cfg = load_config(recipe)
     assert cfg.train.max_steps > 0
+    t = cfg.train
+    world = t.global_batch_size // (t.micro_batch_size * t.grad_accum_steps) if t.global_batch_size else 2
+    ds = build_ds_config(cfg, world, on_cuda=True)
+    assert ds["train_batch_size"] == t.micro_batch_size * t.grad_accum_steps * world
+    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
 
 
 def test_unknown_recipe_lists_known_ones():

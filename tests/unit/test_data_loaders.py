@@ -61,6 +61,27 @@ def test_resume_mid_epoch_equals_uninterrupted(split40):
     assert part + rest == full
 
 
+def test_sample_randomness_follows_seed_epoch_and_sample_not_workers(split40):
+    """Pixels and `draw_seed` (the collators' text randomness) of each sample are the same whether
+    0 or 2 workers read it, and change with the epoch (fresh augmentation)."""
+    def by_image(loader):
+        out = []
+        for _ in range(2):  # two epochs
+            epoch = {}
+            for b in loader:
+                for i, seed, px in zip(b["image_id"].tolist(), b["draw_seed"].tolist(), b["pixel_values"]):
+                    epoch[i] = (seed, px)
+            out.append(epoch)
+        return out
+
+    main = by_image(build_train_loader(_cfg(split40, workers=0), 4))
+    workers = by_image(build_train_loader(_cfg(split40, workers=2), 4))
+    for a, b in zip(main, workers):
+        assert a.keys() == b.keys() == set(range(40))
+        assert all(a[i][0] == b[i][0] and (a[i][1] == b[i][1]).all() for i in a)
+    assert all(main[0][i][0] != main[1][i][0] for i in main[0])
+
+
 def test_mixture_sqrt_proportions(tmp_path):
     a = _split(tmp_path / "a", 36, dataset="A")
     b = _split(tmp_path / "b", 9, dataset="B", start=100)
@@ -116,7 +137,7 @@ def test_eval_loader_and_sample_kinds(split40):
     assert b["pixel_values"].shape == (8, 3, 16, 16)
     assert len(b["answers"]) == 8 and all(isinstance(q, str) and q for q in b["question"])
     cap = next(iter(build_eval_loader(cfg, 4, kind="caption")))
-    assert set(cap) == {"pixel_values", "caption", "captions", "image_id", "noisy", "dataset"}
+    assert set(cap) == {"pixel_values", "caption", "captions", "image_id", "noisy", "dataset", "draw_seed"}
     inst = next(iter(build_eval_loader(cfg, 4, kind="instruct")))
     assert all(inst["answer"]) and all(inst["question"])
     with pytest.raises(ValueError, match="kind must be one of"):

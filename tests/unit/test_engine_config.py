@@ -38,6 +38,14 @@ def test_template_contradicting_precision_refused():
         build_ds_config(cfg, world_size=1, on_cuda=False)
 
 
+def test_template_contradicting_zero_stage_refused():
+    for sets, fragment in ((["deepspeed.config=zero2"], "deepspeed.zero_stage: 3 contradicts the template 'zero2'"),
+                           (["deepspeed.config=zero3_offload", "deepspeed.zero_stage=2"],
+                            "deepspeed.zero_stage: 2 contradicts the template 'zero3_offload'")):
+        with pytest.raises(ConfigError, match=fragment):
+            build_ds_config(_cfg(*sets), world_size=1, on_cuda=False)
+
+
 def test_offload_template_and_stage2_cleanup():
     ds = build_ds_config(_cfg("deepspeed.config=zero3_offload"), world_size=1, on_cuda=False)
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}

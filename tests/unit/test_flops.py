@@ -138,3 +138,24 @@ def test_bench_compares_the_same_work_as_the_reference():
     ours2, ref2 = build_stage2_pair(preset, cpu)
     batch2 = make_stage2_batch(preset, cpu)
     assert ours_stage2(ours2, batch2).item() == pytest.approx(reference_stage2(ref2, batch2).item(), abs=1e-5)
+
+
+def test_rates_count_optimizer_steps_not_micro_batches(tmp_path):
+    # 3 micro-batches per optimizer step (grad_accum_steps=3), resumed at step 10, logged at step 12
+    import time
+
+    logger = MetricLogger(tmp_path, True, False, samples_per_step=12, count_work=None)
+    logger.reset_clock(step=10)
+    for micro in range(6):
+        logger.timer.start()
+        time.sleep(0.01)
+        for phase in PHASES:
+            logger.timer.lap(phase)
+        logger.add_losses({"loss": torch.tensor(float(micro))})
+    s = logger.log(step=12, lr=1e-4)
+    assert s["train/loss"] == pytest.approx(2.5)  # mean over the 6 micro-batches
+    elapsed = s["perf/step_time_s"] * 2
+    assert elapsed >= 0.06  # two steps of three 10 ms micro-batches each
+    assert s["perf/samples_per_s"] == pytest.approx(2 * 12 / elapsed, rel=1e-6)
+    phase_sum = sum(s[f"perf/time_{p}_s"] for p in PHASES)
+    assert phase_sum == pytest.approx(s["perf/step_time_s"], rel=0.2)  # per step, not per micro-batch

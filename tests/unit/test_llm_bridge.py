@@ -253,7 +253,7 @@ def test_builders_load_sources_and_init_from_file(arch, kind, tmp_path):
     assert torch.equal(stage.model.query_tokens, stage1_sd["query_tokens"])
     img = torch.randn(3, 32, 32)
     samples = [{"pixel_values": img, "caption": "a red circle on the left", "task": "vqa",
-                "question": "what color is it?", "answer": "red"}] * 2
+                "question": "what color is it?", "answer": "red", "draw_seed": i} for i in range(2)]
     batch = stage.collate(samples)
     assert ("qformer_input_ids" in batch) == (arch == "instruct")
     assert torch.isfinite(stage.model(batch)["loss"])

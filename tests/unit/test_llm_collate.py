@@ -98,7 +98,8 @@ def test_t5_split_point_bounds_and_seed():
 
 def test_t5_prefix_collator_rows(toks):
     t5 = toks["t5"]
-    samples = [{"pixel_values": IMG, "caption": "a large blue square at the top and a red circle"}] * 40
+    samples = [{"pixel_values": IMG, "caption": "a large blue square at the top and a red circle", "draw_seed": i}
+               for i in range(40)]
     batch = T5PrefixCollator(t5, max_txt_len=64, seed=3)(samples)
     full = enc(t5, "a large blue square at the top and a red circle")
     n, eos, ks = len(full), t5.eos_token_id, set()
@@ -120,9 +121,29 @@ def test_t5_prefix_collator_rows(toks):
     assert not torch.equal(other["llm_input_ids"], batch["llm_input_ids"])
 
 
+def test_text_draws_belong_to_the_sample_not_the_batch(toks):
+    """A resumed run regroups samples into other batches, workers and ranks: each sample's split point
+    and instruction template must depend only on its own draw_seed (and the run's seed)."""
+    t5, q = toks["t5"], toks["q"]
+    caption = "a large blue square at the top and a red circle"
+    samples = [{"pixel_values": IMG, "caption": caption, "draw_seed": 100 + i} for i in range(12)]
+    t5c = T5PrefixCollator(t5, max_txt_len=64, seed=3)
+    together = t5c(samples)["llm_attention_mask"].sum(1).tolist()
+    alone = [t5c([s])["llm_attention_mask"].sum(1).item() for s in reversed(samples)][::-1]
+    assert together == alone and len(set(together)) > 2
+    inst = InstructCollator(q, t5, decoder_only=False)
+    vqa = [{"pixel_values": IMG, "task": "vqa", "question": "what color is it?", "answer": "red", "draw_seed": i}
+           for i in range(12)]
+    chosen = [inst.instruction(s) for s in vqa]
+    assert chosen == [inst.instruction(s) for s in vqa] and len(set(chosen)) > 1
+    assert InstructCollator(q, t5, decoder_only=False).instruction(vqa[0]) == chosen[0]  # a new process, too
+    with pytest.raises(KeyError, match="draw_seed"):
+        t5c([{"pixel_values": IMG, "caption": caption}])
+
+
 def test_t5_prefix_collator_prompt_and_truncation(toks):
     t5 = toks["t5"]
-    batch = T5PrefixCollator(t5, max_txt_len=5, prompt="a photo of", seed=0)([{"pixel_values": IMG,
+    batch = T5PrefixCollator(t5, max_txt_len=5, prompt="a photo of", seed=0)([{"pixel_values": IMG, "draw_seed": 0,
                                                                                "caption": "a red circle on the left"}])
     prompt, full = enc(t5, "a photo of"), enc(t5, "a red circle on the left")[:4]
     e = batch["llm_input_ids"][0].tolist()
@@ -137,8 +158,10 @@ ONE = Templates(train={"vqa": ("Question: {} Short answer:",), "caption": ("A sh
 
 
 def instruct_samples():
-    return [{"pixel_values": IMG, "task": "vqa", "question": "what color is the circle?", "answer": "red"},
-            {"pixel_values": IMG, "task": "caption", "question": "", "answer": "a large blue square at the top"}]
+    return [{"pixel_values": IMG, "task": "vqa", "question": "what color is the circle?", "answer": "red",
+             "draw_seed": 0},
+            {"pixel_values": IMG, "task": "caption", "question": "", "answer": "a large blue square at the top",
+             "draw_seed": 1}]
 
 
 def test_instruct_collator_decoder_only_rows(toks):

@@ -310,3 +310,15 @@ def test_help_of_every_tool():
         r = subprocess.run([sys.executable, str(TOOLS / tool), "--help"], env=clean_env(), capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 0 and "--out" in r.stdout and "--overwrite" in r.stdout, tool
+
+
+@pytest.mark.parametrize("tool", ["capfilt.py", "export_hf.py", "zero_to_safetensors.py"])
+def test_missing_checkpoint_is_one_line_error(tmp_path, tool):
+    args = ["--checkpoint", str(tmp_path / "no_run"), "--out", str(tmp_path / "o")]
+    if tool == "capfilt.py":
+        args += ["--data", str(tmp_path)]
+    r = subprocess.run([sys.executable, str(TOOLS / tool), *args], env=clean_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "no_run" in line and not (tmp_path / "o").exists()
