@@ -116,9 +116,11 @@ def train(cfg: ExperimentConfig) -> dict:
         keep_global_batch(cfg, read_meta(ckpt_dir / tag), env.world_size)
     ds_config = build_ds_config(cfg, env.world_size, on_cuda)  # batch/template errors before any process group
     check_local_splits(cfg.data)  # and data errors too
-    if cfg.eval.interval:
-        check_eval_split(cfg)
     init_distributed(env, cfg.deepspeed.timeout_minutes)
+    if cfg.eval.interval:
+        # After the group exists: without one, streaming would open (and close) a group of its own on
+        # the same port, racing ours. Still before anything expensive is built.
+        check_eval_split(cfg)
     if env.rank == 0:
         save_resolved_config(cfg, out / "config.yaml")
     # Installed before the (slow) build so an early preemption signal cannot kill the process.
