@@ -5,6 +5,7 @@ callers never branch on "am I distributed?".
 """
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -14,18 +15,26 @@ import torch.distributed as dist
 from blip_train.dist.env import DistEnv, export_environment
 
 
-def init_distributed(env: DistEnv, timeout_minutes: int) -> None:
+def init_distributed(env: DistEnv, timeout_minutes: int, on_cuda: bool | None = None) -> None:
     """Create the default process group through DeepSpeed (gloo on CPU, nccl on CUDA).
 
-    Idempotent: a second call with a group already alive does nothing.
+    `on_cuda` False on a machine with GPUs (run.device=cpu) keeps DeepSpeed on its CPU accelerator:
+    left alone it would pick CUDA and NCCL. Idempotent: a second call with a group alive does nothing.
     """
     if dist.is_available() and dist.is_initialized():
         return
+    on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
+    if not on_cuda and torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # read once, when DeepSpeed first picks its accelerator
     import deepspeed  # deferred: importing deepspeed costs seconds and is useless to the helpers below
+    from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() != ("cuda" if on_cuda else "cpu"):
+        raise RuntimeError(f"run.device: this run is on {'cuda' if on_cuda else 'cpu'} but DeepSpeed already chose "
+                           f"its {get_accelerator().device_name()} accelerator (set DS_ACCELERATOR before it starts)")
     # DeepSpeed reads the env:// variables; missing ones would send it looking for mpi4py.
     export_environment(env)
-    if torch.cuda.is_available():
+    if on_cuda:
         # NCCL binds a communicator to the current device, so pick it before the group exists. Modulo:
         # with `--gpus-per-task=1` each task sees a single GPU (index 0) whatever its local rank.
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())

@@ -116,7 +116,7 @@ def train(cfg: ExperimentConfig) -> dict:
         keep_global_batch(cfg, read_meta(ckpt_dir / tag), env.world_size)
     ds_config = build_ds_config(cfg, env.world_size, on_cuda)  # batch/template errors before any process group
     check_local_splits(cfg.data)  # and data errors too
-    init_distributed(env, cfg.deepspeed.timeout_minutes)
+    init_distributed(env, cfg.deepspeed.timeout_minutes, on_cuda)
     if cfg.eval.interval:
         # After the group exists: without one, streaming would open (and close) a group of its own on
         # the same port, racing ours. Still before anything expensive is built.

@@ -156,3 +156,26 @@ def test_zero_helpers_without_partitioning() -> None:
     with maybe_zero_init(False, {"zero_optimization": {"stage": 3}}), maybe_zero_init(True, zero2):
         plain = nn.Linear(2, 2)
     assert not is_zero3_param(plain.weight)
+
+
+def test_cpu_run_on_a_gpu_host_keeps_deepspeed_on_cpu(tmp_path: Path) -> None:
+    """run.device=cpu where CUDA exists: DeepSpeed would pick CUDA and NCCL by itself."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, clean_env
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import os, torch\n"
+        "torch.cuda.is_available = lambda: True  # a GPU host, as far as the code can tell\n"
+        "from blip_train.dist.env import discover_environment\n"
+        "from blip_train.dist.process_group import init_distributed\n"
+        "init_distributed(discover_environment(), 1, on_cuda=False)\n"
+        "from deepspeed.accelerator import get_accelerator\n"
+        "import torch.distributed as dist\n"
+        "print(os.environ['DS_ACCELERATOR'], get_accelerator().device_name(), dist.get_backend())\n")
+    r = subprocess.run([sys.executable, str(script)], env=clean_env(), cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "cpu cpu gloo"
