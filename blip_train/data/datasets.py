@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
+from blip_train.config.loading import ConfigError
 from blip_train.config.schema import DataConfig, StreamConfig
 from blip_train.data.collate import collate_samples
 from blip_train.data.images import decode_rgb
-from blip_train.data.schema import SCHEMA_FILE, verify_split
+from blip_train.data.schema import SCHEMA_FILE, SchemaError, verify_split
 from blip_train.data.transforms import build_transform
 
 logger = logging.getLogger(__name__)
@@ -201,9 +202,6 @@ def check_local_splits(cfg: DataConfig) -> None:
 
     Remote streams are checked when the loader fetches their index (that needs the job's cache).
     """
-    from blip_train.config import ConfigError
-    from blip_train.data.schema import SchemaError
-
     for i, sc in enumerate(cfg.train):
         if sc.local and not sc.remote:
             try:

@@ -27,7 +27,7 @@ def evaluate_during_training(cfg: ExperimentConfig, model: nn.Module, tokenizer:
                 m, _ = evaluate_retrieval(model, tokenizer, cfg.data.val, cfg.model.vision.image_size,
                                           cfg.model.max_txt_len, k_test=cfg.eval.k_test,
                                           batch_size=cfg.eval.batch_size, max_samples=cfg.eval.max_samples,
-                                          shard=False)
+                                          shard=False, with_predictions=False)
             keys = ("txt_r1", "img_r1", "txt_r5", "img_r5", "r_mean")
         else:
             from blip_train.evaluation.generative_eval import evaluate_captions, evaluate_vqa, generation_setup

@@ -35,7 +35,11 @@ def first_correct_ranks(scores_i2t: np.ndarray, scores_t2i: np.ndarray, img2txt:
 def recall_metrics(scores_i2t: np.ndarray, scores_t2i: np.ndarray, img2txt: Sequence[Sequence[int]],
                    txt2img: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """TR@K / IR@K in percent from score matrices (Ni, Nt) and (Nt, Ni)."""
-    tr_rank, ir_rank = first_correct_ranks(scores_i2t, scores_t2i, img2txt, txt2img)
+    return recall_from_ranks(*first_correct_ranks(scores_i2t, scores_t2i, img2txt, txt2img), ks=ks)
+
+
+def recall_from_ranks(tr_rank: np.ndarray, ir_rank: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """TR@K / IR@K in percent from `first_correct_ranks`."""
     out = {}
     for k in ks:
         out[f"txt_r{k}"] = 100.0 * float(np.mean(tr_rank < k))
@@ -53,12 +57,14 @@ def _top(scores: np.ndarray, n: int) -> list[tuple[int, float | None]]:
 
 
 def ranked_predictions(scores_i2t: np.ndarray, scores_t2i: np.ndarray, img2txt: Sequence[Sequence[int]],
-                       txt2img: Sequence[int], texts: Sequence[str], top: int = 5) -> dict[str, list[dict]]:
-    """Per query: its ground truth, the rank of the first correct answer, and the `top` answers with scores.
+                       txt2img: Sequence[int], texts: Sequence[str], ranks: tuple[np.ndarray, np.ndarray],
+                       top: int = 5) -> dict[str, list[dict]]:
+    """Per query: its ground truth, the rank of the first correct answer (`ranks`, from
+    `first_correct_ranks` on the same scores), and the `top` answers with scores.
 
     Images and texts are named by their position in the split (texts in caption order, image by image).
     """
-    tr_rank, ir_rank = first_correct_ranks(scores_i2t, scores_t2i, img2txt, txt2img)
+    tr_rank, ir_rank = ranks
     image_to_text = [{"image": i, "correct_texts": list(map(int, img2txt[i])), "rank": int(tr_rank[i]),
                       "top": [{"text": j, "caption": texts[j], "score": s} for j, s in _top(scores_i2t[i], top)]}
                      for i in range(scores_i2t.shape[0])]

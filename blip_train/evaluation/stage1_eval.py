@@ -13,7 +13,8 @@ from streaming import StreamingDataset
 from blip_train.data.collate import pre_caption
 from blip_train.data.schema import verify_split
 from blip_train.data.transforms import build_transform
-from blip_train.evaluation.retrieval import chance_recall_at_1, ranked_predictions, recall_metrics, rerank_with_itm
+from blip_train.evaluation.retrieval import (chance_recall_at_1, first_correct_ranks, ranked_predictions,
+                                             recall_from_ranks, recall_metrics, rerank_with_itm)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -48,9 +49,10 @@ def load_retrieval_split(split: str, max_samples: int = 0) -> tuple[list[bytes],
 
 @torch.no_grad()
 def evaluate_retrieval(model, tokenizer, split: str, image_size: int, max_txt_len: int, k_test: int = 128,
-                       batch_size: int = 64, max_samples: int = 0, shard: bool = True) -> tuple[dict, dict]:
+                       batch_size: int = 64, max_samples: int = 0, shard: bool = True,
+                       with_predictions: bool = True) -> tuple[dict, dict | None]:
     """(metrics, predictions): TR@K / IR@K of ITC top-k re-ranked with ITM, and per query its rank and
-    top answers (`ranked_predictions`), the same on every rank.
+    top answers (`ranked_predictions`; None unless `with_predictions`), the same on every rank.
 
     shard=True: each rank encodes and re-ranks its share (an un-partitioned model per rank).
     shard=False: every rank does all the work — inside ZeRO-3 training, where all ranks must make the
@@ -107,7 +109,9 @@ def evaluate_retrieval(model, tokenizer, split: str, image_size: int, max_txt_le
     if world > 1:  # each row was scored on exactly one rank; -inf elsewhere
         dist.all_reduce(scores_i2t, op=dist.ReduceOp.MAX)
         dist.all_reduce(scores_t2i, op=dist.ReduceOp.MAX)
-    metrics = recall_metrics(scores_i2t.numpy(), scores_t2i.numpy(), img2txt, txt2img.tolist())
+    scores_i2t, scores_t2i = scores_i2t.numpy(), scores_t2i.numpy()
+    ranks = first_correct_ranks(scores_i2t, scores_t2i, img2txt, txt2img.tolist())
+    metrics = recall_from_ranks(*ranks)
     itc_only = recall_metrics(sim_i2t.numpy(), sim_i2t.t().numpy(), img2txt, txt2img.tolist())
     metrics.update({f"itc_{k}": v for k, v in itc_only.items() if k in ("txt_r1", "img_r1")})
     chance = chance_recall_at_1(len(images), len(texts), len(texts) / max(1, len(images)))
@@ -115,4 +119,6 @@ def evaluate_retrieval(model, tokenizer, split: str, image_size: int, max_txt_le
                     "num_images": len(images), "num_texts": len(texts), "k_test": min(k_test, len(texts))})
     if not math.isfinite(metrics["r_mean"]):
         raise RuntimeError("retrieval metrics are not finite")
-    return metrics, ranked_predictions(scores_i2t.numpy(), scores_t2i.numpy(), img2txt, txt2img.tolist(), texts)
+    if not with_predictions:
+        return metrics, None
+    return metrics, ranked_predictions(scores_i2t, scores_t2i, img2txt, txt2img.tolist(), texts, ranks)

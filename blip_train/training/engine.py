@@ -9,9 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -142,17 +140,16 @@ def cast_trainable_(model: nn.Module, dtype: torch.dtype) -> None:
             continue
         if is_zero3_param(p):
             raise RuntimeError(f"{name}: trainable but partitioned in {p.dtype} before the engine exists; "
-                               f"build trainable modules outside zero.Init")
+                               "build trainable modules outside zero.Init")
         p.data = p.data.to(dtype)
 
 
-@contextmanager
-def frozen_set_aside(model: nn.Module, device_of: Callable[[], torch.device | None]):
-    """Frozen parameters step out while DeepSpeed (ZeRO-0/1/2) sets the model up, then return on its device.
+def set_frozen_aside_(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """Replace each frozen parameter's data by an empty tensor; returns the data, for `restore_frozen_`.
 
-    deepspeed.initialize casts every parameter to the engine's 16-bit dtype; the frozen towers keep
-    the dtype their config asked for (model.vision.precision, model.llm.dtype). Each steps aside as an
-    empty tensor (nothing to cast, move or broadcast: every rank loaded the same source weights), so no
+    deepspeed.initialize (ZeRO-0/1/2) casts every parameter to the engine's 16-bit dtype; the frozen
+    towers keep the dtype their config asked for (model.vision.precision, model.llm.dtype). An empty
+    stand-in has nothing to cast, move or broadcast (every rank loaded the same source weights), so no
     cast copy of a frozen LLM is ever made.
     """
     aside = {}
@@ -160,12 +157,13 @@ def frozen_set_aside(model: nn.Module, device_of: Callable[[], torch.device | No
         if not p.requires_grad:
             aside[p] = p.data
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-    try:
-        yield
-    finally:
-        device = device_of()  # None: initialize failed, nothing moved
-        for p, data in aside.items():
-            p.data = data if device is None else data.to(device)
+    return aside
+
+
+def restore_frozen_(aside: dict[nn.Parameter, torch.Tensor], device: torch.device | None) -> None:
+    """Put the set-aside data back, moved to `device` (None: where it was)."""
+    for p, data in aside.items():
+        p.data = data if device is None else data.to(device)
 
 
 def build_engine(model: nn.Module, cfg: ExperimentConfig, world_size: int, on_cuda: bool,
@@ -185,13 +183,16 @@ def build_engine(model: nn.Module, cfg: ExperimentConfig, world_size: int, on_cu
     optimizer = build_optimizer(model, cfg, on_cuda)
     assert_optimizer_holds_trainable(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg)
-    built = {}
+    aside: dict = {}
     if zero_stage(ds_config) == 3:
         partition_module_(model, ds_config)  # DeepSpeed does not recast a model that arrives partitioned
-        aside = nullcontext()
     else:
-        aside = frozen_set_aside(model, lambda: built["engine"].device if "engine" in built else None)
-    with aside:
-        built["engine"], ds_opt, _, ds_sched = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                    lr_scheduler=scheduler, config=ds_config)
-    return built["engine"], ds_opt, ds_sched, ds_config
+        aside = set_frozen_aside_(model)
+    try:
+        engine, ds_opt, _, ds_sched = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config)
+    except BaseException:
+        restore_frozen_(aside, None)
+        raise
+    restore_frozen_(aside, engine.device)
+    return engine, ds_opt, ds_sched, ds_config

@@ -48,8 +48,8 @@ def _full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _train_one_step(engine, stage) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Loss of one step, and the full trainable / frozen weights before and after as {name: (before, after)}."""
+def _train_one_step(engine, stage) -> tuple[float, list[bool], list[bool]]:
+    """Loss of one step, and per trainable / frozen parameter whether the step changed it (gathered)."""
     model = engine.module
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]

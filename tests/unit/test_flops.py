@@ -158,4 +158,5 @@ def test_rates_count_optimizer_steps_not_micro_batches(tmp_path):
     assert elapsed >= 0.06  # two steps of three 10 ms micro-batches each
     assert s["perf/samples_per_s"] == pytest.approx(2 * 12 / elapsed, rel=1e-6)
     phase_sum = sum(s[f"perf/time_{p}_s"] for p in PHASES)
-    assert phase_sum == pytest.approx(s["perf/step_time_s"], rel=0.2)  # per step, not per micro-batch
+    # per optimizer step (three 10 ms micro-batches), not per micro-batch, and within the step's time
+    assert 0.03 <= phase_sum <= s["perf/step_time_s"] * 1.001

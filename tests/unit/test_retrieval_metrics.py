@@ -74,8 +74,8 @@ def test_rerank_scores_only_the_top_k_with_itm_plus_itc():
 def test_predictions_agree_with_the_recalls_and_are_strict_json():
     scores = I2T.copy()
     scores[0, 2:] = -np.inf  # outside the re-ranked top-k
-    p = ranked_predictions(scores, T2I, IMG2TXT, TXT2IMG, TEXTS, top=3)
     tr, ir = first_correct_ranks(scores, T2I, IMG2TXT, TXT2IMG)
+    p = ranked_predictions(scores, T2I, IMG2TXT, TXT2IMG, TEXTS, (tr, ir), top=3)
     assert [q["rank"] for q in p["image_to_text"]] == tr.tolist()
     assert [q["rank"] for q in p["text_to_image"]] == ir.tolist()
     first = p["image_to_text"][1]
