@@ -14,9 +14,8 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +30,10 @@ KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 """Per layer (key, value) of the cached query positions, each (B, H, Nq, Dh)."""
 
 
-@dataclass
-class QFormerOutput:
+class QFormerOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 walks tuples, lists and dicts of a module's outputs to attach
+    its backward hooks (parameter fetch and release) to every tensor; an unknown type hides them."""
+
     last_hidden_state: torch.Tensor
     """(B, Nq + T, D): query positions first, then text positions (of this call)."""
     past_key_values: Optional[KVCache] = None
