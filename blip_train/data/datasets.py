@@ -23,7 +23,7 @@ from streaming import Stream, StreamingDataLoader, StreamingDataset
 from blip_train.config.loading import ConfigError
 from blip_train.config.schema import DataConfig, StreamConfig
 from blip_train.data.collate import collate_samples
-from blip_train.data.images import decode_rgb
+from blip_train.data.images import CorruptImageError, decode_rgb
 from blip_train.data.schema import SCHEMA_FILE, SchemaError, verify_split
 from blip_train.data.transforms import build_transform
 
@@ -70,13 +70,15 @@ class SchemaDataset(StreamingDataset):
             row = self.get_item(sid)
             seed = self._sample_seed(sid)
             try:
-                pixel_values = self.transform(decode_rgb(row["image"]), torch.Generator().manual_seed(seed))
-            except Exception as e:  # PIL raises many types for bad bytes
+                image = decode_rgb(row["image"])
+            except CorruptImageError as e:
                 with self._num_corrupt.get_lock():
                     self._num_corrupt.value += 1
                 logger.warning("skipping sample %d (image_id %s, dataset %s): undecodable image (%s)",
-                               sid, row.get("image_id"), row.get("dataset"), type(e).__name__)
+                               sid, row.get("image_id"), row.get("dataset"), e)
                 continue
+            # Outside the try: an error in the transform is a bug to report, not a corrupt image.
+            pixel_values = self.transform(image, torch.Generator().manual_seed(seed))
             return {**self.format_sample(row, pixel_values), "draw_seed": seed}
         raise RuntimeError(f"{min(self.max_consecutive_corrupt, count)} consecutive samples from {sample_id} "
                            "have undecodable images: the split is broken, re-run its converter")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -114,11 +115,20 @@ def load_and_normalize_image(src: Union[bytes, str, os.PathLike], *, max_side: i
     return buf.getvalue(), OK
 
 
+class CorruptImageError(ValueError):
+    """Stored image bytes that do not decode. Readers skip and count these, and nothing else: a bug in
+    a transform must surface as an error, not as a growing count of "corrupt" samples."""
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    """Decode stored image bytes to an RGB PIL image (raises on corrupt bytes; readers catch it)."""
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    return im if im.mode == "RGB" else im.convert("RGB")
+    """Decode stored image bytes to an RGB PIL image; CorruptImageError when they do not decode."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()  # the full decode: truncated data fails here, not later in a transform
+        return im if im.mode == "RGB" else im.convert("RGB")
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        # PIL's decoders raise all of these for bad bytes (UnidentifiedImageError is an OSError).
+        raise CorruptImageError(f"{type(e).__name__}: {e}") from e
 
 
 def encode_jpeg(im: Image.Image, quality: int = JPEG_QUALITY) -> bytes:

@@ -143,6 +143,28 @@ def test_process_chunk_is_deterministic_and_counts_add_up(model_and_tokenizer, n
     assert {r["source"] for r in rows} == {"web", "synthetic"}
 
 
+def test_process_chunk_raises_on_a_transform_bug_and_counts_only_bad_bytes(model_and_tokenizer, noisy_split,
+                                                                           monkeypatch) -> None:
+    from streaming import LocalDataset
+
+    from blip_train.capfilt import capfilt
+    model, tok = model_and_tokenizer
+    ds = LocalDataset(str(noisy_split))
+    samples = [(i, dict(ds[i])) for i in range(3)]
+    samples[1][1]["image"] = b"\xff\xd8 not a jpeg"
+    _, stats = process_chunk(model, tok, samples, settings(num_captions=0), torch.Generator().manual_seed(1))
+    assert stats.counts["undecodable"] == 1 and stats.counts["images"] == 3
+
+    def broken_transform(*args, **kwargs):
+        def apply(image):
+            raise TypeError("transform bug")
+        return apply
+
+    monkeypatch.setattr(capfilt, "build_transform", broken_transform)
+    with pytest.raises(TypeError, match="transform bug"):
+        process_chunk(model, tok, samples, settings(num_captions=0), torch.Generator().manual_seed(1))
+
+
 def test_run_writes_schema_split_with_provenance_and_report(model_and_tokenizer, noisy_split, tmp_path) -> None:
     model, tok = model_and_tokenizer
     out = tmp_path / "out"

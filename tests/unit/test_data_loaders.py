@@ -121,6 +121,19 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, workers):
     assert loader.dataset.num_corrupt == 2
 
 
+def test_a_transform_bug_raises_instead_of_counting_corrupt_images(tmp_path):
+    split = _split(tmp_path / "b", 8)
+    loader = build_train_loader(_cfg(split, workers=0), 4)
+
+    def broken(image, generator):  # a code bug, not bad bytes
+        raise TypeError("transform bug")
+
+    loader.dataset.transform = broken
+    with pytest.raises(TypeError, match="transform bug"):
+        next(iter(loader))
+    assert loader.dataset.num_corrupt == 0
+
+
 def test_loader_refuses_split_without_schema(tmp_path):
     split = _split(tmp_path / "s", 4)
     os.remove(os.path.join(split, SCHEMA_FILE))
