@@ -87,8 +87,14 @@ class _LLMText:
         self.pad = tokenizer.pad_token_id
 
     def ids(self, text: str, max_len: Optional[int] = None) -> list[int]:
+        """Token ids of `text`, at most `max_len` of them (its beginning: captions and answers)."""
         ids = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
         return ids if max_len is None else ids[:max(0, max_len)]
+
+    def tail_ids(self, text: str, max_len: int) -> list[int]:
+        """Token ids of `text`, at most its last `max_len`: an instruction keeps its question and cue."""
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        return ids[len(ids) - max_len:] if max_len > 0 and len(ids) > max_len else (ids if max_len > 0 else [])
 
     @staticmethod
     def continuation(context: str, text: str) -> str:
@@ -192,6 +198,7 @@ class InstructCollator:
     sample's task; the fixed `eval` one when generation=True), answer = the sample's `answer`.
     - qformer_input_ids / qformer_attention_mask: [CLS] instruction [SEP] (Q-Former tokenizer),
       right-padded, at most max_qformer_len tokens (the config's model.max_txt_len).
+    - An instruction longer than its limit keeps its end (question and answer cue), here and below.
     - decoder_only: llm_input_ids = bos, instruction (<= max_prompt_len tokens), answer, end marker,
       padding; llm_labels -100 everywhere except answer + end marker (<= max_txt_len tokens).
     - encoder-decoder: llm_input_ids = instruction (<= max_prompt_len - 1) + </s> (the encoder text),
@@ -218,15 +225,23 @@ class InstructCollator:
             return eval_instruction(task, question, self.templates)
         return choose_instruction(task, question, sample_random(sample, self.seed), self.templates)
 
+    def qformer_ids(self, instruction: str) -> list[int]:
+        """[CLS] instruction [SEP] for the Q-Former, at most max_qformer_len tokens, keeping the tail."""
+        ids = self.qtok(instruction, add_special_tokens=True, truncation=False)["input_ids"]
+        if len(ids) <= self.max_qformer_len:
+            return ids
+        return ids[:1] + ids[len(ids) - (self.max_qformer_len - 1):]  # (max,) [CLS] + tail, ending in [SEP]
+
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        # Too-long instructions lose their beginning, never their end: templates end with the question
+        # and the answer cue ("... Short answer:"), as LAVIS keeps the tail for decoder-only LLMs.
         instructions = [self.instruction(s) for s in samples]
-        q = self.qtok(instructions, padding="longest", truncation=True, max_length=self.max_qformer_len,
-                      return_tensors="pt")
         out: dict[str, Any] = collate_samples(samples) if self.generation else {"pixel_values": stack_images(samples)}
-        out["qformer_input_ids"], out["qformer_attention_mask"] = q["input_ids"].long(), q["attention_mask"].long()
+        out["qformer_input_ids"], out["qformer_attention_mask"] = _pad(
+            [self.qformer_ids(inst) for inst in instructions], self.qtok.pad_token_id)
         t = self.text
         if self.decoder_only:
-            heads = [t.bos + t.ids(inst, self.max_prompt_len) for inst in instructions]
+            heads = [t.bos + t.tail_ids(inst, self.max_prompt_len) for inst in instructions]
             if self.generation:
                 out["llm_input_ids"], out["llm_attention_mask"] = _pad(heads, t.pad, left=True)
                 return out
@@ -235,7 +250,7 @@ class InstructCollator:
             out["llm_input_ids"], out["llm_attention_mask"] = _pad([h + b for h, b in zip(heads, bodies)], t.pad)
             out["llm_labels"] = _pad_labels([[IGNORE_INDEX] * len(h) + b for h, b in zip(heads, bodies)])
             return out
-        enc = [t.ids(inst, self.max_prompt_len - 1) + [t.eos] for inst in instructions]
+        enc = [t.tail_ids(inst, self.max_prompt_len - 1) + [t.eos] for inst in instructions]
         out["llm_input_ids"], out["llm_attention_mask"] = _pad(enc, t.pad)
         if not self.generation:
             out["llm_labels"] = _pad_labels([t.target("", s["answer"].strip(), self.max_txt_len, None)

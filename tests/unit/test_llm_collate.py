@@ -186,7 +186,7 @@ def test_instruct_collator_t5_rows_and_limits(toks):
     batch = InstructCollator(q, t5, templates=ONE, max_prompt_len=4, max_txt_len=3, decoder_only=False,
                              max_qformer_len=5)(instruct_samples())
     assert batch["qformer_input_ids"].shape[1] == 5  # [CLS] ... [SEP] truncated to model.max_txt_len
-    inst = enc(t5, "Question: what color is the circle? Short answer:")[:3] + [t5.eos_token_id]
+    inst = enc(t5, "Question: what color is the circle? Short answer:")[-3:] + [t5.eos_token_id]
     assert batch["llm_input_ids"][0].tolist() == inst
     want = [enc(t5, "red")[:2] + [t5.eos_token_id], enc(t5, "a large blue square at the top")[:2] + [t5.eos_token_id]]
     for i, w in enumerate(want):
@@ -194,6 +194,26 @@ def test_instruct_collator_t5_rows_and_limits(toks):
         assert row == w + [IGNORE_INDEX] * (len(row) - len(w))
     gen = InstructCollator(q, t5, templates=ONE, decoder_only=False, generation=True)(instruct_samples()[:1])
     assert gen["llm_input_ids"][0].tolist() == enc(t5, "Q: what color is the circle? A:") + [t5.eos_token_id]
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_long_instructions_keep_their_tail(toks, llm):
+    """The question and the answer cue are at the end of every template: truncation cuts the beginning."""
+    tok, q = toks[llm], toks["q"]
+    question = "what color is the circle? " * 8 + "how many shapes are there?"
+    sample = {"pixel_values": IMG, "task": "vqa", "question": question, "answer": "two", "draw_seed": 0}
+    coll = InstructCollator(q, tok, templates=ONE, max_prompt_len=8, max_txt_len=4, decoder_only=llm == "opt",
+                            max_qformer_len=10)
+    batch = coll([sample])
+    full = enc(tok, f"Question: {question} Short answer:")
+    prompt = batch["llm_input_ids"][0].tolist()
+    if llm == "opt":
+        assert prompt[:9] == [tok.bos_token_id] + full[-8:]
+    else:
+        assert prompt == full[-7:] + [tok.eos_token_id]
+    qids = batch["qformer_input_ids"][0].tolist()
+    q_full = q(f"Question: {question} Short answer:")["input_ids"]
+    assert len(qids) == 10 and qids == q_full[:1] + q_full[-9:]  # [CLS] + the tail, ending in [SEP]
 
 
 def test_instruct_generation_left_pads(toks):
