@@ -5,7 +5,8 @@ One module serves both (`cfg.arch` = "stage2" | "instruct") and both LLM kinds:
   the query positions (the collator already masked bos, prompt/instruction and padding); the HF
   model's own shifted LM loss.
 - encoder-decoder (FlanT5): encoder input [proj(queries); embed(llm_input_ids)] (the prefix or the
-  instruction), decoder targets llm_labels (T5 shifts them right itself).
+  instruction), decoder targets llm_labels (shifted right into decoder inputs as T5 does); the
+  cross-entropy is taken here on fp32 logits (T5 would take it on its bf16 logits).
 - InstructBLIP: the instruction (qformer_input_ids) enters the Q-Former after the queries with the
   bidirectional mask, so queries attend to it; only the query positions' outputs go to the LLM.
 The batch contract is in `data/llm_collate.py`. Stage 2 never feeds text to the Q-Former, so its
@@ -23,6 +24,7 @@ from contextlib import nullcontext
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
@@ -135,9 +137,16 @@ class Blip2LLM(nn.Module):
             # over the remaining targets (logits upcast to fp32).
             ignore = torch.full(soft.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
             out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([ignore, labels], dim=1))
+            loss = out.loss
         else:
-            out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-        return {"loss": out.loss, "loss_lm": out.loss.detach()}
+            # The loss is ours, on fp32 logits: T5 takes its cross-entropy on the bf16 logits as they come
+            # (the decoder-only models upcast). Decoder inputs are the labels shifted right, as T5 builds
+            # them from `labels` itself (-100 -> pad).
+            dec_in = self.llm.prepare_decoder_input_ids_from_labels(labels=labels)
+            logits = self.llm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec_in).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)  # (B*T', V) fp32 vs (B*T',)
+        return {"loss": loss, "loss_lm": loss.detach()}
 
     # ----------------------------------------------------------------------------------------------
     # inference (under model.eval(); under ZeRO-3 all ranks call it together with synced_gpus=True

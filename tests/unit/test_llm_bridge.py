@@ -114,6 +114,28 @@ def test_loss_is_lm_loss_on_targets_only(arch, kind, llm_dirs):
     torch.testing.assert_close(out["loss"].detach(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["t5", "opt"])
+def test_bf16_llm_loss_is_computed_in_fp32(kind, llm_dirs):
+    """A bf16 LLM's loss is the fp32 cross-entropy of its logits (T5 itself would compute it in bf16)."""
+    model = build("stage2", kind, llm_dirs, dtype="bf16").eval()
+    batch = make_batch(bridge_config("stage2"), model.decoder_only, False)
+    with torch.no_grad():
+        loss = model(batch)["loss"]
+        embeds, mask = model.llm_inputs(model.soft_prompt(batch["pixel_values"]), batch["llm_input_ids"],
+                                        batch["llm_attention_mask"])
+        labels = batch["llm_labels"]
+        if model.decoder_only:
+            nq = model.query_tokens.shape[1]
+            logits = model.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, nq:-1]
+            labels = labels[:, 1:]
+        else:
+            logits = model.llm(inputs_embeds=embeds, attention_mask=mask,
+                               decoder_input_ids=model.llm._shift_right(labels)).logits
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    want = F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1))
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+
+
 def test_padding_and_masked_positions_do_not_change_the_loss(llm_dirs):
     model = build("stage2", "opt", llm_dirs).eval()
     batch = make_batch(bridge_config("stage2"), True, False)
