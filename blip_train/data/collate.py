@@ -40,7 +40,10 @@ class Stage1Collator:
         text_mask     long  (B, T)  1 for real tokens
         itg_input_ids long  (B, T)  text_ids with the first token ([CLS]) replaced by [DEC]
         itg_labels    long  (B, T)  itg_input_ids with padding → -100 (the model shifts them)
-        image_ids     long  (B,)    same id = same image (soft ITC positives)
+        image_ids     long  (B,)    same id = same image (soft ITC positives, ITM positive masks)
+
+    `image_ids` combine a sample's stream (set by the readers) with its `image_id`: every converter
+    numbers images from 0, so in a mixture the raw ids of two streams name different images.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_txt_len: int = 32, max_words: int = 50) -> None:
@@ -67,8 +70,21 @@ class Stage1Collator:
             "text_mask": text_mask,
             "itg_input_ids": itg_input_ids,
             "itg_labels": itg_labels,
-            "image_ids": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.long),
+            "image_ids": torch.tensor([unique_image_id(s) for s in samples], dtype=torch.long),
         }
+
+
+IMAGE_ID_BITS = 40
+"""Bits of a stream's image ids inside a batch's `image_ids` (the stream index sits above them)."""
+
+
+def unique_image_id(sample: dict[str, Any]) -> int:
+    """The sample's image id made unique across the streams of a mixture: stream << 40 | image_id."""
+    image_id, stream = int(sample["image_id"]), int(sample.get("stream", 0))
+    if not 0 <= image_id < 2 ** IMAGE_ID_BITS:
+        raise ValueError(f"image_id {image_id} (dataset {sample.get('dataset', '?')!r}) is outside "
+                         f"[0, 2**{IMAGE_ID_BITS}): converters write non-negative ids")
+    return (stream << IMAGE_ID_BITS) | image_id
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

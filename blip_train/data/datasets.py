@@ -57,14 +57,15 @@ class SchemaDataset(StreamingDataset):
         """Samples skipped so far on this rank because their image could not be decoded."""
         return int(self._num_corrupt.value)
 
-    def _stream_range(self, sample_id: int) -> tuple[int, int]:
-        # Replacement stays inside the sample's own stream, so mixture proportions are unchanged.
+    def _stream_range(self, sample_id: int) -> tuple[int, int, int]:
+        """(stream index, first sample id of the stream, its sample count) of a sample."""
         offsets = np.asarray(self.sample_offset_per_stream)
         stream_id = int(np.searchsorted(offsets, sample_id, side="right") - 1)
-        return int(offsets[stream_id]), int(self.samples_per_stream[stream_id])
+        return stream_id, int(offsets[stream_id]), int(self.samples_per_stream[stream_id])
 
     def __getitem__(self, sample_id: int) -> dict[str, Any]:
-        start, count = self._stream_range(int(sample_id))
+        # Replacement stays inside the sample's own stream, so mixture proportions are unchanged.
+        stream, start, count = self._stream_range(int(sample_id))
         for attempt in range(min(self.max_consecutive_corrupt, count)):
             sid = start + (int(sample_id) - start + attempt) % count
             row = self.get_item(sid)
@@ -79,7 +80,9 @@ class SchemaDataset(StreamingDataset):
                 continue
             # Outside the try: an error in the transform is a bug to report, not a corrupt image.
             pixel_values = self.transform(image, torch.Generator().manual_seed(seed))
-            return {**self.format_sample(row, pixel_values), "draw_seed": seed}
+            # `stream`: converters number image ids from 0 in every split, so an id is only unique
+            # together with its stream (the stage-1 collator combines the two).
+            return {**self.format_sample(row, pixel_values), "draw_seed": seed, "stream": stream}
         raise RuntimeError(f"{min(self.max_consecutive_corrupt, count)} consecutive samples from {sample_id} "
                            "have undecodable images: the split is broken, re-run its converter")
 

@@ -121,6 +121,24 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, workers):
     assert loader.dataset.num_corrupt == 2
 
 
+def test_image_ids_are_unique_across_the_streams_of_a_mixture(tmp_path, tiny_assets):
+    """Both splits number their images 0..n-1: in a mixture, equal raw ids of two streams are two images."""
+    from blip_train.data.collate import Stage1Collator
+    from blip_train.data.tokenizers import load_qformer_tokenizer
+    from blip_train.models.stage1_losses import positive_mask
+    from blip_train.models.world import WorldInfo
+
+    a, b = _split(tmp_path / "a", 12, dataset="a"), _split(tmp_path / "b", 12, dataset="b")
+    loader = build_train_loader(_cfg(a, b, workers=0), 24, collate_fn=list)
+    samples = next(iter(loader))
+    assert {s["dataset"] for s in samples} == {"a", "b"}
+    ids = Stage1Collator(load_qformer_tokenizer(tiny_assets / "qformer_tokenizer"))(samples)["image_ids"]
+    key = {(s["dataset"], s["image_id"]): int(i) for s, i in zip(samples, ids)}
+    assert len(set(key.values())) == len(key) == 24  # 12 raw ids, each shown once per stream
+    pos = positive_mask(WorldInfo(), len(samples), ids.device, ids)
+    assert pos.sum().item() == 24  # every sample is only its own positive
+
+
 def test_a_transform_bug_raises_instead_of_counting_corrupt_images(tmp_path):
     split = _split(tmp_path / "b", 8)
     loader = build_train_loader(_cfg(split, workers=0), 4)
@@ -150,7 +168,7 @@ def test_eval_loader_and_sample_kinds(split40):
     assert b["pixel_values"].shape == (8, 3, 16, 16)
     assert len(b["answers"]) == 8 and all(isinstance(q, str) and q for q in b["question"])
     cap = next(iter(build_eval_loader(cfg, 4, kind="caption")))
-    assert set(cap) == {"pixel_values", "caption", "captions", "image_id", "noisy", "dataset", "draw_seed"}
+    assert set(cap) == {"pixel_values", "caption", "captions", "image_id", "noisy", "dataset", "draw_seed", "stream"}
     inst = next(iter(build_eval_loader(cfg, 4, kind="instruct")))
     assert all(inst["answer"]) and all(inst["question"])
     with pytest.raises(ValueError, match="kind must be one of"):
