@@ -27,7 +27,7 @@ from blip_train.models.stage1_losses import itc_loss, itg_loss, itm_loss, sample
 from blip_train.models.world import WorldInfo
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
-"""Range the ITC temperature is clamped to before each use (BLIP-2)."""
+"""Range of the ITC temperature (BLIP-2 clamps it before each use)."""
 
 
 def frozen_vision_dtype(precision: str, device_type: str) -> torch.dtype:
@@ -68,6 +68,12 @@ def expand_query_tokens(query_tokens: torch.Tensor, batch_size: int) -> torch.Te
 class Blip2Stage1(nn.Module):
     """Frozen ViT + trainable ln_vision, Q-Former, query tokens, ITC projections and ITM head."""
 
+    PARAMETER_BOUNDS = {"temp": (TEMP_MIN, TEMP_MAX)}
+    """Ranges the trainer keeps parameters in after each optimizer step (on the fp32 master weights as
+    well as the working copy; see training/engine.apply_parameter_bounds_). BLIP-2 clamps the
+    temperature in place before each use; under ZeRO that would edit only the 16-bit working copy while
+    the optimizer's master drifts out of range."""
+
     def __init__(self, cfg: ModelConfig, world: Optional[WorldInfo] = None, *,
                  device_type: Optional[str] = None) -> None:
         """device_type picks the frozen tower's dtype (see `frozen_vision_dtype`); default: cuda if available."""
@@ -106,11 +112,11 @@ class Blip2Stage1(nn.Module):
     def _queries(self, batch_size: int) -> torch.Tensor:
         return expand_query_tokens(self.query_tokens, batch_size)  # (B, Nq, D)
 
-    def _clamp_temp_(self) -> None:
-        # In place, as BLIP-2 does: the gradient then acts on the clamped value. Under ZeRO the
-        # optimizer's master copy is not clamped, so this runs before every use.
-        with torch.no_grad():
-            self.temp.clamp_(TEMP_MIN, TEMP_MAX)
+    def _temperature(self) -> torch.Tensor:
+        # Functional: the parameter itself is kept in range by the trainer (PARAMETER_BOUNDS); this
+        # covers weights loaded from elsewhere and the rounding of a 16-bit copy. Inside the range the
+        # gradient passes unchanged, as with BLIP-2's in-place clamp.
+        return self.temp.clamp(TEMP_MIN, TEMP_MAX)
 
     def _pad_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad text to max_txt_len so that its all_gather has the same shape on every rank."""
@@ -138,7 +144,6 @@ class Blip2Stage1(nn.Module):
         text_ids, text_mask = batch["text_ids"], batch["text_mask"]
         image_ids = batch["image_ids"]
         bsz = text_ids.shape[0]
-        self._clamp_temp_()
 
         # ITC: queries attend to the image; the text encoder sees text only (unimodal).
         image_embeds = self.image_embeddings(batch["pixel_values"])  # (B, Nimg, W)
@@ -146,7 +151,7 @@ class Blip2Stage1(nn.Module):
         image_feats = F.normalize(self.vision_proj(query_out.last_hidden_state), dim=-1)  # (B, Nq, E)
         text_out = self.qformer(input_ids=text_ids, attention_mask=text_mask)
         text_feat = F.normalize(self.text_proj(text_out.last_hidden_state[:, 0]), dim=-1)  # (B, E)
-        itc = itc_loss(image_feats, text_feat, self.temp, self.world, image_ids=image_ids)
+        itc = itc_loss(image_feats, text_feat, self._temperature(), self.world, image_ids=image_ids)
 
         # ITM: one hard negative per sample and direction, from the global batch. Negative images keep
         # their gradient (to ln_vision of the rank that owns them) as in BLIP-2; token ids need none.

@@ -196,3 +196,26 @@ def build_engine(model: nn.Module, cfg: ExperimentConfig, world_size: int, on_cu
         raise
     restore_frozen_(aside, engine.device)
     return engine, ds_opt, ds_sched, ds_config
+
+
+def apply_parameter_bounds_(model: nn.Module) -> None:
+    """Clamp the parameters a model names in `PARAMETER_BOUNDS` ({name: (low, high)}), in place, on the
+    optimizer's fp32 master weights and on the working copy; call after each optimizer step.
+
+    A model that clamps its own parameter before use (BLIP-2's temperature) edits only the working copy
+    under DeepSpeed, and the master that the optimizer updates drifts out of range. Collective under
+    ZeRO (reading a master is a gather): all ranks call it together.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    params = dict(model.named_parameters())
+    for name, (low, high) in getattr(model, "PARAMETER_BOUNDS", {}).items():
+        p = params[name]
+        if not p.requires_grad:
+            continue
+        master = safe_get_full_fp32_param(p)  # None when the optimizer updates the parameter itself
+        if master is not None:
+            safe_set_full_fp32_param(p, master.clamp(low, high))
+        with torch.no_grad():
+            # A ZeRO-3 parameter holds its working copy as this rank's partition (clamping is elementwise).
+            (p.ds_tensor if is_zero3_param(p) else p.data).clamp_(low, high)

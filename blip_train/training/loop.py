@@ -23,7 +23,7 @@ from blip_train.evaluation.in_training import check_eval_split, evaluate_during_
 from blip_train.models.llm_bridge import llm_dtype
 from blip_train.training.checkpoint import (TrainState, convert_to_universal, find_resume_tag, load_checkpoint,
                                             read_meta, save_checkpoint)
-from blip_train.training.engine import build_ds_config, build_engine
+from blip_train.training.engine import apply_parameter_bounds_, build_ds_config, build_engine
 from blip_train.training.flops import build_flops_counter
 from blip_train.training.metrics import MetricLogger
 from blip_train.training.seeding import seed_everything
@@ -83,6 +83,7 @@ def train_step(engine, batches: Iterator[dict], cfg: ExperimentConfig, state: Tr
         timer.lap("step")
         logger.add_losses(losses)
         done += 1
+    apply_parameter_bounds_(engine.module)  # after the optimizer step: on its fp32 masters too
     state.step += 1
     state.samples_seen += cfg.train.micro_batch_size * cfg.train.grad_accum_steps * engine.world_size
 
