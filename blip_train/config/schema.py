@@ -16,7 +16,8 @@ class RunConfig:
     output_dir: str = "runs/default"
     """Directory for checkpoints, logs, TensorBoard events and the resolved config."""
     seed: int = 42
-    """Base seed; each rank derives its own (seed + rank) for dropout and augmentation."""
+    """Base seed: model initialisation (the same on every rank); each rank then derives its own stream from
+    (seed, rank) for dropout and ITM negative sampling. Data order and augmentation use data.shuffle_seed."""
     device: str = "auto"
     """auto | cpu | cuda. auto picks cuda when available. fp16 and flash-attn need cuda."""
     tensorboard: bool = True

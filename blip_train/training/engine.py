@@ -203,19 +203,27 @@ def apply_parameter_bounds_(model: nn.Module) -> None:
     optimizer's fp32 master weights and on the working copy; call after each optimizer step.
 
     A model that clamps its own parameter before use (BLIP-2's temperature) edits only the working copy
-    under DeepSpeed, and the master that the optimizer updates drifts out of range. Collective under
-    ZeRO (reading a master is a gather): all ranks call it together.
+    under DeepSpeed, and the master that the optimizer updates drifts out of range. All ranks call it
+    together (under ZeRO-1/2 reading a master is an all-reduce). Clamping is elementwise, so under ZeRO-3
+    each rank clamps its own partition (padding included, which nothing reads).
     """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
+                                 safe_set_local_fp32_param)
 
     params = dict(model.named_parameters())
     for name, (low, high) in getattr(model, "PARAMETER_BOUNDS", {}).items():
         p = params[name]
         if not p.requires_grad:
             continue
-        master = safe_get_full_fp32_param(p)  # None when the optimizer updates the parameter itself
-        if master is not None:
-            safe_set_full_fp32_param(p, master.clamp(low, high))
+        if is_zero3_param(p):
+            if hasattr(p, "_z3_optimizer"):
+                safe_set_local_fp32_param(p, safe_get_local_fp32_param(p).clamp(low, high))
+            working = [p.ds_tensor] + ([p.data] if p.data.numel() else [])  # a persistent one is also whole
+        else:
+            master = safe_get_full_fp32_param(p)  # None when the optimizer updates the parameter itself
+            if master is not None:
+                safe_set_full_fp32_param(p, master.clamp(low, high))
+            working = [p.data]
         with torch.no_grad():
-            # A ZeRO-3 parameter holds its working copy as this rank's partition (clamping is elementwise).
-            (p.ds_tensor if is_zero3_param(p) else p.data).clamp_(low, high)
+            for t in working:
+                t.clamp_(low, high)

@@ -127,7 +127,6 @@ def train(cfg: ExperimentConfig) -> dict:
     # Installed before the (slow) build so an early preemption signal cannot kill the process.
     preemption = PreemptionHandler()
     preemption.install()
-    seed_everything(cfg.run.seed, env.rank)
     if elastic:  # saved on another number of ranks: go through DeepSpeed's universal format
         print0(f"{ckpt_dir / tag} was saved on {read_meta(ckpt_dir / tag)['world_size']} ranks; this run has "
                f"{env.world_size}: converting to a universal checkpoint")
@@ -146,6 +145,9 @@ def train(cfg: ExperimentConfig) -> dict:
     engine, _, scheduler, _ = build_engine(stage.model, cfg, env.world_size, on_cuda, ds_config=ds_config,
                                            extra_ds={"checkpoint": {"load_universal": True}} if elastic else None)
     loader = stage.build_train_loader()
+    # After the builders, which initialise the model from run.seed on every rank (identical weights):
+    # from here each rank draws its own dropout masks and ITM negatives. A resume restores these streams.
+    seed_everything(cfg.run.seed, env.rank)
 
     state = TrainState()
     if tag is not None:
