@@ -120,9 +120,18 @@ def lr_at(step: int, cfg: ExperimentConfig) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ExperimentConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    # LambdaLR multiplies each group's initial lr; all groups start at optim.lr, so scale by it.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.optim.lr)
+def apply_lr_(optimizer: torch.optim.Optimizer, step: int, cfg: ExperimentConfig) -> float:
+    """Set every param group's lr for optimizer step `step` (0-based: the steps done so far); returns it.
+
+    The schedule is a function of the trainer's step counter, not a scheduler object that DeepSpeed
+    steps: DeepSpeed skips the scheduler on an fp16 overflow step, which would leave the lr behind the
+    step count for the rest of the run (and a resumed run would have to trust its saved state). A group
+    may scale it by its own `lr_scale` (1 by default).
+    """
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
 
 
 def assert_optimizer_holds_trainable(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -168,7 +177,8 @@ def restore_frozen_(aside: dict[nn.Parameter, torch.Tensor], device: torch.devic
 
 def build_engine(model: nn.Module, cfg: ExperimentConfig, world_size: int, on_cuda: bool,
                  extra_ds: dict | None = None, ds_config: dict | None = None):
-    """deepspeed.initialize with a client AdamW and per-step warmup+cosine schedule.
+    """(engine, its DeepSpeed config): deepspeed.initialize with a client AdamW; the lr schedule is
+    applied by the loop (`apply_lr_`), the optimizer is `engine.optimizer`.
 
     Dtypes are decided here, not by DeepSpeed: trainable parameters take `deepspeed.precision`, frozen
     towers keep the dtype they were built in. `ds_config`: the JSON from `build_ds_config` when the
@@ -182,20 +192,19 @@ def build_engine(model: nn.Module, cfg: ExperimentConfig, world_size: int, on_cu
     cast_trainable_(model, ENGINE_DTYPES[cfg.deepspeed.precision])
     optimizer = build_optimizer(model, cfg, on_cuda)
     assert_optimizer_holds_trainable(model, optimizer)
-    scheduler = build_scheduler(optimizer, cfg)
+    apply_lr_(optimizer, 0, cfg)
     aside: dict = {}
     if zero_stage(ds_config) == 3:
         partition_module_(model, ds_config)  # DeepSpeed does not recast a model that arrives partitioned
     else:
         aside = set_frozen_aside_(model)
     try:
-        engine, ds_opt, _, ds_sched = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_config)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     except BaseException:
         restore_frozen_(aside, None)
         raise
     restore_frozen_(aside, engine.device)
-    return engine, ds_opt, ds_sched, ds_config
+    return engine, ds_config
 
 
 def apply_parameter_bounds_(model: nn.Module) -> None:

@@ -23,7 +23,7 @@ from blip_train.evaluation.in_training import check_eval_split, evaluate_during_
 from blip_train.models.llm_bridge import llm_dtype
 from blip_train.training.checkpoint import (TrainState, convert_to_universal, find_resume_tag, load_checkpoint,
                                             read_meta, save_checkpoint)
-from blip_train.training.engine import apply_parameter_bounds_, build_ds_config, build_engine
+from blip_train.training.engine import apply_lr_, apply_parameter_bounds_, build_ds_config, build_engine, lr_at
 from blip_train.training.flops import build_flops_counter
 from blip_train.training.metrics import MetricLogger
 from blip_train.training.seeding import seed_everything
@@ -58,6 +58,7 @@ def train_step(engine, batches: Iterator[dict], cfg: ExperimentConfig, state: Tr
                logger: MetricLogger) -> None:
     """One optimizer step over grad_accum_steps micro-batches; a non-finite micro-batch is skipped on all ranks."""
     done, bad_in_row = 0, 0
+    apply_lr_(engine.optimizer, state.step, cfg)  # from the step counter: exact on resume, after skipped steps
     timer = logger.timer  # phase laps; no device sync here (see StepTimer)
     while done < cfg.train.grad_accum_steps:
         timer.start()
@@ -142,7 +143,7 @@ def train(cfg: ExperimentConfig) -> dict:
     if hf_zero3 is not None:
         at_load = sum(p.ds_numel for p in stage.model.parameters() if hasattr(p, "ds_id"))
         print0(f"ZeRO-3: {at_load:,d} parameters were partitioned as they loaded (frozen LLM)")
-    engine, _, scheduler, _ = build_engine(stage.model, cfg, env.world_size, on_cuda, ds_config=ds_config,
+    engine, _ = build_engine(stage.model, cfg, env.world_size, on_cuda, ds_config=ds_config,
                                            extra_ds={"checkpoint": {"load_universal": True}} if elastic else None)
     loader = stage.build_train_loader()
     # After the builders, which initialise the model from run.seed on every rank (identical weights):
@@ -170,7 +171,7 @@ def train(cfg: ExperimentConfig) -> dict:
         while state.step < cfg.train.max_steps:
             train_step(engine, batches, cfg, state, logger)
             if state.step % cfg.train.log_interval == 0 or state.step in (1, cfg.train.max_steps):
-                scalars = logger.log(state.step, scheduler.get_last_lr()[0],
+                scalars = logger.log(state.step, lr_at(state.step - 1, cfg),  # the lr this step used
                                      {"data/skipped_samples": float(stage.skipped_samples())})
                 history.append({"step": state.step, **scalars})
             stop = preemption.should_stop()

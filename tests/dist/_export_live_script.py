@@ -15,7 +15,7 @@ from blip_train.dist.process_group import init_distributed
 from blip_train.dist.world import build_world_info
 from blip_train.dist.zero import gathered
 from blip_train.training.checkpoint import TrainState, save_checkpoint
-from blip_train.training.engine import build_engine
+from blip_train.training.engine import apply_lr_, build_engine
 from blip_train.training.stages import build_stage
 
 
@@ -28,9 +28,10 @@ def main():
     if env.rank == 0:
         save_resolved_config(cfg, run_dir / "config.yaml")
     stage = build_stage(cfg, build_world_info(), on_cuda=False)
-    engine, _, _, _ = build_engine(stage.model, cfg, env.world_size, on_cuda=False)
+    engine, _ = build_engine(stage.model, cfg, env.world_size, on_cuda=False)
     it = iter(stage.build_train_loader())
-    for _ in range(2):
+    for step in range(2):
+        apply_lr_(engine.optimizer, step, cfg)
         losses = engine(next(it))
         engine.backward(losses["loss"])
         engine.step()

@@ -13,7 +13,7 @@ from blip_train.dist.env import discover_environment, export_environment
 from blip_train.dist.process_group import init_distributed
 from blip_train.dist.world import build_world_info
 from blip_train.dist.zero import gathered
-from blip_train.training.engine import build_engine
+from blip_train.training.engine import apply_lr_, build_engine
 from blip_train.training.stages import build_stage
 
 
@@ -29,13 +29,14 @@ def main():
     export_environment(env)
     init_distributed(env, 5)
     stage = build_stage(cfg, build_world_info(), on_cuda=False)
-    engine, _, _, _ = build_engine(stage.model, cfg, env.world_size, on_cuda=False)
+    engine, _ = build_engine(stage.model, cfg, env.world_size, on_cuda=False)
     module = engine.module
     frozen0, train0 = snapshot(module, True), snapshot(module, False)
     loader = stage.build_train_loader()
     it = iter(loader)
     frozen_with_grad = set()
-    for _ in range(3):
+    for step in range(3):
+        apply_lr_(engine.optimizer, step, cfg)
         losses = engine(next(it))
         engine.backward(losses["loss"])
         for n, p in module.named_parameters():

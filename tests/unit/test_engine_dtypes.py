@@ -38,7 +38,7 @@ def _engine(tiny_assets, tmp_path, zero_stage: int, vision_precision: str, llm: 
     keep = hf_zero3_loading(ds, llm is not None, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[
         cfg.model.llm.dtype])
     stage = build_stage(cfg, WorldInfo(), on_cuda=False)
-    engine, _, _, _ = build_engine(stage.model, cfg, 1, on_cuda=False, ds_config=ds)
+    engine, _ = build_engine(stage.model, cfg, 1, on_cuda=False, ds_config=ds)
     del keep
     return engine, stage
 

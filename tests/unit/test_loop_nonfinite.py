@@ -1,4 +1,5 @@
-"""Non-finite losses: a bad micro-batch is skipped (no update), N in a row abort with a clear message."""
+"""The loop's step: a non-finite micro-batch is skipped (no update), N in a row abort with a clear message
+(ZeRO-2 and ZeRO-3); the lr follows the step counter even when DeepSpeed skips a step."""
 from __future__ import annotations
 
 import itertools
@@ -17,16 +18,18 @@ from blip_train.models.world import WorldInfo
 from tests.helpers.tiny_run import write_tiny_config
 
 
-@pytest.fixture(scope="module")
-def engine_and_batches(tiny_assets, tmp_path_factory):
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def engine_and_batches(request, tiny_assets, tmp_path_factory):
     import deepspeed
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")
     out = tmp_path_factory.mktemp("nonfinite") / "run"
-    cfg = load_config(str(write_tiny_config(tiny_assets, out, deepspeed={"config": "zero2", "zero_stage": 2},
+    template = "zero3_bf16" if request.param == 3 else "zero2"
+    cfg = load_config(str(write_tiny_config(tiny_assets, out,
+                                            deepspeed={"config": template, "zero_stage": request.param},
                                             train={"max_bad_steps": 3}, optim={"warmup_steps": 0})))
     stage = build_stage(cfg, WorldInfo(), on_cuda=False)
-    engine, _, _, _ = build_engine(stage.model, cfg, 1, on_cuda=False)
+    engine, _ = build_engine(stage.model, cfg, 1, on_cuda=False)
     batch = next(iter(stage.build_train_loader()))
     return cfg, engine, batch, out
 
@@ -60,3 +63,31 @@ def test_consecutive_nans_abort_with_clear_message(engine_and_batches):
     logger = MetricLogger(out, True, False, 4)
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses"):
         train_step(engine, itertools.repeat(_poisoned(batch)), cfg, TrainState(), logger)
+
+
+def test_lr_follows_the_step_counter_when_deepspeed_skips_a_step(tiny_assets, tmp_path):
+    """DeepSpeed skips its scheduler on an fp16 overflow step; the lr must not fall behind the step count."""
+    import deepspeed
+
+    from blip_train.training.engine import lr_at
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+    out = tmp_path / "run"
+    cfg = load_config(str(write_tiny_config(tiny_assets, out, deepspeed={"config": "zero2", "zero_stage": 2},
+                                            optim={"warmup_steps": 10, "lr": 1e-3}, train={"max_steps": 20})))
+    stage = build_stage(cfg, WorldInfo(), on_cuda=False)
+    engine, _ = build_engine(stage.model, cfg, 1, on_cuda=False)
+    opt = engine.optimizer
+    real_step, used = opt.step, []
+
+    def step_with_overflow(*args, **kwargs):  # what an fp16 loss-scale overflow looks like to the engine
+        used.append(opt.param_groups[0]["lr"])
+        real_step(*args, **kwargs)
+        opt.overflow = len(used) == 2
+
+    opt.step = step_with_overflow
+    state, logger, batches = TrainState(), MetricLogger(out, True, False, 4), iter(stage.build_train_loader())
+    for _ in range(4):
+        train_step(engine, batches, cfg, state, logger)
+    assert engine.skipped_steps == 1  # DeepSpeed did see an overflow
+    assert used == pytest.approx([lr_at(k, cfg) for k in range(4)], rel=1e-6)

@@ -83,7 +83,7 @@ def _engine(tiny_assets, tmp_path, name: str, sets: tuple[str, ...] = (), **sect
         deepspeed.init_distributed(dist_backend="gloo")
     cfg = load_config(str(write_tiny_config(tiny_assets, tmp_path / name, **sections)), list(sets))
     stage = build_stage(cfg, WorldInfo(), on_cuda=False)
-    engine, _, _, ds_config = build_engine(stage.model, cfg, 1, on_cuda=False)
+    engine, ds_config = build_engine(stage.model, cfg, 1, on_cuda=False)
     return engine, stage, ds_config
 
 

@@ -29,7 +29,7 @@ def test_temperature_master_stays_in_range_with_a_large_lr(tiny_assets, tmp_path
         tiny_assets, out, optim={"lr": 2.0, "warmup_steps": 0, "grad_clip": 0.0},
         deepspeed={"config": "zero3_bf16" if zero_stage == 3 else "zero2", "zero_stage": zero_stage})))
     stage = build_stage(cfg, WorldInfo(), on_cuda=False)
-    engine, _, _, _ = build_engine(stage.model, cfg, 1, on_cuda=False)
+    engine, _ = build_engine(stage.model, cfg, 1, on_cuda=False)
     temp = engine.module.temp
     batches = iter(stage.build_train_loader())
     state, logger, seen = TrainState(), MetricLogger(out, True, False, 4), []

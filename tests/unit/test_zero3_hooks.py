@@ -19,7 +19,7 @@ def test_zero3_forward_backward_sees_every_module_output(tiny_assets, tmp_path, 
         deepspeed.init_distributed(dist_backend="gloo")
     cfg = load_config(str(write_tiny_config(tiny_assets, tmp_path / "run", optim={"warmup_steps": 0})))
     stage = build_stage(cfg, WorldInfo(), on_cuda=False)
-    engine, _, _, _ = build_engine(stage.model, cfg, 1, on_cuda=False)
+    engine, _ = build_engine(stage.model, cfg, 1, on_cuda=False)
     warnings: list[str] = []
     monkeypatch.setattr(zero_utils, "warned", False)  # DeepSpeed warns once per process
     monkeypatch.setattr(zero_utils.logger, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
