@@ -153,7 +153,8 @@ def test_retrieval_model_itc_and_itm(backend):
     hf_sd = hf.state_dict()
     ours_sd = model_from_hf(hf_sd, "blip2_retrieval")
     back, left_out = model_to_hf(ours_sd, "blip2_retrieval")
-    assert_same_state(back, hf_sd) and left_out == []
+    assert_same_state(back, hf_sd)
+    assert left_out == []
 
     parts = Parts(backend).eval()
     load_exact(parts, ours_sd, {k for k in parts.state_dict() if k.startswith("qformer.lm_head.")})
@@ -202,7 +203,8 @@ def test_generation_models_names(layout):
     ours_sd = model_from_hf(hf_sd, layout)
     assert "llm_proj.weight" in ours_sd and any(k.startswith("llm.") for k in ours_sd)
     back, left_out = model_to_hf(ours_sd, layout)
-    assert_same_state(back, hf_sd) and left_out == []
+    assert_same_state(back, hf_sd)
+    assert left_out == []
 
     parts = Parts("sdpa")
     del parts.vision_proj, parts.text_proj, parts.itm_head
