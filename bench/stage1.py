@@ -93,13 +93,12 @@ def ours_itc_itm(model: Blip2Stage1, batch: dict[str, torch.Tensor]) -> torch.Te
     """ITC + ITM through our building blocks, as in `Blip2Stage1.forward` without ITG."""
     ids, mask, image_ids = batch["text_ids"], batch["text_mask"], batch["image_ids"]
     b = ids.shape[0]
-    model._clamp_temp_()
     image_embeds = model.image_embeddings(batch["pixel_values"])  # (B, Nimg, W)
     query_out = model.qformer(query_embeds=model._queries(b), image_embeds=image_embeds)
     image_feats = F.normalize(model.vision_proj(query_out.last_hidden_state), dim=-1)  # (B, Nq, E)
     text_out = model.qformer(input_ids=ids, attention_mask=mask)
     text_feat = F.normalize(model.text_proj(text_out.last_hidden_state[:, 0]), dim=-1)  # (B, E)
-    itc = itc_loss(image_feats, text_feat, model.temp, model.world, image_ids=image_ids)
+    itc = itc_loss(image_feats, text_feat, model._temperature(), model.world, image_ids=image_ids)
     neg_img, neg_txt = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, model.world, image_ids=image_ids)
     ids_pad, mask_pad = model._pad_text(ids, mask)  # (B, L)
     itm_ids = torch.cat([ids_pad, ids_pad, ids_pad[neg_txt]])  # (3B, L)
