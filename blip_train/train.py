@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from blip_train.config import ConfigError, load_config
+from blip_train.config import ConfigError, check_input_paths, check_output_dir, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,6 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML path or recipe name under blip_train/recipes (e.g. demo/stage1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run even though the config changes what it means (optimizer, schedule, batch, "
+                        "data, model); the new config is kept beside the old one")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
@@ -30,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_input_paths(cfg)  # seconds, before the heavy imports below
+        check_output_dir(cfg.run.output_dir)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*deprecated")
     from blip_train.training.loop import train  # heavy imports only after the config is known good
     try:
-        train(cfg)
+        train(cfg, allow_config_change=args.allow_config_change)
     except ConfigError as e:  # settings that need the world size (batch arithmetic, templates, paths)
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,13 @@
 """Typed experiment config: schema (dataclasses), YAML loading, overrides, validation."""
-from .loading import (EVAL_TASK_ARCHS, ConfigError, config_from_dict, config_to_dict, eval_task, load_config,
-                      resolve_recipe, save_resolved_config, validate_config)
+from .loading import (EVAL_TASK_ARCHS, ConfigError, check_input_paths, check_output_dir, config_from_dict,
+                      config_to_dict, config_warnings, eval_task, load_config, resolve_recipe, save_resolved_config,
+                      validate_config)
 from .schema import (DataConfig, DeepSpeedConfig, EvalConfig, ExperimentConfig, LLMConfig, ModelConfig,
                      OptimConfig, QFormerConfig, RunConfig, StreamConfig, TrainConfig, VisionConfig)
 
 __all__ = [
-    "EVAL_TASK_ARCHS", "ConfigError", "config_from_dict", "config_to_dict", "eval_task", "load_config",
+    "EVAL_TASK_ARCHS", "ConfigError", "check_input_paths", "check_output_dir", "config_from_dict",
+    "config_to_dict", "config_warnings", "eval_task", "load_config",
     "resolve_recipe", "save_resolved_config",
     "validate_config", "DataConfig", "DeepSpeedConfig", "EvalConfig", "ExperimentConfig", "LLMConfig",
     "ModelConfig", "OptimConfig", "QFormerConfig", "RunConfig", "StreamConfig", "TrainConfig", "VisionConfig",

@@ -107,7 +107,20 @@ def _set_dotted(data: dict, dotted: str, raw: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {p} is not a section")
     # YAML parsing gives numbers, booleans and lists their types; type checks happen in _build.
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {dotted}={raw}: not valid YAML ({_yaml_problem(e)}; quote the value, "
+                          "e.g. --set \"data.train=[{local: dir}]\")") from None
+
+
+def _yaml_problem(e: yaml.YAMLError, where: str = "") -> str:
+    """PyYAML's error as one phrase: what went wrong and where (line and column, 1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"{problem} at {where + ':' if where else ''}line {mark.line + 1}, column {mark.column + 1}"
 
 
 def load_config(path_or_name: str | None, overrides: Iterable[str] = ()) -> ExperimentConfig:
@@ -118,7 +131,7 @@ def load_config(path_or_name: str | None, overrides: Iterable[str] = ()) -> Expe
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e, str(path))})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at top level")
     for ov in overrides:
@@ -225,6 +238,48 @@ def validate_config(cfg: ExperimentConfig) -> None:
                           f"this run is model.arch={m.arch}")
     if ds.offload_frozen and ds.zero_stage != 3:
         raise ConfigError(f"deepspeed.offload_frozen: needs deepspeed.zero_stage=3, got {ds.zero_stage}")
+
+
+def input_paths(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """(key, path) of every local input this run will read: weights, tokenizers, the LLM, data."""
+    m, d = cfg.model, cfg.data
+    paths = [("model.vision.weights", m.vision.weights), ("model.qformer.tokenizer", m.qformer.tokenizer),
+             ("model.qformer.bert_init", m.qformer.bert_init), ("model.init_from", m.init_from)]
+    if m.arch != "stage1":
+        paths.append(("model.llm.path", m.llm.path))
+    paths += [(f"data.train[{i}].local", s.local) for i, s in enumerate(d.train) if s.local and not s.remote]
+    if cfg.eval.interval:
+        paths.append(("data.val", d.val))
+    return [(k, p) for k, p in paths if p]
+
+
+def check_input_paths(cfg: ExperimentConfig) -> None:
+    """Refuse a config whose input files or folders do not exist, naming the key (seconds after start,
+    not minutes into model building)."""
+    for key, path in input_paths(cfg):
+        if not Path(path).exists():
+            raise ConfigError(f"{key}: {path} does not exist")
+
+
+def config_warnings(cfg: ExperimentConfig) -> list[str]:
+    """Settings that run but are almost certainly not what a real experiment wants."""
+    out = []
+    if not cfg.model.vision.weights and cfg.model.vision.frozen:
+        out.append("warning: model.vision.weights is empty: the frozen ViT is randomly initialised, which is for "
+                   "tests only (import real weights, e.g. tools/import_lavis.py --eva eva_vit_g.pth)")
+    return out
+
+
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Refuse an output directory that cannot be created or written (before any process group)."""
+    p = Path(path)
+    probe = p / f".write_test.{os.getpid()}"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run.output_dir: {p} is not writable ({e.strerror or e})") from None
 
 
 def save_resolved_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:

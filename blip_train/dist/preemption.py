@@ -1,4 +1,5 @@
-"""Turn SLURM's preemption signal into a stop flag that every rank agrees on at a step boundary.
+"""Turn SLURM's preemption signal, SIGTERM and Ctrl-C into a stop flag that every rank agrees on at a step
+boundary.
 
 Flow (see slurm/README.md): SLURM sends USR1 to the batch shell 180 s before the time limit; the shell
 forwards it to the job step, so each task's handler sets a local flag. Not every rank gets the signal
@@ -7,19 +8,30 @@ of the flags, after which all ranks save the same checkpoint and exit together.
 
 The handler only sets a flag and writes one line with os.write: a Python-level print or logging call
 inside a handler can raise "reentrant call" if the signal lands while the main thread is printing,
-and raising from a handler could corrupt a checkpoint being written. A second signal is harmless.
+and raising from a handler could corrupt a checkpoint being written. A second USR1/TERM is harmless.
+
+Ctrl-C (SIGINT) asks for the same save-and-stop; a second Ctrl-C aborts at once (the newest complete
+checkpoint stays the resume point: a half-written one is never used). One keypress often arrives twice
+(the terminal signals the whole process group and torchrun forwards SIGINT to its workers), so a
+repeat within `SIGINT_REPEAT_S` counts as the same keypress. Processes forked after `install` (data
+loader workers) inherit the handler and ignore these signals: only the trainer decides when to stop.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import time
 from types import FrameType
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from blip_train.dist.process_group import all_reduce_max_bool, get_rank
 
 _Handler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers, None]
+
+SIGINT_REPEAT_S = 2.0
+"""A second SIGINT sooner than this after the first is the same Ctrl-C delivered twice."""
+ABORT_EXIT_CODE = 130
 
 
 class PreemptionHandler:
@@ -28,9 +40,13 @@ class PreemptionHandler:
         self._agreed = False
         self._signum: Optional[int] = None
         self._previous: Dict[int, _Handler] = {}
+        self._pid = os.getpid()
+        self._first_sigint: Optional[float] = None
 
-    def install(self, signals: Sequence[int] = (signal.SIGUSR1, signal.SIGTERM)) -> "PreemptionHandler":
+    def install(self, signals: Sequence[int] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+                ) -> "PreemptionHandler":
         """Route `signals` to the flag. Call from the main thread (Python only allows handlers there)."""
+        self._pid = os.getpid()
         for sig in signals:
             if sig not in self._previous:
                 self._previous[sig] = signal.getsignal(sig)
@@ -50,14 +66,26 @@ class PreemptionHandler:
         self.uninstall()
 
     def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked data loader worker: the trainer process handles the signal
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > SIGINT_REPEAT_S:
+                self._say("second Ctrl-C: aborting now (the newest complete checkpoint is kept for resume)")
+                os._exit(ABORT_EXIT_CODE)
+            if self._first_sigint is None:
+                self._first_sigint = now
         if self._requested:
             return  # already stopping; e.g. a second USR1 during the final save changes nothing
         self._requested = True
         self._signum = signum
+        hint = "; press Ctrl-C again to abort without saving" if signum == signal.SIGINT else ""
+        self._say(f"received {signal.Signals(signum).name}: will save and stop at the next step boundary{hint}")
+
+    @staticmethod
+    def _say(text: str) -> None:
         try:
-            os.write(sys.stderr.fileno(),
-                     f"[rank {get_rank()}] received {signal.Signals(signum).name}: will save and stop "
-                     "at the next step boundary\n".encode())
+            os.write(sys.stderr.fileno(), f"[rank {get_rank()}] {text}\n".encode())
         except (OSError, ValueError):  # stderr closed or replaced by an object without a descriptor
             pass
 

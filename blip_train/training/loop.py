@@ -7,12 +7,15 @@ step, saves), so ZeRO-3 and gloo/NCCL never wait on a rank that took another bra
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from blip_train.config import ConfigError, ExperimentConfig, save_resolved_config
+from blip_train.config import ConfigError, ExperimentConfig, check_input_paths, check_output_dir, config_warnings
+from blip_train.config.changes import check_resume_config, record_config
 from blip_train.data.datasets import check_local_splits
 from blip_train.dist.env import discover_environment, export_environment
 from blip_train.dist.preemption import PreemptionHandler
@@ -23,6 +26,7 @@ from blip_train.evaluation.in_training import check_eval_split, evaluate_during_
 from blip_train.models.llm_bridge import llm_dtype
 from blip_train.training.checkpoint import (TrainState, convert_to_universal, find_resume_tag, load_checkpoint,
                                             read_meta, save_checkpoint)
+from blip_train.training.console import mirror_console, quiet_deepspeed, without_build_chatter
 from blip_train.training.engine import apply_lr_, apply_parameter_bounds_, build_ds_config, build_engine, lr_at
 from blip_train.training.flops import build_flops_counter
 from blip_train.training.metrics import MetricLogger
@@ -105,30 +109,77 @@ def keep_global_batch(cfg: ExperimentConfig, meta: dict, world_size: int) -> Non
     cfg.train.global_batch_size = 0
 
 
-def train(cfg: ExperimentConfig) -> dict:
-    """Run (or resume) one experiment to train.max_steps. Returns a summary dict on every rank."""
+@dataclass
+class RunPlan:
+    """What the checks before any process group decided about a run."""
+    ds_config: dict
+    resume_tag: str | None
+    elastic: bool
+    """The checkpoint was saved on another number of ranks (resumed through DeepSpeed's universal format)."""
+    config_changes: list[str]
+    """Meaning changes a resume was allowed to make (--allow-config-change)."""
+
+
+def plan_run(cfg: ExperimentConfig, world_size: int, on_cuda: bool, allow_config_change: bool = False) -> RunPlan:
+    """Every check that needs no process group, cheapest first, so a bad run fails in seconds: input paths,
+    the output directory, the recorded config of a resumed run, batch arithmetic and the DeepSpeed
+    template, the local data splits. Raises ConfigError."""
+    out = Path(cfg.run.output_dir)
+    check_input_paths(cfg)
+    check_output_dir(out)
+    ckpt_dir = out / "checkpoints"
+    tag = find_resume_tag(ckpt_dir)
+    meta = read_meta(ckpt_dir / tag) if tag is not None else {}
+    elastic = tag is not None and meta["world_size"] != world_size
+    if elastic:
+        keep_global_batch(cfg, meta, world_size)
+    ds_config = build_ds_config(cfg, world_size, on_cuda)
+    changes = []
+    if tag is not None:
+        global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
+        changes = check_resume_config(out, cfg, meta.get("global_batch"), global_batch, allow_config_change)
+    check_local_splits(cfg.data)
+    return RunPlan(ds_config, tag, elastic, changes)
+
+
+def describe_streams(loader) -> str:
+    """One line per training stream: name, samples, share of the mixture, samples drawn per epoch, where."""
+    lines = [f"  {i['name']:<20} {i['samples']:>12,d} samples  share {i['proportion']:.3f}  "
+             f"{i.get('per_epoch', i['samples']):>12,d} per epoch  {i['remote'] or i['local']}"
+             for i in loader.dataset.stream_info]
+    return "data.train:\n" + "\n".join(lines)
+
+
+def train(cfg: ExperimentConfig, allow_config_change: bool = False) -> dict:
+    """Run (or resume) one experiment to train.max_steps. Returns a summary dict on every rank.
+
+    allow_config_change: resume even though the config changes what the run means (see config/changes.py).
+    """
     env = discover_environment()
     export_environment(env)
     on_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+    quiet_deepspeed("cuda" if on_cuda else "cpu")
     out = Path(cfg.run.output_dir)
-    ckpt_dir = out / "checkpoints"
-    tag = find_resume_tag(ckpt_dir)
-    elastic = tag is not None and read_meta(ckpt_dir / tag)["world_size"] != env.world_size
-    if elastic:
-        keep_global_batch(cfg, read_meta(ckpt_dir / tag), env.world_size)
-    ds_config = build_ds_config(cfg, env.world_size, on_cuda)  # batch/template errors before any process group
-    check_local_splits(cfg.data)  # and data errors too
-    init_distributed(env, cfg.deepspeed.timeout_minutes, on_cuda)
+    with mirror_console(out / "train.log", enabled=env.rank == 0):
+        return _train(cfg, env, on_cuda, plan_run(cfg, env.world_size, on_cuda, allow_config_change))
+
+
+def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
+    out = Path(cfg.run.output_dir)
+    ckpt_dir, tag = out / "checkpoints", plan.resume_tag
+    with without_build_chatter():
+        init_distributed(env, cfg.deepspeed.timeout_minutes, on_cuda)
     if cfg.eval.interval:
         # After the group exists: without one, streaming would open (and close) a group of its own on
         # the same port, racing ours. Still before anything expensive is built.
         check_eval_split(cfg)
-    if env.rank == 0:
-        save_resolved_config(cfg, out / "config.yaml")
+    config_file = record_config(cfg, out) if env.rank == 0 else None
+    for line in config_warnings(cfg) + [f"config changed on resume (allowed): {c}" for c in plan.config_changes]:
+        print0(line)
     # Installed before the (slow) build so an early preemption signal cannot kill the process.
     preemption = PreemptionHandler()
     preemption.install()
-    if elastic:  # saved on another number of ranks: go through DeepSpeed's universal format
+    if plan.elastic:  # saved on another number of ranks: go through DeepSpeed's universal format
         print0(f"{ckpt_dir / tag} was saved on {read_meta(ckpt_dir / tag)['world_size']} ranks; this run has "
                f"{env.world_size}: converting to a universal checkpoint")
         convert_to_universal(ckpt_dir, tag)
@@ -136,16 +187,17 @@ def train(cfg: ExperimentConfig) -> dict:
     # Frozen HF LLMs load straight into ZeRO-3 partitions (kept alive for the whole run on purpose).
     hf_zero3 = None
     if cfg.model.arch != "stage1":  # in the LLM's own dtype (model.llm.dtype), not the engine's
-        hf_zero3 = hf_zero3_loading(ds_config, cfg.deepspeed.zero_init,  # noqa: F841
+        hf_zero3 = hf_zero3_loading(plan.ds_config, cfg.deepspeed.zero_init,  # noqa: F841
                                     dtype=llm_dtype(cfg.model.llm.dtype, "cuda" if on_cuda else "cpu"))
     stage = build_stage(cfg, build_world_info(), on_cuda)
     print0(describe_parameters(stage.model))
     if hf_zero3 is not None:
         at_load = sum(p.ds_numel for p in stage.model.parameters() if hasattr(p, "ds_id"))
         print0(f"ZeRO-3: {at_load:,d} parameters were partitioned as they loaded (frozen LLM)")
-    engine, _ = build_engine(stage.model, cfg, env.world_size, on_cuda, ds_config=ds_config,
-                                           extra_ds={"checkpoint": {"load_universal": True}} if elastic else None)
+    engine, _ = build_engine(stage.model, cfg, env.world_size, on_cuda, ds_config=plan.ds_config,
+                             extra_ds={"checkpoint": {"load_universal": True}} if plan.elastic else None)
     loader = stage.build_train_loader()
+    print0(describe_streams(loader))
     # After the builders, which initialise the model from run.seed on every rank (identical weights):
     # from here each rank draws its own dropout masks and ITM negatives. A resume restores these streams.
     seed_everything(cfg.run.seed, env.rank)
@@ -160,13 +212,15 @@ def train(cfg: ExperimentConfig) -> dict:
         print0(f"resumed from {ckpt_dir / tag} at step {state.step}")
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
     logger = MetricLogger(out, env.rank == 0, cfg.run.tensorboard, samples_per_step,
-                          count_work=build_flops_counter(cfg.model, stage.model), device=engine.device)
-    meta = {"arch": cfg.model.arch, "frozen_sources": stage.frozen_sources, "global_batch": samples_per_step}
+                          count_work=build_flops_counter(cfg.model, stage.model), device=engine.device,
+                          total_steps=cfg.train.max_steps)
+    meta = {"arch": cfg.model.arch, "frozen_sources": stage.frozen_sources, "global_batch": samples_per_step,
+            "config_file": config_file.name if config_file is not None else None}
     history: list[dict] = []
     batches = _forever(loader)
     engine.train()
     logger.reset_clock(state.step)
-    stopped_early = False
+    stopped_early, saved = False, tag
     try:
         while state.step < cfg.train.max_steps:
             train_step(engine, batches, cfg, state, logger)
@@ -177,11 +231,14 @@ def train(cfg: ExperimentConfig) -> dict:
             stop = preemption.should_stop()
             # Saved before evaluating: a failing evaluation must not cost the steps since the last save.
             if stop or state.step % cfg.train.save_interval == 0 or state.step == cfg.train.max_steps:
+                t0 = time.perf_counter()
                 with logger.paused():
-                    save_checkpoint(engine, ckpt_dir, state, loader.state_dict(), meta,
-                                    cfg.train.keep_last, cfg.train.keep_every)
+                    saved = save_checkpoint(engine, ckpt_dir, state, loader.state_dict(), meta,
+                                            cfg.train.keep_last, cfg.train.keep_every)
+                print0(f"checkpoint saved: {ckpt_dir / saved} ({time.perf_counter() - t0:.1f} s)")
             if stop:
-                print0(f"stop requested ({preemption.signal_name or 'signal on another rank'}): checkpoint saved at step {state.step}; exiting for requeue")
+                print0(f"stop requested ({preemption.signal_name or 'signal on another rank'}): checkpoint saved at "
+                       f"step {state.step}; run the same command to resume")
                 stopped_early = True
                 break
             if cfg.eval.interval and state.step % cfg.eval.interval == 0:
@@ -192,6 +249,8 @@ def train(cfg: ExperimentConfig) -> dict:
     finally:
         preemption.uninstall()
         logger.close()
+    if not stopped_early:
+        print0(f"done: step {state.step}, checkpoint {ckpt_dir / saved if saved else '(none)'}")
     return {"step": state.step, "stopped_early": stopped_early, "history": history,
             "checkpoint": str(ckpt_dir), "world_size": env.world_size,
             "zero_stage": cfg.deepspeed.zero_stage, "engine": engine}

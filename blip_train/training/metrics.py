@@ -73,10 +73,14 @@ def host_peak_rss_gib() -> float:
 class MetricLogger:
     def __init__(self, output_dir: Path, is_main: bool, tensorboard: bool, samples_per_step: int, *,
                  count_work: Optional[WorkCounter] = None,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), total_steps: int = 0):
         """samples_per_step: global samples per optimizer step; count_work: micro-batch -> (tokens,
-        FLOPs) from `flops.build_flops_counter` (None: no tokens/s or MFU); device: the training device."""
+        FLOPs) from `flops.build_flops_counter` (None: no tokens/s or MFU); device: the training device;
+        total_steps: train.max_steps, for `step N/total` and the ETA (0: not shown)."""
         self.is_main = is_main
+        self.total_steps = total_steps
+        self._wall_start = time.perf_counter()  # ETA: wall clock including checkpoints and evaluation
+        self._wall_step = 0
         self.samples_per_step = samples_per_step
         self.count_work = count_work
         self.device = torch.device(device)
@@ -117,8 +121,8 @@ class MetricLogger:
 
     def reset_clock(self, step: int = 0) -> None:
         """Start timing at optimizer step `step` (the resumed step, or 0)."""
-        self._t_last = time.perf_counter()
-        self._step_at_clock = step
+        self._t_last = self._wall_start = time.perf_counter()
+        self._step_at_clock = self._wall_step = step
         self.timer.totals()  # drop laps from before the loop
 
     def _peak_memory_per_rank(self) -> list[float]:
@@ -169,6 +173,10 @@ class MetricLogger:
         scalars["perf/peak_mem_gib"] = max(peaks)  # device memory on CUDA, host RSS on CPU
         scalars.update({f"mem/peak_gib_rank{r}": v for r, v in enumerate(peaks)})
         scalars.update(extra or {})
+        wall = now - self._wall_start
+        scalars["time/elapsed_s"] = wall
+        if self.total_steps and step > self._wall_step:
+            scalars["time/eta_s"] = wall / (step - self._wall_step) * max(0, self.total_steps - step)
         if self.is_main:
             self._print(step, lr, scalars)
             self.log_scalars(step, scalars)
@@ -186,9 +194,15 @@ class MetricLogger:
         if "perf/tokens_per_s" in s:
             work = f" | {s['perf/tokens_per_s']:.0f} tok/s | {s['perf/tflops_per_rank']:.3g} TFLOP/s/rank"
             work += f" | MFU {s['perf/mfu']:.1%}" if "perf/mfu" in s else ""
-        print(f"step {step:>7d} | {loss_txt} | lr {lr:.3e} | {s['perf/samples_per_s']:.1f} samples/s | "
+        from blip_train.training.console import format_duration
+
+        where = f"{step}/{self.total_steps}" if self.total_steps else f"{step}"
+        clock = f"elapsed {format_duration(s['time/elapsed_s'])}"
+        if "time/eta_s" in s:
+            clock += f" ETA {format_duration(s['time/eta_s'])}"
+        print(f"step {where} | {loss_txt} | lr {lr:.3e} | {s['perf/samples_per_s']:.1f} samples/s | "
               f"{s['perf/step_time_s'] * 1000:.0f} ms/step (data/fwd/bwd/step {split}){work} | "
-              f"peak mem {s['perf/peak_mem_gib']:.2f} GiB", flush=True)
+              f"peak mem {s['perf/peak_mem_gib']:.2f} GiB | {clock}", flush=True)
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if self.is_main:

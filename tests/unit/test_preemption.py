@@ -47,6 +47,52 @@ def test_signal_sets_flag_and_second_signal_is_harmless(capfd: pytest.CaptureFix
         signal.signal(signal.SIGUSR1, previous)
 
 
+def test_ctrl_c_requests_a_save_and_a_repeat_of_the_same_keypress_is_ignored(capfd) -> None:
+    with PreemptionHandler() as handler:
+        _send_and_wait(handler, signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C forwarded again (torchrun does this)
+        time.sleep(0.05)
+        assert handler.should_stop() and handler.signal_name == "SIGINT"
+    err = capfd.readouterr().err
+    assert err.count("received SIGINT") == 1 and "press Ctrl-C again to abort" in err
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path) -> None:
+    script = tmp_path / "interrupt.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "from blip_train.dist import PreemptionHandler\n"
+        "from blip_train.dist.preemption import SIGINT_REPEAT_S\n"
+        "h = PreemptionHandler().install()\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(SIGINT_REPEAT_S + 0.3)\n"
+        "assert h.requested\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(5)\n"
+        "print('still running')\n")
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, clean_env
+    r = subprocess.run([sys.executable, str(script)], env=clean_env(), cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 130 and "still running" not in r.stdout
+    assert "second Ctrl-C: aborting now" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_forked_workers_leave_signals_to_the_trainer() -> None:
+    """A data loader worker forked after install inherits the handler: it neither dies nor stops the run."""
+    with PreemptionHandler() as handler:
+        pid = os.fork()
+        if pid == 0:  # the child: a Ctrl-C for the whole process group reaches it too
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            os._exit(3 if handler.requested else 0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not handler.requested
+
+
 def test_context_manager_restores_handlers() -> None:
     before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     with PreemptionHandler() as handler:
