@@ -76,6 +76,8 @@ def clean_text(value: Any) -> tuple[Optional[str], str]:
 def load_json(path: Union[str, os.PathLike]) -> Any:
     """Parse a JSON (or JSON-lines) file; raise InputError with one line naming the file otherwise."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory; expected a JSON file")
     if not p.is_file():
         raise InputError(f"{p}: no such file")
     try:

@@ -86,6 +86,9 @@ def read_coco(images_dir: str, annotations: str, stats: ConvertStats, *, split: 
         prev[1].extend(caps)
 
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        if split:
+            raise InputError(f"--split {split}: {annotations} is a COCO captions file, which has no splits (it is "
+                             "one split already; --split selects from Karpathy-style files)")
         images = {im["id"]: im.get("file_name") for im in data.get("images", []) if isinstance(im, dict) and "id" in im}
         for ann in data["annotations"]:
             if not isinstance(ann, dict) or "image_id" not in ann:
@@ -96,6 +99,8 @@ def read_coco(images_dir: str, annotations: str, stats: ConvertStats, *, split: 
                 add(images[ann["image_id"]], ann["image_id"], ann.get("caption"))
     elif isinstance(data, dict) and isinstance(data.get("images"), list) or isinstance(data, list):
         entries = data["images"] if isinstance(data, dict) else data
+        present = sorted({str(e["split"]) for e in entries if isinstance(e, dict) and e.get("split")})
+        _check_split(annotations, split, present)
         wanted = {"train", "restval"} if split == "train" else ({split} if split else None)
         for e in entries:
             if not isinstance(e, dict):
@@ -116,6 +121,18 @@ def read_coco(images_dir: str, annotations: str, stats: ConvertStats, *, split: 
         caps = _captions(raw, stats)
         if caps:
             yield ImageJob(path, _caption_rows(iid, caps, per_image, dataset))
+
+
+def _check_split(annotations: str, split: Optional[str], present: list[str]) -> None:
+    """Refuse a --split the file does not have or does not know, and a multi-split file without one
+    (converting Karpathy's dataset_coco.json whole would merge train and test)."""
+    if split and not present:
+        raise InputError(f"--split {split}: {annotations} has no split field (it is one split already)")
+    if split and split not in present and not (split == "train" and "restval" in present):
+        raise InputError(f"--split {split}: {annotations} has no such split (present: {', '.join(present)})")
+    if not split and len(present) > 1:
+        raise InputError(f"{annotations} holds several splits ({', '.join(present)}): choose one with --split "
+                         "(train includes restval)")
 
 
 def _tar_groups(tar_path: str, stats: ConvertStats) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -149,6 +149,26 @@ def test_coco_karpathy_formats(tmp_path, capsys):
     assert code == 0, err
     assert [(r["image_id"], r["caption"]) for r in read_split(tmp_path / "o2")] == [(42, "a red square.")]
 
+    def refused(*args: str) -> str:
+        code, _, err = run("convert_coco.py", "--images", str(images), "--out", str(tmp_path / "o3"), "--workers", "1",
+                           *args, capsys=capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        return err.strip()
+
+    karpathy_file = str(tmp_path / "dataset_coco.json")
+    assert refused("--annotations", karpathy_file) == (
+        f"error: {karpathy_file} holds several splits (restval, test): choose one with --split (train includes "
+        "restval)")
+    assert refused("--annotations", karpathy_file, "--split", "val") == (
+        f"error: --split val: {karpathy_file} has no such split (present: restval, test)")
+    assert "has no split field" in refused("--annotations", str(tmp_path / "k.json"), "--split", "test")
+    coco = {"images": [{"id": 1, "file_name": "grey.png"}], "annotations": [{"image_id": 1, "caption": "grey"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    assert "is a COCO captions file, which has no splits" in refused("--annotations", str(tmp_path / "captions.json"),
+                                                                      "--split", "test")
+    assert refused("--annotations", str(tmp_path)) == f"error: {tmp_path}: is a directory; expected a JSON file"
+    assert not (tmp_path / "o3").exists()
+
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     with tarfile.open(path, "w") as tar:
