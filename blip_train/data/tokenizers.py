@@ -41,6 +41,21 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int,
     return tok
 
 
+def wordpiece_from_vocab(vocab_file: str | os.PathLike, out_dir: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """An uncased BERT tokenizer folder from a WordPiece `vocab.txt` (one token per line, bert-base-uncased's
+    format). The vocab must hold BERT's special tokens; [DEC] is added at load time (`load_qformer_tokenizer`)."""
+    path = Path(vocab_file)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such vocab file (expected a WordPiece vocab.txt, one token per line)")
+    tokens = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+    missing = [t for t in BERT_SPECIALS if t not in tokens]
+    if missing:
+        raise ValueError(f"{path}: not a BERT WordPiece vocab (lacks {', '.join(missing)})")
+    tok = BertTokenizerFast(vocab_file=str(path), do_lower_case=True, model_max_length=512)
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
 def load_qformer_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Load a local BERT tokenizer folder and add [DEC] as bos_token (BLIP-2: 30522 + 1 = 30523 ids).
 

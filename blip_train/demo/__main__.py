@@ -1,6 +1,7 @@
 """`make demo`: the whole system end to end on this CPU machine, with results in runs/demo/summary.json.
 
     python -m blip_train.demo --out runs/demo
+    python -m blip_train.demo --prepare      # only steps 1-2: what the demo recipes (demo/*) read
 
 1. synthetic shapes dataset → runs/demo/data/{train,val} (MDS shards, tools/make_synthetic_dataset.py)
 2. assets: Q-Former tokenizer trained on the train captions; tiny ViT pretrained on the train split
@@ -213,12 +214,18 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--num-samples", type=int, default=2200)
+    p.add_argument("--prepare", action="store_true",
+                   help="only build the data and the pretrained tiny towers the demo recipes read, then stop")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = make_data(out, args.num_samples)
     info = make_assets(out, data, image_size=64)
+    if args.prepare:
+        log(f"prepared {data} and {out / 'assets'} in {time.time() - t0:.0f}s; e.g. "
+            "python -m blip_train.train --config demo/stage1 --set train.max_steps=100")
+        return 0
     # Recipes name runs/demo/...; a different --out is passed through as overrides.
     path_sets = [] if out.resolve() == (REPO / "runs/demo").resolve() else [
         f"data.train=[{{local: {data / 'train'}, name: synthetic}}]", f"data.val={data / 'val'}",
