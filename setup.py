@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "pillow>=10.0",
     "tqdm>=4.66",
     "sentencepiece>=0.2",
+    "matplotlib>=3.8",  # tools/plot_run.py (mosaicml-streaming installs it too)
 ]
 
 setup(
