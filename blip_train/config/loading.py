@@ -236,6 +236,11 @@ def validate_config(cfg: ExperimentConfig) -> None:
     if cfg.eval.task != "auto" and m.arch not in EVAL_TASK_ARCHS[cfg.eval.task]:
         raise ConfigError(f"eval.task: {cfg.eval.task} needs model.arch in {', '.join(EVAL_TASK_ARCHS[cfg.eval.task])}, "
                           f"this run is model.arch={m.arch}")
+    if r.wandb:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("run.wandb: the wandb package is not installed (pip install -e '.[wandb]'), or set "
+                              "run.wandb=false")
     if ds.offload_frozen and ds.zero_stage != 3:
         raise ConfigError(f"deepspeed.offload_frozen: needs deepspeed.zero_stage=3, got {ds.zero_stage}")
 

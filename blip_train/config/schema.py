@@ -22,6 +22,12 @@ class RunConfig:
     """auto | cpu | cuda. auto picks cuda when available. fp16 and flash-attn need cuda."""
     tensorboard: bool = True
     """Write TensorBoard events under output_dir/tb on rank 0."""
+    wandb: bool = False
+    """Also log every scalar to Weights & Biases from rank 0 (needs `pip install -e '.[wandb]'`; the W&B run
+    id is kept in output_dir/wandb_id so a resumed run continues the same W&B run; WANDB_MODE=offline logs
+    without network)."""
+    wandb_project: str = "blip-train"
+    """W&B project of the run (its name is the output directory's name)."""
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import Iterator
 
 import torch
 
-from blip_train.config import ConfigError, ExperimentConfig, check_input_paths, check_output_dir, config_warnings
+from blip_train.config import (ConfigError, ExperimentConfig, check_input_paths, check_output_dir, config_to_dict,
+                               config_warnings)
 from blip_train.config.changes import check_resume_config, record_config
 from blip_train.data.datasets import check_local_splits
 from blip_train.dist.env import discover_environment, export_environment
@@ -29,7 +30,7 @@ from blip_train.training.checkpoint import (TrainState, convert_to_universal, fi
 from blip_train.training.console import mirror_console, quiet_deepspeed, without_build_chatter
 from blip_train.training.engine import apply_lr_, apply_parameter_bounds_, build_ds_config, build_engine, lr_at
 from blip_train.training.flops import build_flops_counter
-from blip_train.training.metrics import MetricLogger
+from blip_train.training.metrics import MetricLogger, start_wandb
 from blip_train.training.seeding import seed_everything
 from blip_train.training.stages import build_stage, describe_parameters
 
@@ -211,9 +212,10 @@ def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
             loader.load_state_dict(data_state)
         print0(f"resumed from {ckpt_dir / tag} at step {state.step}")
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
+    wandb_run = start_wandb(out, cfg.run.wandb_project, config_to_dict(cfg)) if cfg.run.wandb and env.rank == 0 else None
     logger = MetricLogger(out, env.rank == 0, cfg.run.tensorboard, samples_per_step,
                           count_work=build_flops_counter(cfg.model, stage.model), device=engine.device,
-                          total_steps=cfg.train.max_steps)
+                          total_steps=cfg.train.max_steps, wandb_run=wandb_run)
     meta = {"arch": cfg.model.arch, "frozen_sources": stage.frozen_sources, "global_batch": samples_per_step,
             "config_file": config_file.name if config_file is not None else None}
     history: list[dict] = []

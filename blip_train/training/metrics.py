@@ -9,10 +9,11 @@ import json
 import resource
 import sys
 import time
+import uuid
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -73,11 +74,13 @@ def host_peak_rss_gib() -> float:
 class MetricLogger:
     def __init__(self, output_dir: Path, is_main: bool, tensorboard: bool, samples_per_step: int, *,
                  count_work: Optional[WorkCounter] = None,
-                 device: torch.device = torch.device("cpu"), total_steps: int = 0):
+                 device: torch.device = torch.device("cpu"), total_steps: int = 0, wandb_run: Any = None):
         """samples_per_step: global samples per optimizer step; count_work: micro-batch -> (tokens,
         FLOPs) from `flops.build_flops_counter` (None: no tokens/s or MFU); device: the training device;
-        total_steps: train.max_steps, for `step N/total` and the ETA (0: not shown)."""
+        total_steps: train.max_steps, for `step N/total` and the ETA (0: not shown); wandb_run: a W&B run
+        (`start_wandb`) that gets every scalar too, or None."""
         self.is_main = is_main
+        self.wandb_run = wandb_run
         self.total_steps = total_steps
         self._wall_start = time.perf_counter()  # ETA: wall clock including checkpoints and evaluation
         self._wall_step = 0
@@ -210,9 +213,25 @@ class MetricLogger:
                 for k, v in scalars.items():
                     self.writer.add_scalar(k, v, step)
                 self.writer.flush()
+            if self.wandb_run is not None:
+                self.wandb_run.log(scalars, step=step)
             with open(self.history_path, "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def start_wandb(output_dir: Path, project: str, config: dict) -> Any:
+    """A W&B run for this output directory: its id is kept in output_dir/wandb_id, so a resumed run
+    continues the same W&B run (steps logged again after a resume replace nothing: W&B keeps the first)."""
+    import wandb
+
+    id_file = output_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(project=project, name=output_dir.name, id=run_id, resume="allow", dir=str(output_dir),
+                      config=config)
