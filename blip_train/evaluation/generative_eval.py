@@ -1,18 +1,20 @@
 """Captioning (CIDEr-D, BLEU-4) and VQA accuracy of stage-2 / InstructBLIP models on an MDS split.
 
-Generation runs on every rank over whole batches dealt round-robin (so a sample's batch does not
-depend on the world size); predictions are gathered and scored once. Each task also reports a
-`chance` score of a model that ignores the image: for captions, the references of another image; for
-VQA, the most frequent answer of the split.
+The split is read twice, never held: a first pass keeps the text that scoring needs (references, answers)
+and which rows are evaluated; then each rank reads, decodes and generates its own whole batches, one
+batch at a time (dealt round-robin, so a sample's batch does not depend on the world size, see
+distributed.py), and the predictions are gathered and scored on every rank. Memory does not grow
+with the split beyond that text. Each task also reports a `chance` score of a model that ignores the
+image: for captions, the references of another image; for VQA, the most frequent answer of the split.
 """
 from __future__ import annotations
 
 import io
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 from streaming import StreamingDataset
 
@@ -21,11 +23,8 @@ from blip_train.data.collate import pre_caption
 from blip_train.data.schema import verify_split
 from blip_train.data.transforms import build_transform
 from blip_train.evaluation.caption_metrics import caption_metrics
+from blip_train.evaluation.distributed import all_gather_objects, plan_batches, rank_world
 from blip_train.evaluation.vqa_metrics import exact_match, vqa_accuracy
-
-
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def is_vqa_row(row: dict) -> bool:
@@ -33,89 +32,116 @@ def is_vqa_row(row: dict) -> bool:
     return row["task"] == "vqa" and bool(row["question"]) and len(row["answers"]) > 0
 
 
-def load_samples(split: str, image_size: int, max_samples: int = 0,
-                 keep: Callable[[dict], bool] = lambda row: True) -> list[dict[str, Any]]:
-    """Schema rows of `split` (all of them on every rank) as reader-style samples with eval transform."""
+@dataclass
+class EvalSplit:
+    """The rows of a split that an evaluation covers, and how to read one as a model input."""
+    ds: StreamingDataset
+    indices: list[int]
+    """Rows evaluated, in split order."""
+    transform: Callable[[Image.Image], torch.Tensor]
+
+    def read_sample(self, i: int) -> dict[str, Any]:
+        """Row `i` as a reader-style sample (decoded image with the eval transform)."""
+        row = self.ds[i]
+        return {"pixel_values": self.transform(Image.open(io.BytesIO(row["image"])).convert("RGB")),
+                "caption": row["caption"], "captions": list(row["captions"]) or [row["caption"]],
+                "question": row["question"], "answer": row["answer"], "answers": list(row["answers"]),
+                "task": row["task"], "dataset": row["dataset"], "image_id": int(row["image_id"]), "index": i}
+
+
+def open_split(split: str, image_size: int, max_samples: int = 0, keep: Callable[[dict], bool] = lambda row: True,
+               note: Callable[[int, dict], None] = lambda i, row: None) -> EvalSplit:
+    """The first `max_samples` rows of `split` that `keep` accepts (0: all), every rank the same.
+
+    `note(i, row)` is called on each of them, for the caller to keep what scoring needs (text only:
+    images are read again, per batch, by the rank that evaluates them).
+    """
     verify_split(split)
     ds = StreamingDataset(local=split, shuffle=False, batch_size=1)
-    tf = build_transform(image_size, False)
-    out = []
+    indices = []
     for i in range(ds.num_samples):  # len(ds) would be this rank's share only
         row = ds[i]
         if not keep(row):
             continue
-        out.append({"pixel_values": tf(Image.open(io.BytesIO(row["image"])).convert("RGB")),
-                    "caption": row["caption"], "captions": list(row["captions"]) or [row["caption"]],
-                    "question": row["question"], "answer": row["answer"], "answers": list(row["answers"]),
-                    "question_id": int(row["question_id"]) if int(row["question_id"]) >= 0 else i,
-                    "image_id": int(row["image_id"]), "task": row["task"], "dataset": row["dataset"],
-                    "index": i})
-        if max_samples and len(out) >= max_samples:
+        indices.append(i)
+        note(i, row)
+        if max_samples and len(indices) >= max_samples:
             break
-    return out
+    return EvalSplit(ds, indices, build_transform(image_size, False))
 
 
 @torch.no_grad()
-def generate_texts(model, collate, tokenizer, samples: list[dict], batch_size: int,
-                   gen_kwargs: dict, shard: bool = True) -> dict[int, str]:
-    """{sample index: generated text} for all samples.
+def generate_texts(model, collate, tokenizer, split: EvalSplit, batch_size: int, gen_kwargs: dict) -> dict[int, str]:
+    """{row index: generated text} for every row of `split`, on every rank; all ranks call it together.
 
-    shard=True: each rank generates whole batches of its own (an un-partitioned model per rank).
-    shard=False: every rank generates every batch — the ZeRO-3 case inside training, where all ranks
-    must make the same module calls (query tokens gathered, synced decoding, see generate.py).
+    Each rank generates its own whole batches. With ZeRO-3 weights partitioned over the ranks
+    (in-training evaluation) every rank runs the same number of `generate` calls (a rank with fewer
+    batches repeats one and discards it) and decodes in lockstep (synced_gpus, see generate.py).
     """
-    from blip_train.evaluation.generate import generate_text
+    from blip_train.evaluation.generate import generate_text, needs_synced_gpus
 
     model.eval()
-    rank, world = _rank_world() if shard else (0, 1)
-    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    rank, world = rank_world()
     mine: dict[int, str] = {}
-    for chunk in batches[rank::world]:
-        for s, text in zip(chunk, generate_text(model, tokenizer, collate(chunk), **gen_kwargs)):
-            mine[s["index"]] = text
-    if world > 1:
-        parts: list = [None] * world
-        dist.all_gather_object(parts, mine)
-        mine = {k: v for p in parts for k, v in p.items()}
-    return mine
+    for batch, keep in plan_batches(len(split.indices), batch_size, rank, world, needs_synced_gpus(model)):
+        rows = [split.indices[p] for p in batch]
+        texts = generate_text(model, tokenizer, collate([split.read_sample(i) for i in rows]), **gen_kwargs)
+        if keep:
+            mine.update(zip(rows, texts))
+    return {k: v for part in all_gather_objects(mine, world) for k, v in part.items()}
 
 
-def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: str,
-                      gen_kwargs: dict, shard: bool = True) -> tuple[dict[str, float], list[dict]]:
-    samples = load_samples(split, cfg.model.vision.image_size, cfg.eval.max_samples)
-    preds = generate_texts(model, collate, tokenizer, samples, cfg.eval.batch_size, gen_kwargs, shard)
-    refs = {s["index"]: [pre_caption(c) for c in s["captions"]] for s in samples}
-    hyps = {k: pre_caption(v) for k, v in preds.items()}
-    scores = caption_metrics(hyps, refs)
+def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: str, gen_kwargs: dict, *,
+                      max_samples: int) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, per-image predictions) of captioning the first `max_samples` rows (0: the whole split)."""
+    refs: dict[int, list[str]] = {}
+    image_ids: dict[int, int] = {}
+
+    def note(i: int, row: dict) -> None:
+        refs[i] = list(row["captions"]) or [row["caption"]]
+        image_ids[i] = int(row["image_id"])
+
+    rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note)
+    preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs)
+    clean_refs = {i: [pre_caption(c) for c in refs[i]] for i in rows.indices}
+    scores = caption_metrics({k: pre_caption(v) for k, v in preds.items()}, clean_refs)
     # Chance: each image "captioned" with the first reference of the next image (a mismatched caption).
-    order = [s["index"] for s in samples]
-    shifted = {k: refs[order[(j + 1) % len(order)]][0] for j, k in enumerate(order)}
-    chance = caption_metrics(shifted, refs)
+    order = rows.indices
+    shifted = {k: clean_refs[order[(j + 1) % len(order)]][0] for j, k in enumerate(order)}
+    chance = caption_metrics(shifted, clean_refs)
     metrics = {"cider": 100.0 * scores["cider"], "bleu_4": 100.0 * scores["bleu_4"],
-               "chance_cider": 100.0 * chance["cider"], "num_images": len(samples)}
-    predictions = [{"index": s["index"], "image_id": s["image_id"], "prediction": preds[s["index"]],
-                    "references": s["captions"]} for s in samples]
+               "chance_cider": 100.0 * chance["cider"], "num_images": len(order),
+               "num_references": sum(len(refs[i]) for i in order)}
+    predictions = [{"index": i, "image_id": image_ids[i], "prediction": preds[i], "references": refs[i]}
+                   for i in order]
     return metrics, predictions
 
 
-def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str,
-                 gen_kwargs: dict, shard: bool = True) -> tuple[dict[str, float], list[dict]]:
-    samples = load_samples(split, cfg.model.vision.image_size, cfg.eval.max_samples,
-                           keep=is_vqa_row)
-    if not samples:
+def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, gen_kwargs: dict, *,
+                 max_samples: int) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, per-question predictions) of the first `max_samples` VQA rows (0: all of the split's)."""
+    questions: dict[int, tuple[int, int, str, list[str]]] = {}  # row → (question id, image id, question, answers)
+
+    def note(i: int, row: dict) -> None:
+        qid = int(row["question_id"])
+        questions[i] = (qid if qid >= 0 else i, int(row["image_id"]), row["question"], list(row["answers"]))
+
+    rows = open_split(split, cfg.model.vision.image_size, max_samples, keep=is_vqa_row, note=note)
+    if not rows.indices:
         raise ValueError(f"{split}: no VQA samples (task 'vqa' with a question and answers)")
-    preds = generate_texts(model, collate, tokenizer, samples, cfg.eval.batch_size, gen_kwargs, shard)
-    qid = {s["index"]: s["question_id"] for s in samples}
-    answers = {qid[s["index"]]: s["answers"] if len(s["answers"]) >= 2 else s["answers"] * 2 for s in samples}
-    predictions = {qid[k]: v for k, v in preds.items()}
+    preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs)
+    # VQA accuracy leaves one human answer out, so it needs two: a single answer is counted twice.
+    answers = {q[0]: q[3] if len(q[3]) >= 2 else q[3] * 2 for q in questions.values()}
+    predictions = {questions[i][0]: preds[i] for i in rows.indices}
     acc = vqa_accuracy(predictions, answers)
     em = exact_match(predictions, {q: [a[0]] for q, a in answers.items()})
-    majority = Counter(a for s in samples for a in s["answers"]).most_common(1)[0][0]
+    majority = Counter(a for q in questions.values() for a in q[3]).most_common(1)[0][0]
     chance = vqa_accuracy({q: majority for q in answers}, answers)
     metrics = {"vqa_accuracy": acc["overall"], "exact_match": em["overall"],
-               "chance_vqa_accuracy": chance["overall"], "majority_answer": majority, "num_questions": len(samples)}
-    out = [{"question_id": qid[s["index"]], "question": s["question"], "prediction": preds[s["index"]],
-            "answers": s["answers"]} for s in samples]
+               "chance_vqa_accuracy": chance["overall"], "majority_answer": majority,
+               "num_questions": len(rows.indices), "num_images": len({q[1] for q in questions.values()})}
+    out = [{"question_id": questions[i][0], "question": questions[i][2], "prediction": preds[i],
+            "answers": questions[i][3]} for i in rows.indices]
     return metrics, out
 
 

@@ -1,8 +1,10 @@
 """Evaluation every `eval.interval` steps inside training, on the live (ZeRO-3 partitioned) model.
 
-Every rank runs the same full evaluation (no sharding): under ZeRO-3 each module call is a collective,
-so all ranks must make identical calls. Parameters that the inference paths read outside a module
-forward (query tokens, ITC temperature) are gathered here. Cap the cost with `eval.max_samples`.
+Sharded over the ranks as standalone evaluation is: each rank evaluates its own whole batches and
+the results are gathered. Under ZeRO-3 each module call is a collective, so every rank makes the
+same number of calls in the same order (a rank with fewer batches repeats one and discards it;
+decoding runs in lockstep). Parameters that the inference paths read outside a module forward
+(query tokens, ITC temperature) are gathered here. Cap the cost with `eval.max_samples`.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def evaluate_during_training(cfg: ExperimentConfig, model: nn.Module, tokenizer:
                 m, _ = evaluate_retrieval(model, tokenizer, cfg.data.val, cfg.model.vision.image_size,
                                           cfg.model.max_txt_len, k_test=cfg.eval.k_test,
                                           batch_size=cfg.eval.batch_size, max_samples=cfg.eval.max_samples,
-                                          shard=False, with_predictions=False)
+                                          with_predictions=False)
             keys = ("txt_r1", "img_r1", "txt_r5", "img_r5", "r_mean")
         else:
             from blip_train.evaluation.generative_eval import evaluate_captions, evaluate_vqa, generation_setup
@@ -35,7 +37,7 @@ def evaluate_during_training(cfg: ExperimentConfig, model: nn.Module, tokenizer:
             task = eval_task(cfg)
             collate, gen = generation_setup(cfg, model, tokenizer, task)
             run = evaluate_vqa if task == "vqa" else evaluate_captions
-            m, _ = run(model, collate, tokenizer, cfg, cfg.data.val, gen, shard=False)
+            m, _ = run(model, collate, tokenizer, cfg, cfg.data.val, gen, max_samples=cfg.eval.max_samples)
             keys = ("vqa_accuracy", "exact_match") if task == "vqa" else ("cider", "bleu_4")
     finally:
         model.train(was_training)

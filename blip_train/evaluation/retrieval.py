@@ -7,7 +7,7 @@ when ANY of its captions is in the top K.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -74,18 +74,48 @@ def ranked_predictions(scores_i2t: np.ndarray, scores_t2i: np.ndarray, img2txt: 
     return {"image_to_text": image_to_text, "text_to_image": text_to_image}
 
 
-def rerank_with_itm(sim: torch.Tensor, k: int, itm_score: Callable[[int, torch.Tensor], torch.Tensor],
-                    rows: Sequence[int] | None = None) -> torch.Tensor:
-    """Re-rank each row's top-k columns: score = itm_score(row, cols) + sim[row, cols]; others -inf.
+def top_k_candidates(sim: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(top texts per image (Ni, k), top images per text (Nt, k)) by ITC similarity `sim` (Ni, Nt)."""
+    ni, nt = sim.shape
+    return sim.topk(min(k, nt), dim=1).indices.numpy(), sim.t().topk(min(k, ni), dim=1).indices.numpy()
 
-    `rows` restricts the work to a subset (a rank's shard); other rows stay -inf for the caller to merge.
+
+def rerank_pairs(sim: torch.Tensor, k: int) -> np.ndarray:
+    """The (image, text) pairs that ITM re-ranks, as sorted unique codes image * Nt + text: each image's
+    top-k texts and each text's top-k images.
+
+    A pair in both directions is scored once: its ITM logit is the same function of (image, text).
     """
-    out = torch.full_like(sim, float("-inf"))
-    k = min(k, sim.shape[1])
-    for r in (range(sim.shape[0]) if rows is None else rows):
-        topk_sim, topk_idx = sim[r].topk(k)
-        out[r, topk_idx] = itm_score(r, topk_idx).float() + topk_sim.float()
-    return out
+    ni, nt = sim.shape
+    top_texts, top_images = top_k_candidates(sim, k)
+    i2t = np.arange(ni)[:, None] * nt + top_texts                                    # (Ni, k)
+    t2i = top_images * nt + np.arange(nt)[:, None]                                   # (Nt, k)
+    return np.unique(np.concatenate([i2t.ravel(), t2i.ravel()]))
+
+
+def reranked_scores(sim: torch.Tensor, k: int, pairs: np.ndarray,
+                    pair_itm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores_i2t (Ni, Nt), scores_t2i (Nt, Ni)): each row's top-k scores ITM logit + ITC similarity,
+    every other entry -inf (ranked below all of them). `pairs` from `rerank_pairs`, `pair_itm` (P,) their
+    ITM logits."""
+    ni, nt = sim.shape
+    sim_np = sim.float().numpy()
+    itm = np.asarray(pair_itm, dtype=np.float32)
+
+    def fill(images: np.ndarray, texts: np.ndarray, cols: np.ndarray, width: int) -> np.ndarray:
+        codes = images * nt + texts                                                  # (R, k)
+        pos = np.minimum(np.searchsorted(pairs, codes), len(pairs) - 1)
+        if not np.array_equal(pairs[pos], codes):
+            raise ValueError("pair_itm lacks a re-ranked pair (pairs must come from rerank_pairs on this sim)")
+        out = np.full((codes.shape[0], width), -np.inf, dtype=np.float32)
+        np.put_along_axis(out, cols, itm[pos] + sim_np[images, texts], axis=1)
+        return out
+
+    top_texts, top_images = top_k_candidates(sim, k)
+    rows_i, rows_t = np.arange(ni)[:, None], np.arange(nt)[:, None]
+    scores_i2t = fill(np.broadcast_to(rows_i, top_texts.shape), top_texts, top_texts, nt)
+    scores_t2i = fill(top_images, np.broadcast_to(rows_t, top_images.shape), top_images, ni)
+    return scores_i2t, scores_t2i
 
 
 def chance_recall_at_1(num_images: int, num_texts: int, captions_per_image: float) -> dict[str, float]:

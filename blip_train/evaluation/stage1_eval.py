@@ -1,4 +1,12 @@
-"""Retrieval evaluation of a stage-1 model on an MDS split (sharded over ranks, results gathered)."""
+"""Retrieval evaluation of a stage-1 model on an MDS split, sharded over ranks.
+
+Every rank holds all captions (tokenized; texts are small) and reads only the images it encodes.
+Work is dealt in whole batches (see distributed.py): text batches and image batches round-robin;
+then ITC features (small: (Nq, E) per image, E per text) are gathered so every rank has the full
+similarity matrix. The ViT outputs an image's ITM re-ranking needs ((1+N, W) per image, 1.4 MB for
+ViT-g) stay on the rank that encoded it: that rank scores every re-ranked pair of its images, both
+directions at once, and only the scores are gathered.
+"""
 from __future__ import annotations
 
 import io
@@ -6,117 +14,137 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from streaming import StreamingDataset
 
 from blip_train.data.collate import pre_caption
 from blip_train.data.schema import verify_split
 from blip_train.data.transforms import build_transform
+from blip_train.evaluation.distributed import all_gather_rows, in_rank_order, plan_batches, rank_world
+from blip_train.evaluation.generate import needs_synced_gpus
 from blip_train.evaluation.retrieval import (chance_recall_at_1, first_correct_ranks, ranked_predictions,
-                                             recall_from_ranks, recall_metrics, rerank_with_itm)
+                                             recall_from_ranks, recall_metrics, reranked_scores, rerank_pairs)
+
+SIM_BLOCK_ELEMENTS = 1 << 26
+"""Elements of the (images x queries x texts) block the ITC similarity is computed in (256 MB in fp32)."""
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def load_retrieval_split(split: str, max_samples: int = 0) -> tuple[StreamingDataset, list[list[str]]]:
+    """(the split, reference captions of its first `max_samples` images (0: all), in split order).
 
-
-def _all_gather_objects(obj, world: int) -> list:
-    """Every rank's `obj` in rank order (just [obj] when the work was not sharded)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def load_retrieval_split(split: str, max_samples: int = 0) -> tuple[list[bytes], list[list[str]]]:
-    """Images (encoded) and their reference captions, in split order."""
+    Images are not read here: each rank reads those it encodes, one batch at a time.
+    """
     verify_split(split)
     ds = StreamingDataset(local=split, shuffle=False, batch_size=1)
     total = ds.num_samples  # len(ds) is only this rank's share when a process group exists
     n = total if not max_samples else min(max_samples, total)
-    images, captions = [], []
+    captions = []
     for i in range(n):
         row = ds[i]
-        images.append(row["image"])
         refs = list(row["captions"]) or [row["caption"]]
         captions.append([c for c in refs if c])
-    return images, captions
+    return ds, captions
+
+
+def itc_similarity(image_feats: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
+    """(Ni, Nq, E), (Nt, E) → (Ni, Nt) on the CPU: max over queries of query·text, in image blocks
+    (the whole (Ni, Nq, Nt) product would be 16 GB in fp32 for COCO's 5k images and 25k captions)."""
+    ni, nq, _ = image_feats.shape
+    nt = text_feat.shape[0]
+    block = max(1, SIM_BLOCK_ELEMENTS // max(1, nq * nt))
+    out = []
+    for i in range(0, ni, block):
+        f = image_feats[i:i + block]                                                  # (B, Nq, E)
+        out.append((f.flatten(0, 1) @ text_feat.t()).view(f.shape[0], nq, nt).amax(1).cpu())  # (B, Nt)
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def evaluate_retrieval(model, tokenizer, split: str, image_size: int, max_txt_len: int, k_test: int = 128,
-                       batch_size: int = 64, max_samples: int = 0, shard: bool = True,
+                       batch_size: int = 64, max_samples: int = 0,
                        with_predictions: bool = True) -> tuple[dict, dict | None]:
     """(metrics, predictions): TR@K / IR@K of ITC top-k re-ranked with ITM, and per query its rank and
     top answers (`ranked_predictions`; None unless `with_predictions`), the same on every rank.
 
-    shard=True: each rank encodes and re-ranks its share (an un-partitioned model per rank).
-    shard=False: every rank does all the work — inside ZeRO-3 training, where all ranks must make the
-    same module calls; the caller gathers the root-level parameters (query tokens, temperature).
+    All ranks call it together. With ZeRO-3 weights partitioned over the ranks (in-training evaluation;
+    the caller gathers the root-level parameters: query tokens, temperature), every rank makes the same
+    number of text-encoding, image-encoding and ITM calls, repeating one when it has fewer.
     """
     model.eval()
-    rank, world = _rank_world() if shard else (0, 1)
-    images, refs = load_retrieval_split(split, max_samples)
+    rank, world = rank_world()
+    lockstep = needs_synced_gpus(model)
+    ds, refs = load_retrieval_split(split, max_samples)
     texts = [pre_caption(c) for caps in refs for c in caps]
     txt2img = np.array([i for i, caps in enumerate(refs) for _ in caps])
     img2txt, start = [], 0
     for caps in refs:
         img2txt.append(list(range(start, start + len(caps))))
         start += len(caps)
+    ni, nt = len(refs), len(texts)
     tf = build_transform(image_size, False)
     device = next(model.parameters()).device
 
-    # Encode every text and this rank's share of the images, then share the features.
+    # Text features: this rank's text batches, then everyone's.
     tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_txt_len, return_tensors="pt")
     text_ids, text_mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
-    text_feat = torch.cat([model.encode_text(text_ids[i:i + batch_size], text_mask[i:i + batch_size]).float()
-                           for i in range(0, len(texts), batch_size)])             # (Nt, E)
-    # Whole batches are dealt round-robin to ranks, so every image is encoded in the same batch whatever
-    # the world size (kernels may round differently for another batch composition; results must not).
-    batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
-    mine = [j for b in batches[rank::world] for j in b]
-    embeds, feats = [], []
-    for batch in batches[rank::world]:
-        px = torch.stack([tf(Image.open(io.BytesIO(images[j])).convert("RGB")) for j in batch])
-        e, f = model.encode_image(px.to(device))
-        embeds.append(e.cpu())
-        feats.append(f.float().cpu())
-    shards = _all_gather_objects((mine, torch.cat(embeds) if embeds else None,
-                                  torch.cat(feats) if feats else None), world)
-    order = [j for m, _, _ in shards for j in m]
-    image_embeds = torch.cat([e for _, e, _ in shards if e is not None])[np.argsort(order)]   # (Ni, 1+N, W)
-    image_feats = torch.cat([f for _, _, f in shards if f is not None])[np.argsort(order)]    # (Ni, Nq, E)
+    feats = [torch.zeros(0, model.text_proj.out_features, device=device)]
+    for batch, keep in plan_batches(nt, batch_size, rank, world, lockstep):
+        f = model.encode_text(text_ids[batch.start:batch.stop], text_mask[batch.start:batch.stop])  # (B, E)
+        if keep:
+            feats.append(f.float())
+    text_plans = [[j for b, _ in plan_batches(nt, batch_size, r, world) for j in b] for r in range(world)]
+    text_feat = in_rank_order(all_gather_rows(torch.cat(feats), world), text_plans, nt)  # (Nt, E)
 
-    # ITC similarity: max over queries of query·text.
-    sim_i2t = torch.einsum("iqe,te->itq", image_feats, text_feat.cpu()).amax(-1)                   # (Ni, Nt)
+    # Image features: this rank's image batches, read one batch at a time; ViT outputs stay here for ITM.
+    embeds, feats = [], [torch.zeros(0, model.query_tokens.shape[1], model.vision_proj.out_features, device=device)]
+    spare = None  # a ViT output for the lockstep's repeated ITM calls
+    for batch, keep in plan_batches(ni, batch_size, rank, world, lockstep):
+        px = torch.stack([tf(Image.open(io.BytesIO(ds[j]["image"])).convert("RGB")) for j in batch])
+        e, f = model.encode_image(px.to(device))                                      # (B, 1+N, W), (B, Nq, E)
+        spare = e[:1]
+        if keep:
+            embeds.append(e)
+            feats.append(f.float())
+    image_plans = [[j for b, _ in plan_batches(ni, batch_size, r, world) for j in b] for r in range(world)]
+    image_feats = in_rank_order(all_gather_rows(torch.cat(feats), world), image_plans, ni)  # (Ni, Nq, E)
+    owned = image_plans[rank]
+    image_embeds = torch.cat(embeds) if embeds else None                             # (len(owned), 1+N, W)
+    row_of = {img: r for r, img in enumerate(owned)}
 
-    def itm_i2t(i, cols):
-        n = len(cols)
-        return model.itm_scores(image_embeds[i:i + 1].expand(n, -1, -1).to(device), text_ids[cols],
-                                text_mask[cols]).float().cpu()
+    sim_i2t = itc_similarity(image_feats, text_feat)                                  # (Ni, Nt)
 
-    def itm_t2i(t, cols):
-        n = len(cols)
-        return model.itm_scores(image_embeds[cols].to(device), text_ids[t:t + 1].expand(n, -1),
-                                text_mask[t:t + 1].expand(n, -1)).float().cpu()
+    # ITM on the re-ranked pairs, each scored on the rank that holds its image, k_test pairs a call.
+    pairs = rerank_pairs(sim_i2t, k_test)                                            # (P,) image * Nt + text
+    bounds = np.searchsorted(pairs, np.arange(ni + 1) * nt)  # pairs of image i: [bounds[i], bounds[i+1])
+    chunk = max(1, k_test)
 
-    scores_i2t = rerank_with_itm(sim_i2t, k_test, itm_i2t, rows=range(rank, len(images), world))
-    scores_t2i = rerank_with_itm(sim_i2t.t().contiguous(), k_test, itm_t2i, rows=range(rank, len(texts), world))
-    if world > 1:  # each row was scored on exactly one rank; -inf elsewhere
-        dist.all_reduce(scores_i2t, op=dist.ReduceOp.MAX)
-        dist.all_reduce(scores_t2i, op=dist.ReduceOp.MAX)
-    scores_i2t, scores_t2i = scores_i2t.numpy(), scores_t2i.numpy()
+    def calls_of(images: list[int]) -> list[range]:
+        return [range(s, min(s + chunk, bounds[i + 1])) for i in images
+                for s in range(bounds[i], bounds[i + 1], chunk)]
+
+    my_calls = calls_of(owned)
+    scores = [torch.zeros(0, device=device)]
+    for call in my_calls:
+        row = row_of[int(pairs[call.start] // nt)]
+        txt = torch.as_tensor(pairs[call.start:call.stop] % nt, device=device)
+        e = image_embeds[row:row + 1].expand(len(call), -1, -1)                       # (n, 1+N, W)
+        scores.append(model.itm_scores(e, text_ids[txt], text_mask[txt]).float())
+    if lockstep:  # same number of ITM calls on every rank (ZeRO-3): repeat one, discard it
+        most = max(len(calls_of(plan)) for plan in image_plans)
+        for _ in range(most - len(my_calls)):
+            model.itm_scores(spare, text_ids[:1], text_mask[:1])
+    pair_plans = [np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in plan] or [np.zeros(0, np.int64)])
+                  for plan in image_plans]
+    pair_itm = in_rank_order(all_gather_rows(torch.cat(scores), world), pair_plans, len(pairs))  # (P,)
+    scores_i2t, scores_t2i = reranked_scores(sim_i2t, k_test, pairs, pair_itm.cpu().numpy())
+
     ranks = first_correct_ranks(scores_i2t, scores_t2i, img2txt, txt2img.tolist())
     metrics = recall_from_ranks(*ranks)
     itc_only = recall_metrics(sim_i2t.numpy(), sim_i2t.t().numpy(), img2txt, txt2img.tolist())
     metrics.update({f"itc_{k}": v for k, v in itc_only.items() if k in ("txt_r1", "img_r1")})
-    chance = chance_recall_at_1(len(images), len(texts), len(texts) / max(1, len(images)))
+    chance = chance_recall_at_1(ni, nt, nt / max(1, ni))
     metrics.update({"chance_txt_r1": chance["txt_r1"], "chance_img_r1": chance["img_r1"],
-                    "num_images": len(images), "num_texts": len(texts), "k_test": min(k_test, len(texts))})
+                    "num_images": ni, "num_texts": nt, "k_test": min(k_test, nt)})
     if not math.isfinite(metrics["r_mean"]):
         raise RuntimeError("retrieval metrics are not finite")
     if not with_predictions:

@@ -1,13 +1,17 @@
-"""Generative evaluation end to end: in-training evaluation under 2-rank ZeRO-3 (every rank the same
-calls, synced decoding) and `python -m blip_train.eval --task vqa|caption`, 2 ranks == 1 rank."""
+"""Generative evaluation end to end: in-training evaluation sharded over 2 ZeRO-3 ranks (every rank the
+same calls, synced decoding) equals 1 rank, and `python -m blip_train.eval --task vqa|caption` on the
+whole split, 2 ranks == 1 rank, sample by sample."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
+from blip_train.evaluation.generative_eval import is_vqa_row
 from tests.dist.test_export_generative import llm_folder
-from tests.e2e.test_train_eval_entry import _eval
+from tests.e2e.test_train_eval_entry import _eval, in_training_eval, logged_evaluations
 from tests.helpers.tiny_run import run_train, write_tiny_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
@@ -17,31 +21,86 @@ pytestmark = [pytest.mark.e2e, pytest.mark.dist]
 def instruct_run(tiny_assets, tmp_path_factory):
     llm = {"path": str(llm_folder(tiny_assets, "opt")), "dtype": "bf16", "max_txt_len": 12, "max_prompt_len": 16}
     run = tmp_path_factory.mktemp("gen") / "instruct_opt"
-    r = run_train(write_tiny_config(tiny_assets, run, model={"arch": "instruct", "llm": llm},
-                                    train={"max_steps": 4, "save_interval": 4},
-                                    eval={"interval": 2, "max_samples": 6, "batch_size": 4, "num_beams": 2,
-                                          "max_new_tokens": 6}))
-    return run, r.stdout
+    # In training: 6 VQA rows in 3 batches of 2 (uneven over 2 ranks).
+    run_train(write_tiny_config(tiny_assets, run, model={"arch": "instruct", "llm": llm},
+                                train={"max_steps": 4, "save_interval": 4},
+                                eval={"interval": 2, "max_samples": 6, "batch_size": 2, "num_beams": 2,
+                                      "max_new_tokens": 6}))
+    return run
 
 
-def test_in_training_evaluation_logs_vqa_metrics(instruct_run):
-    run, stdout = instruct_run
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = {r["step"]: r for r in rows if "eval/vqa_accuracy" in r}
-    assert sorted(evals) == [2, 4]
-    assert all(0.0 <= r["eval/vqa_accuracy"] <= 100.0 for r in evals.values())
-    assert "eval/vqa_accuracy" in stdout
+def assert_varied(predictions: list[str]) -> None:
+    """Predictions a comparison can learn from: not all empty, not all the same (a mix-up of samples
+    between ranks would go unseen). Each VQA sample has its own question, so the tiny model's answers
+    differ; its captions do not (its soft prompt differs by ~0.1% between images)."""
+    assert any(p.strip() for p in predictions) and len(set(predictions)) > 1, predictions
+
+
+def test_in_training_vqa_is_sharded_and_equals_one_rank(instruct_run, tmp_path):
+    logged = logged_evaluations(instruct_run)
+    assert sorted(logged) == [2, 4] and "eval/vqa_accuracy" in logged[4]
+    one = in_training_eval(instruct_run, tmp_path / "one", 1)[0]
+    two = in_training_eval(instruct_run, tmp_path / "two", 2)
+    assert one["step"] == 4 and one["scores"] == logged[4]  # training's own evaluation of these weights
+    assert len(one["predictions"]) == 6
+    assert_varied(one["predictions"])
+    for r in two:
+        assert r["scores"] == one["scores"] and r["predictions"] == one["predictions"]
+    # 3 batches: 2 generate calls per rank (rank 1 repeats one), 3 on one rank
+    assert one["calls"]["generate"] == 3 and [r["calls"]["generate"] for r in two] == [2, 2]
 
 
 @pytest.mark.parametrize("task", ["vqa", "caption"])
 def test_generative_eval_two_ranks_equal_one(instruct_run, tiny_assets, task):
-    run, _ = instruct_run
-    args = ["--task", task, "--checkpoint", str(run), "--data", str(tiny_assets / "data" / "val"),
-            "--set", "eval.max_samples=6", "--set", "eval.num_beams=2", "--set", "eval.max_new_tokens=6"]
-    one, two = _eval(args), _eval(args, nproc=2)
-    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
-    m1, m2 = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, two))
+    from streaming import StreamingDataset
+
+    val = tiny_assets / "data" / "val"
+    # batches of 5: uneven over 2 ranks
+    args = ["--task", task, "--checkpoint", str(instruct_run), "--data", str(val),
+            "--set", "eval.num_beams=2", "--set", "eval.max_new_tokens=6", "--set", "eval.batch_size=5"]
+    one = _eval(args)
+    assert one.returncode == 0, one.stderr[-2000:]
+    m1 = json.loads(one.stdout.strip().splitlines()[-1])
+    p1 = json.loads(Path(m1["predictions_file"]).read_text())
+    two = _eval(args, nproc=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    m2 = json.loads(two.stdout.strip().splitlines()[-1])
+    p2 = json.loads(Path(m2["predictions_file"]).read_text())
+
+    # the whole split, not the run's eval.max_samples (6)
+    ds = StreamingDataset(local=str(val), shuffle=False, batch_size=1)
+    rows = [ds[i] for i in range(ds.num_samples)]
+    if task == "vqa":
+        assert m1["num_questions"] == sum(map(is_vqa_row, rows)) > 6
+        assert m1["num_images"] == len({int(r["image_id"]) for r in rows if is_vqa_row(r)})
+    else:
+        assert m1["num_images"] == len(rows) and m1["num_references"] == sum(len(r["captions"]) for r in rows)
     key = "vqa_accuracy" if task == "vqa" else "cider"
-    assert m1[key] == pytest.approx(m2[key], abs=1e-9) and f"chance_{key}" in m1
-    saved = json.loads(open(m1["predictions_file"]).read())
-    assert saved["predictions"] and saved["metrics"][key] == m1[key]
+    assert m2["world_size"] == 2 and m1[key] == m2[key] and f"chance_{key}" in m1
+    assert p1["predictions"] == p2["predictions"]  # sample by sample, with their references
+    texts = [p["prediction"] for p in p1["predictions"]]
+    if task == "vqa":
+        assert_varied(texts)
+    else:
+        assert any(t.strip() for t in texts) and len({json.dumps(p["references"]) for p in p1["predictions"]}) > 1
+    assert p1["metrics"][key] == m1[key]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("task", ["vqa", "caption"])
+def test_generative_eval_runs_on_cuda(instruct_run, tiny_assets, task):
+    """On a GPU node the model runs on cuda:LOCAL_RANK; 2 ranks (NCCL, needs 2 GPUs) equal 1."""
+    args = ["--task", task, "--checkpoint", str(instruct_run), "--data", str(tiny_assets / "data" / "val"),
+            "--set", "eval.num_beams=2", "--set", "eval.max_new_tokens=6", "--set", "run.device=cuda"]
+    one = _eval(args)
+    assert one.returncode == 0, one.stderr[-2000:]
+    m1 = json.loads(one.stdout.strip().splitlines()[-1])
+    assert m1["device"] == "cuda:0"
+    p1 = json.loads(Path(m1["predictions_file"]).read_text())["predictions"]
+    assert len(p1) == m1["num_questions" if task == "vqa" else "num_images"]
+    if torch.cuda.device_count() >= 2:
+        two = _eval(args, nproc=2)
+        assert two.returncode == 0, two.stderr[-2000:]
+        m2 = json.loads(two.stdout.strip().splitlines()[-1])
+        assert m2["world_size"] == 2 and json.loads(Path(m2["predictions_file"]).read_text())["predictions"] == p1

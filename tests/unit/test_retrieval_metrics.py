@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from blip_train.evaluation.retrieval import (chance_recall_at_1, first_correct_ranks, ranked_predictions,
-                                             recall_metrics, rerank_with_itm)
+                                             recall_metrics, reranked_scores, rerank_pairs)
 
 IMG2TXT = [[0, 1], [2, 3], [4, 5]]
 TXT2IMG = [0, 0, 1, 1, 2, 2]
@@ -56,19 +56,19 @@ def test_ties_keep_index_order():
 def test_rerank_scores_only_the_top_k_with_itm_plus_itc():
     sim = torch.tensor([[0.9, 0.8, 0.1, 0.0],
                         [0.0, 0.2, 0.3, 0.4]])
-    calls = []
-
-    def itm(row, cols):  # prefers the highest column index
-        calls.append((row, cols.tolist()))
-        return cols.float()
-
-    out = rerank_with_itm(sim, 2, itm)
-    assert calls == [(0, [0, 1]), (1, [3, 2])]
-    assert out[0].tolist() == pytest.approx([0.9, 1.8, float("-inf"), float("-inf")])
-    assert out[1, 3] == pytest.approx(3.4) and out[1, 2] == pytest.approx(2.3)
-    assert torch.isinf(out[1, :2]).all()
-    only = rerank_with_itm(sim, 2, itm, rows=[1])  # one rank's shard: other rows left for the merge
-    assert torch.isinf(only[0]).all() and torch.equal(only[1], out[1])
+    # top-2 texts of image 0: 0, 1; of image 1: 3, 2. Top-2 images of each text: both images.
+    pairs = rerank_pairs(sim, 2)
+    assert pairs.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    pairs = rerank_pairs(sim, 1)  # image 0: text 0; image 1: text 3; texts 0,1 -> image 0; 2,3 -> image 1
+    assert pairs.tolist() == [0, 1, 6, 7]
+    itm = np.array([10.0, 20.0, 30.0, 40.0])  # the ITM logit of each pair, once for both directions
+    i2t, t2i = reranked_scores(sim, 1, pairs, itm)
+    assert i2t[0].tolist() == pytest.approx([10.9, float("-inf"), float("-inf"), float("-inf")])
+    assert i2t[1].tolist() == pytest.approx([float("-inf"), float("-inf"), float("-inf"), 40.4])
+    inf = float("-inf")
+    np.testing.assert_allclose(t2i, [[10.9, inf], [20.8, inf], [inf, 30.3], [inf, 40.4]], rtol=1e-6)
+    with pytest.raises(ValueError, match="lacks a re-ranked pair"):
+        reranked_scores(sim, 2, pairs, itm)  # k=2 re-ranks pairs that were not scored
 
 
 def test_predictions_agree_with_the_recalls_and_are_strict_json():
