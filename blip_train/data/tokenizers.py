@@ -7,6 +7,7 @@ in the same HF folder format, which then goes through exactly the loading path o
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
@@ -19,22 +20,32 @@ BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int,
                               out_dir: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """Train an uncased BERT-style WordPiece tokenizer ([CLS] $A [SEP]) and save it as an HF folder.
+    """Build an uncased BERT-style WordPiece tokenizer ([CLS] $A [SEP]) from texts; save it as an HF folder.
 
-    Special ids follow the order [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. [DEC] is not part of
-    the folder: `load_qformer_tokenizer` adds it, exactly as it does for bert-base-uncased.
+    The vocab is a pure function of the texts: BERT's special tokens ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
+    [MASK]=4), every character seen (as a word start and as a "##" continuation, sorted), then whole words
+    by frequency (ties alphabetical) up to `vocab_size` (exceeded only if the characters alone need more).
+    A word outside the vocab splits into characters. The `tokenizers` WordPiece trainer is not used: its
+    result changes from run to run (ties broken in hash order), which made runs irreproducible.
+    [DEC] is not part of the folder: `load_qformer_tokenizer` adds it, exactly as for bert-base-uncased.
     """
-    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in counts for c in w})  # each in both positions: any seen character is known
+    base = BERT_SPECIALS + chars + ["##" + c for c in chars]
+    taken = set(base)
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in taken]
+    vocab = base + words[:max(0, vocab_size - len(base))]
+    wp = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    wp.normalizer = normalizer
+    wp.pre_tokenizer = pre_tokenizer
     wp.decoder = decoders.WordPiece()
-    wp.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                                                   special_tokens=BERT_SPECIALS,
-                                                                   show_progress=False))
-    cls_id, sep_id = wp.token_to_id("[CLS]"), wp.token_to_id("[SEP]")
     wp.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))])
     tok = BertTokenizerFast(tokenizer_object=wp, do_lower_case=True, unk_token="[UNK]", pad_token="[PAD]",
                             cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
     tok.save_pretrained(str(out_dir))

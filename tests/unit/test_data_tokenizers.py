@@ -39,3 +39,20 @@ def test_llm_tokenizer_styles(tmp_path):
         if e["last"] is not None:
             assert ids[-1] == e["last"], style
         assert tok.decode(ids, skip_special_tokens=True).strip() == "a red circle", style
+
+
+def test_tokenizers_are_a_function_of_their_texts(tmp_path):
+    """The same texts give the same vocab, every time: tests and the demo rebuild their tokenizers, and a
+    tokenizer that changes between runs changes every result downstream."""
+    from blip_train.data.synthetic import make_sample
+
+    texts = [c for i in range(120) for c in make_sample(i, seed=0, image_size=16)["captions"]]
+    for k in range(3):
+        train_wordpiece_tokenizer(texts, 60, tmp_path / f"wp{k}")
+        train_bpe_tokenizer(texts, 300, tmp_path / f"bpe{k}", style="opt")
+    for kind in ("wp", "bpe"):
+        files = [(tmp_path / f"{kind}{k}" / "tokenizer.json").read_text() for k in range(3)]
+        assert files[0] == files[1] == files[2], kind
+    tok = load_qformer_tokenizer(tmp_path / "wp0")
+    assert len(tok) - 1 >= 60  # the characters, then the most frequent words up to the size asked for
+    assert tok.unk_token_id not in tok(texts[0]).input_ids
