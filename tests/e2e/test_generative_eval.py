@@ -10,16 +10,34 @@ import pytest
 import torch
 
 from blip_train.evaluation.generative_eval import is_vqa_row
-from tests.dist.test_export_generative import llm_folder
 from tests.e2e.test_train_eval_entry import _eval, in_training_eval, logged_evaluations
 from tests.helpers.tiny_run import run_train, write_tiny_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
 
 
+def sharp_llm_folder(root: Path) -> Path:
+    """A tiny random OPT whose weights are large (init std 0.5, not 0.02): its greedy answers depend on the
+    question, so per-sample comparisons can see samples mixed up between ranks. At the usual init every
+    question gets the same answer."""
+    from transformers import AutoModelForCausalLM
+
+    from blip_train.data.tokenizers import train_bpe_tokenizer
+    from tests.parity.test_export_hf_models import TEXTS, _llm_config
+
+    folder = root / "llm_opt_sharp"
+    if not (folder / "config.json").is_file():
+        tok = train_bpe_tokenizer(TEXTS, vocab_size=90, out_dir=folder, style="opt")
+        config = _llm_config("opt", tok)
+        config.init_std = 0.5
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def instruct_run(tiny_assets, tmp_path_factory):
-    llm = {"path": str(llm_folder(tiny_assets, "opt")), "dtype": "bf16", "max_txt_len": 12, "max_prompt_len": 16}
+    llm = {"path": str(sharp_llm_folder(tiny_assets)), "dtype": "bf16", "max_txt_len": 12, "max_prompt_len": 16}
     run = tmp_path_factory.mktemp("gen") / "instruct_opt"
     # In training: 6 VQA rows in 3 batches of 2 (uneven over 2 ranks).
     run_train(write_tiny_config(tiny_assets, run, model={"arch": "instruct", "llm": llm},
@@ -31,7 +49,7 @@ def instruct_run(tiny_assets, tmp_path_factory):
 
 def assert_varied(predictions: list[str]) -> None:
     """Predictions a comparison can learn from: not all empty, not all the same (a mix-up of samples
-    between ranks would go unseen). Each VQA sample has its own question, so the tiny model's answers
+    between ranks would go unseen). Each VQA sample has its own question, so the sharp tiny LLM's answers
     differ; its captions do not (its soft prompt differs by ~0.1% between images)."""
     assert any(p.strip() for p in predictions) and len(set(predictions)) > 1, predictions
 
