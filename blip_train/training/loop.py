@@ -148,7 +148,7 @@ def train(cfg: ExperimentConfig) -> dict:
 
     state = TrainState()
     if tag is not None:
-        state, data_state = load_checkpoint(engine, ckpt_dir, tag)
+        state, data_state = load_checkpoint(engine, ckpt_dir, tag, frozen_sources=stage.frozen_sources)
         # A finished run has nothing to iterate: restoring the position would leave streaming's
         # resume buffer in shared memory, where the next job on the node would collide with it.
         if data_state is not None and state.step < cfg.train.max_steps:
