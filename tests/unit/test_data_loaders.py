@@ -161,3 +161,30 @@ def test_remote_stream_gets_a_per_job_cache(split40, tmp_path, monkeypatch):
     assert loader.dataset.stream_info[0]["local"] == str(cache) and (cache / SCHEMA_FILE).is_file()
     assert sorted(_ids(loader)) == list(range(40))
     assert any(p.name.endswith(".mds") for p in cache.iterdir())  # shards were fetched into the cache
+
+
+def test_only_segments_no_process_holds_are_stale():
+    """Streaming's segments of a live dataset (mapped here) stay; a prefix nobody holds is stale as a whole;
+    files that are not streaming's are never touched. Prefixes far above any a real run reaches."""
+    from multiprocessing import shared_memory
+
+    from blip_train.data.datasets import SHM_DIR, stale_streaming_segments
+
+    live = [shared_memory.SharedMemory(f"987650_{n}", create=True, size=8) for n in ("locals", "barrier")]
+    dead = [shared_memory.SharedMemory(f"987651_{n}", create=True, size=8) for n in ("locals", "next_epoch")]
+    other = shared_memory.SharedMemory("987652_not_streaming", create=True, size=8)
+    half = shared_memory.SharedMemory("987653_locals", create=True, size=8)
+    other.close()
+    try:
+        for shm in dead:
+            shm.close()  # the process that made them is gone: nothing maps them any more
+        stale = {p.name for p in stale_streaming_segments() if p.name.startswith("98765")}
+        assert stale == {"987651_locals", "987651_next_epoch"}
+        half.close()
+        stale = {p.name for p in stale_streaming_segments() if p.name.startswith("98765")}
+        assert stale == {"987651_locals", "987651_next_epoch", "987653_locals"}
+        assert all(p.parent == SHM_DIR for p in stale_streaming_segments())
+    finally:
+        for shm in live + dead + [other, half]:
+            shm.close()
+            shm.unlink()
