@@ -135,7 +135,18 @@ class DataConfig:
     """DataLoader workers per rank."""
     shuffle_seed: int = 9176
     cache_dir: str = ""
-    """Per-job local cache root for remote streams (never share between jobs)."""
+    """Per-job local cache root for remote streams (never share between jobs). Empty: the system temp dir.
+    The job's cache is `<cache_dir>/job-<SLURM_JOB_ID or run id>/<stream name>`."""
+    cache_limit: str = ""
+    """Most bytes the job's remote-stream cache may hold on a node, e.g. "200gb" or 2000000000 (kb/mb/gb/tb
+    count 1024s, as streaming reads them). Least recently used shards are evicted and downloaded again
+    when read. Empty: no limit. Leave room for what the node's readers have in flight: each rank's workers
+    read 8 x micro_batch_size samples ahead, possibly each from another shard; below that streaming evicts
+    shards before they are read and can stall. Only with every data.train stream remote: streaming would
+    evict (delete) the shards of a local one."""
+    keep_cache: bool = False
+    """Keep the job's remote-stream cache when training ends. By default it is removed when the run
+    finishes or stops for preemption (a requeued job may land on another node; it downloads again)."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.constant import SHM_TO_CLEAN
 
-from blip_train.config.loading import ConfigError
+from blip_train.config.loading import ConfigError, parse_cache_limit
 from blip_train.config.schema import DataConfig, StreamConfig
 from blip_train.data.collate import collate_samples
 from blip_train.data.images import decode_rgb
@@ -235,6 +236,30 @@ def job_cache_dir(cache_root: str, name: str) -> str:
     return os.path.join(root, f"job-{job}", name)
 
 
+def job_cache_root(cache_root: str) -> Path:
+    """This job's folder of remote-stream caches on this node (`job_cache_dir` without the stream name)."""
+    return Path(job_cache_dir(cache_root, "_")).parent
+
+
+def remove_job_cache(cfg: DataConfig) -> Optional[Path]:
+    """Delete this job's remote-stream cache once every rank has stopped reading (a collective: all ranks
+    call it; the first rank of each node deletes). Returns the folder removed on this rank, if any."""
+    from streaming.base.distributed import get_local_world_size, get_rank
+
+    if not any(s.remote for s in cfg.train):
+        return None
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank reads from the cache any more
+    folder = job_cache_root(cfg.cache_dir)
+    removed = None
+    if get_rank() % get_local_world_size() == 0 and folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        removed = folder
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return removed
+
+
 def _fetch_metadata(local: str, remote: str) -> None:
     """Download index.json and the schema sidecar of a remote split so they can be checked and counted."""
     from streaming.base.storage import CloudDownloader
@@ -325,9 +350,16 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optio
     ensure_local_world_size()
     maybe_clean_stale_shared_memory()
     streams, info = build_streams(cfg.train, cfg.balance, cfg.cache_dir)
-    dataset = _dataset_class(kind)(
-        streams=streams, transform=build_transform(cfg.image_size, True, cfg.crop_scale_min, cfg.hflip),
-        batch_size=micro_batch_size, shuffle=True, shuffle_seed=cfg.shuffle_seed)
+    cache_limit = parse_cache_limit(cfg.cache_limit)
+    try:
+        dataset = _dataset_class(kind)(
+            streams=streams, transform=build_transform(cfg.image_size, True, cfg.crop_scale_min, cfg.hflip),
+            batch_size=micro_batch_size, shuffle=True, shuffle_seed=cfg.shuffle_seed,
+            cache_limit=cache_limit or None)
+    except ValueError as e:  # streaming checks the limit against the shard sizes it just read
+        if cache_limit and "cache limit" in str(e).lower():
+            raise ConfigError(f"data.cache_limit: {e}") from None
+        raise
     for i, stream in zip(info, dataset.streams):
         i["per_epoch"] = int(stream.choose)
         logger.info("data stream %s: %d samples, share %.3f, %d drawn per epoch (%s)",

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from blip_train.config import ConfigError, ExperimentConfig, save_resolved_config
-from blip_train.data.datasets import check_local_splits
+from blip_train.data.datasets import check_local_splits, remove_job_cache
 from blip_train.dist.env import discover_environment, export_environment
 from blip_train.dist.preemption import PreemptionHandler
 from blip_train.dist.process_group import all_reduce_max_bool, init_distributed, print0
@@ -188,6 +188,11 @@ def train(cfg: ExperimentConfig) -> dict:
     finally:
         preemption.uninstall()
         logger.close()
+    if not cfg.data.keep_cache:
+        batches.close()  # the loader's workers stop before their cache goes
+        removed = remove_job_cache(cfg.data)
+        if removed is not None:
+            print(f"removed the job's remote-stream cache {removed} (data.keep_cache=false)", flush=True)
     return {"step": state.step, "stopped_early": stopped_early, "history": history,
             "checkpoint": str(ckpt_dir), "world_size": env.world_size,
             "zero_stage": cfg.deepspeed.zero_stage, "engine": engine}

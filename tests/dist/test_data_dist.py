@@ -72,3 +72,32 @@ def test_two_jobs_on_one_machine_each_read_their_own_split(tmp_path):
         assert procs[job].returncode == 0, f"job {job}:\n" + outs[job][-3000:]
         ranks = [json.loads((tmp_path / job / f"rank{r}.json").read_text()) for r in range(2)]
         assert sorted(ranks[0] + ranks[1]) == list(range(first[job], first[job] + n)), (job, ranks)
+
+
+def test_training_under_a_cache_limit_and_the_job_cache_clean_up(tiny_assets, tmp_path):
+    """Two ranks train over more than an epoch of a remote split larger than data.cache_limit: the cache stays
+    under the limit (evicted shards are fetched again). The job's cache is kept with data.keep_cache=true and
+    removed at the end of training otherwise."""
+    from tests.helpers.tiny_run import read_losses, run_train, write_tiny_config
+
+    remote = tmp_path / "remote"
+    write_split(remote, (make_sample(i, seed=0, image_size=32) for i in range(300)), size_limit=4000)
+    shards = json.loads((remote / "index.json").read_text())["shards"]
+    largest = max(s["raw_data"]["bytes"] for s in shards)
+    in_flight = 2 * 8 * 4  # ranks x streaming's predownload (8 x micro batch), each sample maybe in its own shard
+    limit = (remote / "index.json").stat().st_size + (in_flight + 8) * largest
+    assert limit < 0.8 * sum(s["raw_data"]["bytes"] for s in shards)
+    data = {"train": [{"remote": str(remote), "name": "syn"}], "cache_dir": str(tmp_path / "cache"),
+            "cache_limit": str(limit)}
+    kept = tmp_path / "kept"
+    run_train(write_tiny_config(tiny_assets, kept, data=dict(data, keep_cache=True),
+                                train={"max_steps": 45, "save_interval": 45, "log_interval": 5}))  # 1.2 epochs
+    assert sorted(read_losses(kept))[-1] == 45
+    (job,) = (tmp_path / "cache").iterdir()
+    cached = [p.stat().st_size for p in (job / "syn").iterdir() if p.name.endswith(".mds")]
+    assert 0 < len(cached) < len(shards) and sum(cached) <= limit
+
+    removed = tmp_path / "removed"
+    r = run_train(write_tiny_config(tiny_assets, removed, data=data, train={"max_steps": 2, "save_interval": 2}))
+    assert "removed the job's remote-stream cache" in r.stdout
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [job.name]  # this run's own folder is gone
