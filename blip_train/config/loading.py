@@ -249,6 +249,13 @@ def validate_config(cfg: ExperimentConfig) -> None:
                           f"this run is model.arch={m.arch}")
     if ds.offload_frozen and ds.zero_stage != 3:
         raise ConfigError(f"deepspeed.offload_frozen: needs deepspeed.zero_stage=3, got {ds.zero_stage}")
+    _choice("deepspeed.offload_device", ds.offload_device, ("cpu", "nvme"))
+    if ds.offload_device == "nvme":
+        if ds.zero_stage != 3:
+            raise ConfigError(f"deepspeed.offload_device: nvme needs deepspeed.zero_stage=3, got {ds.zero_stage}")
+        if not ds.nvme_path:
+            raise ConfigError("deepspeed.nvme_path: required for deepspeed.offload_device=nvme (a directory on a "
+                              "node-local NVMe drive)")
 
 
 def save_resolved_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:

@@ -214,8 +214,16 @@ class DeepSpeedConfig:
     """bf16 | fp16 | fp32: dtype of the trainable part (fp32 masters in the optimizer; fp16: GPU only).
     Frozen towers keep model.vision.precision / model.llm.dtype."""
     offload_frozen: bool = False
-    """ZeRO-3 parameter offload to CPU. DeepSpeed offloads every partition (trainable ones too), which
-    mostly matters for the large frozen towers; GPU memory then holds only gathered working copies."""
+    """ZeRO-3 parameter offload to deepspeed.offload_device. DeepSpeed offloads every partition (trainable
+    ones too), which mostly matters for the large frozen towers; GPU memory then holds only gathered
+    working copies. An offload template (zero3_offload, zero3_offload_nvme) turns it on by itself."""
+    offload_device: str = "cpu"
+    """cpu | nvme: where offloaded parameter partitions live, for offload_frozen and for a template's own
+    offload_param (which must agree). nvme: DeepSpeed swaps them to files under deepspeed.nvme_path through
+    its async-I/O op, which needs libaio (checked before any work); ZeRO-3 only. Without offload, nvme is
+    refused (it would do nothing)."""
+    nvme_path: str = ""
+    """Directory on a node-local NVMe drive for offload_device=nvme (DeepSpeed's swap files go there)."""
     param_persistence_threshold: int = -1
     """stage3_param_persistence_threshold; -1 keeps DeepSpeed's default, 0 partitions everything."""
     zero_init: bool = True

@@ -46,6 +46,7 @@ def test_key_snapshot():
         "train.log_interval", "train.save_interval", "train.keep_last", "train.keep_every", "train.max_bad_steps",
         "eval.interval", "eval.task", "eval.k_test", "eval.batch_size", "eval.max_samples", "eval.num_beams", "eval.max_new_tokens",
         "deepspeed.config", "deepspeed.zero_stage", "deepspeed.precision", "deepspeed.offload_frozen",
+        "deepspeed.offload_device", "deepspeed.nvme_path",
         "deepspeed.param_persistence_threshold", "deepspeed.zero_init", "deepspeed.timeout_minutes",
     ]
 
