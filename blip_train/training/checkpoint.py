@@ -18,6 +18,7 @@ dtype, tensor and element counts per tower), and resume states that exactly thos
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -26,7 +27,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -138,6 +139,27 @@ def frozen_manifest(model: torch.nn.Module) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _frozen_left_out_of_state_dict(model: torch.nn.Module) -> Iterator[None]:
+    """While active, `model.state_dict()` leaves out every name of a frozen parameter, tied aliases too.
+
+    DeepSpeed's `exclude_frozen_parameters` deletes frozen parameters by their first name only, so under
+    ZeRO-0/1/2 a tied frozen weight was still saved whole under its alias (OPT's lm_head is its input
+    embedding: 257 MB at 2.7B; T5's encoder/decoder embed_tokens are `shared`).
+    """
+    frozen = [n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+    def drop(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        for name in frozen:
+            state_dict.pop(prefix + name, None)
+
+    handle = model.register_state_dict_post_hook(drop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, data_state: dict | None,
                     meta: dict, keep_last: int, keep_every: int) -> str:
     """Save on every rank; mark complete and move `latest` only once all ranks are done.
@@ -149,8 +171,9 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, data_state: 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     client = {"train_state": asdict(state), "data": data_state}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False,
-                           exclude_frozen_parameters=True)
+    with _frozen_left_out_of_state_dict(engine.module):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False,
+                               exclude_frozen_parameters=True)
     rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
     tmp = rank_file.with_name(f".{rank_file.name}.tmp")
     torch.save({"rng": capture_rng_state(), "train_state": asdict(state), "data": data_state}, tmp)

@@ -123,7 +123,7 @@ def apply_param_offload_(zero: dict, cfg: ExperimentConfig, on_cuda: bool) -> No
         raise ConfigError(f"deepspeed.nvme_path: {d.nvme_path} is not a writable directory on this node")
     if not async_io_available():
         raise ConfigError("deepspeed.offload_device: nvme needs DeepSpeed's async-I/O op, which cannot be built "
-                          "here (libaio and its headers are missing: apt install libaio-dev); use cpu")
+                          "here (it compiles against libaio: apt install libaio-dev); use cpu")
     param["nvme_path"] = str(path)
 
 

@@ -16,7 +16,8 @@ from tests.helpers.tiny_run import (assert_frozen_is_source, config_with_output_
 
 pytestmark = pytest.mark.dist
 SCHEDULE = {"max_steps": 4, "save_interval": 2, "keep_last": 10}
-CASES = {"stage1-zero3": ("stage1", 3), "stage1-zero2": ("stage1", 2), "stage2_opt-zero3": ("stage2", 3)}
+CASES = {"stage1-zero3": ("stage1", 3), "stage1-zero2": ("stage1", 2), "stage2_opt-zero3": ("stage2", 3),
+         "stage2_opt-zero2": ("stage2", 2)}  # ZeRO-2 with OPT's tied (frozen) lm_head / input embedding
 
 
 def _sections(assets: Path, arch: str, zero: int) -> dict:
