@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from _common import run_tool
@@ -72,6 +73,7 @@ def main() -> int:
     import torch
 
     from blip_train.dist import destroy_distributed, discover_environment, export_environment, init_distributed
+    from blip_train.dist.env import cuda_device_index
     from blip_train.eval import load_run_config
     from blip_train.training.stages import load_trained_stage1
 
@@ -92,7 +94,10 @@ def main() -> int:
     if env.world_size > 1:
         init_distributed(env, args.timeout_minutes)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{env.local_rank % torch.cuda.device_count()}" if use_cuda else "cpu")
+    device = torch.device("cpu")
+    if use_cuda:  # the device init_distributed picked; one GPU per task (--gpus-per-task=1) is device 0
+        device = torch.device("cuda", cuda_device_index(env.local_rank, env.local_world_size, torch.cuda.device_count(),
+                                                        os.environ.get("CUDA_VISIBLE_DEVICES")))
     model, tokenizer = load_trained_stage1(cfg, ckpt_dir, tag, device_type=device.type)
     model.to(device).eval()
 

@@ -9,8 +9,9 @@
 --out FILE.safetensors writes one file (metadata in its header); any other path is a folder:
 model.safetensors, or model-0000i-of-0000N.safetensors + model.safetensors.index.json when larger
 than --max-shard-size, and blip_train_weights.json. By default only the trained parameters (the fp32
-master weights); --include-frozen adds the frozen towers and buffers. The result is what
-`model.init_from` and tools/export_hf.py accept.
+master weights); --include-frozen adds the buffers and the frozen towers, read from the sources the run
+recorded in complete.json (checkpoints do not carry them), in the dtype training held them in. The
+result is what `model.init_from` and tools/export_hf.py accept.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir, or a step_* dir")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_0004000 (default: the newest complete)")
     p.add_argument("--out", required=True, help="FILE.safetensors, or a folder (sharded when large)")
-    p.add_argument("--include-frozen", action="store_true", help="also write the frozen ViT / LLM and buffers")
+    p.add_argument("--include-frozen", action="store_true",
+                   help="also write the buffers and the frozen ViT / LLM (read from their recorded sources)")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard of a folder output (default 5GB)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of floating tensors (default fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

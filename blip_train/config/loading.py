@@ -77,6 +77,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, bool) and key in _ON_OFF_KEYS:
             return "on" if value else "off"
+        if isinstance(value, int) and not isinstance(value, bool) and key in _SIZE_KEYS:
+            return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
@@ -164,6 +166,24 @@ EVAL_TASK_ARCHS = {"retrieval": ("stage1",), "caption": ("stage2", "instruct"), 
 _DEFAULT_EVAL_TASK = {"stage1": "retrieval", "stage2": "caption", "instruct": "vqa"}
 _ON_OFF_KEYS = {"optim.fused"}
 """String keys whose values include on/off, which YAML reads as booleans when unquoted."""
+_SIZE_KEYS = {"data.cache_limit"}
+"""String keys holding a size: a plain byte count (YAML reads it as an integer) or a number with a unit."""
+
+
+def parse_cache_limit(value: str) -> int:
+    """`data.cache_limit` in bytes, as streaming reads it (kb/mb/gb/tb count 1024s); 0 when empty."""
+    from streaming.base.util import bytes_to_int
+
+    if not value:
+        return 0
+    try:
+        size = bytes_to_int(value)
+    except ValueError:
+        size = -1
+    if size <= 0:
+        raise ConfigError(f"data.cache_limit: {value!r} is not a size (a byte count, or a number with kb, mb, "
+                          "gb or tb)")
+    return size
 
 
 def eval_task(cfg: ExperimentConfig) -> str:
@@ -220,6 +240,10 @@ def validate_config(cfg: ExperimentConfig) -> None:
         if not (s.local or s.remote):
             raise ConfigError(f"data.train[{i}]: needs local (an MDS directory) or remote")
         _positive(f"data.train[{i}].proportion", s.proportion, allow_zero=True)
+        if d.cache_limit and not s.remote:
+            raise ConfigError(f"data.cache_limit: data.train[{i}] ({s.local}) is not remote, and streaming would "
+                              "evict (delete) its shards to stay under the limit; limit only all-remote mixtures")
+    parse_cache_limit(d.cache_limit)
     on_cuda = r.device == "cuda" or (r.device == "auto" and cuda_available())
     if r.device == "cuda" and not cuda_available():
         raise ConfigError("run.device: 'cuda' requested but no CUDA device is available")
@@ -243,6 +267,13 @@ def validate_config(cfg: ExperimentConfig) -> None:
                               "run.wandb=false")
     if ds.offload_frozen and ds.zero_stage != 3:
         raise ConfigError(f"deepspeed.offload_frozen: needs deepspeed.zero_stage=3, got {ds.zero_stage}")
+    _choice("deepspeed.offload_device", ds.offload_device, ("cpu", "nvme"))
+    if ds.offload_device == "nvme":
+        if ds.zero_stage != 3:
+            raise ConfigError(f"deepspeed.offload_device: nvme needs deepspeed.zero_stage=3, got {ds.zero_stage}")
+        if not ds.nvme_path:
+            raise ConfigError("deepspeed.nvme_path: required for deepspeed.offload_device=nvme (a directory on a "
+                              "node-local NVMe drive)")
 
 
 def input_paths(cfg: ExperimentConfig) -> list[tuple[str, str]]:

@@ -142,7 +142,18 @@ class DataConfig:
     """DataLoader workers per rank."""
     shuffle_seed: int = 9176
     cache_dir: str = ""
-    """Per-job local cache root for remote streams (never share between jobs)."""
+    """Per-job local cache root for remote streams (never share between jobs). Empty: the system temp dir.
+    The job's cache is `<cache_dir>/job-<SLURM_JOB_ID or run id>/<stream name>`."""
+    cache_limit: str = ""
+    """Most bytes the job's remote-stream cache may hold on a node, e.g. "200gb" or 2000000000 (kb/mb/gb/tb
+    count 1024s, as streaming reads them). Least recently used shards are evicted and downloaded again
+    when read. Empty: no limit. Leave room for what the node's readers have in flight: each rank's workers
+    read 8 x micro_batch_size samples ahead, possibly each from another shard; below that streaming evicts
+    shards before they are read and can stall. Only with every data.train stream remote: streaming would
+    evict (delete) the shards of a local one."""
+    keep_cache: bool = False
+    """Keep the job's remote-stream cache when training ends. By default it is removed when the run
+    finishes or stops for preemption (a requeued job may land on another node; it downloads again)."""
 
 
 @dataclass
@@ -210,8 +221,16 @@ class DeepSpeedConfig:
     """bf16 | fp16 | fp32: dtype of the trainable part (fp32 masters in the optimizer; fp16: GPU only).
     Frozen towers keep model.vision.precision / model.llm.dtype."""
     offload_frozen: bool = False
-    """ZeRO-3 parameter offload to CPU. DeepSpeed offloads every partition (trainable ones too), which
-    mostly matters for the large frozen towers; GPU memory then holds only gathered working copies."""
+    """ZeRO-3 parameter offload to deepspeed.offload_device. DeepSpeed offloads every partition (trainable
+    ones too), which mostly matters for the large frozen towers; GPU memory then holds only gathered
+    working copies. An offload template (zero3_offload, zero3_offload_nvme) turns it on by itself."""
+    offload_device: str = "cpu"
+    """cpu | nvme: where offloaded parameter partitions live, for offload_frozen and for a template's own
+    offload_param (which must agree). nvme: DeepSpeed swaps them to files under deepspeed.nvme_path through
+    its async-I/O op, which needs libaio (checked before any work); ZeRO-3 only. Without offload, nvme is
+    refused (it would do nothing)."""
+    nvme_path: str = ""
+    """Directory on a node-local NVMe drive for offload_device=nvme (DeepSpeed's swap files go there)."""
     param_persistence_threshold: int = -1
     """stage3_param_persistence_threshold; -1 keeps DeepSpeed's default, 0 partitions everything."""
     zero_init: bool = True

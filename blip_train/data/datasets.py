@@ -8,19 +8,24 @@ the same stream and counted in `dataset.num_corrupt` (shared by all workers of t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.constant import SHM_TO_CLEAN
 
-from blip_train.config.loading import ConfigError
+from blip_train.config.loading import ConfigError, parse_cache_limit
 from blip_train.config.schema import DataConfig, StreamConfig
 from blip_train.data.collate import collate_samples
 from blip_train.data.images import CorruptImageError, decode_rgb
@@ -148,16 +153,83 @@ def ensure_local_world_size() -> int:
     return int(os.environ["LOCAL_WORLD_SIZE"])
 
 
-def maybe_clean_stale_shared_memory() -> None:
-    """Remove shared memory a killed run left behind, once per process (later calls do nothing).
+SHM_DIR = Path("/dev/shm")
+_STREAMING_SHM = re.compile(r"^(\d{6,})_(%s)$" % "|".join(SHM_TO_CLEAN))
+"""Streaming's segments: `<prefix>_<name>`, one prefix per live dataset of a node (streaming/base/shared)."""
 
-    Only once: streaming's cleaner also unlinks the segments of datasets alive in this process.
+
+def _shm_in_use() -> set[str]:
+    """Names under /dev/shm that a live process maps or holds open, among the processes visible here."""
+    names: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for line in (proc / "maps").read_text().splitlines():
+                if "/dev/shm/" in line:
+                    names.add(line.split("/dev/shm/", 1)[1].split(" ", 1)[0])
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("/dev/shm/"):
+                    names.add(target[len("/dev/shm/"):].split(" ", 1)[0])
+        except OSError:  # the process ended meanwhile, or belongs to another user
+            continue
+    return names
+
+
+def stale_streaming_segments(shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Streaming segments that no live process uses: a prefix is stale when none of its segments is mapped or
+    open by any process, and every one of them is ours.
+
+    Streaming names segments by a node-wide counter, not by job, and creates them readable by their owner
+    only: a segment of ours can only be held by our own processes, all of which /proc shows us (a job in
+    another PID namespace that shares /dev/shm would not be seen). Another user's segments are never ours
+    to remove.
+    """
+    by_prefix: dict[str, list[Path]] = {}
+    for path in shm_dir.iterdir() if shm_dir.is_dir() else ():
+        m = _STREAMING_SHM.match(path.name)
+        if m:
+            by_prefix.setdefault(m.group(1), []).append(path)
+    if not by_prefix:
+        return []
+    in_use, uid = _shm_in_use(), os.geteuid()
+    stale = []
+    for paths in by_prefix.values():
+        try:
+            ours = all(p.stat().st_uid == uid for p in paths)
+        except FileNotFoundError:  # its job is cleaning up right now
+            continue
+        if ours and not any(p.name in in_use for p in paths):
+            stale += paths
+    return sorted(stale)
+
+
+def maybe_clean_stale_shared_memory() -> None:
+    """Remove streaming's shared memory that killed runs left behind, once per process (later calls do nothing).
+
+    Replaces streaming's `clean_stale_shared_memory()`, which unlinks every streaming segment on the node,
+    a live neighbour's included (its readers then attach to the next job's segments by name). Only stale
+    segments go (`stale_streaming_segments`). One process per node cleans (streaming's local leader), and
+    all ranks wait for it, so no rank picks its prefix from a view that is about to change.
     """
     global _shm_cleaned
-    if not _shm_cleaned:
-        from streaming.base.util import clean_stale_shared_memory
-        clean_stale_shared_memory()
-        _shm_cleaned = True
+    if _shm_cleaned:
+        return
+    from streaming.base.distributed import get_local_world_size, get_rank, maybe_init_dist
+
+    destroy = maybe_init_dist()
+    try:
+        if get_rank() % get_local_world_size() == 0:
+            for path in stale_streaming_segments():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    finally:
+        if destroy:
+            dist.destroy_process_group()
+    _shm_cleaned = True
 
 
 def job_cache_dir(cache_root: str, name: str) -> str:
@@ -167,6 +239,30 @@ def job_cache_dir(cache_root: str, name: str) -> str:
            (os.environ.get("TORCHELASTIC_RUN_ID") if os.environ.get("TORCHELASTIC_RUN_ID") not in (None, "none")
             else None) or f"port{os.environ.get('MASTER_PORT', '0')}-ppid{os.getppid()}")
     return os.path.join(root, f"job-{job}", name)
+
+
+def job_cache_root(cache_root: str) -> Path:
+    """This job's folder of remote-stream caches on this node (`job_cache_dir` without the stream name)."""
+    return Path(job_cache_dir(cache_root, "_")).parent
+
+
+def remove_job_cache(cfg: DataConfig) -> Optional[Path]:
+    """Delete this job's remote-stream cache once every rank has stopped reading (a collective: all ranks
+    call it; the first rank of each node deletes). Returns the folder removed on this rank, if any."""
+    from streaming.base.distributed import get_local_world_size, get_rank
+
+    if not any(s.remote for s in cfg.train):
+        return None
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank reads from the cache any more
+    folder = job_cache_root(cfg.cache_dir)
+    removed = None
+    if get_rank() % get_local_world_size() == 0 and folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        removed = folder
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return removed
 
 
 def _fetch_metadata(local: str, remote: str) -> None:
@@ -259,9 +355,16 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optio
     ensure_local_world_size()
     maybe_clean_stale_shared_memory()
     streams, info = build_streams(cfg.train, cfg.balance, cfg.cache_dir)
-    dataset = _dataset_class(kind)(
-        streams=streams, transform=build_transform(cfg.image_size, True, cfg.crop_scale_min, cfg.hflip),
-        batch_size=micro_batch_size, shuffle=True, shuffle_seed=cfg.shuffle_seed)
+    cache_limit = parse_cache_limit(cfg.cache_limit)
+    try:
+        dataset = _dataset_class(kind)(
+            streams=streams, transform=build_transform(cfg.image_size, True, cfg.crop_scale_min, cfg.hflip),
+            batch_size=micro_batch_size, shuffle=True, shuffle_seed=cfg.shuffle_seed,
+            cache_limit=cache_limit or None)
+    except ValueError as e:  # streaming checks the limit against the shard sizes it just read
+        if cache_limit and "cache limit" in str(e).lower():
+            raise ConfigError(f"data.cache_limit: {e}") from None
+        raise
     for i, stream in zip(info, dataset.streams):
         i["per_epoch"] = int(stream.choose)
         logger.info("data stream %s: %d samples, share %.3f, %d drawn per epoch (%s)",

@@ -23,7 +23,7 @@ import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import List, Mapping, Optional
+from typing import List, Mapping, MutableMapping, Optional
 
 LAUNCHERS = ("torchrun", "deepspeed", "slurm", "single")
 EXPORTED_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -86,6 +86,37 @@ def export_environment(env: DistEnv) -> None:
     os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
                       LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
                       MASTER_PORT=str(env.master_port))
+
+
+def cuda_device_index(local_rank: int, local_world_size: int, device_count: int,
+                      visible: Optional[str] = None) -> int:
+    """This task's CUDA device among the ones it sees.
+
+    Every GPU of the node visible (torchrun, the deepspeed launcher, `srun` with shared GPUs): the
+    node-local rank. Exactly one visible (`srun --gpus-per-task=1`, or a per-task CUDA_VISIBLE_DEVICES):
+    device 0, whatever the local rank. Anything in between cannot be mapped safely and is refused.
+    `visible`: CUDA_VISIBLE_DEVICES, for the message.
+    """
+    shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+    if device_count < 1:
+        raise DistEnvError(f"no CUDA device visible to this task{shown}; run.device=cpu runs without one")
+    if device_count == 1:
+        return 0
+    if device_count >= local_world_size:
+        return local_rank
+    raise DistEnvError(f"{local_world_size} tasks on this node but this task sees {device_count} GPUs{shown}: "
+                       "give every task all of the node's GPUs or exactly one (srun --gpus-per-task=1)")
+
+
+def select_cuda_device(env: DistEnv, device_count: int, environ: MutableMapping[str, str] = os.environ) -> int:
+    """`cuda_device_index` for `env`, and LOCAL_RANK set to it: DeepSpeed picks its device from LOCAL_RANK
+    (the engine's `set_device`, zero.Init), which under `--gpus-per-task=1` would name a GPU the task
+    cannot see. The node-local rank stays in `env.local_rank` (and SLURM_LOCALID); streaming does not
+    need LOCAL_RANK: it takes the node layout from RANK and LOCAL_WORLD_SIZE."""
+    device = cuda_device_index(env.local_rank, env.local_world_size, device_count,
+                               environ.get("CUDA_VISIBLE_DEVICES"))
+    environ["LOCAL_RANK"] = str(device)
+    return device
 
 
 # ----------------------------------------------------------------------------------------- launchers

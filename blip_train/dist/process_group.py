@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from blip_train.dist.env import DistEnv, export_environment
+from blip_train.dist.env import DistEnv, export_environment, select_cuda_device
 
 
 def init_distributed(env: DistEnv, timeout_minutes: int, on_cuda: bool | None = None) -> None:
@@ -35,9 +35,9 @@ def init_distributed(env: DistEnv, timeout_minutes: int, on_cuda: bool | None = 
     # DeepSpeed reads the env:// variables; missing ones would send it looking for mpi4py.
     export_environment(env)
     if on_cuda:
-        # NCCL binds a communicator to the current device, so pick it before the group exists. Modulo:
-        # with `--gpus-per-task=1` each task sees a single GPU (index 0) whatever its local rank.
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        # NCCL binds a communicator to the current device, so pick it before the group exists; LOCAL_RANK
+        # follows, since DeepSpeed sets its own device from it (see `select_cuda_device`).
+        torch.cuda.set_device(select_cuda_device(env, torch.cuda.device_count()))
     deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(minutes=timeout_minutes), rank=env.rank,
                                world_size=env.world_size)

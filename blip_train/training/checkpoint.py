@@ -9,9 +9,16 @@ Layout under `<run.output_dir>/checkpoints/`:
 A checkpoint without `complete.json` was interrupted mid-write: resume ignores it and uses the newest
 complete one. DeepSpeed's own `latest` is not used: it is written by rank 0 before the other ranks'
 shards are known to be on disk.
+
+Only what trains is saved: the trainable parameters, their optimizer state, scheduler, counters.
+Frozen towers (the ViT, the LLM) are left out (a Vicuna-13B tower would add 26 GB to every save) and
+always come from their recorded sources: the stage builders load them at the start of every run,
+`complete.json` names those sources (`frozen_sources`) and what the left-out tensors were (`frozen`:
+dtype, tensor and element counts per tower), and resume states that exactly those keys are missing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,7 +27,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -117,15 +124,56 @@ def read_meta(tag_dir: Path) -> dict:
     return json.loads((tag_dir / COMPLETE).read_text())
 
 
+def frozen_manifest(model: torch.nn.Module) -> dict:
+    """What a checkpoint leaves out: per top-level module, the dtype, tensor count and element count of its
+    frozen parameters (partitioned ones counted whole). Recorded in complete.json; tools that rebuild the
+    towers from their sources check against it."""
+    out: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        entry = out.setdefault(name.split(".", 1)[0], {"dtype": str(p.dtype).replace("torch.", ""),
+                                                        "tensors": 0, "numel": 0})
+        entry["tensors"] += 1
+        entry["numel"] += int(p.ds_numel) if hasattr(p, "ds_id") else p.numel()
+    return out
+
+
+@contextlib.contextmanager
+def _frozen_left_out_of_state_dict(model: torch.nn.Module) -> Iterator[None]:
+    """While active, `model.state_dict()` leaves out every name of a frozen parameter, tied aliases too.
+
+    DeepSpeed's `exclude_frozen_parameters` deletes frozen parameters by their first name only, so under
+    ZeRO-0/1/2 a tied frozen weight was still saved whole under its alias (OPT's lm_head is its input
+    embedding: 257 MB at 2.7B; T5's encoder/decoder embed_tokens are `shared`).
+    """
+    frozen = [n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+    def drop(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        for name in frozen:
+            state_dict.pop(prefix + name, None)
+
+    handle = model.register_state_dict_post_hook(drop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, data_state: dict | None,
                     meta: dict, keep_last: int, keep_every: int) -> str:
-    """Save on every rank; mark complete and move `latest` only once all ranks are done."""
+    """Save on every rank; mark complete and move `latest` only once all ranks are done.
+
+    Frozen parameters are not written (`exclude_frozen_parameters`): see the module docstring.
+    """
     tag = tag_for(state.step)
     rank = _rank()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     client = {"train_state": asdict(state), "data": data_state}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    with _frozen_left_out_of_state_dict(engine.module):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False,
+                               exclude_frozen_parameters=True)
     rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
     tmp = rank_file.with_name(f".{rank_file.name}.tmp")
     torch.save({"rng": capture_rng_state(), "train_state": asdict(state), "data": data_state}, tmp)
@@ -133,7 +181,7 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, data_state: 
     _barrier()  # every rank's shards and rank file are on disk past this point
     if rank == 0:
         info = dict(meta, tag=tag, step=state.step, world_size=_world(), saved_at=time.time(),
-                    save_seconds=round(time.time() - t0, 3))
+                    save_seconds=round(time.time() - t0, 3), frozen=frozen_manifest(engine.module))
         _atomic_write(ckpt_dir / tag / COMPLETE, json.dumps(info, indent=1))
         _atomic_write(ckpt_dir / LATEST, tag)
         apply_retention(ckpt_dir, keep_last, keep_every)
@@ -197,10 +245,29 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
     return out.name
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, load_optimizer: bool = True) -> tuple[TrainState, dict | None]:
+def load_module_without_frozen_(src: dict, dst: torch.nn.Module) -> None:
+    """Module weights of a checkpoint saved without its frozen towers (DeepSpeed's `custom_load_fn`).
+
+    A non-strict load that states what it expects to miss: exactly the frozen parameters (tied aliases
+    included), which keep the values the builder loaded from their sources. Any other missing key, or any
+    unexpected one, is an error.
+    """
+    frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    result = dst.load_state_dict(src, strict=False)
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint does not match the model: missing trainable/buffer keys {missing[:5]}, "
+                           f"unexpected keys {sorted(result.unexpected_keys)[:5]} (another model.arch or size?)")
+
+
+def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, load_optimizer: bool = True,
+                    frozen_sources: dict | None = None) -> tuple[TrainState, dict | None]:
     """Restore engine (model, optimizer, scheduler) and this rank's RNG/data state.
 
-    Same world size: the tag is loaded as saved, exactly. Another world size (elastic): the engine
+    Frozen towers are not in the checkpoint: they keep what the builder loaded from their sources
+    (`load_module_without_frozen_` checks that nothing else is missing). Same world size: the tag is
+    loaded as saved, exactly; `frozen_sources` (this run's) that differ from the recorded ones are
+    reported. Another world size (elastic): the engine
     must have been built with `{"checkpoint": {"load_universal": true}}` and the tag converted by
     `convert_to_universal`; trainable weights and optimizer state come from the universal folder,
     frozen towers keep the weights the builder loaded from their source (the universal format does not
@@ -208,13 +275,19 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, load_optimizer: bool 
     did not exist before start from the run seed.
     """
     meta = read_meta(ckpt_dir / tag)
+    recorded = meta.get("frozen_sources")
+    if frozen_sources is not None and recorded is not None and recorded != frozen_sources and _rank() == 0:
+        # Moved files are fine; different weights are not, and only the user can tell which it is.
+        print(f"warning: {ckpt_dir / tag} was trained against frozen towers from {recorded}; this run loads "
+              f"them from {frozen_sources}", flush=True)
     elastic = meta["world_size"] != _world()
     load_tag = universal_tag(tag) if elastic else tag
     if elastic and not (ckpt_dir / load_tag).is_dir():
         raise RuntimeError(f"{ckpt_dir / tag}: saved with {meta['world_size']} ranks, resuming on {_world()}, "
                            "but no universal conversion exists (convert_to_universal)")
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=load_optimizer,
-                                          load_lr_scheduler_states=load_optimizer)
+                                          load_lr_scheduler_states=load_optimizer,
+                                          custom_load_fn=load_module_without_frozen_)
     if path is None:
         raise RuntimeError(f"{ckpt_dir / load_tag}: DeepSpeed could not load this checkpoint")
     own = ckpt_dir / tag / f"rank_{_rank():05d}.pt"

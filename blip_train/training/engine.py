@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -70,14 +71,12 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, on_cuda: bool) -> di
     zero["stage"] = cfg.deepspeed.zero_stage
     if cfg.deepspeed.param_persistence_threshold >= 0:
         zero["stage3_param_persistence_threshold"] = cfg.deepspeed.param_persistence_threshold
-    if cfg.deepspeed.offload_frozen:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
-        # A client (torch) optimizer alongside offload: DeepSpeed would otherwise insist on its CPU Adam.
-        ds["zero_force_ds_cpu_optimizer"] = False
+    apply_param_offload_(zero, cfg, on_cuda)
     for section in ("offload_param", "offload_optimizer"):
         if section in zero and not on_cuda:
             zero[section]["pin_memory"] = False  # pinning needs a CUDA host allocator
     if "offload_param" in zero or "offload_optimizer" in zero:
+        # A client (torch) optimizer alongside offload: DeepSpeed would otherwise insist on its CPU Adam.
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     if zero["stage"] != 3:
         for key in [k for k in zero if k.startswith("stage3_") or k == "offload_param"]:
@@ -85,6 +84,47 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, on_cuda: bool) -> di
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def async_io_available() -> bool:
+    """Whether DeepSpeed's async-I/O op (NVMe swapping) can be built here: it compiles against libaio."""
+    import contextlib
+    import io
+
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the builder prints its probe
+        return bool(AsyncIOBuilder().is_compatible(verbose=False))
+
+
+def apply_param_offload_(zero: dict, cfg: ExperimentConfig, on_cuda: bool) -> None:
+    """ZeRO-3 parameter offload from deepspeed.offload_frozen / offload_device / nvme_path, on top of the
+    template's offload_param tuning (buffers, pinning); a template offloading elsewhere is refused, and
+    NVMe is refused here, before any work, where DeepSpeed's async-I/O op cannot be built."""
+    d = cfg.deepspeed
+    param = zero.get("offload_param")
+    template_device = (param or {}).get("device", "none")
+    if template_device not in ("none", d.offload_device):
+        raise ConfigError(f"deepspeed.offload_device: {d.offload_device} contradicts the template {d.config!r}, which "
+                          f"offloads parameters to {template_device}; choose a matching template or offload_device")
+    if d.offload_frozen:
+        param = zero.setdefault("offload_param", {})
+        param.update(device=d.offload_device, pin_memory=on_cuda)
+    if d.offload_device != "nvme":
+        return
+    if param is None or param.get("device") != "nvme":
+        raise ConfigError("deepspeed.offload_device: nvme offloads nothing without deepspeed.offload_frozen=true "
+                          "(or an NVMe offload template such as zero3_offload_nvme)")
+    if param.get("nvme_path") not in (None, d.nvme_path):
+        raise ConfigError(f"deepspeed.nvme_path: the template {d.config!r} names {param['nvme_path']}; node paths "
+                          "belong to the experiment config: remove it from the JSON")
+    path = Path(d.nvme_path)
+    if not (path.is_dir() and os.access(path, os.W_OK)):
+        raise ConfigError(f"deepspeed.nvme_path: {d.nvme_path} is not a writable directory on this node")
+    if not async_io_available():
+        raise ConfigError("deepspeed.offload_device: nvme needs DeepSpeed's async-I/O op, which cannot be built "
+                          "here (it compiles against libaio: apt install libaio-dev); use cpu")
+    param["nvme_path"] = str(path)
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:

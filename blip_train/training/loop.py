@@ -17,7 +17,7 @@ import torch
 from blip_train.config import (ConfigError, ExperimentConfig, check_input_paths, check_output_dir, config_to_dict,
                                config_warnings)
 from blip_train.config.changes import check_resume_config, record_config
-from blip_train.data.datasets import check_local_splits
+from blip_train.data.datasets import check_local_splits, remove_job_cache
 from blip_train.dist.env import discover_environment, export_environment
 from blip_train.dist.preemption import PreemptionHandler
 from blip_train.dist.process_group import all_reduce_max_bool, init_distributed, print0
@@ -205,7 +205,7 @@ def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
 
     state = TrainState()
     if tag is not None:
-        state, data_state = load_checkpoint(engine, ckpt_dir, tag)
+        state, data_state = load_checkpoint(engine, ckpt_dir, tag, frozen_sources=stage.frozen_sources)
         # A finished run has nothing to iterate: restoring the position would leave streaming's
         # resume buffer in shared memory, where the next job on the node would collide with it.
         if data_state is not None and state.step < cfg.train.max_steps:
@@ -251,6 +251,11 @@ def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
     finally:
         preemption.uninstall()
         logger.close()
+    if not cfg.data.keep_cache:
+        batches.close()  # the loader's workers stop before their cache goes
+        removed = remove_job_cache(cfg.data)
+        if removed is not None:
+            print(f"removed the job's remote-stream cache {removed} (data.keep_cache=false)", flush=True)
     if not stopped_early:
         print0(f"done: step {state.step}, checkpoint {ckpt_dir / saved if saved else '(none)'}")
     return {"step": state.step, "stopped_early": stopped_early, "history": history,

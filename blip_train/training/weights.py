@@ -1,8 +1,9 @@
 """Trained weights out of a run: consolidate the ZeRO shards of the trainable part, load them strictly.
 
-Frozen towers are never taken from a checkpoint: they are rebuilt from their recorded source (the
-config's vision weights / LLM folder), exactly as at the start of training. DeepSpeed's universal
-checkpoints skip frozen parameters too, so this is also the rule that keeps elastic resume honest.
+Frozen towers are never taken from a checkpoint (checkpoints do not carry them): they are rebuilt from
+their recorded source (the config's vision weights / LLM folder), exactly as at the start of training.
+DeepSpeed's universal checkpoints skip frozen parameters too, so this is also the rule that keeps
+elastic resume honest.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def consolidate_trainable(ckpt_dir: Path, tag: str, trainable_names: set[str]) -
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     read_meta(ckpt_dir / tag)  # refuses an incomplete checkpoint
-    full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, exclude_frozen_parameters=True)
     missing = sorted(trainable_names - set(full))
     if missing:
         raise KeyError(f"{ckpt_dir / tag}: checkpoint lacks trainable parameters {missing[:5]} (wrong model or arch?)")

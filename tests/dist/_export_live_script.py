@@ -36,7 +36,7 @@ def main():
         engine.backward(losses["loss"])
         engine.step()
     save_checkpoint(engine, run_dir / "checkpoints", TrainState(step=2), None,
-                    {"arch": cfg.model.arch}, keep_last=3, keep_every=0)
+                    {"arch": cfg.model.arch, "frozen_sources": stage.frozen_sources}, keep_last=3, keep_every=0)
     params = list(engine.module.named_parameters())
     with gathered([p for _, p in params]):
         live = {"trainable": {n: p.detach().clone() for n, p in params if p.requires_grad},

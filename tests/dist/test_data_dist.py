@@ -1,11 +1,14 @@
-"""Two ranks read disjoint samples, resume exactly mid-epoch, and a 2-rank state resumes on 1 rank."""
+"""Two ranks read disjoint samples, resume exactly mid-epoch, and a 2-rank state resumes on 1 rank; two jobs
+on one machine do not disturb each other's shared memory."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import torchrun
+from tests.conftest import REPO, clean_env, free_port, torchrun
 
 from blip_train.config.schema import DataConfig, StreamConfig
 from blip_train.data.datasets import build_train_loader
@@ -39,3 +42,62 @@ def test_two_ranks_disjoint_and_resume(tmp_path):
     rest = [i for batch in loader for i in batch["image_id"].tolist()]
     seen = ranks[0]["part"] + ranks[1]["part"]
     assert sorted(seen + rest) == list(range(N))
+
+
+def test_two_jobs_on_one_machine_each_read_their_own_split(tmp_path):
+    """Job A resumes mid-epoch (its position waits in shared memory for its readers); job B starts on the
+    same machine before A reads on. B's shared-memory clean-up must leave A's live segments alone
+    (streaming's own cleaner unlinks every one: A's readers then find no position and restart the epoch,
+    and B, not seeing A's file locks in its own TMPDIR as under a per-job /tmp, takes over A's names).
+    Each job reads every sample of its own split exactly once; splits differ in size and ids."""
+    sizes, first = {"a": 40, "b": 56}, {"a": 0, "b": 1000}
+    for job, n in sizes.items():
+        write_split(tmp_path / job / "train", (make_sample(first[job] + i, seed=0, image_size=16) for i in range(n)))
+        (tmp_path / job / "tmp").mkdir()
+    ready = {job: tmp_path / f"{job}.ready" for job in sizes}
+    extra = {"a": ["--resume-after", "2", "--read-after", str(ready["b"])], "b": ["--build-after", str(ready["a"])]}
+    procs = {}
+    for job in sizes:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "tests/dist/_shm_neighbour_script.py", "--data", str(tmp_path / job / "train"),
+               "--out", str(tmp_path / job), "--ready", str(ready[job]), *extra[job]]
+        procs[job] = subprocess.Popen(cmd, cwd=REPO, env=clean_env(TMPDIR=str(tmp_path / job / "tmp")),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        outs = {job: proc.communicate(timeout=300)[0] for job, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    for job, n in sizes.items():
+        assert procs[job].returncode == 0, f"job {job}:\n" + outs[job][-3000:]
+        ranks = [json.loads((tmp_path / job / f"rank{r}.json").read_text()) for r in range(2)]
+        assert sorted(ranks[0] + ranks[1]) == list(range(first[job], first[job] + n)), (job, ranks)
+
+
+def test_training_under_a_cache_limit_and_the_job_cache_clean_up(tiny_assets, tmp_path):
+    """Two ranks train over more than an epoch of a remote split larger than data.cache_limit: the cache stays
+    under the limit (evicted shards are fetched again). The job's cache is kept with data.keep_cache=true and
+    removed at the end of training otherwise."""
+    from tests.helpers.tiny_run import read_losses, run_train, write_tiny_config
+
+    remote = tmp_path / "remote"
+    write_split(remote, (make_sample(i, seed=0, image_size=32) for i in range(300)), size_limit=4000)
+    shards = json.loads((remote / "index.json").read_text())["shards"]
+    largest = max(s["raw_data"]["bytes"] for s in shards)
+    in_flight = 2 * 8 * 4  # ranks x streaming's predownload (8 x micro batch), each sample maybe in its own shard
+    limit = (remote / "index.json").stat().st_size + (in_flight + 8) * largest
+    assert limit < 0.8 * sum(s["raw_data"]["bytes"] for s in shards)
+    data = {"train": [{"remote": str(remote), "name": "syn"}], "cache_dir": str(tmp_path / "cache"),
+            "cache_limit": str(limit)}
+    kept = tmp_path / "kept"
+    run_train(write_tiny_config(tiny_assets, kept, data=dict(data, keep_cache=True),
+                                train={"max_steps": 45, "save_interval": 45, "log_interval": 5}))  # 1.2 epochs
+    assert sorted(read_losses(kept))[-1] == 45
+    (job,) = (tmp_path / "cache").iterdir()
+    cached = [p.stat().st_size for p in (job / "syn").iterdir() if p.name.endswith(".mds")]
+    assert 0 < len(cached) < len(shards) and sum(cached) <= limit
+
+    removed = tmp_path / "removed"
+    r = run_train(write_tiny_config(tiny_assets, removed, data=data, train={"max_steps": 2, "save_interval": 2}))
+    assert "removed the job's remote-stream cache" in r.stdout
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [job.name]  # this run's own folder is gone

@@ -195,3 +195,13 @@ def test_bad_inputs_fail_with_one_line(zero3_fp32, tmp_path, capsys):
         consolidate_checkpoint(partial / "step_0000004")
     with pytest.raises(InteropError, match="not a checkpoint tag"):
         consolidate_checkpoint(run, tag="latest")
+    # --include-frozen reads the frozen ViT from the source complete.json records (the shards have none).
+    moved = tmp_path / "moved" / "checkpoints"
+    shutil.copytree(run / "checkpoints" / "step_0000002", moved / "step_0000002")
+    shutil.copy(run / "config.yaml", moved.parent / "config.yaml")
+    meta = json.loads((moved / "step_0000002" / "complete.json").read_text())
+    meta["frozen_sources"]["vision"] = str(tmp_path / "gone.safetensors")
+    (moved / "step_0000002" / "complete.json").write_text(json.dumps(meta))
+    consolidate_checkpoint(moved)  # the trained parts alone need no source
+    with pytest.raises(InteropError, match="source .*gone.safetensors \\(model.vision.weights, recorded in"):
+        consolidate_checkpoint(moved, include_frozen=True)

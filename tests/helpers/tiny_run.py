@@ -81,6 +81,54 @@ def run_train(config, *sets, nproc: int = 2, timeout: int = 600):
     return r
 
 
+def train_and_dump(config, out: Path, *sets, nproc: int = 2, timeout: int = 600):
+    """`run_train` through tests/dist/_train_dump_script.py: the same `train()`, and then every parameter
+    the live engine holds at the end ({"trainable": ..., "frozen": ...}, gathered) is written to `out`."""
+    from tests.conftest import torchrun
+
+    args = ["tests/dist/_train_dump_script.py", str(out), "--config", str(config)]
+    for s in sets:
+        args += ["--set", s]
+    r = torchrun(args, nproc=nproc, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
 def trainable_weights(run_dir: Path, tag: str) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+
+
+def source_frozen_weights(config: Path) -> dict[str, torch.Tensor]:
+    """The frozen towers as their sources give them, in the dtype the run holds them in (bf16)."""
+    from safetensors.torch import load_file
+
+    from blip_train.config import load_config
+
+    cfg = load_config(str(config))
+    vision = cfg.model.vision
+    dropped = f"blocks.{vision.layers - 1}." if vision.drop_last_block else "-"
+    out = {f"visual_encoder.{k}": v.to(torch.bfloat16) for k, v in load_file(vision.weights).items()
+           if not k.startswith(dropped)}
+    if cfg.model.arch != "stage1":
+        from transformers import AutoModelForCausalLM
+        llm = AutoModelForCausalLM.from_pretrained(cfg.model.llm.path, dtype=torch.bfloat16)
+        out.update({f"llm.{k}": v.detach() for k, v in llm.named_parameters()})
+    return out
+
+
+def assert_frozen_is_source(dump: dict, config: Path) -> None:
+    """The frozen parameters of a `train_and_dump` result equal their sources bit for bit."""
+    source = source_frozen_weights(config)
+    assert dump["frozen"].keys() == source.keys()
+    for k, v in source.items():
+        assert dump["frozen"][k].dtype == v.dtype and torch.equal(dump["frozen"][k], v), k
+
+
+def config_with_output_dir(config: Path, run: Path) -> Path:
+    """The same YAML with run.output_dir pointing at `run`."""
+    data = yaml.safe_load(config.read_text())
+    data["run"]["output_dir"] = str(run)
+    out = run.parent / f"{run.name}.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out

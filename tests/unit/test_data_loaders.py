@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 from collections import Counter
 
@@ -192,3 +193,78 @@ def test_remote_stream_gets_a_per_job_cache(split40, tmp_path, monkeypatch):
     assert loader.dataset.stream_info[0]["local"] == str(cache) and (cache / SCHEMA_FILE).is_file()
     assert sorted(_ids(loader)) == list(range(40))
     assert any(p.name.endswith(".mds") for p in cache.iterdir())  # shards were fetched into the cache
+
+
+def test_only_segments_no_process_holds_are_stale():
+    """Streaming's segments of a live dataset (mapped here) stay; a prefix nobody holds is stale as a whole;
+    files that are not streaming's are never touched. Prefixes far above any a real run reaches."""
+    from multiprocessing import shared_memory
+
+    from blip_train.data.datasets import SHM_DIR, stale_streaming_segments
+
+    live = [shared_memory.SharedMemory(f"987650_{n}", create=True, size=8) for n in ("locals", "barrier")]
+    dead = [shared_memory.SharedMemory(f"987651_{n}", create=True, size=8) for n in ("locals", "next_epoch")]
+    other = shared_memory.SharedMemory("987652_not_streaming", create=True, size=8)
+    half = shared_memory.SharedMemory("987653_locals", create=True, size=8)
+    other.close()
+    try:
+        for shm in dead:
+            shm.close()  # the process that made them is gone: nothing maps them any more
+        stale = {p.name for p in stale_streaming_segments() if p.name.startswith("98765")}
+        assert stale == {"987651_locals", "987651_next_epoch"}
+        half.close()
+        stale = {p.name for p in stale_streaming_segments() if p.name.startswith("98765")}
+        assert stale == {"987651_locals", "987651_next_epoch", "987653_locals"}
+        assert all(p.parent == SHM_DIR for p in stale_streaming_segments())
+    finally:
+        for shm in live + dead + [other, half]:
+            shm.close()
+            shm.unlink()
+
+
+def _sharded_split(path, n, image_size=16, shard_bytes=8000):
+    """A split of many small shards; returns (path, bytes of the largest shard, bytes of the split:
+    index and shards)."""
+    write_split(path, (make_sample(i, seed=0, image_size=image_size) for i in range(n)), size_limit=shard_bytes)
+    shards = json.loads((path / "index.json").read_text())["shards"]
+    sizes = [s["raw_data"]["bytes"] for s in shards]
+    return str(path), max(sizes), sum(sizes) + (path / "index.json").stat().st_size
+
+
+def test_remote_split_larger_than_the_cache_limit_is_read_whole(tmp_path, monkeypatch):
+    """The cache never holds more than data.cache_limit, least recently used shards are evicted and fetched
+    again, and each epoch still reads every sample exactly once. The limit leaves room for what the reader
+    has in flight: 8 x batch samples ahead (streaming's predownload), each possibly in another shard."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4343")
+    remote, largest, total = _sharded_split(tmp_path / "remote", 400)
+    index = (tmp_path / "remote" / "index.json").stat().st_size
+    limit = index + (8 * 4 + 8) * largest
+    assert limit < 0.6 * total
+    cfg = DataConfig(train=[StreamConfig(remote=remote, name="syn")], cache_dir=str(tmp_path / "cache"),
+                     cache_limit=str(limit), image_size=16, num_workers=1)
+    loader = build_train_loader(cfg, 4)
+    cache = tmp_path / "cache" / "job-4343" / "syn"
+    for _ in range(2):  # the second epoch reads shards the first one evicted
+        assert sorted(_ids(loader)) == list(range(400))
+        cached = [p.stat().st_size for p in cache.iterdir() if p.name.endswith(".mds")]
+        assert index + sum(cached) <= limit
+        assert len(cached) < len(json.loads((cache / "index.json").read_text())["shards"])
+
+
+def test_cache_limit_is_checked(tmp_path, split40, monkeypatch):
+    from blip_train.config import load_config
+    from blip_train.config.loading import ConfigError as LoadingError
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4344")
+    remote, largest, _ = _sharded_split(tmp_path / "remote", 40)
+    index = (tmp_path / "remote" / "index.json").stat().st_size
+    cfg = DataConfig(train=[StreamConfig(remote=remote, name="syn")], cache_dir=str(tmp_path / "cache"),
+                     cache_limit=str(index + 2 * largest), image_size=16, num_workers=0)
+    with pytest.raises(LoadingError, match="data.cache_limit: Cache limit .* is too low"):
+        build_train_loader(cfg, 4)
+    with pytest.raises(LoadingError, match="data.cache_limit: data.train\\[1\\] .* is not remote"):
+        load_config(None, [f"data.train=[{{remote: {remote}}}, {{local: {split40}}}]", "data.cache_limit=10gb"])
+    with pytest.raises(LoadingError, match="data.cache_limit: '10 gigs' is not a size"):
+        load_config(None, [f"data.train=[{{remote: {remote}}}]", "data.cache_limit=10 gigs"])
+    assert load_config(None, [f"data.train=[{{remote: {remote}}}]", "data.cache_limit=2000000000"]).data.cache_limit \
+        == "2000000000"

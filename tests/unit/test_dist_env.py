@@ -179,3 +179,46 @@ def test_cpu_run_on_a_gpu_host_keeps_deepspeed_on_cpu(tmp_path: Path) -> None:
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "cpu cpu gloo"
+
+
+@pytest.mark.parametrize("local_rank, local_world, count, device", [
+    (3, 8, 8, 3),  # every task sees the node's 8 GPUs: its local rank
+    (3, 8, 1, 0),  # srun --gpus-per-task=1: each task sees one GPU, always index 0
+    (0, 1, 1, 0),
+    (1, 2, 4, 1),  # more GPUs than tasks: still the local rank
+])
+def test_cuda_device_follows_what_the_task_sees(local_rank: int, local_world: int, count: int, device: int) -> None:
+    from blip_train.dist.env import cuda_device_index
+
+    assert cuda_device_index(local_rank, local_world, count) == device
+
+
+@pytest.mark.parametrize("count, fragment", [
+    (2, "4 tasks on this node but this task sees 2 GPUs (CUDA_VISIBLE_DEVICES=2,3): give every task all of the "
+        "node's GPUs or exactly one (srun --gpus-per-task=1)"),
+    (0, "no CUDA device visible to this task (CUDA_VISIBLE_DEVICES=2,3)"),
+])
+def test_unmappable_gpu_layouts_refused_in_one_line(count: int, fragment: str) -> None:
+    from blip_train.dist.env import cuda_device_index
+
+    with pytest.raises(DistEnvError) as e:
+        cuda_device_index(3, 4, count, visible="2,3")
+    assert str(e.value).count("\n") == 0 and fragment in str(e.value)
+
+
+def test_one_gpu_per_task_exports_local_rank_0_for_deepspeed() -> None:
+    """srun --gpus-per-task=1 on an 8-GPU node: task 5 sees one GPU. DeepSpeed calls set_device(LOCAL_RANK),
+    so LOCAL_RANK must name that GPU (0); the node-local rank stays in the DistEnv, and streaming's node
+    layout (RANK, LOCAL_WORLD_SIZE) is untouched."""
+    from blip_train.dist.env import select_cuda_device
+
+    environ = {**SLURM, "SLURM_PROCID": "13", "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "5"}
+    env = discover_environment(environ)
+    environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
+                   LOCAL_WORLD_SIZE=str(env.local_world_size))
+    assert select_cuda_device(env, device_count=1, environ=environ) == 0
+    assert environ["LOCAL_RANK"] == "0" and env.local_rank == 5
+    assert (environ["RANK"], environ["LOCAL_WORLD_SIZE"]) == ("13", "8")
+    # Every GPU visible to every task: nothing to remap.
+    del environ["CUDA_VISIBLE_DEVICES"]
+    assert select_cuda_device(env, device_count=8, environ=environ) == 5 and environ["LOCAL_RANK"] == "5"

@@ -88,3 +88,67 @@ def test_no_weight_decay_on_biases_norms_queries_temp_and_frozen_excluded():
     assert {id(p) for p in no_decay["params"]} == {id(m.lin.bias), id(m.norm.weight), id(m.norm.bias),
                                                    id(m.query_tokens), id(m.temp)}
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+
+
+@pytest.fixture
+def async_io(monkeypatch):
+    """Pretend DeepSpeed's async-I/O op can be built (this machine may lack libaio); yields a setter."""
+    import blip_train.training.engine as engine
+
+    state = {"available": True}
+    monkeypatch.setattr(engine, "async_io_available", lambda: state["available"])
+    return state
+
+
+def test_nvme_offload_json(async_io, tmp_path):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    nvme = [f"deepspeed.nvme_path={tmp_path}", "deepspeed.offload_device=nvme"]
+    ds = build_ds_config(_cfg("deepspeed.offload_frozen=true", *nvme), world_size=1, on_cuda=False)
+    assert ds["zero_optimization"]["offload_param"] == {"device": "nvme", "pin_memory": False,
+                                                        "nvme_path": str(tmp_path)}
+    assert ds["zero_force_ds_cpu_optimizer"] is False
+    # The template carries the swap buffers and aio tuning; offload_frozen adds nothing it lacks.
+    for extra in ([], ["deepspeed.offload_frozen=true"]):
+        ds = build_ds_config(_cfg("deepspeed.config=zero3_offload_nvme", *nvme, *extra), world_size=1, on_cuda=True)
+        assert ds["zero_optimization"]["offload_param"] == {
+            "device": "nvme", "pin_memory": True, "buffer_count": 5, "buffer_size": 100_000_000,
+            "max_in_cpu": 1_000_000_000, "nvme_path": str(tmp_path)}
+        assert ds["aio"]["block_size"] == 1 << 20 and ds["zero_force_ds_cpu_optimizer"] is False
+        parsed = DeepSpeedZeroConfig(**ds["zero_optimization"])  # DeepSpeed's own schema accepts it
+        assert parsed.offload_param.device == "nvme" and str(parsed.offload_param.nvme_path) == str(tmp_path)
+
+
+@pytest.mark.parametrize("sets, fragment", [
+    (["deepspeed.config=zero3_offload_nvme"],
+     "deepspeed.offload_device: cpu contradicts the template 'zero3_offload_nvme', which offloads parameters to nvme"),
+    (["deepspeed.config=zero3_offload", "deepspeed.offload_device=nvme", "deepspeed.nvme_path=TMP"],
+     "deepspeed.offload_device: nvme contradicts the template 'zero3_offload', which offloads parameters to cpu"),
+    (["deepspeed.offload_device=nvme", "deepspeed.nvme_path=TMP"],
+     "deepspeed.offload_device: nvme offloads nothing without deepspeed.offload_frozen=true"),
+    (["deepspeed.offload_frozen=true", "deepspeed.offload_device=nvme", "deepspeed.nvme_path=TMP/missing"],
+     "deepspeed.nvme_path: TMP/missing is not a writable directory"),
+])
+def test_nvme_offload_contradictions_refused(async_io, tmp_path, sets, fragment):
+    sets = [s.replace("TMP", str(tmp_path)) for s in sets]
+    with pytest.raises(ConfigError, match=fragment.replace("TMP", str(tmp_path))):
+        build_ds_config(_cfg(*sets), world_size=1, on_cuda=False)
+
+
+@pytest.mark.parametrize("sets, fragment", [
+    (["deepspeed.offload_device=nvme"], "deepspeed.nvme_path: required for deepspeed.offload_device=nvme"),
+    (["deepspeed.offload_device=nvme", "deepspeed.nvme_path=/x", "deepspeed.config=zero2", "deepspeed.zero_stage=2"],
+     "deepspeed.offload_device: nvme needs deepspeed.zero_stage=3, got 2"),
+    (["deepspeed.offload_device=disk"], "deepspeed.offload_device: 'disk' is not one of cpu, nvme"),
+])
+def test_nvme_offload_keys_checked_at_load(sets, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        _cfg(*sets)
+
+
+def test_nvme_offload_refused_where_async_io_cannot_build(async_io, tmp_path):
+    async_io["available"] = False
+    with pytest.raises(ConfigError, match="deepspeed.offload_device: nvme needs DeepSpeed's async-I/O op, which "
+                                          "cannot be built here"):
+        build_ds_config(_cfg("deepspeed.offload_frozen=true", "deepspeed.offload_device=nvme",
+                             f"deepspeed.nvme_path={tmp_path}"), world_size=1, on_cuda=False)

@@ -147,6 +147,58 @@ def test_offload_frozen_sets_offload_param_and_trains(tiny_assets, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
+def _async_io() -> bool:
+    from blip_train.training.engine import async_io_available
+    return async_io_available()
+
+
+WIDE_VISION = {"width": 512, "mlp_dim": 2048, "heads": 4, "layers": 2, "weights": ""}
+"""A frozen ViT whose big tensors (1.5-2 MiB in bf16) pass DeepSpeed's 1 MiB minimum for NVMe swapping."""
+
+
+def test_nvme_offload_trains_like_no_offload(tiny_assets, tmp_path):
+    """Where DeepSpeed's async-I/O op builds (libaio present), 1-rank runs with the frozen ViT offloaded to
+    NVMe (here: files under tmp) give the losses of a run without offload, step for step, and DeepSpeed's
+    swap files are there. The first use compiles the op (minutes)."""
+    from tests.helpers.tiny_run import VISION, read_losses, run_train
+
+    if not _async_io():
+        pytest.skip("DeepSpeed's async-I/O op cannot be built here (no libaio); the refusal is tested instead")
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    losses = {}
+    for name, ds in (("plain", {}), ("nvme", {"offload_frozen": True, "offload_device": "nvme",
+                                              "nvme_path": str(nvme)})):
+        run = tmp_path / name
+        run_train(write_tiny_config(tiny_assets, run, model={"vision": dict(VISION, **WIDE_VISION)}, deepspeed=ds,
+                                    train={"max_steps": 3, "save_interval": 3}), nproc=1, timeout=900)
+        losses[name] = read_losses(run)
+    assert sorted(losses["nvme"]) == [1, 2, 3] and losses["nvme"] == losses["plain"]
+    swapped = list(nvme.rglob("*.swp"))
+    assert len(swapped) >= 3 and all(f.stat().st_size >= 2**20 for f in swapped)
+
+
+def test_nvme_offload_refused_in_one_line_before_any_work(tiny_assets, tmp_path):
+    """Where the async-I/O op cannot be built (no libaio), `python -m blip_train.train` refuses NVMe offload
+    with one line naming the key, before creating anything."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, clean_env
+
+    if _async_io():
+        pytest.skip("DeepSpeed's async-I/O op builds here: NVMe offload is trained for real instead")
+    run = tmp_path / "run"
+    config = write_tiny_config(tiny_assets, run, deepspeed={"offload_frozen": True, "offload_device": "nvme",
+                                                            "nvme_path": str(tmp_path)})
+    r = subprocess.run([sys.executable, "-m", "blip_train.train", "--config", str(config)], capture_output=True,
+                       text=True, env=clean_env(), cwd=REPO, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("config error")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("config error: deepspeed.offload_device: nvme needs DeepSpeed's async-I/O op")
+    assert not run.exists()
+
+
 def test_offload_is_a_zero3_setting():
     with pytest.raises(ConfigError, match="deepspeed.offload_frozen: needs deepspeed.zero_stage=3"):
         load_config(None, ["deepspeed.offload_frozen=true", "deepspeed.config=zero2", "deepspeed.zero_stage=2"])
