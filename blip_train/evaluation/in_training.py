@@ -49,7 +49,8 @@ def check_eval_split(cfg: ExperimentConfig) -> None:
 
     Evaluation runs first after `eval.interval` steps; a wrong split found then costs those steps.
     VQA needs rows with a question and answers (a captions-only split such as COCO Karpathy has none:
-    evaluate InstructBLIP on it with eval.task=caption).
+    evaluate InstructBLIP on it with eval.task=caption). Retrieval needs image ids that identify images
+    (rows of one image_id with different captions are refused; rows of one image grouped, said once here).
     """
     from streaming import StreamingDataset
 
@@ -63,6 +64,17 @@ def check_eval_split(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.val: {e}") from None
     if n == 0:
         raise ConfigError(f"data.val: {cfg.data.val} has no samples")
+    if eval_task(cfg) == "retrieval":
+        from blip_train.dist.process_group import print0
+        from blip_train.evaluation.stage1_eval import RetrievalSplitError, load_retrieval_split
+
+        try:
+            split = load_retrieval_split(cfg.data.val, cfg.eval.max_samples)
+        except RetrievalSplitError as e:
+            raise ConfigError(f"data.val: {e}") from None
+        grouping = split.describe_grouping(f"data.val {cfg.data.val}")
+        if grouping:
+            print0(grouping)
     if eval_task(cfg) == "vqa":
         ds = StreamingDataset(local=cfg.data.val, shuffle=False, batch_size=1)
         if not any(is_vqa_row(ds[i]) for i in range(ds.num_samples)):
