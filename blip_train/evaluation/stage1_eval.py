@@ -114,9 +114,10 @@ def itc_similarity(image_feats: torch.Tensor, text_feat: torch.Tensor) -> torch.
 @torch.no_grad()
 def evaluate_retrieval(model, tokenizer, split: str | RetrievalSplit, image_size: int, max_txt_len: int,
                        k_test: int = 128, batch_size: int = 64, max_samples: int = 0,
-                       with_predictions: bool = True, progress: bool = False) -> tuple[dict, dict | None]:
+                       predicted_images: int | None = None, progress: bool = False) -> tuple[dict, dict]:
     """(metrics, predictions): TR@K / IR@K of ITC top-k re-ranked with ITM, and per query its rank and
-    top answers (`ranked_predictions`; None unless `with_predictions`), the same on every rank.
+    top answers (`ranked_predictions`), the same on every rank. predicted_images=n: predictions of the
+    first n images and their captions only (None: all).
 
     `split`: a split directory, or one already opened with `load_retrieval_split` (`max_samples` is
     then ignored). progress=True shows rank 0's progress bars (standalone evaluation).
@@ -205,7 +206,7 @@ def evaluate_retrieval(model, tokenizer, split: str | RetrievalSplit, image_size
                     "num_images": ni, "num_texts": nt, "num_rows": images.rows_read, "k_test": min(k_test, nt)})
     if not math.isfinite(metrics["r_mean"]):
         raise RuntimeError("retrieval metrics are not finite")
-    if not with_predictions:
-        return metrics, None
-    return metrics, ranked_predictions(scores_i2t, scores_t2i, img2txt, txt2img.tolist(), texts, ranks,
-                                       image_ids=images.image_ids)
+    n = ni if predicted_images is None else min(predicted_images, ni)
+    nt_n = img2txt[n - 1][-1] + 1 if n else 0  # texts are numbered image by image
+    return metrics, ranked_predictions(scores_i2t[:n], scores_t2i[:nt_n], img2txt[:n], txt2img[:nt_n].tolist(),
+                                       texts, (ranks[0][:n], ranks[1][:nt_n]), image_ids=images.image_ids)

@@ -1,5 +1,5 @@
 """What standalone evaluation reads and shows: which config rebuilds the model, retrieval splits written one
-row per caption, damaged checkpoint files, progress bars."""
+row per caption, damaged checkpoint files, progress bars, and the examples TensorBoard shows."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ import yaml
 from blip_train.data.schema import write_split
 from blip_train.data.synthetic import make_sample
 from blip_train.evaluation import distributed
+from blip_train.evaluation.examples import CANVAS, caption_table, render_retrieval_example, vqa_table
 from blip_train.evaluation.stage1_eval import RetrievalSplitError, load_retrieval_split
 
 
@@ -144,3 +145,39 @@ def test_progress_bar_only_on_rank_0_and_only_when_asked(monkeypatch, capsys):
     monkeypatch.setattr(distributed, "rank_world", lambda: (1, 2))
     assert list(distributed.progress_bar([1, 2, 3], "retrieval: images", True)) == [1, 2, 3]
     assert capsys.readouterr().err == ""
+
+
+def test_retrieval_example_picture_and_generation_tables():
+    from PIL import Image
+
+    image = Image.fromarray(np.full((32, 32, 3), (200, 30, 30), np.uint8))
+    top = [("a red square", True), ("a blue circle at left " * 6, False), ("x", False), ("y", False), ("z", True)]
+    picture = render_retrieval_example(image, 17, top, rank=0)
+    assert picture.shape == (CANVAS[1], CANVAS[0], 3) and picture.dtype == np.uint8
+    assert (picture[8:168, 8:168] == (200, 30, 30)).all()  # the image, scaled to its panel
+    text = picture[:, 176:]
+    assert (text == 255).mean() > 0.8 and ((text[..., 1] > 100) & (text[..., 0] < 50)).any()  # green: a true one
+    md = caption_table([{"image_id": 3, "prediction": "a | b", "references": ["r1", "r2"]}])
+    assert md.splitlines() == ["| image_id | generated | references |", "|---|---|---|", "| 3 | a \\| b | r1 / r2 |"]
+    md = vqa_table([{"question_id": 9, "image_id": 3, "question": "what\ncolor?", "prediction": "red",
+                     "answers": ["red", "red", "dark red"]}])
+    assert md.splitlines()[-1] == "| 9 | 3 | what color? | red | red (2), dark red |"
+
+
+def test_metric_logger_writes_pictures_and_tables_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from blip_train.training.metrics import MetricLogger
+
+    logger = MetricLogger(tmp_path, is_main=True, tensorboard=True, samples_per_step=1)
+    picture = np.zeros((20, 30, 3), np.uint8)
+    logger.log_examples(5, {"eval_examples/retrieval_0": picture, "eval_examples/vqa": "| a |\n|---|\n| b |"})
+    logger.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    (img,) = acc.Images("eval_examples/retrieval_0")
+    assert (img.step, img.width, img.height) == (5, 30, 20)
+    (text,) = acc.Tensors("eval_examples/vqa/text_summary")  # add_text appends /text_summary
+    assert text.step == 5 and text.tensor_proto.string_val[0].decode() == "| a |\n|---|\n| b |"
+    MetricLogger(tmp_path / "rank1", is_main=False, tensorboard=True, samples_per_step=1).log_examples(5, {"x": "y"})
+    assert not (tmp_path / "rank1" / "tb").exists()
