@@ -4,20 +4,27 @@
     torchrun --nproc_per_node 8 -m blip_train.eval --task retrieval --checkpoint RUN_OR_TAG_DIR --data DIR
 
 --checkpoint is a run directory (its newest complete checkpoint is used), its checkpoints/ folder or
-one step_* folder. The run's resolved config.yaml rebuilds the model; frozen towers come from their
-recorded sources, trainable weights from the consolidated ZeRO shards. --untrained evaluates the
-same model as initialised at step 0 (same seed), to show what training changed.
+one step_* folder. The config the checkpoint was saved under (config.yaml, or config.<n>.yaml after a
+resume with a changed config) rebuilds the model; frozen towers come from their recorded sources,
+trainable weights from the consolidated ZeRO shards. --untrained evaluates the same model as
+initialised at step 0 (same seed), to show what training changed.
 
 The whole split is evaluated unless --max-samples N is given (the run's eval.max_samples caps the
 in-training monitor only). The model runs where the run trained: run.device (auto: cuda:LOCAL_RANK
 when CUDA is available; --set run.device=cpu|cuda to choose). Under torchrun each rank evaluates its
 share of whole batches; the numbers do not depend on the number of ranks.
+
+Predictions go to <run>/eval/<task>_<split folder name>[_untrained].json. A --data that is not an MDS
+split of our schema, a retrieval split whose image ids do not identify images, or a checkpoint file
+that is missing or cut short is refused in one line (exit 2).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -26,6 +33,16 @@ import yaml
 from blip_train.config import EVAL_TASK_ARCHS, ConfigError, config_from_dict, validate_config
 
 TASKS = ("retrieval", "caption", "vqa")
+
+METRIC_NAMES = {
+    **{f"txt_r{k}": f"TR@{k}" for k in (1, 5, 10)}, **{f"img_r{k}": f"IR@{k}" for k in (1, 5, 10)},
+    "txt_r_mean": "TR mean", "img_r_mean": "IR mean", "r_mean": "R mean (TR and IR)",
+    "itc_txt_r1": "TR@1, ITC only", "itc_img_r1": "IR@1, ITC only",
+    "chance_txt_r1": "TR@1 at chance", "chance_img_r1": "IR@1 at chance",
+    "cider": "CIDEr-D", "bleu_4": "BLEU-4", "chance_cider": "CIDEr-D at chance",
+    "vqa_accuracy": "VQA accuracy", "exact_match": "exact match", "chance_vqa_accuracy": "VQA accuracy at chance",
+}
+"""The names papers and README use for the JSON keys (which other code reads and stay as they are)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,13 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_run_config(checkpoint: str, overrides: list[str]):
+    """(config, checkpoints dir, tag) of --checkpoint: the config file its checkpoint was saved under."""
+    from blip_train.config.changes import config_file_for
     from blip_train.config.loading import _set_dotted
     from blip_train.training.weights import resolve_checkpoint
 
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
-    cfg_file = ckpt_dir.parent / "config.yaml"
+    cfg_file = config_file_for(ckpt_dir, tag)
     if not cfg_file.is_file():
-        raise ConfigError(f"{cfg_file}: missing (the run's resolved config is written there at start)")
+        raise ConfigError(f"{cfg_file}: missing (the config {ckpt_dir / tag} was saved under)")
     data = yaml.safe_load(cfg_file.read_text())
     for ov in overrides:
         k, _, v = ov.partition("=")
@@ -59,6 +78,54 @@ def load_run_config(checkpoint: str, overrides: list[str]):
     return cfg, ckpt_dir, tag
 
 
+class CheckpointUnreadable(Exception):
+    """A checkpoint whose trainable weights cannot be read; the message names the file at fault."""
+
+
+def find_unreadable_file(tag_dir: Path) -> str | None:
+    """'<file>: <what is wrong>' for the first ZeRO shard file of `tag_dir` that is missing (one per rank
+    recorded in complete.json) or is not a whole torch archive (zip structure and checksums); None when
+    every one is present and whole."""
+    from blip_train.training.checkpoint import read_meta
+
+    world = int(read_meta(tag_dir).get("world_size", 1))
+    shards = []
+    for kind in ("model_states", "optim_states"):
+        have = sorted(tag_dir.glob(f"*_{kind}.pt"))
+        if not have:
+            return f"*_{kind}.pt: missing (no such file in the checkpoint)"
+        ranks = {int(m.group(1)) for f in have if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
+        missing = sorted(set(range(world)) - ranks) if ranks else []  # ZeRO-1/2 keep one model_states file
+        if missing:
+            name = re.sub(r"zero_pp_rank_\d+_", f"zero_pp_rank_{missing[0]}_", have[0].name)
+            return f"{name}: missing ({len(ranks)} of the {world} ranks' {kind} files are there)"
+        shards += have
+    for f in shards:
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"{f.name}: truncated or corrupt ({f.stat().st_size:,d} bytes, not a readable torch archive: {e})"
+        if bad is not None:
+            return f"{f.name}: corrupt (its entry {bad} fails its checksum)"
+    return None
+
+
+def load_or_name_bad_file(load, ckpt_dir: Path, tag: str):
+    """load() (building the model and reading `ckpt_dir/tag`'s weights). When it fails and a shard file of
+    the checkpoint is missing or damaged, raise CheckpointUnreadable naming that file (and an earlier
+    complete checkpoint to evaluate instead); any other failure propagates as it is."""
+    from blip_train.training.checkpoint import list_complete
+
+    try:
+        return load()
+    except Exception as e:
+        bad = find_unreadable_file(ckpt_dir / tag)
+        if bad is None:
+            raise
+        earlier = [t for t in list_complete(ckpt_dir) if t < tag]
+        hint = f"; an earlier one: --checkpoint {ckpt_dir / earlier[-1]}" if earlier else ""
+        raise CheckpointUnreadable(f"checkpoint {ckpt_dir / tag} cannot be read: {bad}{hint}") from e
 
 
 def build_generative_eval(cfg, ckpt_dir: Path, tag: str, task: str, untrained: bool, device: torch.device):
@@ -70,10 +137,24 @@ def build_generative_eval(cfg, ckpt_dir: Path, tag: str, task: str, untrained: b
     model, tok, _ = build_llm_stage_model(cfg, device_type=device.type)  # frozen dtypes for that device
     if not untrained:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
-        load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
+        load_trainable_(model, load_or_name_bad_file(lambda: consolidate_trainable(ckpt_dir, tag, names),
+                                                     ckpt_dir, tag))
     model.to(device)
     collate, gen = generation_setup(cfg, model, tok, task)
     return model, collate, tok, gen
+
+
+def print_table(metrics: dict) -> None:
+    """The metrics as people read them (TR@1, CIDEr-D, ...), beside their JSON keys, on rank 0."""
+    from blip_train.dist.process_group import print0
+
+    print0(f"{'metric':<26}{'value':>8}  JSON key")
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            print0(f"{METRIC_NAMES.get(k, k):<26}{v:>8.2f}  {k}")
+    if "txt_r1" in metrics:
+        print0("TR@K: image->text, an image's own caption among its top K; IR@K: text->image, a caption's image "
+               "among its top K (%)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,9 +179,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval error: --task {args.task} needs a run with model.arch in {EVAL_TASK_ARCHS[args.task]}; "
               f"{ckpt_dir.parent} is model.arch={cfg.model.arch}", file=sys.stderr)
         return 2
+    from blip_train.data.schema import SchemaError, verify_split
+
+    try:
+        verify_split(args.data)
+    except SchemaError as e:
+        print(f"eval error: --data {e}", file=sys.stderr)
+        return 2
     from blip_train.dist.env import discover_environment, export_environment
     from blip_train.dist.process_group import destroy_distributed, init_distributed, is_main_process, print0
     from blip_train.evaluation.distributed import pick_eval_device
+    from blip_train.evaluation.stage1_eval import RetrievalSplitError
 
     env = discover_environment()
     export_environment(env)
@@ -112,34 +201,58 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if env.world_size > 1:  # NCCL on CUDA, gloo on the CPU (also on a GPU node with run.device=cpu)
         init_distributed(env, cfg.deepspeed.timeout_minutes, on_cuda=device.type == "cuda")
+    try:
+        metrics = evaluate(args, cfg, ckpt_dir, tag, device)
+        print_table(metrics)  # on rank 0, which is known while the group lives
+        print0(json.dumps(metrics))
+    except (RetrievalSplitError, CheckpointUnreadable) as e:  # the same on every rank: said once
+        if is_main_process():
+            print(f"eval error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if env.world_size > 1:
+            destroy_distributed()
+    return 0
+
+
+def evaluate(args: argparse.Namespace, cfg, ckpt_dir: Path, tag: str, device: torch.device) -> dict:
+    """Run --task on --data with the run's model on `device` (all ranks together); write the predictions
+    (rank 0) and return the metrics, with what was evaluated and where the predictions are."""
+    from blip_train.dist.process_group import is_main_process, print0
+    from blip_train.evaluation.distributed import rank_world
+
     if args.task == "retrieval":
-        from blip_train.evaluation.stage1_eval import evaluate_retrieval
+        from blip_train.evaluation.stage1_eval import evaluate_retrieval, load_retrieval_split
         from blip_train.training.stages import load_trained_stage1
-        model, tokenizer = load_trained_stage1(cfg, ckpt_dir, tag, untrained=args.untrained, device_type=device.type)
+
+        split = load_retrieval_split(args.data, args.max_samples)  # refused before the model is built
+        grouping = split.describe_grouping(args.data)
+        if grouping:
+            print0(grouping)
+        def load():
+            return load_trained_stage1(cfg, ckpt_dir, tag, untrained=args.untrained, device_type=device.type)
+
+        model, tokenizer = load() if args.untrained else load_or_name_bad_file(load, ckpt_dir, tag)
         model.to(device)
-        metrics, predictions = evaluate_retrieval(model, tokenizer, args.data, cfg.model.vision.image_size,
+        metrics, predictions = evaluate_retrieval(model, tokenizer, split, cfg.model.vision.image_size,
                                                   cfg.model.max_txt_len, k_test=cfg.eval.k_test,
-                                                  batch_size=cfg.eval.batch_size, max_samples=args.max_samples)
+                                                  batch_size=cfg.eval.batch_size, progress=True)
     else:
         from blip_train.evaluation.generative_eval import evaluate_captions, evaluate_vqa
         model, collate, tok, gen = build_generative_eval(cfg, ckpt_dir, tag, args.task, args.untrained, device)
         run_task = evaluate_captions if args.task == "caption" else evaluate_vqa
-        metrics, predictions = run_task(model, collate, tok, cfg, args.data, gen, max_samples=args.max_samples)
-    metrics.update(task=args.task, checkpoint=str(ckpt_dir / tag), untrained=args.untrained,
-                   max_samples=args.max_samples, device=str(device), world_size=env.world_size)
+        metrics, predictions = run_task(model, collate, tok, cfg, args.data, gen, max_samples=args.max_samples,
+                                        progress=True)
+    data = Path(args.data).resolve()
+    metrics.update(task=args.task, checkpoint=str(ckpt_dir / tag), untrained=args.untrained, data=str(data),
+                   max_samples=args.max_samples, device=str(device), world_size=rank_world()[1])
     if is_main_process():
-        out = ckpt_dir.parent / "eval" / f"{args.task}{'_untrained' if args.untrained else ''}.json"
+        # One file per task and split: evaluating a second split does not overwrite the first.
+        out = ckpt_dir.parent / "eval" / f"{args.task}_{data.name}{'_untrained' if args.untrained else ''}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"metrics": metrics, "predictions": predictions}, indent=1))
         metrics["predictions_file"] = str(out)
-    print0(f"{'metric':<22}value")
-    for k, v in metrics.items():
-        if isinstance(v, float):
-            print0(f"{k:<22}{v:.2f}")
-    print0(json.dumps(metrics))
-    if env.world_size > 1:
-        destroy_distributed()
-    return 0
+    return metrics
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@
   a collective, so every rank must make the same number of calls in the same order. A rank with less
   work repeats a call and discards its result.
 * Gathers run on the default group's device (NCCL moves CUDA tensors only, gloo CPU ones).
+* Progress: standalone evaluation shows rank 0's share of the batches as tqdm bars on stderr.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import sys
+from typing import Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +22,8 @@ import torch.distributed as dist
 
 from blip_train.config import ConfigError
 from blip_train.dist.process_group import collective_device
+
+T = TypeVar("T")
 
 
 def pick_eval_device(run_device: str, local_rank: int, cuda_devices: int) -> torch.device:
@@ -93,3 +97,15 @@ def in_rank_order(parts: Sequence[torch.Tensor], plans: Sequence[Sequence[int]],
     result = torch.empty_like(out)
     result[order.to(out.device)] = out
     return result
+
+
+def progress_bar(work: Sequence[T], desc: str, enabled: bool) -> Iterable[T]:
+    """`work` (this rank's batches or calls), iterated under a tqdm bar on stderr when `enabled`, on rank 0.
+
+    Off inside training: `train.log` mirrors stderr and a bar's redraws would fill it (each in-training
+    evaluation prints one line when done). Into a file (a SLURM log) the bar is redrawn every 30 s at most.
+    """
+    from tqdm import tqdm
+
+    return tqdm(work, desc=desc, unit="batch", file=sys.stderr, disable=not enabled or rank_world()[0] != 0,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)

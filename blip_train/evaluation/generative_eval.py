@@ -23,7 +23,7 @@ from blip_train.data.collate import pre_caption
 from blip_train.data.schema import verify_split
 from blip_train.data.transforms import build_transform
 from blip_train.evaluation.caption_metrics import caption_metrics
-from blip_train.evaluation.distributed import all_gather_objects, plan_batches, rank_world
+from blip_train.evaluation.distributed import all_gather_objects, plan_batches, progress_bar, rank_world
 from blip_train.evaluation.vqa_metrics import exact_match, vqa_accuracy
 
 
@@ -71,8 +71,10 @@ def open_split(split: str, image_size: int, max_samples: int = 0, keep: Callable
 
 
 @torch.no_grad()
-def generate_texts(model, collate, tokenizer, split: EvalSplit, batch_size: int, gen_kwargs: dict) -> dict[int, str]:
+def generate_texts(model, collate, tokenizer, split: EvalSplit, batch_size: int, gen_kwargs: dict,
+                   progress: str = "") -> dict[int, str]:
     """{row index: generated text} for every row of `split`, on every rank; all ranks call it together.
+    `progress`: the name of rank 0's progress bar over its batches ("": none).
 
     Each rank generates its own whole batches. With ZeRO-3 weights partitioned over the ranks
     (in-training evaluation) every rank runs the same number of `generate` calls (a rank with fewer
@@ -83,7 +85,8 @@ def generate_texts(model, collate, tokenizer, split: EvalSplit, batch_size: int,
     model.eval()
     rank, world = rank_world()
     mine: dict[int, str] = {}
-    for batch, keep in plan_batches(len(split.indices), batch_size, rank, world, needs_synced_gpus(model)):
+    plan = plan_batches(len(split.indices), batch_size, rank, world, needs_synced_gpus(model))
+    for batch, keep in progress_bar(plan, progress, bool(progress)):
         rows = [split.indices[p] for p in batch]
         texts = generate_text(model, tokenizer, collate([split.read_sample(i) for i in rows]), **gen_kwargs)
         if keep:
@@ -92,8 +95,9 @@ def generate_texts(model, collate, tokenizer, split: EvalSplit, batch_size: int,
 
 
 def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: str, gen_kwargs: dict, *,
-                      max_samples: int) -> tuple[dict[str, float], list[dict]]:
-    """(metrics, per-image predictions) of captioning the first `max_samples` rows (0: the whole split)."""
+                      max_samples: int, progress: bool = False) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, per-image predictions) of captioning the first `max_samples` rows (0: the whole split).
+    progress=True shows rank 0's progress bar (standalone evaluation)."""
     refs: dict[int, list[str]] = {}
     image_ids: dict[int, int] = {}
 
@@ -102,7 +106,8 @@ def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: s
         image_ids[i] = int(row["image_id"])
 
     rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note)
-    preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs)
+    preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
+                           "caption" if progress else "")
     clean_refs = {i: [pre_caption(c) for c in refs[i]] for i in rows.indices}
     scores = caption_metrics({k: pre_caption(v) for k, v in preds.items()}, clean_refs)
     # Chance: each image "captioned" with the first reference of the next image (a mismatched caption).
@@ -118,8 +123,9 @@ def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: s
 
 
 def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, gen_kwargs: dict, *,
-                 max_samples: int) -> tuple[dict[str, float], list[dict]]:
-    """(metrics, per-question predictions) of the first `max_samples` VQA rows (0: all of the split's)."""
+                 max_samples: int, progress: bool = False) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, per-question predictions) of the first `max_samples` VQA rows (0: all of the split's).
+    progress=True shows rank 0's progress bar (standalone evaluation)."""
     questions: dict[int, tuple[int, int, str, list[str]]] = {}  # row → (question id, image id, question, answers)
 
     def note(i: int, row: dict) -> None:
@@ -129,7 +135,8 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, g
     rows = open_split(split, cfg.model.vision.image_size, max_samples, keep=is_vqa_row, note=note)
     if not rows.indices:
         raise ValueError(f"{split}: no VQA samples (task 'vqa' with a question and answers)")
-    preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs)
+    preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
+                           "vqa" if progress else "")
     # VQA accuracy leaves one human answer out, so it needs two: a single answer is counted twice.
     answers = {q[0]: q[3] if len(q[3]) >= 2 else q[3] * 2 for q in questions.values()}
     predictions = {questions[i][0]: preds[i] for i in rows.indices}
@@ -140,7 +147,8 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, g
     metrics = {"vqa_accuracy": acc["overall"], "exact_match": em["overall"],
                "chance_vqa_accuracy": chance["overall"], "majority_answer": majority,
                "num_questions": len(rows.indices), "num_images": len({q[1] for q in questions.values()})}
-    out = [{"question_id": questions[i][0], "question": questions[i][2], "prediction": preds[i],
+    out = [{"question_id": questions[i][0], "image_id": questions[i][1], "question": questions[i][2],
+            "prediction": preds[i],
             "answers": questions[i][3]} for i in rows.indices]
     return metrics, out
 

@@ -58,18 +58,24 @@ def _top(scores: np.ndarray, n: int) -> list[tuple[int, float | None]]:
 
 def ranked_predictions(scores_i2t: np.ndarray, scores_t2i: np.ndarray, img2txt: Sequence[Sequence[int]],
                        txt2img: Sequence[int], texts: Sequence[str], ranks: tuple[np.ndarray, np.ndarray],
-                       top: int = 5) -> dict[str, list[dict]]:
+                       top: int = 5, image_ids: Sequence[int] | None = None) -> dict[str, list[dict]]:
     """Per query: its ground truth, the rank of the first correct answer (`ranks`, from
     `first_correct_ranks` on the same scores), and the `top` answers with scores.
 
-    Images and texts are named by their position in the split (texts in caption order, image by image).
+    Images and texts are named by their position in the evaluation (texts in caption order, image by
+    image); with `image_ids` (the dataset's id of each image) every image also carries its `image_id`.
     """
     tr_rank, ir_rank = ranks
-    image_to_text = [{"image": i, "correct_texts": list(map(int, img2txt[i])), "rank": int(tr_rank[i]),
+
+    def image(i: int, key: str = "image") -> dict:
+        return {key: i} if image_ids is None else {key: i, "image_id": int(image_ids[i])}
+
+    image_to_text = [{**image(i), "correct_texts": list(map(int, img2txt[i])), "rank": int(tr_rank[i]),
                       "top": [{"text": j, "caption": texts[j], "score": s} for j, s in _top(scores_i2t[i], top)]}
                      for i in range(scores_i2t.shape[0])]
-    text_to_image = [{"text": t, "caption": texts[t], "correct_image": int(txt2img[t]), "rank": int(ir_rank[t]),
-                      "top": [{"image": j, "score": s} for j, s in _top(scores_t2i[t], top)]}
+    text_to_image = [{"text": t, "caption": texts[t], **image(int(txt2img[t]), "correct_image"),
+                      "rank": int(ir_rank[t]),
+                      "top": [{**image(j), "score": s} for j, s in _top(scores_t2i[t], top)]}
                      for t in range(scores_t2i.shape[0])]
     return {"image_to_text": image_to_text, "text_to_image": text_to_image}
 

@@ -245,8 +245,9 @@ def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
                 break
             if cfg.eval.interval and state.step % cfg.eval.interval == 0:
                 with logger.paused():
-                    scores = evaluate_during_training(cfg, engine.module, stage.tokenizer)
+                    scores, examples = evaluate_during_training(cfg, engine.module, stage.tokenizer)
                 logger.log_scalars(state.step, scores)
+                logger.log_examples(state.step, examples)  # TensorBoard pictures / tables (rank 0)
                 print0(f"step {state.step:>7d} | " + " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     finally:
         preemption.uninstall()

@@ -1,4 +1,5 @@
-"""Console + TensorBoard logging of flat, namespaced scalars (`train/loss_itc`, `perf/samples_per_s`).
+"""Console + TensorBoard logging of flat, namespaced scalars (`train/loss_itc`, `perf/samples_per_s`), and of
+the examples (pictures, text) each in-training evaluation shows.
 
 Loss terms, step-phase times and work (tokens, FLOPs) are accumulated locally every step and reduced
 across ranks only on logging steps, so the hot path has no extra collectives and no device syncs.
@@ -217,6 +218,17 @@ class MetricLogger:
                 self.wandb_run.log(scalars, step=step)
             with open(self.history_path, "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def log_examples(self, step: int, examples: Mapping[str, Any]) -> None:
+        """TensorBoard (rank 0): each {tag: picture (H, W, 3) uint8 array, or markdown text} at `step`."""
+        if self.writer is None:
+            return
+        for tag, value in examples.items():
+            if isinstance(value, str):
+                self.writer.add_text(tag, value, step)
+            else:
+                self.writer.add_image(tag, value, step, dataformats="HWC")
+        self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

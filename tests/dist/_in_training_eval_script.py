@@ -73,7 +73,7 @@ def main(run_dir: str, out_dir: str) -> None:
     count_calls_(engine.module, counts)
     recorded: dict = {}
     record_predictions_(recorded)
-    scores = evaluate_during_training(cfg, engine.module, stage.tokenizer)
+    scores, _ = evaluate_during_training(cfg, engine.module, stage.tokenizer)
     out = {"rank": env.rank, "world_size": env.world_size, "step": int(tag.split("_")[-1]), "scores": scores,
            "calls": counts, **recorded}
     Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(out))

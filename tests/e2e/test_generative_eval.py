@@ -93,6 +93,13 @@ def test_generative_eval_two_ranks_equal_one(instruct_run, tiny_assets, task):
         assert m1["num_images"] == len({int(r["image_id"]) for r in rows if is_vqa_row(r)})
     else:
         assert m1["num_images"] == len(rows) and m1["num_references"] == sum(len(r["captions"]) for r in rows)
+    # every entry names the dataset's image (and question); the file is named after the split
+    assert Path(m1["predictions_file"]).name == f"{task}_val.json"
+    if task == "vqa":
+        assert [(q["question_id"], q["image_id"]) for q in p1["predictions"]] == [
+            (int(r["question_id"]), int(r["image_id"])) for r in rows if is_vqa_row(r)]
+    else:
+        assert [q["image_id"] for q in p1["predictions"]] == [int(r["image_id"]) for r in rows]
     key = "vqa_accuracy" if task == "vqa" else "cider"
     assert m2["world_size"] == 2 and m1[key] == m2[key] and f"chance_{key}" in m1
     assert p1["predictions"] == p2["predictions"]  # sample by sample, with their references

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip_train.data.schema import verify_split
+from blip_train.data.schema import verify_split, write_split
 from tests.conftest import REPO, clean_env, torchrun
 from tests.helpers.tiny_run import run_train, write_tiny_config
 
@@ -77,7 +78,16 @@ def test_eval_prints_json_last_and_two_ranks_equal_one(trained, tiny_assets):
     for d in ("txt", "img"):
         assert m1[f"{d}_r1"] <= m1[f"{d}_r5"] <= m1[f"{d}_r10"]
     assert m1["checkpoint"].endswith("step_0000004") and m1["untrained"] is False and m1["device"] == "cpu"
+    assert "retrieval: images: 100%" in one.stderr  # progress bars
+    table = one.stdout.splitlines()
+    assert any(line.split()[:1] == ["TR@1"] and line.split()[-1] == "txt_r1" for line in table)
+    assert any(line.split()[:1] == ["IR@1"] and line.split()[-1] == "img_r1" for line in table)
+    assert Path(m1["predictions_file"]) == trained / "eval" / "retrieval_val.json"  # named after the split
     p1 = json.loads(Path(m1["predictions_file"]).read_text())["predictions"]
+    ids = [int(r["image_id"]) for r in split_rows(tiny_assets / "data" / "val")]
+    assert [q["image_id"] for q in p1["image_to_text"]] == ids  # the dataset's ids, not only positions
+    assert all(q["image_id"] == ids[q["correct_image"]] and all(a["image_id"] == ids[a["image"]] for a in q["top"])
+               for q in p1["text_to_image"])
     two = _eval(args, nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     m2 = json.loads(two.stdout.strip().splitlines()[-1])
@@ -98,7 +108,45 @@ def test_eval_prints_json_last_and_two_ranks_equal_one(trained, tiny_assets):
     untrained = _eval(args + ["--untrained", "--max-samples", "5"])
     mu = json.loads(untrained.stdout.strip().splitlines()[-1])
     assert mu["untrained"] is True and mu["num_images"] == 5 and mu["max_samples"] == 5
+    assert Path(mu["predictions_file"]).name == "retrieval_val_untrained.json"
     assert mu["num_texts"] == sum(len(q["correct_texts"]) for q in saved["predictions"]["image_to_text"][:5])
+
+
+def split_rows(split: Path) -> list[dict]:
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=str(split), shuffle=False, batch_size=1)
+    return [ds[i] for i in range(ds.num_samples)]
+
+
+def test_retrieval_on_a_split_written_one_row_per_caption(trained, tiny_assets, tmp_path):
+    """A test split converted without --per-image (a row per caption, each with the image's captions and
+    image_id) is evaluated as the images it holds: the per-image split's numbers, and a line saying so."""
+    val = tiny_assets / "data" / "val"
+    rows = [dict(r) for r in split_rows(val)]
+    write_split(tmp_path / "val_rows", [dict(r, caption=c) for r in rows for c in r["captions"]])
+    args = ["--task", "retrieval", "--checkpoint", str(trained), "--max-samples", "20"]
+    per_image = _eval(args + ["--data", str(val)])
+    per_caption = _eval(args + ["--data", str(tmp_path / "val_rows")])
+    assert per_image.returncode == 0 and per_caption.returncode == 0, per_caption.stderr[-3000:]
+    mi = json.loads(per_image.stdout.strip().splitlines()[-1])
+    mc = json.loads(per_caption.stdout.strip().splitlines()[-1])
+    n_rows = sum(len(r["captions"]) for r in rows[:20])
+    assert f"{n_rows} rows are 20 images" in per_caption.stdout
+    assert mc["num_images"] == mi["num_images"] == 20 and mc["num_texts"] == mi["num_texts"] == n_rows
+    assert mc["num_rows"] == n_rows and mi["num_rows"] == 20
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean", "itc_img_r1", "chance_img_r1"):
+        assert mc[key] == mi[key], key
+    # the second split's predictions beside the first's
+    assert Path(mc["predictions_file"]).name == "retrieval_val_rows.json"
+    assert Path(mi["predictions_file"]).is_file() and mi["predictions_file"] != mc["predictions_file"]
+
+    for r in rows:
+        r["image_id"] = 1  # ids that do not identify images: refused, not averaged into numbers
+    write_split(tmp_path / "one_id", rows)
+    r = _eval(["--task", "retrieval", "--checkpoint", str(trained), "--data", str(tmp_path / "one_id")])
+    assert _refused(r, "rows 0 and 1 share image_id 1 but carry different captions", "--per-image")
+    assert "Traceback" not in r.stderr
 
 
 def _refused(r: subprocess.CompletedProcess, *words: str) -> bool:
@@ -117,6 +165,25 @@ def test_eval_refuses_bad_inputs_in_one_line(trained, tmp_path, tiny_assets):
     assert _refused(_eval(args + ["--max-samples", "-1"]), "--max-samples")
     if not torch.cuda.is_available():  # run.device is honoured, as in training
         assert _refused(_eval(args + ["--set", "run.device=cuda"]), "run.device", "no CUDA")
+    (tmp_path / "images").mkdir()  # a folder of images, not a converted split
+    r = _eval(["--task", "retrieval", "--checkpoint", str(trained), "--data", str(tmp_path / "images")])
+    assert _refused(r, "images: no index.json (not an MDS split") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated optim_states", "truncated model_states", "missing model_states"])
+def test_eval_names_a_damaged_checkpoint_file(trained, tiny_assets, tmp_path, damage):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    kind = damage.split()[1]
+    shard = next((run / "checkpoints" / "step_0000004").glob(f"*zero_pp_rank_1_mp_rank_00_{kind}.pt"))
+    if damage.startswith("truncated"):
+        shard.write_bytes(shard.read_bytes()[:4096])
+    else:
+        shard.unlink()
+    r = _eval(["--task", "retrieval", "--checkpoint", str(run), "--data", str(tiny_assets / "data" / "val")])
+    what = "truncated or corrupt (4,096 bytes" if damage.startswith("truncated") else "missing (1 of the 2 ranks'"
+    assert _refused(r, "checkpoint", "step_0000004 cannot be read:", f"{shard.name}: {what}"), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.gpu

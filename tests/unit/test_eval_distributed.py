@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from blip_train.config import ConfigError, ExperimentConfig
+from blip_train.data.schema import write_split
+from blip_train.data.synthetic import make_sample
 from blip_train.evaluation import distributed
 from blip_train.evaluation.distributed import all_gather_rows, in_rank_order, pick_eval_device, plan_batches
 
@@ -122,9 +124,11 @@ def test_standalone_eval_puts_the_model_on_cuda_local_rank(monkeypatch, tmp_path
 
     monkeypatch.setattr(stages, "load_trained_stage1", load)
     monkeypatch.setattr(stage1_eval, "evaluate_retrieval", evaluate)
-    assert entry.main(["--task", "retrieval", "--checkpoint", str(run), "--data", str(tmp_path)]) == 0
+    split = tmp_path / "split"
+    write_split(split, [make_sample(i, seed=0, image_size=16) for i in range(2)])
+    assert entry.main(["--task", "retrieval", "--checkpoint", str(run), "--data", str(split)]) == 0
     assert seen == {"device_type": "cuda", "to": torch.device("cuda:0"), "max_samples": 0}
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["device"] == "cuda:0"
     cfg.run.device = "cpu"  # as training: run.device=cpu keeps a GPU node's run on the CPU
-    assert entry.main(["--task", "retrieval", "--checkpoint", str(run), "--data", str(tmp_path)]) == 0
+    assert entry.main(["--task", "retrieval", "--checkpoint", str(run), "--data", str(split)]) == 0
     assert seen["device_type"] == "cpu" and seen["to"] == torch.device("cpu")
