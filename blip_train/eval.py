@@ -15,16 +15,15 @@ when CUDA is available; --set run.device=cpu|cuda to choose). Under torchrun eac
 share of whole batches; the numbers do not depend on the number of ranks.
 
 Predictions go to <run>/eval/<task>_<split folder name>[_untrained].json. A --data that is not an MDS
-split of our schema, a retrieval split whose image ids do not identify images, or a checkpoint file
-that is missing or cut short is refused in one line (exit 2).
+split of our schema, a retrieval split whose image ids do not identify images, or a checkpoint with a
+missing, truncated or corrupt file (every file is checked against its recorded size and CRC-32 before
+the model is built) is refused in one line naming the file (exit 2).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-import zipfile
 from pathlib import Path
 
 import torch
@@ -78,56 +77,6 @@ def load_run_config(checkpoint: str, overrides: list[str]):
     return cfg, ckpt_dir, tag
 
 
-class CheckpointUnreadable(Exception):
-    """A checkpoint whose trainable weights cannot be read; the message names the file at fault."""
-
-
-def find_unreadable_file(tag_dir: Path) -> str | None:
-    """'<file>: <what is wrong>' for the first ZeRO shard file of `tag_dir` that is missing (one per rank
-    recorded in complete.json) or is not a whole torch archive (zip structure and checksums); None when
-    every one is present and whole."""
-    from blip_train.training.checkpoint import read_meta
-
-    world = int(read_meta(tag_dir).get("world_size", 1))
-    shards = []
-    for kind in ("model_states", "optim_states"):
-        have = sorted(tag_dir.glob(f"*_{kind}.pt"))
-        if not have:
-            return f"*_{kind}.pt: missing (no such file in the checkpoint)"
-        ranks = {int(m.group(1)) for f in have if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
-        missing = sorted(set(range(world)) - ranks) if ranks else []  # ZeRO-1/2 keep one model_states file
-        if missing:
-            name = re.sub(r"zero_pp_rank_\d+_", f"zero_pp_rank_{missing[0]}_", have[0].name)
-            return f"{name}: missing ({len(ranks)} of the {world} ranks' {kind} files are there)"
-        shards += have
-    for f in shards:
-        try:
-            with zipfile.ZipFile(f) as z:
-                bad = z.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            return f"{f.name}: truncated or corrupt ({f.stat().st_size:,d} bytes, not a readable torch archive: {e})"
-        if bad is not None:
-            return f"{f.name}: corrupt (its entry {bad} fails its checksum)"
-    return None
-
-
-def load_or_name_bad_file(load, ckpt_dir: Path, tag: str):
-    """load() (building the model and reading `ckpt_dir/tag`'s weights). When it fails and a shard file of
-    the checkpoint is missing or damaged, raise CheckpointUnreadable naming that file (and an earlier
-    complete checkpoint to evaluate instead); any other failure propagates as it is."""
-    from blip_train.training.checkpoint import list_complete
-
-    try:
-        return load()
-    except Exception as e:
-        bad = find_unreadable_file(ckpt_dir / tag)
-        if bad is None:
-            raise
-        earlier = [t for t in list_complete(ckpt_dir) if t < tag]
-        hint = f"; an earlier one: --checkpoint {ckpt_dir / earlier[-1]}" if earlier else ""
-        raise CheckpointUnreadable(f"checkpoint {ckpt_dir / tag} cannot be read: {bad}{hint}") from e
-
-
 def build_generative_eval(cfg, ckpt_dir: Path, tag: str, task: str, untrained: bool, device: torch.device):
     """(model on `device`, collate, tokenizer, generation kwargs) for --task caption|vqa on a stage-2/instruct run."""
     from blip_train.evaluation.generative_eval import generation_setup
@@ -137,8 +86,7 @@ def build_generative_eval(cfg, ckpt_dir: Path, tag: str, task: str, untrained: b
     model, tok, _ = build_llm_stage_model(cfg, device_type=device.type)  # frozen dtypes for that device
     if not untrained:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
-        load_trainable_(model, load_or_name_bad_file(lambda: consolidate_trainable(ckpt_dir, tag, names),
-                                                     ckpt_dir, tag))
+        load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
     model.to(device)
     collate, gen = generation_setup(cfg, model, tok, task)
     return model, collate, tok, gen
@@ -170,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         print("eval error: --set eval.max_samples: evaluation uses the whole split; pass --max-samples N to cap it",
               file=sys.stderr)
         return 2
+    from blip_train.training.checkpoint import CheckpointError
+
     try:
-        cfg, ckpt_dir, tag = load_run_config(args.checkpoint, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
+        cfg, ckpt_dir, tag = load_run_config(args.checkpoint, args.overrides)  # files verified here
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"eval error: {e}", file=sys.stderr)
         return 2
     if cfg.model.arch not in EVAL_TASK_ARCHS[args.task]:
@@ -205,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate(args, cfg, ckpt_dir, tag, device)
         print_table(metrics)  # on rank 0, which is known while the group lives
         print0(json.dumps(metrics))
-    except (RetrievalSplitError, CheckpointUnreadable) as e:  # the same on every rank: said once
+    except RetrievalSplitError as e:  # the same on every rank: said once
         if is_main_process():
             print(f"eval error: {e}", file=sys.stderr)
         return 2
@@ -229,10 +179,7 @@ def evaluate(args: argparse.Namespace, cfg, ckpt_dir: Path, tag: str, device: to
         grouping = split.describe_grouping(args.data)
         if grouping:
             print0(grouping)
-        def load():
-            return load_trained_stage1(cfg, ckpt_dir, tag, untrained=args.untrained, device_type=device.type)
-
-        model, tokenizer = load() if args.untrained else load_or_name_bad_file(load, ckpt_dir, tag)
+        model, tokenizer = load_trained_stage1(cfg, ckpt_dir, tag, untrained=args.untrained, device_type=device.type)
         model.to(device)
         metrics, predictions = evaluate_retrieval(model, tokenizer, split, cfg.model.vision.image_size,
                                                   cfg.model.max_txt_len, k_test=cfg.eval.k_test,

@@ -41,7 +41,19 @@ class Consolidated:
 
 
 def locate_checkpoint(path: Union[str, Path], tag: Optional[str] = None) -> tuple[Path, str]:
-    """(checkpoints dir, tag) from a run dir, its checkpoints/ dir or a tag dir; `tag` picks one explicitly."""
+    """(checkpoints dir, tag) from a run dir, its checkpoints/ dir or a tag dir; `tag` picks one explicitly.
+    The checkpoint's files are verified (sizes and CRC-32): a damaged one is refused, naming the file."""
+    from blip_train.training.checkpoint import CheckpointError, require_whole_checkpoint
+
+    ckpt_dir, tag = _find_checkpoint(path, tag)
+    try:
+        require_whole_checkpoint(ckpt_dir / tag)
+    except CheckpointError as e:
+        raise InteropError(str(e)) from None
+    return ckpt_dir, tag
+
+
+def _find_checkpoint(path: Union[str, Path], tag: Optional[str]) -> tuple[Path, str]:
     p = Path(path)
     if not p.exists():
         raise InteropError(f"{p}: no such file or folder")
@@ -70,9 +82,12 @@ def locate_checkpoint(path: Union[str, Path], tag: Optional[str] = None) -> tupl
     return ckpt_dir, tag
 
 
-def run_config(ckpt_dir: Path) -> Optional[dict]:
-    """The run's resolved config as a dict (written at the start of training), or None."""
-    f = ckpt_dir.parent / "config.yaml"
+def run_config(ckpt_dir: Path, tag: Optional[str] = None) -> Optional[dict]:
+    """The run's resolved config as a dict: the one checkpoint `tag` was saved under (config.yaml for an
+    older checkpoint, or without a tag), or None when there is none."""
+    from blip_train.config.changes import CONFIG_FILE, config_file_for
+
+    f = config_file_for(ckpt_dir, tag) if tag is not None else ckpt_dir.parent / CONFIG_FILE
     return yaml.safe_load(f.read_text()) if f.is_file() else None
 
 
@@ -164,7 +179,7 @@ def consolidate_checkpoint(path: Union[str, Path], tag: Optional[str] = None,
         except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
             raise InteropError(f"{tag_dir}: cannot merge the ZeRO shards ({str(e).splitlines()[0][:200]})") from None
     s0 = states[0]
-    cfg = run_config(ckpt_dir)
+    cfg = run_config(ckpt_dir, tag)
     trainable = [n for group in s0.param_shapes for n in group]
     buffers = list(s0.buffers)
     tied = {alias: src for alias, src in s0.shared_params}

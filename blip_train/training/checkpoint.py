@@ -10,6 +10,12 @@ A checkpoint without `complete.json` was interrupted mid-write: resume ignores i
 complete one. DeepSpeed's own `latest` is not used: it is written by rank 0 before the other ranks'
 shards are known to be on disk.
 
+`complete.json` lists every file of the checkpoint with its size (`files`). Before a resume, the newest
+complete checkpoint is verified against that list (and each torch file's zip directory is read); one
+with a missing, truncated or unreadable file is reported in one line naming the file, and the previous
+complete checkpoint is used instead. Tools that read a checkpoint (`zero_to_safetensors`, `export_hf`,
+`eval`) verify it deeply: every entry of every torch file against the CRC-32 the zip format stores.
+
 Only what trains is saved: the trainable parameters, their optimizer state, scheduler, counters.
 Frozen towers (the ViT, the LLM) are left out (a Vicuna-13B tower would add 26 GB to every save) and
 always come from their recorded sources: the stage builders load them at the start of every run,
@@ -25,9 +31,10 @@ import random
 import re
 import shutil
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -106,18 +113,87 @@ def list_complete(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=step_of)
 
 
-def find_resume_tag(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint: `latest` if it names a complete one, else the highest complete step."""
-    latest = ckpt_dir / LATEST
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if _TAG.match(tag) and is_complete(ckpt_dir / tag):
-            complete = list_complete(ckpt_dir)
-            if complete and step_of(complete[-1]) > step_of(tag):
-                return complete[-1]
+def find_resume_tag(ckpt_dir: Path, verify: bool = False, report: Callable[[str], None] | None = None,
+                    deep: bool = False) -> str | None:
+    """The newest complete checkpoint (the highest complete step; `latest` names it in a healthy run).
+
+    verify: skip checkpoints that fail `verify_checkpoint` (deep: CRC of every byte), newest first, and
+    tell `report` (one line each) which file made a checkpoint unusable; None when none is usable.
+    """
+    for tag in reversed(list_complete(ckpt_dir)):
+        problem = verify_checkpoint(ckpt_dir / tag, deep=deep) if verify else None
+        if problem is None:
             return tag
-    complete = list_complete(ckpt_dir)
-    return complete[-1] if complete else None
+        if report is not None:
+            report(f"checkpoint {ckpt_dir / tag} is damaged ({problem}); using the previous complete checkpoint")
+    return None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint with a missing, truncated or corrupt file; the message names the file."""
+
+
+def file_manifest(tag_dir: Path) -> dict[str, int]:
+    """{path relative to the tag folder: size in bytes} of every file a save wrote (complete.json aside)."""
+    return {str(f.relative_to(tag_dir)): f.stat().st_size for f in sorted(tag_dir.rglob("*"))
+            if f.is_file() and f.name != COMPLETE and not f.name.startswith(".")}
+
+
+def verify_checkpoint(tag_dir: Path, deep: bool = False) -> str | None:
+    """'<file>: <what is wrong>' for the first problem of a complete checkpoint, None when it is whole.
+
+    Every file `complete.json` lists must be there at its recorded size (a checkpoint written before files
+    were listed is checked for the per-rank files DeepSpeed writes). Torch files are zip archives: their
+    directory must be readable (a truncated file loses it) and, `deep`, every entry must match the CRC-32
+    stored beside it (reads every byte).
+    """
+    meta = read_meta(tag_dir)
+    recorded = meta.get("files")
+    if recorded is None:  # written before checkpoints listed their files: check what DeepSpeed writes per rank
+        problem = _missing_rank_file(tag_dir, int(meta.get("world_size", 1)))
+        if problem is not None:
+            return problem
+        recorded = {name: None for name in file_manifest(tag_dir)}
+    for name, size in sorted(recorded.items()):
+        f = tag_dir / name
+        if not f.is_file():
+            return f"{name}: missing"
+        actual = f.stat().st_size
+        if size is not None and actual != size:
+            return f"{name}: {actual:,d} bytes, {size:,d} were written (truncated or overwritten)"
+        if f.suffix == ".pt":
+            try:
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip() if deep else None
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                return f"{name}: not a readable torch file ({actual:,d} bytes; {e})"
+            if bad is not None:
+                return f"{name}: corrupt (entry {bad} fails its CRC-32 check)"
+    return None
+
+
+def _missing_rank_file(tag_dir: Path, world: int) -> str | None:
+    """A DeepSpeed shard file missing from a checkpoint saved on `world` ranks (ZeRO-3 and the optimizer
+    files: one per rank; ZeRO-1/2 keep one model-states file), as '<file>: missing (...)'."""
+    for kind in ("model_states", "optim_states"):
+        have = sorted(tag_dir.glob(f"*_{kind}.pt"))
+        if not have:
+            return f"*_{kind}.pt: missing (no such file in the checkpoint)"
+        ranks = {int(m.group(1)) for f in have if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
+        missing = sorted(set(range(world)) - ranks) if ranks else []
+        if missing:
+            name = re.sub(r"zero_pp_rank_\d+_", f"zero_pp_rank_{missing[0]}_", have[0].name)
+            return f"{name}: missing ({len(ranks)} of the {world} ranks' {kind} files are there)"
+    return None
+
+
+def require_whole_checkpoint(tag_dir: Path, deep: bool = True) -> None:
+    """Raise CheckpointError naming the file when `verify_checkpoint` finds a problem (tools, evaluation)."""
+    problem = verify_checkpoint(tag_dir, deep=deep)
+    if problem is not None:
+        earlier = [t for t in list_complete(tag_dir.parent) if step_of(t) < step_of(tag_dir.name)]
+        hint = f"; the previous complete checkpoint is {tag_dir.parent / earlier[-1]}" if earlier else ""
+        raise CheckpointError(f"checkpoint {tag_dir} is damaged: {problem}{hint}")
 
 
 def read_meta(tag_dir: Path) -> dict:
@@ -169,6 +245,11 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, data_state: 
     tag = tag_for(state.step)
     rank = _rank()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and is_complete(ckpt_dir / tag):
+        # Saving again over this step (a resume from an earlier checkpoint after this one was found damaged):
+        # while the files are rewritten, nothing may call the folder complete.
+        (ckpt_dir / tag / COMPLETE).unlink()
+    _barrier()
     t0 = time.time()
     client = {"train_state": asdict(state), "data": data_state}
     with _frozen_left_out_of_state_dict(engine.module):
@@ -181,7 +262,8 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, data_state: 
     _barrier()  # every rank's shards and rank file are on disk past this point
     if rank == 0:
         info = dict(meta, tag=tag, step=state.step, world_size=_world(), saved_at=time.time(),
-                    save_seconds=round(time.time() - t0, 3), frozen=frozen_manifest(engine.module))
+                    save_seconds=round(time.time() - t0, 3), frozen=frozen_manifest(engine.module),
+                    files=file_manifest(ckpt_dir / tag))
         _atomic_write(ckpt_dir / tag / COMPLETE, json.dumps(info, indent=1))
         _atomic_write(ckpt_dir / LATEST, tag)
         apply_retention(ckpt_dir, keep_last, keep_every)

@@ -121,15 +121,17 @@ class RunPlan:
     """Meaning changes a resume was allowed to make (--allow-config-change)."""
 
 
-def plan_run(cfg: ExperimentConfig, world_size: int, on_cuda: bool, allow_config_change: bool = False) -> RunPlan:
+def plan_run(cfg: ExperimentConfig, world_size: int, on_cuda: bool, allow_config_change: bool = False,
+             is_main: bool = True) -> RunPlan:
     """Every check that needs no process group, cheapest first, so a bad run fails in seconds: input paths,
-    the output directory, the recorded config of a resumed run, batch arithmetic and the DeepSpeed
-    template, the local data splits. Raises ConfigError."""
+    the output directory, the checkpoint to resume (the newest whole one: a damaged newer one is named and
+    skipped) and its recorded config, batch arithmetic and the DeepSpeed template, the local data splits,
+    an `init_from` checkpoint. Raises ConfigError."""
     out = Path(cfg.run.output_dir)
     check_input_paths(cfg)
     check_output_dir(out)
     ckpt_dir = out / "checkpoints"
-    tag = find_resume_tag(ckpt_dir)
+    tag = find_resume_tag(ckpt_dir, verify=True, report=lambda line: print(line, flush=True) if is_main else None)
     meta = read_meta(ckpt_dir / tag) if tag is not None else {}
     elastic = tag is not None and meta["world_size"] != world_size
     if elastic:
@@ -140,7 +142,24 @@ def plan_run(cfg: ExperimentConfig, world_size: int, on_cuda: bool, allow_config
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
         changes = check_resume_config(out, cfg, meta.get("global_batch"), global_batch, allow_config_change)
     check_local_splits(cfg.data)
+    check_init_from(cfg)
     return RunPlan(ds_config, tag, elastic, changes)
+
+
+def check_init_from(cfg: ExperimentConfig) -> None:
+    """A `model.init_from` run or checkpoint of ours must be whole (every file, CRC-checked): found out at
+    start, not as a traceback on every rank after the model is built."""
+    from blip_train.interop.weights_io import is_weights_file, is_weights_folder
+    from blip_train.training.checkpoint import CheckpointError
+    from blip_train.training.weights import resolve_checkpoint
+
+    path = cfg.model.init_from
+    if not path or is_weights_folder(path) or is_weights_file(path):
+        return
+    try:
+        resolve_checkpoint(path)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise ConfigError(f"model.init_from: {e}") from None
 
 
 def describe_streams(loader) -> str:
@@ -162,7 +181,7 @@ def train(cfg: ExperimentConfig, allow_config_change: bool = False) -> dict:
     quiet_deepspeed("cuda" if on_cuda else "cpu")
     out = Path(cfg.run.output_dir)
     with mirror_console(out / "train.log", enabled=env.rank == 0):
-        return _train(cfg, env, on_cuda, plan_run(cfg, env.world_size, on_cuda, allow_config_change))
+        return _train(cfg, env, on_cuda, plan_run(cfg, env.world_size, on_cuda, allow_config_change, env.rank == 0))
 
 
 def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:

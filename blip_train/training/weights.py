@@ -12,18 +12,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blip_train.training.checkpoint import find_resume_tag, read_meta
+from blip_train.training.checkpoint import find_resume_tag, read_meta, require_whole_checkpoint
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """Accept a run dir, its checkpoints/ dir, or one tag dir; return (checkpoints dir, tag)."""
+def resolve_checkpoint(path: str | Path, verify: bool = True) -> tuple[Path, str]:
+    """Accept a run dir (its newest complete checkpoint), its checkpoints/ dir, or one tag dir; return
+    (checkpoints dir, tag). verify: every file whole (CRC-checked), else CheckpointError naming the file."""
     p = Path(path)
     if (p / "complete.json").is_file():
-        return p.parent, p.name
-    ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    tag = find_resume_tag(ckpt_dir)
-    if tag is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint found (expected checkpoints/step_*/complete.json)")
+        ckpt_dir, tag = p.parent, p.name
+    else:
+        ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        tag = find_resume_tag(ckpt_dir)
+        if tag is None:
+            raise FileNotFoundError(f"{path}: no complete checkpoint found (expected checkpoints/step_*/complete.json)")
+    if verify:
+        require_whole_checkpoint(ckpt_dir / tag)
     return ckpt_dir, tag
 
 

@@ -105,3 +105,27 @@ def test_changed_config_is_refused_on_resume_unless_allowed_and_every_config_is_
     assert meta["config_file"] == "config.1.yaml"
     operational = train(config, *changed, "--set", "train.log_interval=1")  # nothing to resume: already done
     assert operational.returncode == 0 and (run / "config.2.yaml").is_file()
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_previous(tiny_assets, tmp_path):
+    run = tmp_path / "run"
+    config = write_tiny_config(tiny_assets, run, train={"max_steps": 4, "save_interval": 2})
+    assert train(config).returncode == 0
+    newest = run / "checkpoints" / "step_0000004"
+    files = json.loads((newest / "complete.json").read_text())["files"]
+    assert files and all((newest / name).stat().st_size == size for name, size in files.items())
+    optim = next(newest.glob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[:1000])  # a disk that filled up, a copy cut short
+    for tool in ("zero_to_safetensors.py", "export_hf.py"):  # the tools refuse it in one line, naming the file
+        r = subprocess.run([sys.executable, f"tools/{tool}", "--checkpoint", str(run), "--out", str(tmp_path / tool)],
+                           env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+        assert f"step_0000004 is damaged: {optim.name}: 1,000 bytes, " in r.stderr and "Traceback" not in r.stderr
+    resumed = train(config)  # the same command: resumes from step 2 and trains steps 3-4 again
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"checkpoint {newest} is damaged ({optim.name}: 1,000 bytes, " in resumed.stdout
+            and "using the previous complete checkpoint" in resumed.stdout)
+    assert f"resumed from {run / 'checkpoints' / 'step_0000002'} at step 2" in resumed.stdout
+    assert "done: step 4, checkpoint " in resumed.stdout
+    files = json.loads((newest / "complete.json").read_text())["files"]
+    assert all((newest / name).stat().st_size == size for name, size in files.items())  # saved whole again

@@ -81,7 +81,8 @@ def run_with_two_configs(tiny_assets, tmp_path) -> Path:
     for step, name in ((1, "config.yaml"), (2, "config.1.yaml")):
         tag = run / "checkpoints" / f"step_{step:07d}"
         tag.mkdir(parents=True)
-        (tag / "complete.json").write_text(json.dumps({"step": step, "world_size": 1, "config_file": name}))
+        (tag / "complete.json").write_text(json.dumps({"step": step, "world_size": 1, "config_file": name,
+                                                       "files": {}}))
     return run
 
 
@@ -105,37 +106,34 @@ def zero_checkpoint(tag: Path, world: int) -> None:
 
 
 def test_a_damaged_checkpoint_file_is_named(tmp_path):
-    from blip_train.eval import CheckpointUnreadable, find_unreadable_file, load_or_name_bad_file
+    """Checkpoints written before files were listed in complete.json: DeepSpeed's per-rank files must all be
+    there, and every torch file whole (its zip directory readable; deep: every entry's CRC-32)."""
+    from blip_train.training.checkpoint import CheckpointError, require_whole_checkpoint, verify_checkpoint
 
     ckpt = tmp_path / "checkpoints"
     zero_checkpoint(ckpt / "step_0000002", 2)
     zero_checkpoint(ckpt / "step_0000004", 2)
     tag = ckpt / "step_0000004"
-    assert find_unreadable_file(tag) is None
-
-    def fails():
-        raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
-
-    with pytest.raises(RuntimeError, match="central directory"):  # files whole: not the checkpoint's fault
-        load_or_name_bad_file(fails, ckpt, "step_0000004")
+    assert verify_checkpoint(tag, deep=True) is None
     optim = tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
     data = optim.read_bytes()
     optim.write_bytes(data[:len(data) // 2])
-    with pytest.raises(CheckpointUnreadable) as e:
-        load_or_name_bad_file(fails, ckpt, "step_0000004")
-    assert str(e.value) == (f"checkpoint {tag} cannot be read: {optim.name}: truncated or corrupt "
-                            f"({len(data) // 2:,d} bytes, not a readable torch archive: File is not a zip file); "
-                            f"an earlier one: --checkpoint {ckpt / 'step_0000002'}")
+    with pytest.raises(CheckpointError) as e:
+        require_whole_checkpoint(tag)
+    assert str(e.value) == (f"checkpoint {tag} is damaged: {optim.name}: not a readable torch file "
+                            f"({len(data) // 2:,d} bytes; File is not a zip file); the previous complete "
+                            f"checkpoint is {ckpt / 'step_0000002'}")
     flipped = bytearray(data)
     at = data.index(np.arange(4096.0, dtype=np.float32)[1000:1002].tobytes())  # inside the tensor's bytes
     flipped[at] ^= 0xFF
     optim.write_bytes(bytes(flipped))
-    assert find_unreadable_file(tag) == f"{optim.name}: corrupt (its entry {optim.stem}/data/0 fails its checksum)"
+    assert verify_checkpoint(tag) is None  # sizes and zip directory fine: only reading every byte finds it
+    assert verify_checkpoint(tag, deep=True) == f"{optim.name}: corrupt (entry {optim.stem}/data/0 fails its CRC-32 check)"
     optim.unlink()
-    assert find_unreadable_file(tag) == f"{optim.name}: missing (1 of the 2 ranks' optim_states files are there)"
+    assert verify_checkpoint(tag) == f"{optim.name}: missing (1 of the 2 ranks' optim_states files are there)"
     for f in tag.glob("*_model_states.pt"):
         f.unlink()
-    assert find_unreadable_file(tag) == "*_model_states.pt: missing (no such file in the checkpoint)"
+    assert verify_checkpoint(tag) == "*_model_states.pt: missing (no such file in the checkpoint)"
 
 
 def test_progress_bar_only_on_rank_0_and_only_when_asked(monkeypatch, capsys):
