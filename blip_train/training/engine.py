@@ -45,11 +45,15 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, on_cuda: bool) -> di
         raise ConfigError(
             f"train.global_batch_size: {t.global_batch_size} != micro_batch_size {t.micro_batch_size} x "
             f"grad_accum_steps {t.grad_accum_steps} x world size {world_size} = {global_batch}")
+    if _is_auto_adamw(ds.get("optimizer")):
+        del ds["optimizer"]  # AdamW with every value "auto": the experiment's AdamW (optim.*) is that
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "gradient_clipping", "optimizer", "scheduler"):
-        if key in ds:
+        # "auto" (JSONs written for the HF Trainer) leaves a value to the experiment, which decides it here.
+        if key in ds and ds[key] != AUTO:
             raise ConfigError(f"deepspeed.config: the template sets {key!r}; that belongs to the experiment config "
-                              "(train.*, optim.*) — remove it from the JSON")
+                              "(train.*, optim.*) — remove it from the JSON or write \"auto\"")
+    _refuse_auto(ds, cfg.deepspeed.config)
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
     ds["gradient_accumulation_steps"] = t.grad_accum_steps
     ds["train_batch_size"] = global_batch
@@ -58,12 +62,16 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, on_cuda: bool) -> di
     precision = cfg.deepspeed.precision
     for p, key in _PRECISION_KEYS.items():
         section = ds.setdefault(key, {})
+        if section.get("enabled") == AUTO:
+            del section["enabled"]
         if section.get("enabled") and p != precision:
             raise ConfigError(f"deepspeed.precision: {precision} contradicts the template {cfg.deepspeed.config!r}, "
                               f"which enables {p}; choose a matching template or precision")
         section["enabled"] = p == precision
 
     zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == AUTO:
+        del zero["stage"]
     if "stage" in zero and zero["stage"] != cfg.deepspeed.zero_stage:
         raise ConfigError(f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} contradicts the template "
                           f"{cfg.deepspeed.config!r}, which is tuned for ZeRO stage {zero['stage']}; choose a "
@@ -84,6 +92,37 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, on_cuda: bool) -> di
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+AUTO = "auto"
+_AUTO_DECIDED = {("train_batch_size",), ("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",),
+                 ("gradient_clipping",), ("optimizer",), ("scheduler",), ("bf16", "enabled"), ("fp16", "enabled"),
+                 ("zero_optimization", "stage")}
+"""Where a template may say "auto": values the experiment config decides (batch, accumulation, clipping,
+precision, ZeRO stage). An optimizer section is accepted only as AdamW with every value "auto" (it is then
+the experiment's AdamW); a scheduler section is refused (the schedule is optim.*)."""
+
+
+def _is_auto_adamw(section: object) -> bool:
+    return (isinstance(section, dict) and str(section.get("type", "")).lower() in ("adam", "adamw")
+            and set(section) <= {"type", "params"}
+            and all(v == AUTO for v in (section.get("params") or {}).values()))
+
+
+def _refuse_auto(ds: dict, template: str, path: tuple = ()) -> None:
+    """Refuse "auto" anywhere the experiment config does not decide the value (ZeRO buckets, prefetch,
+    optimizer hyperparameters...): the HF Trainer fills those from the model; here they are tuning the
+    template must state."""
+    for key, value in ds.items():
+        where = path + (key,)
+        if where[:1] in (("optimizer",), ("scheduler",)):
+            continue  # refused as a whole unless "auto"
+        if isinstance(value, dict):
+            _refuse_auto(value, template, where)
+        elif value == AUTO and where not in _AUTO_DECIDED:
+            raise ConfigError(f"deepspeed.config: {template!r} sets {'.'.join(where)} to \"auto\", which only the "
+                              "HF Trainer fills in; give a number (batch, accumulation, clipping, precision and ZeRO "
+                              "stage may stay \"auto\": the experiment config decides them)")
 
 
 def async_io_available() -> bool:

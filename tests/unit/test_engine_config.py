@@ -38,6 +38,35 @@ def test_template_contradicting_precision_refused():
         build_ds_config(cfg, world_size=1, on_cuda=False)
 
 
+def test_hf_trainer_auto_values_are_decided_by_the_experiment(tmp_path):
+    """A DeepSpeed JSON written for the HF Trainer: "auto" where the experiment decides (batch, accumulation,
+    clipping, precision, stage; an all-"auto" AdamW), a number everywhere else."""
+    import json
+
+    hf = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+          "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                    "weight_decay": "auto"}},
+          "zero_optimization": {"stage": "auto", "overlap_comm": True, "stage3_max_live_parameters": 1e8}}
+    path = tmp_path / "hf_zero3.json"
+    path.write_text(json.dumps(hf))
+    cfg = _cfg(f"deepspeed.config={path}", "train.micro_batch_size=4", "train.grad_accum_steps=2", "optim.grad_clip=1.0")
+    ds = build_ds_config(cfg, world_size=2, on_cuda=False)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["gradient_clipping"]) == (16, 4, 2, 1.0)
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False and "optimizer" not in ds
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_max_live_parameters"] == 1e8
+    for bad, message in (
+            ({"zero_optimization": {"reduce_bucket_size": "auto"}}, "sets zero_optimization.reduce_bucket_size to "
+                                                                    "\"auto\", which only the HF Trainer fills in"),
+            ({"optimizer": {"type": "AdamW", "params": {"lr": 3e-5}}}, "the template sets 'optimizer'"),
+            ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}, "the template sets 'scheduler'"),
+            ({"optimizer": {"type": "Lamb", "params": {"lr": "auto"}}}, "the template sets 'optimizer'")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            build_ds_config(_cfg(f"deepspeed.config={path}"), world_size=1, on_cuda=False)
+
+
 def test_template_contradicting_zero_stage_refused():
     for sets, fragment in ((["deepspeed.config=zero2"], "deepspeed.zero_stage: 3 contradicts the template 'zero2'"),
                            (["deepspeed.config=zero3_offload", "deepspeed.zero_stage=2"],
