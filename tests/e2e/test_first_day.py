@@ -84,11 +84,24 @@ def test_ctrl_c_saves_prints_how_to_resume_and_the_same_command_resumes(tiny_ass
 
 
 def test_changed_config_is_refused_on_resume_unless_allowed_and_every_config_is_kept(tiny_assets, tmp_path):
+    from tests.helpers.tiny_run import VISION
+
     run = tmp_path / "run"
-    config = write_tiny_config(tiny_assets, run, train={"max_steps": 2, "save_interval": 2})
+    config = write_tiny_config(tiny_assets, run, train={"max_steps": 2, "save_interval": 2},
+                               model={"vision": dict(VISION, weights="")})  # a random frozen ViT: warned about
     first = train(config)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "done: step 2, checkpoint " in first.stdout and (run / "train.log").read_text().count("done: step 2") == 1
+    # What the console says: the streams, step N/total with elapsed time and ETA, each checkpoint; not
+    # DeepSpeed's start-up chatter.
+    out = first.stdout
+    assert "warning: model.vision.weights is empty: the frozen ViT is randomly initialised, which is for tests" in out
+    assert "data.train:\n  synthetic" in out and "96 samples" in out
+    step_line = next(line for line in out.splitlines() if line.startswith("step 1/2 | loss "))
+    assert " elapsed 00:00:" in step_line and " ETA 00:" in step_line
+    assert f"checkpoint saved: {run / 'checkpoints' / 'step_0000002'} (" in out
+    both = first.stdout + first.stderr
+    assert not [w for w in ("Setting accelerator to CPU", "built successfully", "No CUDA runtime") if w in both]
     recorded = (run / "config.yaml").read_text()
     changed = ["--set", "optim.lr=0.01", "--set", "train.max_steps=4", "--set", "train.log_interval=2"]
     msg = one_line_error(train(config, *changed))
