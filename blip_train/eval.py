@@ -94,7 +94,7 @@ def build_generative_eval(cfg, ckpt_dir: Path, tag: str, task: str, untrained: b
 
 def print_table(metrics: dict) -> None:
     """The metrics as people read them (TR@1, CIDEr-D, ...), beside their JSON keys, on rank 0."""
-    from blip_train.dist.process_group import print0
+    from blip_train.distributed.process_group import print0
 
     print0(f"{'metric':<26}{'value':>8}  JSON key")
     for k, v in metrics.items():
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     except SchemaError as e:
         print(f"eval error: --data {e}", file=sys.stderr)
         return 2
-    from blip_train.dist.env import discover_environment, export_environment
-    from blip_train.dist.process_group import destroy_distributed, init_distributed, is_main_process, print0
+    from blip_train.distributed.env import discover_environment, export_environment
+    from blip_train.distributed.process_group import destroy_distributed, init_distributed, is_main_process, print0
     from blip_train.evaluation.distributed import pick_eval_device
     from blip_train.evaluation.stage1_eval import RetrievalSplitError
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args: argparse.Namespace, cfg, ckpt_dir: Path, tag: str, device: torch.device) -> dict:
     """Run --task on --data with the run's model on `device` (all ranks together); write the predictions
     (rank 0) and return the metrics, with what was evaluated and where the predictions are."""
-    from blip_train.dist.process_group import is_main_process, print0
+    from blip_train.distributed.process_group import is_main_process, print0
     from blip_train.evaluation.distributed import rank_world
 
     if args.task == "retrieval":

@@ -12,7 +12,7 @@
 #   GPUS_PER_NODE    [8]               NNODES [SLURM_NNODES]
 #   PYTHON           [python]          TORCHRUN [torchrun]      DEEPSPEED [deepspeed]
 #   MASTER_ADDR      [first host of SLURM_JOB_NODELIST]
-#   MASTER_PORT      [10000 + SLURM_JOB_ID % 20000] (blip_train/dist/env.py derives the same port)
+#   MASTER_PORT      [10000 + SLURM_JOB_ID % 20000] (blip_train/distributed/env.py derives the same port)
 #   HOSTFILE         deepspeed mode [logs/hostfile-$SLURM_JOB_ID], must be on a shared filesystem
 #   REQUEUE_ON_TERM  1: also requeue after SIGTERM (scancel, node failure) [0: only after USR1]
 set -euo pipefail

@@ -72,8 +72,8 @@ def main() -> int:
         raise ValueError(f"--data {args.data}: not a directory")
     import torch
 
-    from blip_train.dist import destroy_distributed, discover_environment, export_environment, init_distributed
-    from blip_train.dist.env import cuda_device_index
+    from blip_train.distributed import destroy_distributed, discover_environment, export_environment, init_distributed
+    from blip_train.distributed.env import cuda_device_index
     from blip_train.eval import load_run_config
     from blip_train.training.stages import load_trained_stage1
 

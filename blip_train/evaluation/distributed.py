@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from blip_train.config import ConfigError
-from blip_train.dist.process_group import collective_device
+from blip_train.distributed.process_group import collective_device
 
 T = TypeVar("T")
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from blip_train.dist.zero import gathered, is_zero3_param
+from blip_train.distributed.zero import gathered, is_zero3_param
 
 GENERATE_KEYS = ("pixel_values", "llm_input_ids", "llm_attention_mask", "qformer_input_ids", "qformer_attention_mask")
 """Batch keys (from a collator built with generation=True) that `Blip2LLM.generate` takes."""

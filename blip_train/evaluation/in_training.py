@@ -16,7 +16,7 @@ import numpy as np
 from torch import nn
 
 from blip_train.config import ExperimentConfig, eval_task
-from blip_train.dist.zero import gathered
+from blip_train.distributed.zero import gathered
 
 
 def evaluate_during_training(cfg: ExperimentConfig, model: nn.Module,
@@ -76,7 +76,7 @@ def check_eval_split(cfg: ExperimentConfig) -> None:
     if n == 0:
         raise ConfigError(f"data.val: {cfg.data.val} has no samples")
     if eval_task(cfg) == "retrieval":
-        from blip_train.dist.process_group import print0
+        from blip_train.distributed.process_group import print0
         from blip_train.evaluation.stage1_eval import RetrievalSplitError, load_retrieval_split
 
         try:

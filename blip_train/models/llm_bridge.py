@@ -15,7 +15,7 @@ Blip2ForConditionalGeneration; InstructBLIP keeps all but the LM head.
 
 ZeRO-3: every step calls the same modules in the same order (vision → ln_vision → Q-Former →
 llm_proj → LLM embeddings → LLM) whatever the data. `generate` reads `query_tokens` outside any
-module forward: under ZeRO-3 the caller gathers it (`blip_train.dist.zero.gathered`).
+module forward: under ZeRO-3 the caller gathers it (`blip_train.distributed.zero.gathered`).
 """
 from __future__ import annotations
 

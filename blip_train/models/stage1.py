@@ -60,7 +60,7 @@ def expand_query_tokens(query_tokens: torch.Tensor, batch_size: int) -> torch.Te
     if query_tokens.numel() == 0:
         # A ZeRO-3 partition outside forward: inference helpers are plain methods, so the engine's
         # forward hooks have not gathered this root-level parameter.
-        raise RuntimeError("query_tokens is partitioned: call inside blip_train.dist.zero.gathered("
+        raise RuntimeError("query_tokens is partitioned: call inside blip_train.distributed.zero.gathered("
                            "[model.query_tokens]) or keep it persistent (param_persistence_threshold)")
     return query_tokens.expand(batch_size, -1, -1)
 

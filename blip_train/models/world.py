@@ -1,7 +1,7 @@
 """What a model needs to know about the other ranks, passed in from outside.
 
 Models never import torch.distributed: the trainer builds a `WorldInfo` (see
-`blip_train.dist.world.build_world_info`) and hands it to the model. The default is one rank, so the
+`blip_train.distributed.world.build_world_info`) and hands it to the model. The default is one rank, so the
 same loss code runs unchanged in single-process tests.
 """
 from __future__ import annotations

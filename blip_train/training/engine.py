@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from blip_train.config import ConfigError, ExperimentConfig
-from blip_train.dist.zero import is_zero3_param, partition_module_, zero_stage
+from blip_train.distributed.zero import is_zero3_param, partition_module_, zero_stage
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 _PRECISION_KEYS = {"bf16": "bf16", "fp16": "fp16"}

@@ -18,11 +18,11 @@ from blip_train.config import (ConfigError, ExperimentConfig, check_input_paths,
                                config_warnings)
 from blip_train.config.changes import check_resume_config, record_config
 from blip_train.data.datasets import check_local_splits, remove_job_cache
-from blip_train.dist.env import discover_environment, export_environment
-from blip_train.dist.preemption import PreemptionHandler
-from blip_train.dist.process_group import all_reduce_max_bool, init_distributed, print0
-from blip_train.dist.world import build_world_info
-from blip_train.dist.zero import hf_zero3_loading
+from blip_train.distributed.env import discover_environment, export_environment
+from blip_train.distributed.preemption import PreemptionHandler
+from blip_train.distributed.process_group import all_reduce_max_bool, init_distributed, print0
+from blip_train.distributed.world import build_world_info
+from blip_train.distributed.zero import hf_zero3_loading
 from blip_train.evaluation.in_training import check_eval_split, evaluate_during_training
 from blip_train.models.llm_bridge import llm_dtype
 from blip_train.training.checkpoint import (TrainState, convert_to_universal, find_resume_tag, load_checkpoint,

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from blip_train.dist.process_group import collective_device
+from blip_train.distributed.process_group import collective_device
 from blip_train.training.flops import WorkCounter, peak_flops
 
 PHASES = ("data", "forward", "backward", "step")

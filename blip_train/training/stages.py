@@ -94,7 +94,7 @@ def build_stage1(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> Stag
 
     model, tokenizer = build_stage1_model(cfg, world, "cuda" if on_cuda else "cpu")
     if cfg.model.init_from:
-        from blip_train.dist.process_group import print0
+        from blip_train.distributed.process_group import print0
         from blip_train.training.weights import init_stage1_from_
         kept = init_stage1_from_(model, cfg.model.init_from)
         print0(f"init_from {cfg.model.init_from}: loaded; kept initial values for {_prefixes(kept)}")
@@ -170,7 +170,7 @@ def _prefixes(keys: list[str]) -> str:
 
 def _llm_stage(cfg: ExperimentConfig, collate: Callable[..., Any], model: nn.Module, llm_tokenizer: Any,
                report: dict | None, data_kind: str) -> Stage:
-    from blip_train.dist.process_group import print0
+    from blip_train.distributed.process_group import print0
 
     m = cfg.model
     print0(f"init_from {_describe_init(report, m.init_from)}")

@@ -43,7 +43,7 @@ def test_retrieval_examples_are_pictures_in_tensorboard(tiny_assets, tmp_path):
 
 
 def test_generated_answers_are_a_table_in_tensorboard(tiny_assets, tmp_path):
-    from tests.dist.test_export_generative import llm_folder
+    from tests.distributed.test_export_generative import llm_folder
 
     llm = {"path": str(llm_folder(tiny_assets, "opt")), "dtype": "bf16", "max_txt_len": 12, "max_prompt_len": 16}
     run = tmp_path / "instruct"

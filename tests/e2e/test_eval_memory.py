@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, clean_env
-from tests.dist.test_export_generative import llm_folder
+from tests.distributed.test_export_generative import llm_folder
 from tests.helpers.tiny_run import write_tiny_config
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,7 @@ from tests.helpers.tiny_run import run_train, write_tiny_config
 
 pytestmark = pytest.mark.e2e
 
-IN_TRAINING_SCRIPT = REPO / "tests" / "dist" / "_in_training_eval_script.py"
+IN_TRAINING_SCRIPT = REPO / "tests" / "distributed" / "_in_training_eval_script.py"
 
 
 @pytest.fixture(scope="module")

@@ -82,11 +82,11 @@ def run_train(config, *sets, nproc: int = 2, timeout: int = 600):
 
 
 def train_and_dump(config, out: Path, *sets, nproc: int = 2, timeout: int = 600):
-    """`run_train` through tests/dist/_train_dump_script.py: the same `train()`, and then every parameter
+    """`run_train` through tests/distributed/_train_dump_script.py: the same `train()`, and then every parameter
     the live engine holds at the end ({"trainable": ..., "frozen": ...}, gathered) is written to `out`."""
     from tests.conftest import torchrun
 
-    args = ["tests/dist/_train_dump_script.py", str(out), "--config", str(config)]
+    args = ["tests/distributed/_train_dump_script.py", str(out), "--config", str(config)]
     for s in sets:
         args += ["--set", s]
     r = torchrun(args, nproc=nproc, timeout=timeout)

@@ -25,7 +25,7 @@ def _captions_only(out):
 
 
 def _instruct_cfg(tiny_assets, tmp_path, *sets):
-    from tests.dist.test_export_generative import llm_folder
+    from tests.distributed.test_export_generative import llm_folder
 
     llm = {"path": str(llm_folder(tiny_assets, "opt")), "max_txt_len": 12, "max_prompt_len": 16}
     path = write_tiny_config(tiny_assets, tmp_path / "run", model={"arch": "instruct", "llm": llm})

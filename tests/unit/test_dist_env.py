@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from blip_train.dist import (DistEnvError, all_reduce_max_bool, all_reduce_mean, barrier, discover_environment,
+from blip_train.distributed import (DistEnvError, all_reduce_max_bool, all_reduce_mean, barrier, discover_environment,
                              export_environment, full_numel, gathered, is_main_process, is_zero3_param,
                              maybe_zero_init, print0)
-from blip_train.dist.env import DistEnv, expand_nodelist, parse_tasks_per_node, slurm_master_port
+from blip_train.distributed.env import DistEnv, expand_nodelist, parse_tasks_per_node, slurm_master_port
 
 TORCHRUN = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
             "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "host0", "MASTER_PORT": "29500"}
@@ -169,8 +169,8 @@ def test_cpu_run_on_a_gpu_host_keeps_deepspeed_on_cpu(tmp_path: Path) -> None:
     script.write_text(
         "import os, torch\n"
         "torch.cuda.is_available = lambda: True  # a GPU host, as far as the code can tell\n"
-        "from blip_train.dist.env import discover_environment\n"
-        "from blip_train.dist.process_group import init_distributed\n"
+        "from blip_train.distributed.env import discover_environment\n"
+        "from blip_train.distributed.process_group import init_distributed\n"
         "init_distributed(discover_environment(), 1, on_cuda=False)\n"
         "from deepspeed.accelerator import get_accelerator\n"
         "import torch.distributed as dist\n"
@@ -188,7 +188,7 @@ def test_cpu_run_on_a_gpu_host_keeps_deepspeed_on_cpu(tmp_path: Path) -> None:
     (1, 2, 4, 1),  # more GPUs than tasks: still the local rank
 ])
 def test_cuda_device_follows_what_the_task_sees(local_rank: int, local_world: int, count: int, device: int) -> None:
-    from blip_train.dist.env import cuda_device_index
+    from blip_train.distributed.env import cuda_device_index
 
     assert cuda_device_index(local_rank, local_world, count) == device
 
@@ -199,7 +199,7 @@ def test_cuda_device_follows_what_the_task_sees(local_rank: int, local_world: in
     (0, "no CUDA device visible to this task (CUDA_VISIBLE_DEVICES=2,3)"),
 ])
 def test_unmappable_gpu_layouts_refused_in_one_line(count: int, fragment: str) -> None:
-    from blip_train.dist.env import cuda_device_index
+    from blip_train.distributed.env import cuda_device_index
 
     with pytest.raises(DistEnvError) as e:
         cuda_device_index(3, 4, count, visible="2,3")
@@ -210,7 +210,7 @@ def test_one_gpu_per_task_exports_local_rank_0_for_deepspeed() -> None:
     """srun --gpus-per-task=1 on an 8-GPU node: task 5 sees one GPU. DeepSpeed calls set_device(LOCAL_RANK),
     so LOCAL_RANK must name that GPU (0); the node-local rank stays in the DistEnv, and streaming's node
     layout (RANK, LOCAL_WORLD_SIZE) is untouched."""
-    from blip_train.dist.env import select_cuda_device
+    from blip_train.distributed.env import select_cuda_device
 
     environ = {**SLURM, "SLURM_PROCID": "13", "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "5"}
     env = discover_environment(environ)

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from blip_train.config import load_config
-from blip_train.dist.zero import gathered, hf_zero3_loading, with_precision
+from blip_train.distributed.zero import gathered, hf_zero3_loading, with_precision
 from blip_train.models.world import WorldInfo
 from blip_train.training.engine import build_ds_config, build_engine, cast_trainable_
 from blip_train.training.stages import build_stage
-from tests.dist.test_export_generative import llm_folder
+from tests.distributed.test_export_generative import llm_folder
 from tests.helpers.tiny_run import VISION, write_tiny_config
 
 

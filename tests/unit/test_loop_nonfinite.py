@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blip_train.config import load_config
-from blip_train.dist.zero import gathered
+from blip_train.distributed.zero import gathered
 from blip_train.training.checkpoint import TrainState
 from blip_train.training.engine import build_engine
 from blip_train.training.loop import NonFiniteLossError, train_step

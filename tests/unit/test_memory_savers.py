@@ -129,7 +129,7 @@ def test_activation_checkpointing_under_zero3(tiny_assets, tmp_path, vision_froz
 # ------------------------------------------------------------------ offload, 16-bit frozen, fused
 
 def test_offload_frozen_sets_offload_param_and_trains(tiny_assets, tmp_path):
-    from blip_train.dist.zero import gathered
+    from blip_train.distributed.zero import gathered
 
     engine, stage, ds = _engine(tiny_assets, tmp_path, "offload", deepspeed={"offload_frozen": True},
                                 optim={"warmup_steps": 0})

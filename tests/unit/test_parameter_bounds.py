@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blip_train.config import load_config
-from blip_train.dist.zero import gathered
+from blip_train.distributed.zero import gathered
 from blip_train.models.stage1 import TEMP_MAX, TEMP_MIN
 from blip_train.models.world import WorldInfo
 from blip_train.training.checkpoint import TrainState

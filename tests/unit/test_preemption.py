@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from blip_train.dist import PreemptionHandler
+from blip_train.distributed import PreemptionHandler
 from tests.conftest import torchrun
 
-SCRIPT = Path(__file__).resolve().parent.parent / "dist" / "_preemption_script.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "distributed" / "_preemption_script.py"
 
 
 def _send_and_wait(handler: PreemptionHandler, sig: int) -> None:
@@ -61,8 +61,8 @@ def test_second_ctrl_c_aborts_at_once(tmp_path) -> None:
     script = tmp_path / "interrupt.py"
     script.write_text(
         "import os, signal, time\n"
-        "from blip_train.dist import PreemptionHandler\n"
-        "from blip_train.dist.preemption import SIGINT_REPEAT_S\n"
+        "from blip_train.distributed import PreemptionHandler\n"
+        "from blip_train.distributed.preemption import SIGINT_REPEAT_S\n"
         "h = PreemptionHandler().install()\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
         "time.sleep(SIGINT_REPEAT_S + 0.3)\n"

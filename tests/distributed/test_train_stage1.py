@@ -23,7 +23,7 @@ def test_zero2_two_ranks_trains(tiny_assets, tmp_path):
 def test_zero3_partitions_everything_and_frozen_tower_never_changes(tiny_assets, tmp_path):
     config = write_tiny_config(tiny_assets, tmp_path / "checks")
     report = tmp_path / "report.json"
-    r = torchrun(["tests/dist/_train_checks_script.py", str(config), str(report)], nproc=2, timeout=600)
+    r = torchrun(["tests/distributed/_train_checks_script.py", str(config), str(report)], nproc=2, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     rep = json.loads(report.read_text())
     for rank_rep in rep["ranks"]:

@@ -1,7 +1,7 @@
 """2-rank run that keeps its engine alive past the checkpoint: trains 2 steps, saves a checkpoint through
 the checkpoint contract, and writes what the LIVE engine holds (every parameter gathered) to LIVE.pt.
 
-usage: torchrun --nproc_per_node 2 tests/dist/_export_live_script.py CONFIG.yaml LIVE.pt
+usage: torchrun --nproc_per_node 2 tests/distributed/_export_live_script.py CONFIG.yaml LIVE.pt
 """
 import sys
 from pathlib import Path
@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 
 from blip_train.config import load_config, save_resolved_config
-from blip_train.dist.env import discover_environment, export_environment
-from blip_train.dist.process_group import init_distributed
-from blip_train.dist.world import build_world_info
-from blip_train.dist.zero import gathered
+from blip_train.distributed.env import discover_environment, export_environment
+from blip_train.distributed.process_group import init_distributed
+from blip_train.distributed.world import build_world_info
+from blip_train.distributed.zero import gathered
 from blip_train.training.checkpoint import TrainState, save_checkpoint
 from blip_train.training.engine import apply_lr_, build_engine
 from blip_train.training.stages import build_stage

@@ -1,7 +1,7 @@
 """`python -m blip_train.train` run through `train()` (resume included), then every parameter the live engine
 holds when the run ends, gathered, written by rank 0 to OUT.pt as {"trainable": {...}, "frozen": {...}}.
 
-usage: torchrun --nproc_per_node N tests/dist/_train_dump_script.py OUT.pt --config CONFIG [--set KEY=VALUE ...]
+usage: torchrun --nproc_per_node N tests/distributed/_train_dump_script.py OUT.pt --config CONFIG [--set KEY=VALUE ...]
 """
 import sys
 
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from blip_train.config import load_config
-from blip_train.dist.zero import gathered
+from blip_train.distributed.zero import gathered
 from blip_train.train import parse_args
 from blip_train.training.loop import train
 

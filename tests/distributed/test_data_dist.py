@@ -22,7 +22,7 @@ N = 40
 def test_two_ranks_disjoint_and_resume(tmp_path):
     split = tmp_path / "train"
     write_split(split, (make_sample(i, seed=0, image_size=16) for i in range(N)))
-    r = torchrun(["tests/dist/_data_rank_script.py", "--data", str(split), "--out", str(tmp_path)], timeout=300)
+    r = torchrun(["tests/distributed/_data_rank_script.py", "--data", str(split), "--out", str(tmp_path)], timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
 
@@ -59,7 +59,7 @@ def test_two_jobs_on_one_machine_each_read_their_own_split(tmp_path):
     procs = {}
     for job in sizes:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "tests/dist/_shm_neighbour_script.py", "--data", str(tmp_path / job / "train"),
+               str(free_port()), "tests/distributed/_shm_neighbour_script.py", "--data", str(tmp_path / job / "train"),
                "--out", str(tmp_path / job), "--ready", str(ready[job]), *extra[job]]
         procs[job] = subprocess.Popen(cmd, cwd=REPO, env=clean_env(TMPDIR=str(tmp_path / job / "tmp")),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip_train.dist.world import build_world_info
+from blip_train.distributed.world import build_world_info
 from tests.conftest import REPO, clean_env, torchrun
-from tests.dist._world_script import rank_input, rank_loss
+from tests.distributed._world_script import rank_input, rank_loss
 
 SCRIPT = Path(__file__).with_name("_world_script.py")
 SLURM_SCRIPT = Path(__file__).with_name("_slurm_env_script.py")

@@ -1,4 +1,4 @@
-"""Run by tests/dist/test_data_dist.py under torchrun: one epoch, a partial epoch + state, a resume.
+"""Run by tests/distributed/test_data_dist.py under torchrun: one epoch, a partial epoch + state, a resume.
 
 Writes <out>/rank<R>.json with the image ids each phase saw on this rank.
 """

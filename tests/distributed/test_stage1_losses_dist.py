@@ -12,7 +12,7 @@ from blip_train.models.stage1 import Blip2Stage1
 from blip_train.models.stage1_losses import itc_loss
 from blip_train.models.world import WorldInfo
 from tests.conftest import torchrun
-from tests.dist._stage1_losses_script import GLOBAL_B, IDS, global_batch
+from tests.distributed._stage1_losses_script import GLOBAL_B, IDS, global_batch
 from tests.unit.test_stage1_model import make_batch, tiny_model_config
 
 SCRIPT = Path(__file__).with_name("_stage1_losses_script.py")

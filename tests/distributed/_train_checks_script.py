@@ -1,6 +1,6 @@
 """2-rank check: ZeRO-3 really partitions (threshold 0), frozen weights never change or get grads.
 
-usage: torchrun --nproc_per_node 2 tests/dist/_train_checks_script.py CONFIG.yaml REPORT.json
+usage: torchrun --nproc_per_node 2 tests/distributed/_train_checks_script.py CONFIG.yaml REPORT.json
 """
 import json
 import sys
@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 
 from blip_train.config import load_config
-from blip_train.dist.env import discover_environment, export_environment
-from blip_train.dist.process_group import init_distributed
-from blip_train.dist.world import build_world_info
-from blip_train.dist.zero import gathered
+from blip_train.distributed.env import discover_environment, export_environment
+from blip_train.distributed.process_group import init_distributed
+from blip_train.distributed.world import build_world_info
+from blip_train.distributed.zero import gathered
 from blip_train.training.engine import apply_lr_, build_engine
 from blip_train.training.stages import build_stage
 

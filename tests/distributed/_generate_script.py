@@ -4,7 +4,7 @@ Every parameter is partitioned (stage3_param_persistence_threshold 0). Each case
 on the same batch on both ranks, then on a rank-specific batch with a rank-specific length (rank 0
 finishes first and must keep joining rank 1's forwards: synced_gpus); the token ids go to
 OUT_DIR/rank{r}.json and the parent test compares them with the 1-rank, un-partitioned model.
-    torchrun --nproc_per_node 2 tests/dist/_generate_script.py OUT_DIR LLM_ROOT
+    torchrun --nproc_per_node 2 tests/distributed/_generate_script.py OUT_DIR LLM_ROOT
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blip_train.dist import (all_reduce_max_bool, all_reduce_mean, barrier, build_world_info, destroy_distributed,
+from blip_train.distributed import (all_reduce_max_bool, all_reduce_mean, barrier, build_world_info, destroy_distributed,
                              discover_environment, full_numel, gathered, init_distributed, is_zero3_param,
                              maybe_zero_init)
 

@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from blip_train.dist.world import build_world_info
+from blip_train.distributed.world import build_world_info
 from blip_train.models.stage1_losses import itc_loss, sample_hard_negatives
 
 GLOBAL_B, NQ, E = 6, 3, 5

@@ -1,8 +1,8 @@
-"""One of two jobs sharing a machine (tests/dist/test_data_dist.py): build the train loader (optionally as a
+"""One of two jobs sharing a machine (tests/distributed/test_data_dist.py): build the train loader (optionally as a
 resumed job does: read some batches, save the position, restore it into a new loader), say so, then read
 the rest of the epoch, each step possibly waiting for the neighbour job.
 
-usage: torchrun --nproc_per_node 2 tests/dist/_shm_neighbour_script.py --data SPLIT --out DIR --ready FILE
+usage: torchrun --nproc_per_node 2 tests/distributed/_shm_neighbour_script.py --data SPLIT --out DIR --ready FILE
            [--resume-after N] [--build-after FILE] [--read-after FILE]
 Writes DIR/rank<R>.json with the image ids this rank read (before and after the resume).
 """

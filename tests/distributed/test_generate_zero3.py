@@ -9,7 +9,7 @@ import torch
 
 from blip_train.data.tokenizers import train_bpe_tokenizer
 from tests.conftest import torchrun
-from tests.dist._generate_script import CASES, build_model, generation_inputs, own_length
+from tests.distributed._generate_script import CASES, build_model, generation_inputs, own_length
 from tests.unit.test_llm_bridge import save_tiny_llm
 
 SCRIPT = Path(__file__).with_name("_generate_script.py")

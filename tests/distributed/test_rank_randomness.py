@@ -17,7 +17,7 @@ STEPS = 3
 def _run(tiny_assets, out):
     config = write_tiny_config(tiny_assets, out, train={"max_steps": STEPS, "save_interval": STEPS})
     report = out.parent / f"{out.name}.json"
-    r = torchrun([str(REPO / "tests/dist/_rank_rng_script.py"), str(config), str(report)])
+    r = torchrun([str(REPO / "tests/distributed/_rank_rng_script.py"), str(config), str(report)])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return json.loads(report.read_text())
 

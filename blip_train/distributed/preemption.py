@@ -25,7 +25,7 @@ import time
 from types import FrameType
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
-from blip_train.dist.process_group import all_reduce_max_bool, get_rank
+from blip_train.distributed.process_group import all_reduce_max_bool, get_rank
 
 _Handler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers, None]
 

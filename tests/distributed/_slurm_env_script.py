@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from blip_train.dist import destroy_distributed, discover_environment, export_environment, init_distributed
+from blip_train.distributed import destroy_distributed, discover_environment, export_environment, init_distributed
 
 
 def main(out_dir: Path) -> None:

@@ -145,7 +145,7 @@ def test_instruct_t5_resume_is_exact(tiny_assets, tmp_path):
     """InstructBLIP with FlanT5 draws per sample (instruction template; the T5 prefix split for caption
     rows in stage 2 shares the mechanism): a run resumed from its step-2 checkpoint must redo steps 3-4
     exactly as the uninterrupted run did them."""
-    from tests.dist.test_export_generative import llm_folder
+    from tests.distributed.test_export_generative import llm_folder
 
     llm = {"path": str(llm_folder(tiny_assets, "t5")), "dtype": "bf16", "max_txt_len": 12, "max_prompt_len": 16}
     schedule = {"max_steps": 4, "save_interval": 2, "keep_last": 10}

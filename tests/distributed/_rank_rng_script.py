@@ -1,7 +1,7 @@
 """2-rank check of the training randomness: at every step, what a dropout mask and an ITM negative draw
 would be on this rank (probed on a copy of the RNG state, so the run itself is unchanged).
 
-usage: torchrun --nproc_per_node 2 tests/dist/_rank_rng_script.py CONFIG.yaml REPORT.json
+usage: torchrun --nproc_per_node 2 tests/distributed/_rank_rng_script.py CONFIG.yaml REPORT.json
 """
 import json
 import sys

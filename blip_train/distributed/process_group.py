@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from blip_train.dist.env import DistEnv, export_environment, select_cuda_device
+from blip_train.distributed.env import DistEnv, export_environment, select_cuda_device
 
 
 def init_distributed(env: DistEnv, timeout_minutes: int, on_cuda: bool | None = None) -> None:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from blip_train.dist import PreemptionHandler, barrier, destroy_distributed, discover_environment, init_distributed
+from blip_train.distributed import PreemptionHandler, barrier, destroy_distributed, discover_environment, init_distributed
 
 
 def main(out_dir: Path) -> None:

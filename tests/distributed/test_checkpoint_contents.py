@@ -21,7 +21,7 @@ CASES = {"stage1-zero3": ("stage1", 3), "stage1-zero2": ("stage1", 2), "stage2_o
 
 
 def _sections(assets: Path, arch: str, zero: int) -> dict:
-    from tests.dist.test_export_generative import llm_folder
+    from tests.distributed.test_export_generative import llm_folder
 
     sections = {"train": SCHEDULE, "deepspeed": {"config": "zero2" if zero == 2 else "zero3_bf16", "zero_stage": zero}}
     if arch == "stage2":

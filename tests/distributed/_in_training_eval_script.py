@@ -5,7 +5,7 @@ trainable weights of the run's last checkpoint before the engine casts them (as 
 copy is the cast of its fp32 masters), then calls `evaluate_during_training`. Counts this rank's
 module calls (text / image encoding, ITM, generate), records the per-sample
 predictions of the generative tasks, and writes OUT_DIR/rank{r}.json.
-    torchrun --nproc_per_node 2 tests/dist/_in_training_eval_script.py RUN_DIR OUT_DIR
+    torchrun --nproc_per_node 2 tests/distributed/_in_training_eval_script.py RUN_DIR OUT_DIR
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from blip_train.dist.env import discover_environment, export_environment
-from blip_train.dist.process_group import destroy_distributed, init_distributed
-from blip_train.dist.world import build_world_info
-from blip_train.dist.zero import hf_zero3_loading
+from blip_train.distributed.env import discover_environment, export_environment
+from blip_train.distributed.process_group import destroy_distributed, init_distributed
+from blip_train.distributed.world import build_world_info
+from blip_train.distributed.zero import hf_zero3_loading
 from blip_train.eval import load_run_config
 from blip_train.evaluation import generative_eval
 from blip_train.evaluation.in_training import evaluate_during_training

@@ -28,7 +28,7 @@ def live_run(root: Path, name: str, deepspeed: dict) -> tuple[Path, dict]:
     """(run dir, gathered live weights) of a 2-step 2-rank run that saved one checkpoint."""
     config = write_tiny_config(root, root / name, deepspeed=deepspeed)
     live = root / f"{name}_live.pt"
-    r = torchrun(["tests/dist/_export_live_script.py", str(config), str(live)], nproc=2, timeout=600)
+    r = torchrun(["tests/distributed/_export_live_script.py", str(config), str(live)], nproc=2, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return root / name, torch.load(live, weights_only=True)
 
