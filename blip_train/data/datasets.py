@@ -29,7 +29,7 @@ from blip_train.config.loading import ConfigError, parse_cache_limit
 from blip_train.config.schema import DataConfig, StreamConfig
 from blip_train.data.collate import collate_samples
 from blip_train.data.images import CorruptImageError, decode_rgb
-from blip_train.data.schema import SCHEMA_FILE, SchemaError, verify_split
+from blip_train.data.schema import SCHEMA_FILE, SchemaError, draw_caption, verify_split
 from blip_train.data.transforms import build_transform
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ class SchemaDataset(StreamingDataset):
         stream, start, count = self._stream_range(int(sample_id))
         for attempt in range(min(self.max_consecutive_corrupt, count)):
             sid = start + (int(sample_id) - start + attempt) % count
-            row = self.get_item(sid)
             seed = self._sample_seed(sid)
+            row = draw_caption(self.get_item(sid), seed)  # CapFilt rows: one of the image's kept captions
             try:
                 image = decode_rgb(row["image"])
             except CorruptImageError as e:
