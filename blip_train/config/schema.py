@@ -149,7 +149,10 @@ class DataConfig:
     count 1024s, as streaming reads them). Least recently used shards are evicted and downloaded again
     when read. Empty: no limit. Leave room for what the node's readers have in flight: each rank's workers
     read 8 x micro_batch_size samples ahead, possibly each from another shard; below that streaming evicts
-    shards before they are read and can stall. Only with every data.train stream remote: streaming would
+    shards before they are read and can stall. Streaming counts a shard only once it is downloaded, so
+    downloads running together can overshoot the limit by one shard each beyond the first (up to 2 per
+    data-loader worker of each local rank): set it that many shards below the disk's free space. Only
+    with every data.train stream remote: streaming would
     evict (delete) the shards of a local one."""
     keep_cache: bool = False
     """Keep the job's remote-stream cache when training ends. By default it is removed when the run
