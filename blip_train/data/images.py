@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps
 
 # Skip reasons (stable strings: converters report and tests check them).
@@ -120,15 +121,74 @@ class CorruptImageError(ValueError):
     a transform must surface as an error, not as a growing count of "corrupt" samples."""
 
 
+_PIL_DECODE_ERRORS = (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError, struct.error)
+"""What PIL's decoders raise for bad bytes (UnidentifiedImageError is an OSError)."""
+
+
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode stored image bytes to an RGB PIL image; CorruptImageError when they do not decode."""
     try:
         im = Image.open(io.BytesIO(data))
         im.load()  # the full decode: truncated data fails here, not later in a transform
         return im if im.mode == "RGB" else im.convert("RGB")
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-        # PIL's decoders raise all of these for bad bytes (UnidentifiedImageError is an OSError).
+    except _PIL_DECODE_ERRORS as e:
         raise CorruptImageError(f"{type(e).__name__}: {e}") from e
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of stored image bytes from their header alone (no pixel is decoded)."""
+    if is_jpeg(data):
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            return width, height
+        except ValueError:
+            pass  # a JPEG libjpeg-turbo's header reader refuses: PIL may still read it
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except _PIL_DECODE_ERRORS as e:
+        raise CorruptImageError(f"{type(e).__name__}: {e}") from e
+
+
+DCT_SCALES = (8, 4, 2)
+"""JPEG decode reductions used (1/8, 1/4, 1/2; else full size). libjpeg-turbo also scales by 3/8, 5/8, 6/8
+and 7/8, but without SIMD: 5/8-7/8 cost more CPU than a full decode and 3/8 as much as 1/2 (bench/data.py)."""
+
+
+def dct_scaled_size(width: int, height: int, min_width: int, min_height: int) -> tuple[int, int]:
+    """The smallest (width, height) a JPEG decodes to, by 1/8, 1/4, 1/2 or 1, that is at least min_width x
+    min_height (libjpeg-turbo's scaled size: ceil(side / reduction))."""
+    for r in DCT_SCALES:
+        w, h = -(-width // r), -(-height // r)
+        if w >= min_width and h >= min_height:
+            return w, h
+    return width, height
+
+
+def decode_rgb_array(data: bytes, min_width: int = 0, min_height: int = 0) -> np.ndarray:
+    """Decode stored image bytes to an RGB uint8 array (H, W, 3), as small as `min_width` x `min_height` allow.
+
+    JPEGs are decoded by libjpeg-turbo (simplejpeg) straight into the array, scaled down in the DCT domain
+    (`dct_scaled_size`) when the minimum allows: the inverse DCT then computes fewer, low-passed pixels,
+    which costs less than decoding every pixel and resizing afterwards. With no minimum the size is kept.
+    Other formats, and JPEGs libjpeg-turbo refuses (CMYK, recoverable stream errors PIL tolerates), are
+    decoded by PIL at full size. CorruptImageError when the bytes do not decode.
+    """
+    if is_jpeg(data):
+        try:
+            if min_width > 0 or min_height > 0:
+                height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+                w, h = dct_scaled_size(width, height, min_width, min_height)
+                # simplejpeg picks the smallest scale whose result is at least (w, h): exactly 1/r.
+                return simplejpeg.decode_jpeg(data, "rgb", min_width=w, min_height=h)
+            return simplejpeg.decode_jpeg(data, "rgb")
+        except ValueError:
+            pass
+    return np.asarray(decode_rgb(data))
 
 
 def encode_jpeg(im: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
