@@ -177,14 +177,16 @@ def image_size(data: bytes) -> tuple[int, int]:
         raise CorruptImageError(f"{type(e).__name__}: {e}") from e
 
 
-DCT_SCALES = (8, 4, 2)
-"""JPEG decode reductions used (1/8, 1/4, 1/2; else full size). libjpeg-turbo also scales by 3/8, 5/8, 6/8
-and 7/8, but without SIMD: 5/8-7/8 cost more CPU than a full decode and 3/8 as much as 1/2 (bench/data.py)."""
+DCT_SCALES = (8, 4)
+"""JPEG decode reductions used: 1/8 and 1/4 (else full size). libjpeg-turbo also scales by 1/2 and by n/8,
+but measured here (bench/data.py) 1/2 saves no more decoding than resizing the fractional box it leaves
+costs (PIL, against torch's faster kernel on a full-size decode's whole-pixel box), and 3/8, 5/8-7/8
+have no SIMD inverse DCT: they cost as much as 1/2, or more than a full decode."""
 
 
 def dct_scaled_size(width: int, height: int, min_width: int, min_height: int) -> tuple[int, int]:
-    """The smallest (width, height) a JPEG decodes to, by 1/8, 1/4, 1/2 or 1, that is at least min_width x
-    min_height (libjpeg-turbo's scaled size: ceil(side / reduction))."""
+    """The smallest (width, height) a JPEG decodes to, by 1/8, 1/4 or 1 (`DCT_SCALES`), that is at least
+    min_width x min_height (libjpeg-turbo's scaled size: ceil(side / reduction))."""
     for r in DCT_SCALES:
         w, h = -(-width // r), -(-height // r)
         if w >= min_width and h >= min_height:
