@@ -167,10 +167,15 @@ class TrainTransform:
         return self.crop_bytes(im, width, height, self.draw(width, height, generator))
 
 
+EVAL_REDUCING_GAP = 2
+"""An evaluation image is DCT-reduced only as far as twice its output size (see EvalTransform)."""
+
+
 class EvalTransform:
     """Resize to (image_size, image_size) bicubic → normalise (no randomness); float (3, S, S).
 
-    Given stored bytes, a JPEG is decoded at the smallest DCT scale that keeps at least S x S pixels.
+    Given stored bytes, a JPEG is decoded at the smallest DCT scale (1/4, 1/8) that keeps at least 2S x 2S
+    pixels, then resized by the same antialiased bicubic.
     """
 
     def __init__(self, image_size: int, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD) -> None:
@@ -181,7 +186,9 @@ class EvalTransform:
         s = self.image_size
         if isinstance(im, Image.Image):
             return to_normalized_tensor(im.convert("RGB").resize((s, s), Image.Resampling.BICUBIC), self.mean, self.std)
-        pixels = decode_rgb_array(im, min_width=s, min_height=s)
+        # A DCT reduction only down to twice the output (PIL's thumbnail reducing_gap=2): evaluation scores
+        # must compare with the full-size decode's, and a whole image shrinks far less than a crop does.
+        pixels = decode_rgb_array(im, min_width=EVAL_REDUCING_GAP * s, min_height=EVAL_REDUCING_GAP * s)
         out = resize_box(pixels, (0, 0, pixels.shape[1], pixels.shape[0]), s)
         return normalize_pixels(out, self.mean, self.std).contiguous()
 
