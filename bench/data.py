@@ -43,12 +43,11 @@ from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo root
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from blip_train.data.images import decode_rgb, decode_rgb_array, load_and_normalize_image  # noqa: E402
-from blip_train.data.images import RESIZE_SHORT_SIDE  # noqa: E402
+from blip_train.data.images import (RESIZE_SHORT_SIDE, decode_rgb, decode_rgb_array,  # noqa: E402
+                                    load_and_normalize_image)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -8,8 +8,9 @@ crops/resizes/mirrors it there, then normalises every image to CLIP-normalised f
 ever see normalised floats; the trainer only calls `finish_batch` after `_to_device`.
 
 The draws (box, flip) come from the same per-sample generator and in the same order as the CPU path's,
-so both decoders train on the same crops of the same images; they differ only in resampling
-(torch's antialiased bicubic on the GPU, PIL's bicubic after a DCT-domain reduction on the CPU).
+so both decoders train on the same crops of the same images; they differ only in resampling (the GPU
+always decodes at full size and uses torch's antialiased bicubic, as the CPU path does for full-size
+decodes; the CPU path reduces large JPEGs in the DCT domain first, see transforms.py).
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from blip_train.data.images import CorruptImageError, image_size, is_jpeg
+from blip_train.config.loading import ConfigError
+from blip_train.data.images import CorruptImageError, decode_rgb_array, encode_jpeg, image_size, is_jpeg
 from blip_train.data.transforms import CropSpec, TrainTransform, normalize_pixels
 
 DECODERS = ("cpu", "gpu")
@@ -56,7 +59,7 @@ class GpuDecodeTransform(TrainTransform):
     like on the CPU path), go through the CPU transform."""
 
     def __call__(self, im: Any, generator: Optional[torch.Generator] = None) -> torch.Tensor | EncodedCrop:
-        if not isinstance(im, (bytes, bytearray)) or not is_jpeg(im) or not bytes(im[-2:]) == b"\xff\xd9":
+        if not isinstance(im, (bytes, bytearray)) or not is_jpeg(im) or im[-2:] != b"\xff\xd9":
             return super().__call__(im, generator)
         width, height = image_size(im)
         return EncodedCrop(bytes(im), width, height, self.draw(width, height, generator), self.image_size)
@@ -116,7 +119,6 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor:
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        from blip_train.data.images import decode_rgb_array
         pixels = decode_rgb_array(data.numpy().tobytes())  # raises CorruptImageError for bad bytes
         return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).to(device)
 
@@ -141,13 +143,8 @@ def finish_batch(batch: dict[str, Any]) -> dict[str, Any]:
 def check_gpu_decode(device: torch.device) -> None:
     """Refuse `data.decode: gpu` in one line where JPEGs cannot be decoded on `device` (no CUDA, or a
     torchvision without nvJPEG): decodes a tiny JPEG there once."""
-    from blip_train.config.loading import ConfigError
-
     if device.type != "cuda":
         raise ConfigError(f"data.decode: gpu needs a CUDA device (this run is on {device.type}); use data.decode=cpu")
-    from blip_train.data.images import encode_jpeg
-    from PIL import Image
-
     data = encode_jpeg(Image.new("RGB", (16, 16), (200, 30, 60)))
     crops = JpegCrops([0], [torch.frombuffer(bytearray(data), dtype=torch.uint8)], [(0, 0, 16, 16)], [False])
     try:
