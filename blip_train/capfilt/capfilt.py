@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from blip_train.capfilt.report import CapFiltStats
 from blip_train.data.collate import pre_caption
-from blip_train.data.images import CorruptImageError, decode_rgb
+from blip_train.data.images import CorruptImageError
 from blip_train.data.schema import COLUMNS, DRAW_CAPTION_SOURCE
 from blip_train.data.transforms import build_transform
 
@@ -189,11 +189,10 @@ def process_chunk(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         for index, row in samples[start:start + settings.batch_size]:
             stats.add("images")
             try:
-                image = decode_rgb(row["image"])
+                pixels.append(transform(row["image"]))  # decodes; only bad bytes raise CorruptImageError
             except CorruptImageError:  # one bad image must not stop the run; a transform bug must
                 stats.add("undecodable")
                 continue
-            pixels.append(transform(image))
             batch.append((index, row))
         if not batch:
             continue

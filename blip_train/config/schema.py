@@ -8,7 +8,7 @@ test (`tests/unit/test_config.py`) lists every key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 
 @dataclass
@@ -138,8 +138,13 @@ class DataConfig:
     """RandomResizedCrop lower scale bound (upper bound 1.0)."""
     hflip: bool = True
     """Random horizontal flip in training (turn off when captions mention left/right)."""
-    num_workers: int = 2
-    """DataLoader workers per rank."""
+    num_workers: Union[int, str] = "auto"
+    """DataLoader workers per rank, or auto: the CPUs this rank has (affinity, SLURM_CPUS_PER_TASK, shared by
+    the node's ranks unless srun gave each its own) less one, at most 16."""
+    decode: str = "cpu"
+    """Where training JPEGs are decoded: cpu (DataLoader workers, libjpeg-turbo, DCT-scaled to the crop) | gpu
+    (nvJPEG on the training device, whole batches, crops resized there; needs CUDA and a torchvision with
+    nvJPEG). Crop boxes and flips are drawn in the workers either way, from the same per-sample seeds."""
     shuffle_seed: int = 9176
     cache_dir: str = ""
     """Per-job local cache root for remote streams (never share between jobs). Empty: the system temp dir.
