@@ -6,6 +6,7 @@ in the same HF folder format, which then goes through exactly the loading path o
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -93,16 +94,33 @@ def _byte_level_bpe(texts: list[str], vocab_size: int, specials: list[str]) -> T
 
 
 def _unigram_t5(texts: list[str], vocab_size: int) -> Tokenizer:
-    # T5 ships a SentencePiece unigram model; `tokenizers` trains the same model family without
-    # sentencepiece, with the Metaspace ("▁") word boundaries T5 uses.
-    uni = Tokenizer(models.Unigram())
-    uni.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace("  ", " ")])
-    uni.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    # T5 ships a SentencePiece unigram model, with Metaspace ("▁") word boundaries. `tokenizers`'
+    # UnigramTrainer is not a function of its input (four trainings on the same texts gave four vocabs),
+    # and a tokenizer that changes between runs changes every T5 result downstream. So the pieces are
+    # chosen here, deterministically: the characters (the fallback), then the most frequent words with
+    # their "▁", each scored by its log frequency as a unigram model's pieces are.
+    specials = ["<pad>", "</s>", "<unk>"]
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace("  ", " ")])
+    pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    words: Counter[str] = Counter()
+    for t in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
+    chars: Counter[str] = Counter()
+    for w, n in words.items():
+        for c in w:
+            chars[c] += n
+    total_chars, total_words = sum(chars.values()), sum(words.values())
+    # A character costs far more than any word (log(1/total) - 10 < log of the rarest word), so Viterbi
+    # splits into characters only what no word piece covers.
+    pieces = [(c, math.log(n / total_chars) - 10.0) for c, n in sorted(chars.items())]
+    room = max(0, vocab_size - len(specials) - len(pieces))
+    ranked = sorted(((w, n) for w, n in words.items() if len(w) > 1), key=lambda x: (-x[1], x[0]))[:room]
+    pieces += [(w, math.log(n / total_words)) for w, n in ranked]
+    uni = Tokenizer(models.Unigram([(s, 0.0) for s in specials] + pieces, unk_id=2, byte_fallback=False))
+    uni.normalizer = normalizer
+    uni.pre_tokenizer = pre
     uni.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    alphabet = sorted({c for t in texts for c in t} - {" "})
-    uni.train_from_iterator(texts, trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-        initial_alphabet=alphabet, show_progress=False))
+    uni.add_special_tokens(specials)
     return uni
 
 

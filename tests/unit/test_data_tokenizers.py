@@ -50,7 +50,8 @@ def test_tokenizers_are_a_function_of_their_texts(tmp_path):
     for k in range(3):
         train_wordpiece_tokenizer(texts, 60, tmp_path / f"wp{k}")
         train_bpe_tokenizer(texts, 300, tmp_path / f"bpe{k}", style="opt")
-    for kind in ("wp", "bpe"):
+        train_bpe_tokenizer(texts, 300, tmp_path / f"t5{k}", style="t5")  # unigram: trained by us, not tokenizers
+    for kind in ("wp", "bpe", "t5"):
         files = [(tmp_path / f"{kind}{k}" / "tokenizer.json").read_text() for k in range(3)]
         assert files[0] == files[1] == files[2], kind
     tok = load_qformer_tokenizer(tmp_path / "wp0")
