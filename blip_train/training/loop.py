@@ -20,7 +20,7 @@ from blip_train.config.changes import check_resume_config, record_config
 from blip_train.data.datasets import check_local_splits, remove_job_cache
 from blip_train.distributed.env import discover_environment, export_environment
 from blip_train.distributed.preemption import PreemptionHandler
-from blip_train.distributed.process_group import all_reduce_max_bool, init_distributed, print0
+from blip_train.distributed.process_group import all_reduce_max_bool, describe_placement, init_distributed, print0
 from blip_train.distributed.world import build_world_info
 from blip_train.distributed.zero import hf_zero3_loading
 from blip_train.evaluation.in_training import check_eval_split, evaluate_during_training
@@ -189,6 +189,7 @@ def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
     ckpt_dir, tag = out / "checkpoints", plan.resume_tag
     with without_build_chatter():
         init_distributed(env, cfg.deepspeed.timeout_minutes, on_cuda)
+    print0(describe_placement(env))
     if cfg.eval.interval:
         # After the group exists: without one, streaming would open (and close) a group of its own on
         # the same port, racing ours. Still before anything expensive is built.
