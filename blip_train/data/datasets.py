@@ -311,6 +311,16 @@ def check_local_splits(cfg: DataConfig) -> None:
                 raise ConfigError(f"data.train[{i}].local: {e}") from None
 
 
+def check_canonical_nodes(cfg: DataConfig, num_nodes: int) -> None:
+    """Refuse a node count that streaming cannot map onto `data.num_canonical_nodes` (one must divide the other),
+    before any work: streaming itself would only fail when the first batch is drawn."""
+    ncn = cfg.num_canonical_nodes
+    if num_nodes % ncn and ncn % num_nodes:
+        raise ConfigError(f"data.num_canonical_nodes: {ncn} canonical nodes cannot be spread over this job's "
+                          f"{num_nodes} nodes (one must divide the other); run on a node count that fits, or start "
+                          "a new run with a value that fits every node count it will use")
+
+
 def build_streams(streams: list[StreamConfig], balance: str, cache_dir: str = ""
                   ) -> tuple[list[Stream], list[dict[str, Any]]]:
     """Check every split's schema and build `streaming.Stream`s with mixture proportions.
@@ -360,7 +370,7 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optio
         dataset = _dataset_class(kind)(
             streams=streams, transform=build_transform(cfg.image_size, True, cfg.crop_scale_min, cfg.hflip),
             batch_size=micro_batch_size, shuffle=True, shuffle_seed=cfg.shuffle_seed,
-            cache_limit=cache_limit or None)
+            num_canonical_nodes=cfg.num_canonical_nodes, cache_limit=cache_limit or None)
     except ValueError as e:  # streaming checks the limit against the shard sizes it just read
         if cache_limit and "cache limit" in str(e).lower():
             raise ConfigError(f"data.cache_limit: {e}") from None

@@ -17,7 +17,7 @@ import torch
 from blip_train.config import (ConfigError, ExperimentConfig, check_input_paths, check_output_dir, config_to_dict,
                                config_warnings)
 from blip_train.config.changes import check_resume_config, record_config
-from blip_train.data.datasets import check_local_splits, remove_job_cache
+from blip_train.data.datasets import check_canonical_nodes, check_local_splits, remove_job_cache
 from blip_train.distributed.env import discover_environment, export_environment
 from blip_train.distributed.preemption import PreemptionHandler
 from blip_train.distributed.process_group import all_reduce_max_bool, describe_placement, init_distributed, print0
@@ -122,11 +122,11 @@ class RunPlan:
 
 
 def plan_run(cfg: ExperimentConfig, world_size: int, on_cuda: bool, allow_config_change: bool = False,
-             is_main: bool = True) -> RunPlan:
+             is_main: bool = True, num_nodes: int = 1) -> RunPlan:
     """Every check that needs no process group, cheapest first, so a bad run fails in seconds: input paths,
     the output directory, the checkpoint to resume (the newest whole one: a damaged newer one is named and
     skipped) and its recorded config, batch arithmetic and the DeepSpeed template, the local data splits,
-    an `init_from` checkpoint. Raises ConfigError."""
+    the job's node count against data.num_canonical_nodes, an `init_from` checkpoint. Raises ConfigError."""
     out = Path(cfg.run.output_dir)
     check_input_paths(cfg)
     check_output_dir(out)
@@ -142,6 +142,7 @@ def plan_run(cfg: ExperimentConfig, world_size: int, on_cuda: bool, allow_config
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
         changes = check_resume_config(out, cfg, meta.get("global_batch"), global_batch, allow_config_change)
     check_local_splits(cfg.data)
+    check_canonical_nodes(cfg.data, num_nodes)
     check_init_from(cfg)
     return RunPlan(ds_config, tag, elastic, changes)
 
@@ -181,7 +182,8 @@ def train(cfg: ExperimentConfig, allow_config_change: bool = False) -> dict:
     quiet_deepspeed("cuda" if on_cuda else "cpu")
     out = Path(cfg.run.output_dir)
     with mirror_console(out / "train.log", enabled=env.rank == 0):
-        return _train(cfg, env, on_cuda, plan_run(cfg, env.world_size, on_cuda, allow_config_change, env.rank == 0))
+        return _train(cfg, env, on_cuda, plan_run(cfg, env.world_size, on_cuda, allow_config_change, env.rank == 0,
+                                                  env.num_nodes))
 
 
 def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:

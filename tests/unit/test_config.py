@@ -39,7 +39,7 @@ def test_key_snapshot():
         "model.qformer.bert_init", "model.qformer.tokenizer", "model.qformer.grad_checkpointing",
         "model.llm.path", "model.llm.dtype", "model.llm.prompt", "model.llm.max_txt_len", "model.llm.max_prompt_len",
         "data.train", "data.val", "data.balance", "data.image_size", "data.crop_scale_min", "data.hflip",
-        "data.num_workers", "data.shuffle_seed", "data.cache_dir", "data.cache_limit", "data.keep_cache",
+        "data.num_workers", "data.shuffle_seed", "data.num_canonical_nodes", "data.cache_dir", "data.cache_limit", "data.keep_cache",
         "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.warmup_start_lr", "optim.weight_decay",
         "optim.betas", "optim.eps", "optim.grad_clip", "optim.fused",
         "train.max_steps", "train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size",
