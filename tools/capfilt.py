@@ -3,12 +3,18 @@
 
 For every image of --data the model's ITG pass samples --num-captions synthetic captions (nucleus,
 top-p 0.9, as BLIP); its ITM head scores the web caption and each synthetic one (P(match), softmax of
-the 2-way head) and its ITC head their similarity. The web caption is kept when P(match) >=
---itm-threshold; the --keep-top synthetic captions with the highest ITC are kept when they pass the
-same threshold. The output is an MDS split with the usual schema plus provenance: `source` is "web"
-or "synthetic", `orig_index` the sample's index in --data, `itm_score` / `itc_score` its scores.
-A report (images seen, web kept/dropped, synthetic kept, rates per `noisy` flag, score histograms)
-is printed and written to OUT/capfilt_report.json; the last stdout line is the report as JSON.
+the 2-way head) and its ITC head their similarity. A caption passes when both scores reach their
+thresholds; the web caption is kept when it passes, and the --keep-top synthetic captions with the
+highest ITC when they pass. Thresholds (printed, and kept in the report):
+  default          both heads at the joint quantile that keeps --keep-rate (0.75) of the input's web captions;
+  --calibrate-on   the same on a small split of known-clean pairs, keeping --clean-keep (0.9) of them;
+  --itm-threshold / --itc-threshold   fixed values.
+The output is an MDS split with one row per image that kept a caption: `captions` holds its kept
+captions (web first, then synthetic), one of which the reader draws per visit, with provenance
+(`orig_index`; per caption `caption_sources`, `itm_scores`, `itc_scores`). When fewer than --min-keep
+(5%) of the images keep a caption, nothing is written and the tool exits 2. A report (images seen, web
+kept/dropped, synthetic kept, rates per `noisy` flag, score histograms) is printed and written to
+OUT/capfilt_report.json; the last stdout line is the report as JSON.
 
     python tools/capfilt.py --checkpoint runs/stage1 --data data/laion/train --out data/laion_capfilt/train
     torchrun --nproc_per_node 8 tools/capfilt.py --checkpoint runs/stage1 --data D --out O --num-captions 10
@@ -35,6 +41,7 @@ from _common import run_tool
 from tqdm import tqdm
 
 from blip_train.capfilt import CapFiltSettings, format_report, run_capfilt
+from blip_train.capfilt.calibrate import ThresholdRule, calibrate
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,9 +51,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output MDS split directory")
     p.add_argument("--num-captions", type=int, default=10, help="synthetic captions sampled per image (0: filter only)")
     p.add_argument("--keep-top", type=int, default=2, help="synthetic captions kept per image at most (top by ITC)")
-    p.add_argument("--itm-threshold", type=float, default=0.5, help="minimum ITM match probability to keep a caption")
+    p.add_argument("--keep-rate", type=float, default=0.75,
+                   help="default rule: thresholds at the joint quantile that keeps this share of the input's web "
+                        "captions (default 0.75)")
+    p.add_argument("--calibrate-on", default=None, metavar="SPLIT",
+                   help="set thresholds on a small split of known-clean pairs instead (e.g. COCO val)")
+    p.add_argument("--clean-keep", type=float, default=0.9,
+                   help="with --calibrate-on: share of the clean pairs the thresholds keep (default 0.9)")
+    p.add_argument("--calibration-samples", type=int, default=512,
+                   help="captions scored to set the thresholds (the split's first ones; default 512)")
+    p.add_argument("--itm-threshold", type=float, default=None,
+                   help="fixed rule: minimum ITM match probability (with --itc-threshold or alone)")
     p.add_argument("--itc-threshold", type=float, default=None,
-                   help="also require this ITC similarity (cosine, max over queries); default: no ITC filter")
+                   help="fixed rule: minimum ITC similarity (cosine, max over queries)")
+    p.add_argument("--min-keep", type=float, default=0.05,
+                   help="fail (write nothing) when fewer than this share of the images keep a caption (default 0.05)")
     p.add_argument("--sampling", choices=("nucleus", "greedy"), default="nucleus")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     p.add_argument("--max-len", type=int, default=0,
@@ -66,6 +85,16 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def choose_thresholds(args: argparse.Namespace, model, tokenizer, cfg) -> ThresholdRule:
+    """The filter's thresholds: given (fixed), or set by a rule on scores (see blip_train/capfilt/calibrate.py)."""
+    if args.itm_threshold is not None or args.itc_threshold is not None:
+        return ThresholdRule("fixed", itm_threshold=args.itm_threshold or 0.0, itc_threshold=args.itc_threshold)
+    rule, split, target = (("clean_reference", args.calibrate_on, args.clean_keep) if args.calibrate_on
+                           else ("keep_rate", args.data, args.keep_rate))
+    return calibrate(model, tokenizer, str(split), rule, target, args.calibration_samples,
+                     cfg.model.vision.image_size, cfg.model.max_txt_len, args.batch_size)
+
+
 def main() -> int:
     args = parse_args()
     if not Path(args.data).is_dir():
@@ -80,12 +109,8 @@ def main() -> int:
     cfg, ckpt_dir, tag = load_run_config(args.checkpoint, args.overrides)
     if cfg.model.arch != "stage1":
         raise ValueError(f"--checkpoint {ckpt_dir / tag}: model.arch={cfg.model.arch}, CapFilt needs a stage-1 run")
-    settings = CapFiltSettings(
-        image_size=cfg.model.vision.image_size, max_txt_len=cfg.model.max_txt_len, num_captions=args.num_captions,
-        keep_top=args.keep_top, itm_threshold=args.itm_threshold, itc_threshold=args.itc_threshold,
-        sampling=args.sampling, top_p=args.top_p,
-        max_len=args.max_len or min(30, cfg.model.max_txt_len), seed=args.seed, chunk_size=args.chunk_size,
-        batch_size=args.batch_size)
+    if args.calibrate_on and not Path(args.calibrate_on).is_dir():
+        raise ValueError(f"--calibrate-on {args.calibrate_on}: not a directory")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
 
@@ -100,6 +125,15 @@ def main() -> int:
                                                         os.environ.get("CUDA_VISIBLE_DEVICES")))
     model, tokenizer = load_trained_stage1(cfg, ckpt_dir, tag, device_type=device.type)
     model.to(device).eval()
+    rule = choose_thresholds(args, model, tokenizer, cfg)  # every rank finds the same ones
+    if env.rank == 0:
+        print(f"capfilt: {rule.describe()}", flush=True)
+    settings = CapFiltSettings(
+        image_size=cfg.model.vision.image_size, max_txt_len=cfg.model.max_txt_len, num_captions=args.num_captions,
+        keep_top=args.keep_top, itm_threshold=rule.itm_threshold, itc_threshold=rule.itc_threshold,
+        sampling=args.sampling, top_p=args.top_p,
+        max_len=args.max_len or min(30, cfg.model.max_txt_len), seed=args.seed, chunk_size=args.chunk_size,
+        batch_size=args.batch_size, min_keep=args.min_keep)
 
     bar = None
 
@@ -109,12 +143,15 @@ def main() -> int:
             bar = bar or tqdm(total=total, desc="capfilt rank 0", unit="img", dynamic_ncols=True)
             bar.update(n)
 
-    identity = {"checkpoint": str((ckpt_dir / tag).resolve()), "data": str(Path(args.data).resolve())}
-    report = run_capfilt(model, tokenizer, args.data, args.out, settings, identity=identity, rank=env.rank,
-                         world=env.world_size, overwrite=args.overwrite, max_chunks=args.max_chunks,
-                         progress=progress)
-    if bar is not None:
-        bar.close()
+    identity = {"checkpoint": str((ckpt_dir / tag).resolve()), "data": str(Path(args.data).resolve()),
+                "thresholds": dict(rule.as_dict(), description=rule.describe())}
+    try:
+        report = run_capfilt(model, tokenizer, args.data, args.out, settings, identity=identity, rank=env.rank,
+                             world=env.world_size, overwrite=args.overwrite, max_chunks=args.max_chunks,
+                             progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()  # before any error line: that must be the last one
     if env.world_size > 1:
         destroy_distributed()
     if env.rank == 0:

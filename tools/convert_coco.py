@@ -29,7 +29,8 @@ def main() -> int:
     jobs = list(read_coco(args.images, args.annotations, stats, split=args.split, per_image=args.per_image,
                           dataset=args.dataset_name or "coco"))
     run_conversion(jobs, args.out, stats, workers=args.workers, overwrite=args.overwrite,
-                   resize_max_side=args.resize_max_side, total=len(jobs))
+                   resize_short_side=args.resize_short_side, resize_max_side=args.resize_max_side,
+                   total=len(jobs))
     print_summary("convert_coco", stats)
     return 0
 

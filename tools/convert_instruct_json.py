@@ -23,7 +23,8 @@ def main() -> int:
     stats = ConvertStats()
     jobs = list(read_llava(args.images, args.json, stats, dataset=args.dataset_name or "llava_instruct"))
     run_conversion(jobs, args.out, stats, workers=args.workers, overwrite=args.overwrite,
-                   resize_max_side=args.resize_max_side, total=len(jobs))
+                   resize_short_side=args.resize_short_side, resize_max_side=args.resize_max_side,
+                   total=len(jobs))
     print_summary("convert_instruct_json", stats)
     return 0
 

@@ -32,7 +32,8 @@ def main() -> int:
         jobs = list(read_vqa(args.images, args.questions, args.annotations, stats,
                              dataset=args.dataset_name or "vqav2"))
     run_conversion(jobs, args.out, stats, workers=args.workers, overwrite=args.overwrite,
-                   resize_max_side=args.resize_max_side, total=len(jobs))
+                   resize_short_side=args.resize_short_side, resize_max_side=args.resize_max_side,
+                   total=len(jobs))
     print_summary("convert_vqa", stats)
     return 0
 

@@ -26,7 +26,7 @@ def main() -> int:
     # Streamed, not listed: shards hold the image bytes and can be far larger than memory.
     jobs = read_webdataset(args.shards, stats, dataset=args.dataset_name or "web")
     run_conversion(jobs, args.out, stats, workers=args.workers, overwrite=args.overwrite,
-                   resize_max_side=args.resize_max_side)
+                   resize_short_side=args.resize_short_side, resize_max_side=args.resize_max_side)
     print_summary("convert_webdataset", stats)
     return 0
 

@@ -28,13 +28,16 @@ from transformers import PreTrainedTokenizerBase
 
 from blip_train.capfilt.report import CapFiltStats
 from blip_train.data.collate import pre_caption
-from blip_train.data.images import CorruptImageError, decode_rgb
-from blip_train.data.schema import COLUMNS
+from blip_train.data.images import CorruptImageError
+from blip_train.data.schema import COLUMNS, DRAW_CAPTION_SOURCE
 from blip_train.data.transforms import build_transform
 
 SAMPLING = ("nucleus", "greedy")
-EXTRA_COLUMNS = {"orig_index": "int", "itm_score": "float64", "itc_score": "float64"}
-"""Provenance columns CapFilt adds to the schema: the sample's index in the input split and its scores."""
+CAPFILT_SOURCE = DRAW_CAPTION_SOURCE
+"""`source` of an output row: one row per image, its kept captions in `captions` (readers draw one per visit)."""
+EXTRA_COLUMNS = {"orig_index": "int", "caption_sources": "json", "itm_scores": "json", "itc_scores": "json"}
+"""Provenance columns CapFilt adds to the schema: the sample's index in the input split and, per kept
+caption (in `captions` order), whether it is the web or a synthetic one and its ITM / ITC scores."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ class CapFiltSettings:
     """Input samples per work unit (one output part, one completion marker)."""
     batch_size: int = 16
     """Images per forward pass."""
+    min_keep: float = 0.05
+    """Least share of the input's decodable images that must keep a caption; less is an error (thresholds
+    that keep almost nothing are a mistake, never a dataset)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -76,6 +82,7 @@ class CapFiltSettings:
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.max_len >= 2, "max_len must be >= 2 ([DEC] and one token)"),
             (self.chunk_size >= 1 and self.batch_size >= 1, "chunk_size and batch_size must be >= 1"),
+            (0.0 <= self.min_keep <= 1.0, "min_keep is a share of the input, in [0, 1]"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -142,20 +149,24 @@ def select_captions(web: Optional[Candidate], synthetic: Sequence[Candidate], ke
     return kept, candidates
 
 
-def output_row(row: dict[str, Any], index: int, cand: Candidate) -> dict[str, Any]:
-    """The input sample carrying `cand` as its caption, with provenance and scores.
+def output_row(row: dict[str, Any], index: int, kept: Sequence[Candidate]) -> dict[str, Any]:
+    """One row per image, as BLIP-2 stored its selection: the kept captions together in `captions` (web
+    first, then synthetic ones by ITC rank), `caption` the first of them; readers draw one caption per
+    visit (`blip_train.data.schema.draw_caption`), so an image with more kept captions is not seen more often.
 
-    Caption-task rows whose answer is their caption (captioning targets) get the new caption as
-    answer too; other rows keep their question/answer. A synthetic caption is not known to be wrong,
-    so its `noisy` is 0; a kept web caption keeps the input's flag.
+    Caption-task rows whose answer is their caption (captioning targets) answer with the kept captions
+    too; other rows keep their question/answer. `noisy` is 1 only when a web caption known to be wrong
+    was kept (synthetic captions are not known to be wrong).
     """
+    texts = [c.text for c in kept]
     out = {k: row[k] for k in COLUMNS if k in row}
-    out["caption"] = cand.text
+    out["caption"], out["captions"] = texts[0], texts
     if row.get("task") == "caption" and row.get("answer") == row.get("caption"):
-        out["answer"], out["answers"] = cand.text, [cand.text]
-    out["source"] = cand.source
-    out["noisy"] = int(row.get("noisy", 0)) if cand.source == "web" else 0
-    out.update(orig_index=int(index), itm_score=float(cand.itm), itc_score=float(cand.itc))
+        out["answer"], out["answers"] = texts[0], texts
+    out["source"] = CAPFILT_SOURCE
+    out["noisy"] = int(row.get("noisy", 0)) if kept[0].source == "web" else 0
+    out.update(orig_index=int(index), caption_sources=[c.source for c in kept],
+               itm_scores=[float(c.itm) for c in kept], itc_scores=[float(c.itc) for c in kept])
     return out
 
 
@@ -178,11 +189,10 @@ def process_chunk(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         for index, row in samples[start:start + settings.batch_size]:
             stats.add("images")
             try:
-                image = decode_rgb(row["image"])
+                pixels.append(transform(row["image"]))  # decodes; only bad bytes raise CorruptImageError
             except CorruptImageError:  # one bad image must not stop the run; a transform bug must
                 stats.add("undecodable")
                 continue
-            pixels.append(transform(image))
             batch.append((index, row))
         if not batch:
             continue
@@ -228,7 +238,9 @@ def process_chunk(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
             kept, top = select_captions(web, cands, settings.keep_top, settings.itm_threshold,
                                         settings.itc_threshold)
             _count(stats, row, web, kept, top, cands)
-            rows += [output_row(row, index, c) for c in kept]
+            if kept:
+                rows.append(output_row(row, index, kept))
+                stats.add("captions_kept", len(kept))
     stats.add("rows", len(rows))
     return rows, stats
 

@@ -21,7 +21,8 @@ COUNTERS = (
     "synthetic_duplicates",   # repeats of another sampled caption or of the web caption
     "synthetic_candidates",   # top-`keep_top` by ITC that went to the ITM filter
     "synthetic_kept",
-    "rows",                   # output rows written
+    "captions_kept",          # web + synthetic captions kept (an image's are stored together in one row)
+    "rows",                   # output rows written: images that kept at least one caption
 )
 
 # name -> (low, high, bins). ITM is a probability; ITC the cosine similarity (max over queries).
@@ -108,6 +109,8 @@ def build_report(stats: CapFiltStats, settings: dict[str, Any]) -> dict[str, Any
         "images_seen": c["images"],
         "images_undecodable": c["undecodable"],
         "rows_written": c["rows"],
+        "images_kept_rate": _rate(c["rows"], c["images"] - c["undecodable"]),
+        "captions_kept": c["captions_kept"],
         "web": {"kept": c["web_kept"], "dropped": c["web_dropped"], "no_caption": c["web_empty"],
                 "kept_rate": _rate(c["web_kept"], web_scored)},
         "synthetic": {"generated": c["synthetic_generated"], "empty": c["synthetic_empty"],
@@ -122,6 +125,7 @@ def build_report(stats: CapFiltStats, settings: dict[str, Any]) -> dict[str, Any
             "clean_web": c["clean_web"], "clean_kept": c["clean_web_kept"],
             "clean_keep_rate": _rate(c["clean_web_kept"], c["clean_web"]),
         }
+    report["thresholds"] = (settings.get("thresholds") or {}).get("description")
     report["histograms"] = {k: h.as_dict() for k, h in stats.histograms.items() if sum(h.counts)}
     report["settings"] = settings
     return report
@@ -138,8 +142,12 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'samples without caption':<28}{web['no_caption']}",
         f"{'synthetic generated':<28}{syn['generated']} ({syn['duplicates']} duplicates, {syn['empty']} empty)",
         f"{'synthetic kept':<28}{syn['kept']} of {syn['candidates']} top candidates",
-        f"{'rows written':<28}{report['rows_written']}",
+        f"{'rows written (images kept)':<28}{report['rows_written']} "
+        f"({100 * (report.get('images_kept_rate') or 0):.1f}% of the decodable images; "
+        f"{report.get('captions_kept', 0)} captions)",
     ]
+    if report.get("thresholds"):
+        lines.append(f"{'thresholds':<28}{report['thresholds']}")
     noise = report.get("noise")
     if noise:
         lines += [f"{'noisy web dropped':<28}{noise['noisy_dropped']}/{noise['noisy_web']} "

@@ -127,7 +127,9 @@ def run_capfilt(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data
 
     data, out = Path(data), Path(out)
     num_samples = verify_split(data)
-    identity = dict(identity or {}, settings=settings.as_dict(), num_samples=num_samples)
+    # min_keep only judges the merged result: a run refused for it can be merged again with another value.
+    kept_settings = {k: v for k, v in settings.as_dict().items() if k != "min_keep"}
+    identity = dict(identity or {}, settings=kept_settings, num_samples=num_samples)
     total = num_chunks(num_samples, settings.chunk_size)
 
     def plan() -> list[int]:
@@ -166,14 +168,26 @@ def run_capfilt(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data
     done = [k for k in range(total) if marker_file(out, k).is_file()]
     if len(done) < total:
         return None  # stopped early by max_chunks: a later run continues
-    return merge_parts(out, total, identity)
+    return merge_parts(out, total, identity, settings.min_keep)
 
 
-def merge_parts(out: Path, total: int, identity: dict[str, Any]) -> dict[str, Any]:
-    """Concatenate the chunk parts in order into the final split at `out`; write and return the report."""
+def merge_parts(out: Path, total: int, identity: dict[str, Any], min_keep: float = 0.0) -> dict[str, Any]:
+    """Concatenate the chunk parts in order into the final split at `out`; write and return the report.
+
+    When fewer than `min_keep` of the decodable input images kept a caption, nothing is written (the
+    chunk results stay in OUT/.parts) and ValueError says so: such an output is a threshold mistake.
+    """
     stats = CapFiltStats()
     for k in range(total):
         stats.merge_(CapFiltStats.from_json(json.loads(marker_file(out, k).read_text())))
+    c = stats.counts
+    decodable = c["images"] - c["undecodable"]
+    if decodable and c["rows"] < min_keep * decodable:
+        rule = (identity.get("thresholds") or {}).get("description", "the thresholds")
+        raise ValueError(f"capfilt: only {c['rows']} of {decodable} images kept a caption "
+                         f"({c['rows'] / decodable:.1%} < --min-keep {min_keep:.0%}) with {rule}; nothing was written "
+                         f"to {out} (lower the thresholds or choose another rule; chunk results stay in "
+                         f"{out / PARTS_DIR})")
 
     def rows() -> Iterator[dict[str, Any]]:
         for k in range(total):

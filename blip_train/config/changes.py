@@ -27,7 +27,7 @@ _NUMBERED = re.compile(r"^config\.(\d+)\.yaml$")
 RESUME_FREE = (
     "run.output_dir", "run.tensorboard", "run.wandb", "run.device",
     "train.log_interval", "train.save_interval", "train.keep_last", "train.keep_every", "train.max_bad_steps",
-    "eval.", "data.val", "data.num_workers", "data.cache_dir", "data.cache_limit", "data.keep_cache",
+    "eval.", "data.val", "data.num_workers", "data.decode", "data.cache_dir", "data.cache_limit", "data.keep_cache",
     "deepspeed.config", "deepspeed.offload", "deepspeed.nvme", "deepspeed.param_persistence_threshold",
     "deepspeed.zero_init", "deepspeed.timeout_minutes",
     "model.attention", "model.vision.grad_checkpointing", "model.qformer.grad_checkpointing", "optim.fused",

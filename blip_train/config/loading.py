@@ -41,11 +41,18 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert one YAML value to the annotated type, or raise naming `key`."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union:  # Optional[X], or a number that also takes a word (Union[int, str]: "auto")
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        return _coerce(value, args[0], key)
+        if len(args) == 1:
+            return _coerce(value, args[0], key)
+        for arg in args:
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
@@ -218,7 +225,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
         _positive(key, val)
     for key, val in [("optim.min_lr", o.min_lr), ("optim.warmup_steps", o.warmup_steps),
                      ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
-                     ("data.num_workers", d.num_workers), ("eval.interval", cfg.eval.interval),
+                     ("eval.interval", cfg.eval.interval),
                      ("train.keep_every", t.keep_every)]:
         _positive(key, val, allow_zero=True)
     if m.qformer.hidden_size % m.qformer.heads:
@@ -245,6 +252,11 @@ def validate_config(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"data.cache_limit: data.train[{i}] ({s.local}) is not remote, and streaming would "
                               "evict (delete) its shards to stay under the limit; limit only all-remote mixtures")
     parse_cache_limit(d.cache_limit)
+    if isinstance(d.num_workers, str) and d.num_workers != "auto":
+        raise ConfigError(f"data.num_workers: expected a number of workers or auto, got {d.num_workers!r}")
+    if isinstance(d.num_workers, int):
+        _positive("data.num_workers", d.num_workers, allow_zero=True)
+    _choice("data.decode", d.decode, ("cpu", "gpu"))
     on_cuda = r.device == "cuda" or (r.device == "auto" and cuda_available())
     if r.device == "cuda" and not cuda_available():
         raise ConfigError("run.device: 'cuda' requested but no CUDA device is available")
@@ -255,6 +267,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
             raise ConfigError("model.llm.dtype: fp16 needs a CUDA device (this run is on CPU; use bf16 or fp32)")
         if m.attention == "flash":
             raise ConfigError("model.attention: flash needs a CUDA device (this run is on CPU; use auto or sdpa)")
+        if d.decode == "gpu":
+            raise ConfigError("data.decode: gpu needs a CUDA device (this run is on CPU; use data.decode=cpu)")
     if cfg.eval.interval and not d.val:
         raise ConfigError("eval.interval: in-training evaluation needs data.val (a held-out MDS split)")
     _choice("eval.task", cfg.eval.task, ("auto",) + tuple(EVAL_TASK_ARCHS))

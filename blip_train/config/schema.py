@@ -8,7 +8,7 @@ test (`tests/unit/test_config.py`) lists every key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 
 @dataclass
@@ -138,8 +138,13 @@ class DataConfig:
     """RandomResizedCrop lower scale bound (upper bound 1.0)."""
     hflip: bool = True
     """Random horizontal flip in training (turn off when captions mention left/right)."""
-    num_workers: int = 2
-    """DataLoader workers per rank."""
+    num_workers: Union[int, str] = "auto"
+    """DataLoader workers per rank, or auto: the CPUs this rank has (affinity, SLURM_CPUS_PER_TASK, shared by
+    the node's ranks unless srun gave each its own) less one, at most 16."""
+    decode: str = "cpu"
+    """Where training JPEGs are decoded: cpu (DataLoader workers, libjpeg-turbo, DCT-scaled to the crop) | gpu
+    (nvJPEG on the training device, whole batches, crops resized there; needs CUDA and a torchvision with
+    nvJPEG). Crop boxes and flips are drawn in the workers either way, from the same per-sample seeds."""
     shuffle_seed: int = 9176
     num_canonical_nodes: int = 1
     """Nodes that streaming partitions and shuffles each epoch for, whatever number of nodes runs the job: the
@@ -157,7 +162,10 @@ class DataConfig:
     count 1024s, as streaming reads them). Least recently used shards are evicted and downloaded again
     when read. Empty: no limit. Leave room for what the node's readers have in flight: each rank's workers
     read 8 x micro_batch_size samples ahead, possibly each from another shard; below that streaming evicts
-    shards before they are read and can stall. Only with every data.train stream remote: streaming would
+    shards before they are read and can stall. Streaming counts a shard only once it is downloaded, so
+    downloads running together can overshoot the limit by one shard each beyond the first (up to 2 per
+    data-loader worker of each local rank): set it that many shards below the disk's free space. Only
+    with every data.train stream remote: streaming would
     evict (delete) the shards of a local one."""
     keep_cache: bool = False
     """Keep the job's remote-stream cache when training ends. By default it is removed when the run

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from blip_train.data.device import collate_images
 from blip_train.data.tokenizers import DEC_TOKEN
 
 IGNORE_INDEX = -100
@@ -26,16 +27,12 @@ def pre_caption(caption: str, max_words: int = 50) -> str:
     return " ".join(words[:max_words]) if len(words) > max_words else text
 
 
-def stack_images(samples: Sequence[dict[str, Any]]) -> torch.Tensor:
-    """(B, 3, H, W) float from the samples' `pixel_values`."""
-    return torch.stack([s["pixel_values"] for s in samples]).float()
-
-
 class Stage1Collator:
     """Q-Former stage-1 batches (ITC / ITM / ITG) from `ImageTextDataset` samples.
 
     Output, exactly:
-        pixel_values  float (B, 3, H, W)
+        pixel_values  uint8 (B, 3, H, W)  from the training transform; `data.device.finish_batch` normalises
+                      it on the device (and decodes the `jpeg_crops` that data.decode=gpu adds)
         text_ids      long  (B, T)  [CLS] caption [SEP], right-padded, T <= max_txt_len
         text_mask     long  (B, T)  1 for real tokens
         itg_input_ids long  (B, T)  text_ids with the first token ([CLS]) replaced by [DEC]
@@ -65,7 +62,7 @@ class Stage1Collator:
         itg_input_ids[:, 0] = self.dec_id
         itg_labels = itg_input_ids.masked_fill(text_mask == 0, IGNORE_INDEX)
         return {
-            "pixel_values": stack_images(samples),
+            **collate_images(samples),
             "text_ids": text_ids,
             "text_mask": text_mask,
             "itg_input_ids": itg_input_ids,
@@ -88,9 +85,9 @@ def unique_image_id(sample: dict[str, Any]) -> int:
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Generic collation for evaluation and inspection: images stacked, ints as long tensors,
-    everything else (strings, answer lists) as Python lists."""
-    out: dict[str, Any] = {"pixel_values": stack_images(samples)}
+    """Generic collation for evaluation and inspection: images stacked (`collate_images`), ints as long
+    tensors, everything else (strings, answer lists) as Python lists."""
+    out: dict[str, Any] = collate_images(samples)
     for key in samples[0]:
         if key == "pixel_values":
             continue

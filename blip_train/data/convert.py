@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 
 from tqdm import tqdm
 
-from blip_train.data.images import load_and_normalize_image
+from blip_train.data.images import RESIZE_SHORT_SIDE, load_and_normalize_image
 from blip_train.data.schema import write_split
 
 # Text-level skip reasons (image-level ones live in images.py).
@@ -46,13 +46,19 @@ class ConvertStats:
     """Skipped samples by reason (an unreadable image with five captions counts five)."""
     skipped_images: Counter = field(default_factory=Counter)
     """Skipped images by reason."""
+    image_bytes_read: int = 0
+    """Bytes of the source files of the images written."""
+    image_bytes_stored: int = 0
+    """Bytes of those images as stored (pre-resized, re-encoded where needed)."""
 
     def skip(self, reason: str, samples: int = 1) -> None:
         self.skipped[reason] += samples
 
     def as_dict(self) -> dict[str, Any]:
         return {"out": self.out, "written": self.written, "images": self.images,
-                "skipped": dict(self.skipped), "skipped_images": dict(self.skipped_images)}
+                "skipped": dict(self.skipped), "skipped_images": dict(self.skipped_images),
+                "image_bytes_read": self.image_bytes_read, "image_bytes_stored": self.image_bytes_stored,
+                "image_bytes_saved": self.image_bytes_read - self.image_bytes_stored}
 
 
 def clean_text(value: Any) -> tuple[Optional[str], str]:
@@ -102,15 +108,32 @@ def require_dir(path: Union[str, os.PathLike], what: str) -> Path:
     return p
 
 
-def _normalize_job(args: tuple[ImageJob, int]) -> tuple[Optional[bytes], str, ImageJob]:
-    job, resize_max_side = args
-    data, reason = load_and_normalize_image(job.source, resize_max_side=resize_max_side)
-    return data, reason, job
+@dataclass(frozen=True)
+class ResizePolicy:
+    """How converters downscale what they store (`images.resize_scale`); 0 disables a bound."""
+    short_side: int = RESIZE_SHORT_SIDE
+    max_side: int = 0
 
 
-def _normalized(jobs: Iterable[ImageJob], workers: int, resize_max_side: int
-                ) -> Iterator[tuple[Optional[bytes], str, ImageJob]]:
-    args = ((job, resize_max_side) for job in jobs)
+def _source_bytes(source: Union[str, bytes]) -> int:
+    if isinstance(source, (bytes, bytearray)):
+        return len(source)
+    try:
+        return os.path.getsize(source)
+    except OSError:
+        return 0
+
+
+def _normalize_job(args: tuple[ImageJob, ResizePolicy]) -> tuple[Optional[bytes], str, ImageJob, int]:
+    job, resize = args
+    data, reason = load_and_normalize_image(job.source, resize_short_side=resize.short_side,
+                                            resize_max_side=resize.max_side)
+    return data, reason, job, _source_bytes(job.source)
+
+
+def _normalized(jobs: Iterable[ImageJob], workers: int, resize: ResizePolicy
+                ) -> Iterator[tuple[Optional[bytes], str, ImageJob, int]]:
+    args = ((job, resize) for job in jobs)
     if workers <= 1:
         yield from map(_normalize_job, args)
         return
@@ -120,9 +143,13 @@ def _normalized(jobs: Iterable[ImageJob], workers: int, resize_max_side: int
 
 
 def run_conversion(jobs: Iterable[ImageJob], out: Union[str, os.PathLike], stats: ConvertStats, *,
-                   workers: int = 1, overwrite: bool = False, resize_max_side: int = 0,
-                   total: Optional[int] = None, desc: str = "images", progress: bool = True) -> ConvertStats:
-    """Normalise every job's image, write the surviving rows as one split; fill and return `stats`."""
+                   workers: int = 1, overwrite: bool = False, resize_short_side: int = RESIZE_SHORT_SIDE,
+                   resize_max_side: int = 0, total: Optional[int] = None, desc: str = "images",
+                   progress: bool = True) -> ConvertStats:
+    """Normalise every job's image, write the surviving rows as one split; fill and return `stats`.
+
+    Images are stored downscaled to a shorter side of `resize_short_side` (and a longer side of at most
+    `resize_max_side`); 0 for both keeps every image at its size."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
@@ -130,13 +157,15 @@ def run_conversion(jobs: Iterable[ImageJob], out: Union[str, os.PathLike], stats
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
 
     def rows() -> Iterator[dict[str, Any]]:
-        for data, reason, job in _normalized(jobs, workers, resize_max_side):
+        for data, reason, job, read in _normalized(jobs, workers, ResizePolicy(resize_short_side, resize_max_side)):
             bar.update(1)
             if data is None:
                 stats.skipped_images[reason] += 1
                 stats.skip(reason, len(job.rows))
                 continue
             stats.images += 1
+            stats.image_bytes_read += read
+            stats.image_bytes_stored += len(data)
             for row in job.rows:
                 yield {**row, "image": data}
 

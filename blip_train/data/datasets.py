@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -28,8 +28,9 @@ from streaming.base.constant import SHM_TO_CLEAN
 from blip_train.config.loading import ConfigError, parse_cache_limit
 from blip_train.config.schema import DataConfig, StreamConfig
 from blip_train.data.collate import collate_samples
-from blip_train.data.images import CorruptImageError, decode_rgb
-from blip_train.data.schema import SCHEMA_FILE, SchemaError, verify_split
+from blip_train.data.device import build_train_transform, check_gpu_decode
+from blip_train.data.images import CorruptImageError
+from blip_train.data.schema import SCHEMA_FILE, SchemaError, draw_caption, verify_split
 from blip_train.data.transforms import build_transform
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class SchemaDataset(StreamingDataset):
     # A run of this many undecodable samples in a row means the split itself is broken.
     max_consecutive_corrupt = 100
 
-    def __init__(self, *, transform: Callable[..., torch.Tensor], **kwargs: Any) -> None:
+    def __init__(self, *, transform: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.transform = transform
         # Lives in shared memory so that the counts of all DataLoader workers add up where the
@@ -73,18 +74,19 @@ class SchemaDataset(StreamingDataset):
         stream, start, count = self._stream_range(int(sample_id))
         for attempt in range(min(self.max_consecutive_corrupt, count)):
             sid = start + (int(sample_id) - start + attempt) % count
-            row = self.get_item(sid)
             seed = self._sample_seed(sid)
+            row = draw_caption(self.get_item(sid), seed)  # CapFilt rows: one of the image's kept captions
             try:
-                image = decode_rgb(row["image"])
+                # The transform decodes the stored bytes itself: the crop it draws decides how small a
+                # JPEG may decode. Only undecodable bytes raise CorruptImageError; a bug in a transform
+                # raises anything else, and surfaces.
+                pixel_values = self.transform(row["image"], torch.Generator().manual_seed(seed))
             except CorruptImageError as e:
                 with self._num_corrupt.get_lock():
                     self._num_corrupt.value += 1
                 logger.warning("skipping sample %d (image_id %s, dataset %s): undecodable image (%s)",
                                sid, row.get("image_id"), row.get("dataset"), e)
                 continue
-            # Outside the try: an error in the transform is a bug to report, not a corrupt image.
-            pixel_values = self.transform(image, torch.Generator().manual_seed(seed))
             # `stream`: converters number image ids from 0 in every split, so an id is only unique
             # together with its stream (the stage-1 collator combines the two).
             return {**self.format_sample(row, pixel_values), "draw_seed": seed, "stream": stream}
@@ -350,6 +352,39 @@ def build_streams(streams: list[StreamConfig], balance: str, cache_dir: str = ""
     return out, info
 
 
+MAX_AUTO_WORKERS = 16
+"""Cap of data.num_workers=auto: each worker holds its own reader state and prefetched batches."""
+
+
+def job_cpus(environ: Mapping[str, str] = os.environ) -> int:
+    """CPUs this process may run on: its affinity mask, capped by SLURM_CPUS_PER_TASK where SLURM set one
+    (a job without CPU binding sees every CPU of the node)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    slurm = environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cpus, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cpus
+
+
+def resolve_num_workers(value: int | str, local_world_size: int = 1,
+                        environ: Mapping[str, str] = os.environ, cpus: Optional[int] = None) -> int:
+    """data.num_workers as a number: itself, or for "auto" the CPUs of this rank less one (the rank's own
+    process: the step, host-to-device copies), at least 1 and at most MAX_AUTO_WORKERS.
+
+    A rank's CPUs are `job_cpus` split among the ranks that share them: under `srun` one task per rank
+    (SLURM_CPUS_PER_TASK is per rank) nobody else; under torchrun / the deepspeed launcher (one launcher
+    per node, or no SLURM at all) the node's LOCAL_WORLD_SIZE ranks.
+    """
+    if value != "auto":
+        return int(value)
+    cpus = job_cpus(environ) if cpus is None else cpus
+    one_task_per_rank = "SLURM_CPUS_PER_TASK" in environ and "SLURM_PROCID" in environ and not any(
+        k in environ for k in ("TORCHELASTIC_RUN_ID", "GROUP_RANK", "CROSS_SIZE", "LOCAL_SIZE"))
+    per_rank = cpus if one_task_per_rank else cpus // max(1, local_world_size)
+    return max(1, min(MAX_AUTO_WORKERS, per_rank - 1))
+
+
 def _dataset_class(kind: str) -> type[SchemaDataset]:
     if kind not in DATASET_KINDS:
         raise ValueError(f"kind must be one of {sorted(DATASET_KINDS)}, got {kind!r}")
@@ -362,13 +397,17 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optio
 
     Per-stream sample counts and shares are logged and kept in `loader.dataset.stream_info`.
     """
-    ensure_local_world_size()
+    local_world_size = ensure_local_world_size()
+    if cfg.decode == "gpu":
+        check_gpu_decode(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                         else torch.device("cpu"))
     maybe_clean_stale_shared_memory()
     streams, info = build_streams(cfg.train, cfg.balance, cfg.cache_dir)
     cache_limit = parse_cache_limit(cfg.cache_limit)
+    transform = build_train_transform(cfg.image_size, cfg.crop_scale_min, cfg.hflip, cfg.decode)
     try:
         dataset = _dataset_class(kind)(
-            streams=streams, transform=build_transform(cfg.image_size, True, cfg.crop_scale_min, cfg.hflip),
+            streams=streams, transform=transform,
             batch_size=micro_batch_size, shuffle=True, shuffle_seed=cfg.shuffle_seed,
             num_canonical_nodes=cfg.num_canonical_nodes, cache_limit=cache_limit or None)
     except ValueError as e:  # streaming checks the limit against the shard sizes it just read
@@ -380,8 +419,11 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optio
         logger.info("data stream %s: %d samples, share %.3f, %d drawn per epoch (%s)",
                     i["name"], i["samples"], i["proportion"], i["per_epoch"], i["local"])
     dataset.stream_info = info
+    workers = resolve_num_workers(cfg.num_workers, local_world_size)
+    logger.info("data loader: %d worker(s) per rank (data.num_workers=%s), JPEGs decoded on the %s",
+                workers, cfg.num_workers, cfg.decode)
     return StreamingDataLoader(dataset, batch_size=micro_batch_size, collate_fn=collate_fn or collate_samples,
-                               num_workers=cfg.num_workers, drop_last=True,
+                               num_workers=workers, drop_last=True,
                                # own generator: creating an iterator must not draw from the global RNG
                                generator=torch.Generator().manual_seed(cfg.shuffle_seed),
                                pin_memory=torch.cuda.is_available(),
@@ -398,7 +440,7 @@ def build_eval_loader(cfg: DataConfig, batch_size: int, collate_fn: Optional[Cal
     split = split or cfg.val
     if not split:
         raise ValueError("data.val is empty: set it to the held-out MDS split directory")
-    ensure_local_world_size()
+    local_world_size = ensure_local_world_size()
     maybe_clean_stale_shared_memory()
     n = verify_split(split)
     dataset = _dataset_class(kind)(local=split, transform=build_transform(cfg.image_size, False),
@@ -406,5 +448,5 @@ def build_eval_loader(cfg: DataConfig, batch_size: int, collate_fn: Optional[Cal
     dataset.stream_info = [{"name": Path(split).name, "local": split, "remote": None, "samples": n,
                             "proportion": 1.0, "per_epoch": n}]
     return StreamingDataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn or collate_samples,
-                               num_workers=cfg.num_workers, drop_last=False,
+                               num_workers=resolve_num_workers(cfg.num_workers, local_world_size), drop_last=False,
                                pin_memory=torch.cuda.is_available())

@@ -8,6 +8,7 @@ skipping; training then never needs to handle any of it.
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 import warnings
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps
 
 # Skip reasons (stable strings: converters report and tests check them).
@@ -54,13 +56,33 @@ def _to_8bit_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+RESIZE_SHORT_SIDE = 512
+"""Converters' default stored size: images whose shorter side exceeds this are downscaled to it. 512 px
+still gives the training crops (224 px, scale 0.5-1) more pixels than they keep, and the fine-tuning
+sizes (364, 490) a full-resolution centre; a web photo of 1024-2048 px shrinks to a quarter or less of
+its bytes and decodes that much faster, epoch after epoch."""
+
+
+def resize_scale(width: int, height: int, short_side: int = 0, max_side: int = 0) -> float:
+    """The factor (<= 1) that brings the shorter side down to `short_side` and the longer one to `max_side`
+    (0: no bound); 1 when the image is within both (images are never enlarged)."""
+    scale = 1.0
+    if short_side > 0:
+        scale = min(scale, short_side / min(width, height))
+    if max_side > 0:
+        scale = min(scale, max_side / max(width, height))
+    return scale
+
+
 def load_and_normalize_image(src: Union[bytes, str, os.PathLike], *, max_side: int = MAX_SIDE,
                              min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS,
-                             resize_max_side: int = 0) -> tuple[Optional[bytes], str]:
+                             resize_short_side: int = 0, resize_max_side: int = 0) -> tuple[Optional[bytes], str]:
     """Return `(encoded RGB image bytes, "ok")` or `(None, reason)`; never raises on bad input.
 
     Untouched RGB JPEG/PNG files are stored byte for byte (no re-compression loss); everything
-    else (other modes, EXIF rotation, downscaling with `resize_max_side` > 0) is re-encoded as JPEG.
+    else (other modes, EXIF rotation, downscaling by `resize_scale(resize_short_side, resize_max_side)`)
+    is re-encoded as JPEG. A JPEG to be downscaled is decoded at a DCT scale that keeps at least twice
+    the final size (PIL's draft; the bicubic resize then reduces by 2x or more, as PIL's thumbnail does).
     """
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
@@ -87,6 +109,9 @@ def load_and_normalize_image(src: Union[bytes, str, os.PathLike], *, max_side: i
             if min(w, h) < min_side:
                 return None, TOO_SMALL
             fmt = im.format
+            scale = resize_scale(w, h, resize_short_side, resize_max_side)
+            if scale < 1 and fmt == "JPEG":
+                im.draft(im.mode, (math.ceil(2 * w * scale), math.ceil(2 * h * scale)))
             im.load()  # full decode: catches truncated and corrupt files here, not in training
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, BOMB
@@ -99,15 +124,14 @@ def load_and_normalize_image(src: Union[bytes, str, os.PathLike], *, max_side: i
             rotated = ImageOps.exif_transpose(im)
     except Exception:  # malformed EXIF must not cost us the image
         rotated = im
-    needs_resize = resize_max_side > 0 and max(w, h) > resize_max_side
-    if fmt in ("JPEG", "PNG") and im.mode == "RGB" and rotated is im and not needs_resize:
+    if fmt in ("JPEG", "PNG") and im.mode == "RGB" and rotated is im and scale == 1:
         return data, OK
     try:
         out = _to_8bit_rgb(rotated)
-        if needs_resize:
-            scale = resize_max_side / max(out.size)
-            out = out.resize((max(1, round(out.width * scale)), max(1, round(out.height * scale))),
-                             Image.Resampling.BICUBIC)
+        if scale < 1:
+            turned = rotated.size != im.size  # EXIF rotation by 90 degrees swaps the sides
+            width, height = (h, w) if turned else (w, h)
+            out = out.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         out.save(buf, format="JPEG", quality=JPEG_QUALITY)
     except Exception:
@@ -120,15 +144,76 @@ class CorruptImageError(ValueError):
     a transform must surface as an error, not as a growing count of "corrupt" samples."""
 
 
+_PIL_DECODE_ERRORS = (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError, struct.error)
+"""What PIL's decoders raise for bad bytes (UnidentifiedImageError is an OSError)."""
+
+
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode stored image bytes to an RGB PIL image; CorruptImageError when they do not decode."""
     try:
         im = Image.open(io.BytesIO(data))
         im.load()  # the full decode: truncated data fails here, not later in a transform
         return im if im.mode == "RGB" else im.convert("RGB")
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-        # PIL's decoders raise all of these for bad bytes (UnidentifiedImageError is an OSError).
+    except _PIL_DECODE_ERRORS as e:
         raise CorruptImageError(f"{type(e).__name__}: {e}") from e
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of stored image bytes from their header alone (no pixel is decoded)."""
+    if is_jpeg(data):
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            return width, height
+        except ValueError:
+            pass  # a JPEG libjpeg-turbo's header reader refuses: PIL may still read it
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except _PIL_DECODE_ERRORS as e:
+        raise CorruptImageError(f"{type(e).__name__}: {e}") from e
+
+
+DCT_SCALES = (8, 4)
+"""JPEG decode reductions used: 1/8 and 1/4 (else full size). libjpeg-turbo also scales by 1/2 and by n/8,
+but measured here (bench/data.py) 1/2 saves no more decoding than resizing the fractional box it leaves
+costs (PIL, against torch's faster kernel on a full-size decode's whole-pixel box), and 3/8, 5/8-7/8
+have no SIMD inverse DCT: they cost as much as 1/2, or more than a full decode."""
+
+
+def dct_scaled_size(width: int, height: int, min_width: int, min_height: int) -> tuple[int, int]:
+    """The smallest (width, height) a JPEG decodes to, by 1/8, 1/4 or 1 (`DCT_SCALES`), that is at least
+    min_width x min_height (libjpeg-turbo's scaled size: ceil(side / reduction))."""
+    for r in DCT_SCALES:
+        w, h = -(-width // r), -(-height // r)
+        if w >= min_width and h >= min_height:
+            return w, h
+    return width, height
+
+
+def decode_rgb_array(data: bytes, min_width: int = 0, min_height: int = 0) -> np.ndarray:
+    """Decode stored image bytes to an RGB uint8 array (H, W, 3), as small as `min_width` x `min_height` allow.
+
+    JPEGs are decoded by libjpeg-turbo (simplejpeg) straight into the array, scaled down in the DCT domain
+    (`dct_scaled_size`) when the minimum allows: the inverse DCT then computes fewer, low-passed pixels,
+    which costs less than decoding every pixel and resizing afterwards. With no minimum the size is kept.
+    Other formats, and JPEGs libjpeg-turbo refuses (CMYK, recoverable stream errors PIL tolerates), are
+    decoded by PIL at full size. CorruptImageError when the bytes do not decode.
+    """
+    if is_jpeg(data):
+        try:
+            if min_width > 0 or min_height > 0:
+                height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+                w, h = dct_scaled_size(width, height, min_width, min_height)
+                # simplejpeg picks the smallest scale whose result is at least (w, h): exactly 1/r.
+                return simplejpeg.decode_jpeg(data, "rgb", min_width=w, min_height=h)
+            return simplejpeg.decode_jpeg(data, "rgb")
+        except ValueError:
+            pass
+    return np.asarray(decode_rgb(data))
 
 
 def encode_jpeg(im: Image.Image, quality: int = JPEG_QUALITY) -> bytes:

@@ -2,7 +2,8 @@
 
 Every collator returns the same keys, which is the whole contract with `models/llm_bridge.py`:
 
-    pixel_values        float (B, 3, H, W)
+    pixel_values        uint8 (B, 3, H, W) from the training transform (float from the evaluation one);
+                        `data.device.finish_batch` normalises it on the device
     llm_input_ids       long  (B, T)   decoder-only: the text after the query positions
                                        encoder-decoder: the encoder text after the query positions
     llm_attention_mask  long  (B, T)   1 = real token
@@ -28,7 +29,8 @@ from typing import Any, Optional, Sequence
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from blip_train.data.collate import IGNORE_INDEX, collate_samples, pre_caption, stack_images
+from blip_train.data.collate import IGNORE_INDEX, collate_samples, pre_caption
+from blip_train.data.device import collate_images
 from blip_train.data.templates import Templates, choose_instruction, eval_instruction, load_templates
 
 
@@ -138,7 +140,7 @@ class DecoderLMCollator:
             seqs.append(head + body)
             labels.append([IGNORE_INDEX] * len(head) + body)
         ids, mask = _pad(seqs, self.text.pad)
-        return {"pixel_values": stack_images(samples), "llm_input_ids": ids, "llm_attention_mask": mask,
+        return {**collate_images(samples), "llm_input_ids": ids, "llm_attention_mask": mask,
                 "llm_labels": _pad_labels(labels)}
 
 
@@ -187,7 +189,7 @@ class T5PrefixCollator:
             enc.append(prompt_ids + toks[:k] + [eos])
             dec.append(toks[k:] + [eos])
         ids, mask = _pad(enc, self.text.pad)
-        return {"pixel_values": stack_images(samples), "llm_input_ids": ids, "llm_attention_mask": mask,
+        return {**collate_images(samples), "llm_input_ids": ids, "llm_attention_mask": mask,
                 "llm_labels": _pad_labels(dec)}
 
 
@@ -236,7 +238,7 @@ class InstructCollator:
         # Too-long instructions lose their beginning, never their end: templates end with the question
         # and the answer cue ("... Short answer:"), as LAVIS keeps the tail for decoder-only LLMs.
         instructions = [self.instruction(s) for s in samples]
-        out: dict[str, Any] = collate_samples(samples) if self.generation else {"pixel_values": stack_images(samples)}
+        out: dict[str, Any] = collate_samples(samples) if self.generation else collate_images(samples)
         out["qformer_input_ids"], out["qformer_attention_mask"] = _pad(
             [self.qformer_ids(inst) for inst in instructions], self.qtok.pad_token_id)
         t = self.text

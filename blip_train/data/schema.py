@@ -63,6 +63,25 @@ DEFAULTS: dict[str, Any] = {
 
 TASKS = ("caption", "vqa", "conversation")
 
+DRAW_CAPTION_SOURCE = "capfilt"
+"""A row whose `source` is this holds several training captions of one image in `captions` (CapFilt's
+kept web and synthetic captions); readers draw one per visit (`draw_caption`), `caption` is the first."""
+
+
+def draw_caption(row: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The row with its training caption drawn from `captions` when it is a DRAW_CAPTION_SOURCE row (a pure
+    function of the sample's seed, so a resumed run draws what the uninterrupted one drew); else unchanged."""
+    captions = row.get("captions") or []
+    if row.get("source") != DRAW_CAPTION_SOURCE or len(captions) < 2:
+        return row
+    import random
+
+    caption = captions[random.Random(f"caption-{seed}").randrange(len(captions))]
+    out = dict(row, caption=caption)
+    if row.get("task") == "caption" and row.get("answer") == row.get("caption"):
+        out["answer"] = caption
+    return out
+
 
 class SchemaError(ValueError):
     """A split that does not follow the schema this code reads."""

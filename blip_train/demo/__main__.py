@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -153,10 +154,12 @@ GENERATIVE = {  # demo stage → (recipe, held-out task, metric key, primary met
 }
 
 
-def generative_stage(name: str, out: Path, data: Path, path_sets: list[str]) -> dict:
+def generative_stage(name: str, out: Path, data: Path, path_sets: list[str], assets: Path) -> dict:
     recipe, task, key, label = GENERATIVE[name]
-    sets = path_sets + ([f"model.init_from={out / 'stage1'}",
-                         f"model.llm.path={out / 'assets' / recipe.split('_', 1)[1]}"] if path_sets else [])
+    # The Q-Former starts from this run's own stage 1 (recipes name runs/demo/stage1).
+    sets = path_sets + [f"model.init_from={out / 'stage1'}"]
+    if path_sets:
+        sets.append(f"model.llm.path={assets / recipe.split('_', 1)[1]}")
     res = train_stage(recipe, out, name, sets)
     trained = evaluate(task, res["run_dir"], data)
     untrained = evaluate(task, res["run_dir"], data, untrained=True)
@@ -195,6 +198,43 @@ def export_and_check(name: str, run_dir: str, out: Path, data: Path) -> dict:
             "generated": processor.batch_decode(ids, skip_special_tokens=True)[0].strip()}
 
 
+def run_stages(out: Path, data: Path, path_sets: list[str], assets: Path, entries: dict,
+               checkpoint: Callable[[], None] = lambda: None) -> dict:
+    """Every stage into `out/<stage>` (stage 1, then the generative stages from it); `entries` gets each
+    stage's summary record as it finishes, and `checkpoint()` is called after each."""
+    log("stage1: Q-Former representation learning (ITC + ITM + ITG), 2 ranks, ZeRO-3")
+    entries["stage1"] = stage_entry(stage1(out, data, path_sets))
+    checkpoint()
+    for name in GENERATIVE:
+        log(f"{name}: {GENERATIVE[name][0]}, 2 ranks, ZeRO-3, Q-Former from stage 1, frozen LLM")
+        entries[name] = stage_entry(generative_stage(name, out, data, path_sets, assets))
+        checkpoint()
+    return entries
+
+
+def seed_spread(out: Path, data: Path, path_sets: list[str], main: dict, seeds: list[int]) -> dict:
+    """Each stage again with every other run.seed (under out/seeds/seed_<s>/), and the spread of its primary
+    metric over these seeds and the main run's (the recipes' seed): learning must not be luck."""
+    import yaml
+
+    recipe_seed = yaml.safe_load((REPO / "blip_train/recipes/demo/stage1.yaml").read_text())["run"]["seed"]
+    runs = {recipe_seed: main}
+    for seed in seeds:
+        if seed not in runs:
+            log(f"seed {seed}: every stage again with run.seed={seed}")
+            runs[seed] = run_stages(out / "seeds" / f"seed_{seed}", data, path_sets + [f"run.seed={seed}"],
+                                    out / "assets", {})
+    stages = {}
+    for name in main:
+        prims = [runs[s][name]["metrics"]["primary"] for s in sorted(runs)]
+        stages[name] = {"trained": [p["trained"] for p in prims], "untrained": [p["untrained"] for p in prims],
+                        "trained_min": min(p["trained"] for p in prims), "trained_max": max(p["trained"] for p in prims),
+                        "untrained_max": max(p["untrained"] for p in prims), "chance": prims[0]["chance"]}
+        log(f"{name:<15} over seeds {sorted(runs)}: trained {stages[name]['trained']} vs untrained "
+            f"{stages[name]['untrained']} vs chance {stages[name]['chance']:.1f}")
+    return {"seeds": sorted(runs), "stages": stages}
+
+
 def stage_entry(res: dict) -> dict:
     """The per-stage record of summary.json (DESIGN.md §3)."""
     return {k: res[k] for k in ("world_size", "zero_stage", "steps", "initial_loss", "final_loss", "checkpoint",
@@ -216,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=2200)
     p.add_argument("--prepare", action="store_true",
                    help="only build the data and the pretrained tiny towers the demo recipes read, then stop")
+    p.add_argument("--seeds", default="",
+                   help="also train and evaluate every stage with these run.seed values (comma-separated; under "
+                        "OUT/seeds/) and report the spread of each stage's primary metric")
+    p.add_argument("--no-readme", action="store_true",
+                   help="do not rewrite README.md's results block (it is rewritten after a run into runs/demo)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,17 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         f"model.vision.weights={out / 'assets/vit.safetensors'}",
         f"model.qformer.tokenizer={out / 'assets/qformer_tokenizer'}"]
     summary: dict = {"stages": {}, "assets": info}
-    log("stage1: Q-Former representation learning (ITC + ITM + ITG), 2 ranks, ZeRO-3")
-    s1 = stage1(out, data, path_sets)
-    summary["stages"]["stage1"] = stage_entry(s1)
-    write_summary(out, summary, t0)
-    for name in GENERATIVE:
-        log(f"{name}: {GENERATIVE[name][0]}, 2 ranks, ZeRO-3, Q-Former from stage 1, frozen LLM")
-        summary["stages"][name] = stage_entry(generative_stage(name, out, data, path_sets))
-        write_summary(out, summary, t0)
+    run_stages(out, data, path_sets, out / "assets", summary["stages"], lambda: write_summary(out, summary, t0))
     summary["export"] = {name: export_and_check(name, summary["stages"][name]["run_dir"], out, data)
                          for name in GENERATIVE}
     write_summary(out, summary, t0)
+    if args.seeds:
+        summary["seeds"] = {"primary": seed_spread(out, data, path_sets, summary["stages"],
+                                                   [int(x) for x in args.seeds.split(",")])}
+        write_summary(out, summary, t0)
     for name, st in summary["stages"].items():
         prim = st["metrics"]["primary"]
         log(f"{name:<15} loss {st['initial_loss']:.3f} → {st['final_loss']:.3f}; {prim['name']}: trained "
@@ -251,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"export {name}: {ex['class']} loads with {ex['missing_keys']} missing / {ex['unexpected_keys']} "
             f"unexpected keys; generates {ex['generated']!r}")
     log(f"wrote {out / 'summary.json'} in {summary['wall_seconds']:.0f}s")
+    if not args.no_readme and out.resolve() == (REPO / "runs/demo").resolve():
+        from blip_train.demo.readme import update_readme
+        if update_readme(REPO / "README.md", summary):
+            log("README.md: results block rewritten from this run's summary.json")
     return 0
 
 

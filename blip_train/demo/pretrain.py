@@ -10,14 +10,12 @@ ViT objective: weakly supervised tagging — predict which words of the image's 
 """
 from __future__ import annotations
 
-import io
 import re
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import save_file
 from streaming import StreamingDataset
 from torch import nn
@@ -39,7 +37,7 @@ def load_split_for_pretraining(split_dir: str, image_size: int, limit: int = 0) 
     images, captions = [], []
     for i in range(n):
         s = ds[i]
-        images.append(tf(Image.open(io.BytesIO(s["image"])).convert("RGB")))
+        images.append(tf(s["image"]))
         captions.append(s["caption"])
     return torch.stack(images), captions
 

@@ -9,13 +9,11 @@ image: for captions, the references of another image; for VQA, the most frequent
 """
 from __future__ import annotations
 
-import io
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from PIL import Image
 from streaming import StreamingDataset
 
 from blip_train.config import ExperimentConfig
@@ -38,12 +36,12 @@ class EvalSplit:
     ds: StreamingDataset
     indices: list[int]
     """Rows evaluated, in split order."""
-    transform: Callable[[Image.Image], torch.Tensor]
+    transform: Callable[[bytes], torch.Tensor]
 
     def read_sample(self, i: int) -> dict[str, Any]:
         """Row `i` as a reader-style sample (decoded image with the eval transform)."""
         row = self.ds[i]
-        return {"pixel_values": self.transform(Image.open(io.BytesIO(row["image"])).convert("RGB")),
+        return {"pixel_values": self.transform(row["image"]),
                 "caption": row["caption"], "captions": list(row["captions"]) or [row["caption"]],
                 "question": row["question"], "answer": row["answer"], "answers": list(row["answers"]),
                 "task": row["task"], "dataset": row["dataset"], "image_id": int(row["image_id"]), "index": i}

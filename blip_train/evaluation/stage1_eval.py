@@ -48,7 +48,11 @@ class RetrievalSplit:
 
     def read_image(self, i: int) -> Image.Image:
         """Image `i` (position in this split's image list), decoded as RGB."""
-        return Image.open(io.BytesIO(self.ds[self.rows[i]]["image"])).convert("RGB")
+        return Image.open(io.BytesIO(self.read_image_bytes(i))).convert("RGB")
+
+    def read_image_bytes(self, i: int) -> bytes:
+        """Image `i` as stored (the eval transform decodes it, DCT-scaled to what it needs)."""
+        return self.ds[self.rows[i]]["image"]
 
     def describe_grouping(self, name: str) -> str:
         """One line saying that rows were grouped into images (empty when every row is its own image)."""
@@ -158,7 +162,7 @@ def evaluate_retrieval(model, tokenizer, split: str | RetrievalSplit, image_size
     spare = None  # a ViT output for the lockstep's repeated ITM calls
     plan = plan_batches(ni, batch_size, rank, world, lockstep)
     for batch, keep in progress_bar(plan, "retrieval: images", progress):
-        px = torch.stack([tf(images.read_image(j)) for j in batch])
+        px = torch.stack([tf(images.read_image_bytes(j)) for j in batch])
         e, f = model.encode_image(px.to(device))                                      # (B, 1+N, W), (B, Nq, E)
         spare = e[:1]
         if keep:

@@ -140,6 +140,9 @@ class EVAViT(nn.Module):
         if pixels.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"images are {tuple(pixels.shape[-2:])}, the ViT was built for "
                              f"model.vision.image_size={self.image_size}")
+        if not pixels.is_floating_point():
+            raise TypeError(f"images are {pixels.dtype}, not normalised floats: training batches carry uint8 "
+                            "pixels until blip_train.data.device.finish_batch normalises them on the device")
         dtype = self.patch_embed.proj.weight.dtype  # the frozen tower's precision decides
         x = self.patch_embed(pixels.to(dtype))  # (B, N, D)
         cls = self.cls_token.to(dtype).expand(x.size(0), -1, -1)  # (B, 1, D)

@@ -18,6 +18,7 @@ from blip_train.config import (ConfigError, ExperimentConfig, check_input_paths,
                                config_warnings)
 from blip_train.config.changes import check_resume_config, record_config
 from blip_train.data.datasets import check_canonical_nodes, check_local_splits, remove_job_cache
+from blip_train.data.device import finish_batch
 from blip_train.distributed.env import discover_environment, export_environment
 from blip_train.distributed.preemption import PreemptionHandler
 from blip_train.distributed.process_group import all_reduce_max_bool, describe_placement, init_distributed, print0
@@ -69,7 +70,8 @@ def train_step(engine, batches: Iterator[dict], cfg: ExperimentConfig, state: Tr
         timer.start()
         host_batch = next(batches)
         logger.add_work(host_batch)  # tokens and FLOPs from the host-side batch: no device sync
-        batch = _to_device(host_batch, engine.device)
+        # Images arrive as uint8 (or encoded, data.decode=gpu): the data layer finishes them on the device.
+        batch = finish_batch(_to_device(host_batch, engine.device))
         timer.lap("data")
         losses = engine(batch)
         timer.lap("forward")

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from blip_train.config import load_config, save_resolved_config
+from blip_train.data.device import finish_batch
 from blip_train.distributed.env import discover_environment, export_environment
 from blip_train.distributed.process_group import init_distributed
 from blip_train.distributed.world import build_world_info
@@ -32,7 +33,7 @@ def main():
     it = iter(stage.build_train_loader())
     for step in range(2):
         apply_lr_(engine.optimizer, step, cfg)
-        losses = engine(next(it))
+        losses = engine(finish_batch(next(it)))
         engine.backward(losses["loss"])
         engine.step()
     save_checkpoint(engine, run_dir / "checkpoints", TrainState(step=2), None,

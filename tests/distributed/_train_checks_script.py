@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from blip_train.config import load_config
+from blip_train.data.device import finish_batch
 from blip_train.distributed.env import discover_environment, export_environment
 from blip_train.distributed.process_group import init_distributed
 from blip_train.distributed.world import build_world_info
@@ -37,7 +38,7 @@ def main():
     frozen_with_grad = set()
     for step in range(3):
         apply_lr_(engine.optimizer, step, cfg)
-        losses = engine(next(it))
+        losses = engine(finish_batch(next(it)))
         engine.backward(losses["loss"])
         for n, p in module.named_parameters():
             if not p.requires_grad and p.grad is not None:

@@ -13,8 +13,8 @@ from tests.conftest import REPO, clean_env, torchrun
 from tests.helpers.tiny_run import run_train, write_tiny_config
 
 pytestmark = pytest.mark.dist
-ARGS = ["--num-captions", "3", "--keep-top", "2", "--itm-threshold", "0.45", "--max-len", "8",
-        "--chunk-size", "8", "--batch-size", "4"]
+ARGS = ["--num-captions", "3", "--keep-top", "2", "--max-len", "8", "--chunk-size", "8", "--batch-size", "4"]
+"""Default thresholds: calibrated to keep 75% of the input's web captions (the same on every rank)."""
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,9 @@ def test_two_ranks_equal_one_and_resume_across_world_sizes(setup) -> None:
     reference = rows(setup["root"] / "one")
     assert rows(setup["root"] / "two") == reference
     assert [r["orig_index"] for r in reference] == sorted(r["orig_index"] for r in reference)
-    assert {r["source"] for r in reference} <= {"web", "synthetic"}
+    assert {r["source"] for r in reference} == {"capfilt"}
+    assert one["thresholds"].startswith("thresholds (keep_rate: keep 75% of the input's web captions")
+    assert 0.75 <= one["web"]["kept_rate"] <= 0.85 and one["images_kept_rate"] >= 0.75
 
     # 2 ranks stop after one chunk each (2 of 5 chunks done), then 1 rank finishes the job.
     part = setup["root"] / "part"
@@ -76,3 +78,6 @@ def test_cli_refuses_to_overwrite_in_one_line(setup) -> None:
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and "--overwrite" in r.stderr
     r = capfilt(setup, setup["root"] / "o2", "--top-p", "1.5")
     assert r.returncode == 2 and "top_p" in r.stderr.strip().splitlines()[-1]
+    r = capfilt(setup, setup["root"] / "o3", "--itm-threshold", "1.0", "--num-captions", "0")
+    assert r.returncode == 2 and "only 0 of 36 images kept a caption" in r.stderr.strip().splitlines()[-1]
+    assert not (setup["root"] / "o3" / "index.json").exists()

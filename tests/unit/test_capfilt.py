@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,14 +96,54 @@ def test_decode_captions_cuts_at_sep(model_and_tokenizer) -> None:
     assert decode_captions(tok, ids) == ["a red circle", "a red circle a a"]
 
 
-def test_output_row_provenance() -> None:
+def test_output_row_holds_an_images_kept_captions_together() -> None:
     row = {"image": b"x", "caption": "web text", "answer": "web text", "answers": ["web text"], "task": "caption",
            "noisy": 1, "source": "laion", "question": "q?", "image_id": 4}
-    out = output_row(row, 17, Candidate("new text", "synthetic", itm=0.75, itc=0.25))
-    assert out["caption"] == out["answer"] == "new text" and out["answers"] == ["new text"]
-    assert (out["source"], out["noisy"], out["orig_index"], out["itm_score"]) == ("synthetic", 0, 17, 0.75)
-    web = output_row(dict(row, task="vqa", answer="yes"), 3, Candidate("web text", "web", 0.9, 0.4))
-    assert (web["answer"], web["noisy"], web["source"]) == ("yes", 1, "web")
+    kept = [Candidate("web text", "web", 0.9, 0.4), Candidate("new text", "synthetic", itm=0.75, itc=0.25)]
+    out = output_row(row, 17, kept)
+    assert out["caption"] == out["answer"] == "web text" and out["captions"] == out["answers"] == ["web text", "new text"]
+    assert (out["source"], out["noisy"], out["orig_index"]) == ("capfilt", 1, 17)  # a noisy web caption was kept
+    assert (out["caption_sources"], out["itm_scores"], out["itc_scores"]) == (["web", "synthetic"], [0.9, 0.75],
+                                                                             [0.4, 0.25])
+    vqa = output_row(dict(row, task="vqa", answer="yes"), 3, kept[1:])
+    assert (vqa["caption"], vqa["answer"], vqa["noisy"]) == ("new text", "yes", 0)
+
+
+def test_readers_draw_one_kept_caption_per_visit() -> None:
+    """BLIP-2 drew one of an image's kept captions per step: a pure function of the sample's seed."""
+    from blip_train.data.schema import draw_caption
+
+    row = {"caption": "a", "captions": ["a", "b", "c"], "source": "capfilt", "task": "caption", "answer": "a"}
+    draws = [draw_caption(row, seed) for seed in range(60)]
+    assert {d["caption"] for d in draws} == {"a", "b", "c"} and all(d["answer"] == d["caption"] for d in draws)
+    assert [d["caption"] for d in draws] == [draw_caption(row, seed)["caption"] for seed in range(60)]
+    web = dict(row, source="web")
+    assert draw_caption(web, 5) is web  # other rows train on their own caption
+
+
+def test_thresholds_keep_the_share_asked_for() -> None:
+    from blip_train.capfilt.calibrate import joint_quantile
+
+    g = np.random.default_rng(0)
+    scores = np.stack([g.random(1000), g.normal(size=1000)], axis=1)
+    for target in (0.5, 0.75, 0.9):
+        q, t_itm, t_itc, share = joint_quantile(scores, target)
+        assert target <= share <= target + 0.01 and 0 <= q <= 1 - target
+        assert t_itm in scores[:, 0] and t_itc in scores[:, 1]  # observed scores, not interpolations
+        assert np.mean((scores[:, 0] >= t_itm) & (scores[:, 1] >= t_itc)) == share
+    with pytest.raises(ValueError, match="no captions to set thresholds on"):
+        joint_quantile(np.zeros((0, 2)), 0.75)
+
+
+def test_calibrated_thresholds_keep_the_target_share(model_and_tokenizer, noisy_split) -> None:
+    from blip_train.capfilt.calibrate import calibrate
+
+    model, tok = model_and_tokenizer
+    rule = calibrate(model, tok, str(noisy_split), "keep_rate", 0.75, 512, image_size=32, max_txt_len=MAX_TXT_LEN)
+    assert rule.samples == 20 and 0.75 <= rule.achieved <= 0.85
+    again = calibrate(model, tok, str(noisy_split), "keep_rate", 0.75, 512, image_size=32, max_txt_len=MAX_TXT_LEN)
+    assert again == rule  # a function of (model, split, rule): every rank and a resumed run find the same
+    assert "keep 75% of the input's web captions" in rule.describe()
 
 
 def test_itm_probability_and_seeded_sampling(model_and_tokenizer) -> None:
@@ -138,9 +179,9 @@ def test_process_chunk_is_deterministic_and_counts_add_up(model_and_tokenizer, n
     assert c["images"] == 7 and c["web_kept"] == 7 and c["web_dropped"] == 0
     assert c["synthetic_generated"] == 21
     assert c["synthetic_kept"] == c["synthetic_candidates"] <= 14
-    assert c["rows"] == len(rows) == 7 + c["synthetic_kept"]
+    assert c["rows"] == len(rows) == 7 and c["captions_kept"] == 7 + c["synthetic_kept"]  # one row per image
     assert [r["orig_index"] for r in rows] == sorted(r["orig_index"] for r in rows)
-    assert {r["source"] for r in rows} == {"web", "synthetic"}
+    assert {s for r in rows for s in r["caption_sources"]} == {"web", "synthetic"}
 
 
 def test_process_chunk_raises_on_a_transform_bug_and_counts_only_bad_bytes(model_and_tokenizer, noisy_split,
@@ -178,8 +219,10 @@ def test_run_writes_schema_split_with_provenance_and_report(model_and_tokenizer,
     assert report["images_seen"] == 20 and report["settings"]["checkpoint"] == "x"
     noise = report["noise"]
     assert noise["noisy_web"] + noise["clean_web"] == 20 and noise["noisy_web"] == 6
-    web = [r for r in rows if r["source"] == "web"]
-    assert len(web) == report["web"]["kept"] and all(r["itm_score"] >= 0.45 for r in rows)
+    assert all(r["source"] == "capfilt" for r in rows) and len({r["orig_index"] for r in rows}) == len(rows)
+    assert sum(r["caption_sources"].count("web") for r in rows) == report["web"]["kept"]
+    assert all(s >= 0.45 for r in rows for s in r["itm_scores"])
+    assert sum(len(r["captions"]) for r in rows) == report["captions_kept"]
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_capfilt(model, tok, noisy_split, out, settings(itm_threshold=0.45), identity={"checkpoint": "x"})
 
@@ -217,12 +260,23 @@ def test_crash_then_rerun_skips_finished_chunks_and_matches_one_run(model_and_to
     assert read_rows(out) == read_rows(tmp_path / "ref")
 
 
+def test_keeping_too_little_writes_nothing_and_says_why(model_and_tokenizer, noisy_split, tmp_path) -> None:
+    model, tok = model_and_tokenizer
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"only 0 of 20 images kept a caption \(0.0% < --min-keep 5%\)"):
+        run_capfilt(model, tok, noisy_split, out, settings(itm_threshold=1.0, num_captions=0))
+    assert not (out / "index.json").exists()  # never a valid (empty) dataset
+    # the chunks stay: merging again with a lower bar needs no recomputation
+    report = run_capfilt(model, tok, noisy_split, out, settings(itm_threshold=1.0, num_captions=0, min_keep=0.0))
+    assert report["rows_written"] == 0
+
+
 def test_write_split_extra_columns(tmp_path) -> None:
     from blip_train.data.images import encode_jpeg
     from PIL import Image
     img = encode_jpeg(Image.new("RGB", (8, 8)))
-    write_split(tmp_path / "s", [{"image": img, "caption": "c", "orig_index": 3, "itm_score": 0.5, "itc_score": 0.1}],
-                extra_columns=EXTRA_COLUMNS)
+    write_split(tmp_path / "s", [{"image": img, "caption": "c", "orig_index": 3, "caption_sources": ["web"],
+                                  "itm_scores": [0.5], "itc_scores": [0.1]}], extra_columns=EXTRA_COLUMNS)
     assert verify_split(tmp_path / "s") == 1
     assert read_rows(tmp_path / "s")[0]["orig_index"] == 3
     with pytest.raises(ValueError, match="lacks extra columns"):

@@ -107,3 +107,29 @@ def test_exif_rotation_and_resize():
     assert decoded(data).size == (20, 40)
     data, _ = I.load_and_normalize_image(encode(Image.new("RGB", (400, 100)), "PNG"), resize_max_side=100)
     assert decoded(data).size == (100, 25)
+
+
+def test_downscale_to_a_short_side_keeps_small_images_and_their_bytes():
+    from tests.unit.test_data_transforms import photo
+
+    big = encode(photo(1600, 1200), "JPEG", quality=93)
+    data, _ = I.load_and_normalize_image(big, resize_short_side=512)
+    assert decoded(data).size == (683, 512) and len(data) < len(big) / 2
+    # JPEGs are decoded at a DCT scale keeping >= 2x the final size: as good as resizing the full decode
+    full = np.asarray(Image.open(io.BytesIO(big)).convert("RGB").resize((683, 512), Image.Resampling.BICUBIC))
+    assert np.abs(np.asarray(decoded(data), dtype=float) - full).mean() < 2.0
+    portrait, _ = I.load_and_normalize_image(encode(photo(900, 2000), "PNG"), resize_short_side=512)
+    assert decoded(portrait).size == (512, 1138)
+    both, _ = I.load_and_normalize_image(encode(photo(900, 2000), "PNG"), resize_short_side=512, resize_max_side=800)
+    assert decoded(both).size == (360, 800)
+    small = encode(photo(640, 480), "JPEG")
+    assert I.load_and_normalize_image(small, resize_short_side=512)[0] == small  # within bounds: byte for byte
+    assert I.load_and_normalize_image(big, resize_short_side=0)[0] == big  # 0: originals
+
+
+def test_downscale_after_exif_rotation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display: stored 1200 x 800, shown 800 x 1200
+    data, _ = I.load_and_normalize_image(encode(Image.new("RGB", (1200, 800), (9, 9, 9)), "JPEG", exif=exif.tobytes()),
+                                         resize_short_side=400)
+    assert decoded(data).size == (400, 600)

@@ -234,7 +234,10 @@ def _sharded_split(path, n, image_size=16, shard_bytes=8000):
 def test_remote_split_larger_than_the_cache_limit_is_read_whole(tmp_path, monkeypatch):
     """The cache never holds more than data.cache_limit, least recently used shards are evicted and fetched
     again, and each epoch still reads every sample exactly once. The limit leaves room for what the reader
-    has in flight: 8 x batch samples ahead (streaming's predownload), each possibly in another shard."""
+    has in flight: 8 x batch samples ahead (streaming's predownload), each possibly in another shard.
+    Streaming counts a shard against the limit only once it is downloaded, so two downloads that start
+    together each find room for one shard: the disk can exceed the limit by one shard per concurrent
+    download beyond the first (here the worker's reader and its predownload thread: one shard)."""
     monkeypatch.setenv("SLURM_JOB_ID", "4343")
     remote, largest, total = _sharded_split(tmp_path / "remote", 400)
     index = (tmp_path / "remote" / "index.json").stat().st_size
@@ -247,7 +250,7 @@ def test_remote_split_larger_than_the_cache_limit_is_read_whole(tmp_path, monkey
     for _ in range(2):  # the second epoch reads shards the first one evicted
         assert sorted(_ids(loader)) == list(range(400))
         cached = [p.stat().st_size for p in cache.iterdir() if p.name.endswith(".mds")]
-        assert index + sum(cached) <= limit
+        assert index + sum(cached) <= limit + largest
         assert len(cached) < len(json.loads((cache / "index.json").read_text())["shards"])
 
 

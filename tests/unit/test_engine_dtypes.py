@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from blip_train.config import load_config
+from blip_train.data.device import finish_batch
 from blip_train.distributed.zero import gathered, hf_zero3_loading, with_precision
 from blip_train.models.world import WorldInfo
 from blip_train.training.engine import build_ds_config, build_engine, cast_trainable_
@@ -55,7 +56,7 @@ def _train_one_step(engine, stage) -> tuple[float, list[bool], list[bool]]:
     frozen = [p for p in model.parameters() if not p.requires_grad]
     with gathered(trainable + frozen):
         before = {id(p): p.detach().clone() for p in trainable + frozen}
-    loss = engine(next(iter(stage.build_train_loader())))["loss"]
+    loss = engine(finish_batch(next(iter(stage.build_train_loader()))))["loss"]
     engine.backward(loss)
     engine.step()
     with gathered(trainable + frozen):

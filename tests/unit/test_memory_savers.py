@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from blip_train.config import ConfigError, load_config
+from blip_train.data.device import finish_batch
 from blip_train.models.stage1 import Blip2Stage1, frozen_vision_dtype
 from blip_train.models.world import WorldInfo
 from blip_train.training.engine import build_engine, build_optimizer
@@ -110,7 +111,7 @@ def test_activation_checkpointing_under_zero3(tiny_assets, tmp_path, vision_froz
             "model.qformer.dropout=0.0")
     ckpt = ("model.vision.grad_checkpointing=true", "model.qformer.grad_checkpointing=true")
     plain, stage, _ = _engine(tiny_assets, tmp_path, "plain", sets, **common)
-    batch = next(iter(stage.build_train_loader()))
+    batch = finish_batch(next(iter(stage.build_train_loader())))
     saver, _, _ = _engine(tiny_assets, tmp_path, "ckpt", sets + ckpt, **common)
     assert saver.module.qformer.grad_checkpointing and saver.module.visual_encoder.grad_checkpointing
     frozen = [p for p in saver.module.parameters() if not p.requires_grad]
@@ -138,7 +139,7 @@ def test_offload_frozen_sets_offload_param_and_trains(tiny_assets, tmp_path):
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     with gathered(trainable):
         before = [p.detach().clone() for p in trainable]
-    loss = engine(next(iter(stage.build_train_loader())))["loss"]
+    loss = engine(finish_batch(next(iter(stage.build_train_loader()))))["loss"]
     engine.backward(loss)
     engine.step()
     with gathered(trainable):
@@ -213,7 +214,7 @@ def test_frozen_vit_is_16_bit_and_runs_without_autograd(tiny_assets, tmp_path):
     assert all(p.dtype == torch.float32 for p in engine.module.qformer.parameters())
     grad_mode = []
     vit.register_forward_hook(lambda *_: grad_mode.append(torch.is_grad_enabled()))
-    engine.backward(engine(next(iter(stage.build_train_loader())))["loss"])
+    engine.backward(engine(finish_batch(next(iter(stage.build_train_loader()))))["loss"])
     assert grad_mode == [False]  # no activations are kept for the frozen tower
     assert all(p.grad is None for p in vit.parameters())
     assert not vit.training  # a frozen tower stays in eval mode under engine.train()

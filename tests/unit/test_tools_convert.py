@@ -124,6 +124,34 @@ def test_coco_with_every_bad_input(tmp_path, capsys):
     assert code == 0 and summary(stdout)["written"] == 6
 
 
+def test_converters_store_pre_resized_images_and_report_the_bytes_saved(tmp_path, capsys):
+    from tests.unit.test_data_transforms import photo
+
+    images = tmp_path / "images"
+    images.mkdir()
+    big = encode(photo(2048, 1536), "JPEG", quality=94)
+    small = encode(photo(640, 480), "JPEG", quality=94)
+    (images / "big.jpg").write_bytes(big)
+    (images / "small.jpg").write_bytes(small)
+    ann = tmp_path / "c.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "big.jpg"}, {"id": 2, "file_name": "small.jpg"}],
+                               "annotations": [{"image_id": 1, "caption": "big"}, {"image_id": 2, "caption": "small"}]}))
+    code, stdout, err = run("convert_coco.py", "--images", str(images), "--annotations", str(ann),
+                            "--out", str(tmp_path / "o"), "--workers", "1", capsys=capsys)
+    assert code == 0, err
+    s = summary(stdout)
+    stored = {r["image_id"]: r["image"] for r in read_split(tmp_path / "o")}
+    assert Image.open(io.BytesIO(stored[1])).size == (683, 512) and stored[2] == small  # default: short side 512
+    assert s["image_bytes_read"] == len(big) + len(small)
+    assert s["image_bytes_stored"] == len(stored[1]) + len(small)
+    assert s["image_bytes_saved"] == len(big) - len(stored[1]) > 0
+    assert "saved (" in stdout.splitlines()[-2]
+    code, stdout, err = run("convert_coco.py", "--images", str(images), "--annotations", str(ann), "--out",
+                            str(tmp_path / "o2"), "--workers", "1", "--resize-short-side", "0", capsys=capsys)
+    assert code == 0 and summary(stdout)["image_bytes_saved"] == 0
+    assert {r["image_id"]: r["image"] for r in read_split(tmp_path / "o2")} == {1: big, 2: small}
+
+
 def test_coco_karpathy_formats(tmp_path, capsys):
     images = image_dir(tmp_path)
     (images / "val2014").mkdir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from blip_train.config import load_config
+from blip_train.data.device import finish_batch
 from blip_train.models.world import WorldInfo
 from blip_train.training.engine import build_engine
 from blip_train.training.stages import build_stage
@@ -23,7 +24,7 @@ def test_zero3_forward_backward_sees_every_module_output(tiny_assets, tmp_path, 
     warnings: list[str] = []
     monkeypatch.setattr(zero_utils, "warned", False)  # DeepSpeed warns once per process
     monkeypatch.setattr(zero_utils.logger, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
-    losses = engine(next(iter(stage.build_train_loader())))
+    losses = engine(finish_batch(next(iter(stage.build_train_loader()))))
     engine.backward(losses["loss"])
     engine.step()
     assert not [w for w in warnings if "unknown inputs or outputs type" in w], warnings
