@@ -20,7 +20,7 @@ from blip_train.config.changes import check_resume_config, record_config
 from blip_train.data.datasets import check_canonical_nodes, check_local_splits, remove_job_cache
 from blip_train.data.device import finish_batch
 from blip_train.distributed.env import discover_environment, export_environment
-from blip_train.distributed.preemption import PreemptionHandler
+from blip_train.distributed.preemption import PreemptionHandler, start_resource_tracker
 from blip_train.distributed.process_group import all_reduce_max_bool, describe_placement, init_distributed, print0
 from blip_train.distributed.world import build_world_info
 from blip_train.distributed.zero import hf_zero3_loading
@@ -178,6 +178,8 @@ def train(cfg: ExperimentConfig, allow_config_change: bool = False) -> dict:
 
     allow_config_change: resume even though the config changes what the run means (see config/changes.py).
     """
+    # First: the checks below may already open streaming's shared memory, which starts the tracker.
+    start_resource_tracker()
     env = discover_environment()
     export_environment(env)
     on_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
