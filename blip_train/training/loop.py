@@ -17,7 +17,7 @@ import torch
 from blip_train.config import (ConfigError, ExperimentConfig, check_input_paths, check_output_dir, config_to_dict,
                                config_warnings)
 from blip_train.config.changes import check_resume_config, record_config
-from blip_train.data.datasets import check_canonical_nodes, check_local_splits, remove_job_cache
+from blip_train.data.datasets import check_canonical_nodes, check_local_splits, check_remote_splits, remove_job_cache
 from blip_train.data.device import finish_batch
 from blip_train.distributed.env import discover_environment, export_environment
 from blip_train.distributed.preemption import PreemptionHandler, start_resource_tracker
@@ -127,8 +127,9 @@ def plan_run(cfg: ExperimentConfig, world_size: int, on_cuda: bool, allow_config
              is_main: bool = True, num_nodes: int = 1) -> RunPlan:
     """Every check that needs no process group, cheapest first, so a bad run fails in seconds: input paths,
     the output directory, the checkpoint to resume (the newest whole one: a damaged newer one is named and
-    skipped) and its recorded config, batch arithmetic and the DeepSpeed template, the local data splits,
-    the job's node count against data.num_canonical_nodes, an `init_from` checkpoint. Raises ConfigError."""
+    skipped) and its recorded config, batch arithmetic and the DeepSpeed template, the local data splits, the
+    remote ones' index (fetched into the job's cache), the job's node count against data.num_canonical_nodes,
+    an `init_from` checkpoint. Raises ConfigError."""
     out = Path(cfg.run.output_dir)
     check_input_paths(cfg)
     check_output_dir(out)
@@ -144,6 +145,7 @@ def plan_run(cfg: ExperimentConfig, world_size: int, on_cuda: bool, allow_config
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
         changes = check_resume_config(out, cfg, meta.get("global_batch"), global_batch, allow_config_change)
     check_local_splits(cfg.data)
+    check_remote_splits(cfg.data)
     check_canonical_nodes(cfg.data, num_nodes)
     check_init_from(cfg)
     return RunPlan(ds_config, tag, elastic, changes)
