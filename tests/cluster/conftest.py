@@ -157,3 +157,24 @@ def attempts(log: str) -> list[str]:
 def shm_of(cluster: LocalSlurmCluster, node: str) -> list[str]:
     """What is in a node's own /dev/shm (seen through its slurmd's mount namespace)."""
     return sorted(os.listdir(f"/proc/{cluster.node_pid(node)}/root/dev/shm"))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One closing line for the tier: how many of its tests ran on the cluster, or why none could."""
+    ran, skipped = {}, {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "")
+            if not nodeid.startswith("tests/cluster/"):
+                continue
+            if outcome == "skipped":
+                skipped[nodeid] = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            elif report.when == "call" or outcome in ("failed", "error"):
+                ran.setdefault(nodeid, outcome)
+    if ran:
+        counts = ", ".join(f"{sum(v == o for v in ran.values())} {o}" for o in ("passed", "failed", "error")
+                           if o in ran.values())
+        terminalreporter.write_line(f"cluster tier: {len(ran)} tests ran on the local 2-node Slurm cluster ({counts})")
+    elif skipped:
+        reason = next(iter(skipped.values())).removeprefix("Skipped: ").removeprefix("cluster tier skipped: ")
+        terminalreporter.write_line(f"cluster tier: {len(skipped)} tests skipped: {reason}")
