@@ -60,11 +60,15 @@ class LocalS3:
                     raise RuntimeError(f"moto's server did not come up on {self.endpoint}:\n"
                                        + self.log.read_text(errors="replace")[-2000:]) from None
                 time.sleep(0.2)
-        self._create_user()
-        # From here on every request must carry a valid signature of an existing key, as on AWS.
-        req = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
-                                     headers={"Content-Type": "text/plain"})  # a form body would be parsed away
-        urllib.request.urlopen(req, timeout=10).read()
+        try:
+            self._create_user()
+            # From here on every request must carry a valid signature of an existing key, as on AWS.
+            req = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                         headers={"Content-Type": "text/plain"})  # a form body would be parsed away
+            urllib.request.urlopen(req, timeout=10).read()
+        except BaseException:
+            self.stop()  # the fixture never gets to stop a server that failed to start
+            raise
         return self
 
     def _create_user(self) -> None:
