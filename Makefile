@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE := 1
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast test-dist demo bench clean
+.PHONY: setup test test-fast test-dist test-cluster demo bench clean
 
 $(VENV)/.installed: setup.py
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,12 @@ test: $(VENV)/.installed
 	$(VPY) -m pytest -q tests
 
 test-fast: $(VENV)/.installed
-	$(VPY) -m pytest -q tests -m "not dist and not e2e"
+	$(VPY) -m pytest -q tests -m "not dist and not e2e and not cluster"
+
+# Real services on this host: a 2-node Slurm cluster (apt-get installs it; needs root).
+# `make test` runs them too, or says in its summary why they were skipped.
+test-cluster: $(VENV)/.installed
+	$(VPY) -m pytest -q tests -m cluster
 
 demo: $(VENV)/.installed
 	$(VPY) -m blip_train.demo --out runs/demo

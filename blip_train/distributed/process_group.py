@@ -6,6 +6,7 @@ callers never branch on "am I distributed?".
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -106,3 +107,31 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     buf = out.to(collective_device())
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return (buf / dist.get_world_size()).to(tensor.device)
+
+
+def describe_placement(env: DistEnv) -> str:
+    """Where the ranks run, as one line for the log, e.g. `world: 16 ranks on 2 nodes (slurm): gpu-a [0-7],
+    gpu-b [8-15]`: a layout other than the one the job asked for shows at start. A node is SLURMD_NODENAME under
+    SLURM (several nodes may share one host), else the host name. A collective: every rank calls it."""
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    names: list = [node]
+    if _active():
+        names = [None] * dist.get_world_size()
+        dist.all_gather_object(names, node)
+    ranks: dict[str, list[int]] = {}
+    for rank, name in enumerate(names):
+        ranks.setdefault(name, []).append(rank)
+    where = ", ".join(f"{name} [{_spans(r)}]" for name, r in ranks.items())
+    return (f"world: {len(names)} rank{'s' * (len(names) > 1)} on {len(ranks)} node{'s' * (len(ranks) > 1)} "
+            f"({env.launcher}): {where}")
+
+
+def _spans(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)

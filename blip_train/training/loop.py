@@ -17,11 +17,11 @@ import torch
 from blip_train.config import (ConfigError, ExperimentConfig, check_input_paths, check_output_dir, config_to_dict,
                                config_warnings)
 from blip_train.config.changes import check_resume_config, record_config
-from blip_train.data.datasets import check_local_splits, remove_job_cache
+from blip_train.data.datasets import check_canonical_nodes, check_local_splits, check_remote_splits, remove_job_cache
 from blip_train.data.device import finish_batch
 from blip_train.distributed.env import discover_environment, export_environment
-from blip_train.distributed.preemption import PreemptionHandler
-from blip_train.distributed.process_group import all_reduce_max_bool, init_distributed, print0
+from blip_train.distributed.preemption import PreemptionHandler, start_resource_tracker
+from blip_train.distributed.process_group import all_reduce_max_bool, describe_placement, init_distributed, print0
 from blip_train.distributed.world import build_world_info
 from blip_train.distributed.zero import hf_zero3_loading
 from blip_train.evaluation.in_training import check_eval_split, evaluate_during_training
@@ -124,10 +124,11 @@ class RunPlan:
 
 
 def plan_run(cfg: ExperimentConfig, world_size: int, on_cuda: bool, allow_config_change: bool = False,
-             is_main: bool = True) -> RunPlan:
+             is_main: bool = True, num_nodes: int = 1) -> RunPlan:
     """Every check that needs no process group, cheapest first, so a bad run fails in seconds: input paths,
     the output directory, the checkpoint to resume (the newest whole one: a damaged newer one is named and
-    skipped) and its recorded config, batch arithmetic and the DeepSpeed template, the local data splits,
+    skipped) and its recorded config, batch arithmetic and the DeepSpeed template, the local data splits, the
+    remote ones' index (fetched into the job's cache), the job's node count against data.num_canonical_nodes,
     an `init_from` checkpoint. Raises ConfigError."""
     out = Path(cfg.run.output_dir)
     check_input_paths(cfg)
@@ -144,6 +145,8 @@ def plan_run(cfg: ExperimentConfig, world_size: int, on_cuda: bool, allow_config
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
         changes = check_resume_config(out, cfg, meta.get("global_batch"), global_batch, allow_config_change)
     check_local_splits(cfg.data)
+    check_remote_splits(cfg.data)
+    check_canonical_nodes(cfg.data, num_nodes)
     check_init_from(cfg)
     return RunPlan(ds_config, tag, elastic, changes)
 
@@ -177,13 +180,16 @@ def train(cfg: ExperimentConfig, allow_config_change: bool = False) -> dict:
 
     allow_config_change: resume even though the config changes what the run means (see config/changes.py).
     """
+    # First: the checks below may already open streaming's shared memory, which starts the tracker.
+    start_resource_tracker()
     env = discover_environment()
     export_environment(env)
     on_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
     quiet_deepspeed("cuda" if on_cuda else "cpu")
     out = Path(cfg.run.output_dir)
     with mirror_console(out / "train.log", enabled=env.rank == 0):
-        return _train(cfg, env, on_cuda, plan_run(cfg, env.world_size, on_cuda, allow_config_change, env.rank == 0))
+        return _train(cfg, env, on_cuda, plan_run(cfg, env.world_size, on_cuda, allow_config_change, env.rank == 0,
+                                                  env.num_nodes))
 
 
 def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
@@ -191,6 +197,7 @@ def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
     ckpt_dir, tag = out / "checkpoints", plan.resume_tag
     with without_build_chatter():
         init_distributed(env, cfg.deepspeed.timeout_minutes, on_cuda)
+    print0(describe_placement(env))
     if cfg.eval.interval:
         # After the group exists: without one, streaming would open (and close) a group of its own on
         # the same port, racing ours. Still before anything expensive is built.

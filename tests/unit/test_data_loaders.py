@@ -271,3 +271,27 @@ def test_cache_limit_is_checked(tmp_path, split40, monkeypatch):
         load_config(None, [f"data.train=[{{remote: {remote}}}]", "data.cache_limit=10 gigs"])
     assert load_config(None, [f"data.train=[{{remote: {remote}}}]", "data.cache_limit=2000000000"]).data.cache_limit \
         == "2000000000"
+
+
+def test_canonical_nodes_come_from_the_config_and_must_fit_the_node_count(split40):
+    """Streaming's default, the number of physical nodes, would tie the order to the job's layout (the
+    cluster tier reads the same order on 1 node x 2 ranks and 2 nodes x 1 rank); the key reaches streaming,
+    a node count it cannot be spread over is refused naming it, and changing it on resume is a meaning change."""
+    from blip_train.config import ConfigError, config_to_dict, load_config
+    from blip_train.config.changes import meaning_changes
+    from blip_train.data.datasets import check_canonical_nodes
+
+    loader = build_train_loader(_cfg(split40), 4)
+    assert sorted(_ids(loader)) == list(range(40)) and loader.dataset.num_canonical_nodes == 1
+    assert loader.state_dict()["num_canonical_nodes"] == 1  # saved with the position: a resume keeps it
+    four = DataConfig(train=[StreamConfig(local=split40)], image_size=16, num_workers=0, num_canonical_nodes=4)
+    assert build_train_loader(four, 4).dataset.num_canonical_nodes == 4
+    for nodes in (1, 2, 4, 8):
+        check_canonical_nodes(four, nodes)
+    with pytest.raises(ConfigError, match=r"^data.num_canonical_nodes: 4 canonical nodes .* 3 nodes"):
+        check_canonical_nodes(four, 3)
+    with pytest.raises(ConfigError, match="data.num_canonical_nodes: must be > 0"):
+        load_config(None, ["data.num_canonical_nodes=0"])
+    recorded = config_to_dict(load_config(None, [f"data.train=[{{local: {split40}}}]"]))
+    changed = load_config(None, [f"data.train=[{{local: {split40}}}]", "data.num_canonical_nodes=2"])
+    assert meaning_changes(recorded, changed) == ["data.num_canonical_nodes: 1 -> 2"]

@@ -222,3 +222,14 @@ def test_one_gpu_per_task_exports_local_rank_0_for_deepspeed() -> None:
     # Every GPU visible to every task: nothing to remap.
     del environ["CUDA_VISIBLE_DEVICES"]
     assert select_cuda_device(env, device_count=8, environ=environ) == 5 and environ["LOCAL_RANK"] == "5"
+
+
+def test_placement_line_names_each_node_and_its_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process here; on 2 nodes the cluster tier reads e.g. `world: 2 ranks on 2 nodes (slurm): bt-node0 [0],
+    bt-node1 [1]`. Under SLURM a node is SLURMD_NODENAME (several nodes may share a host name)."""
+    from blip_train.distributed.process_group import _spans, describe_placement
+
+    env = discover_environment({})
+    monkeypatch.setenv("SLURMD_NODENAME", "gpu-a")
+    assert describe_placement(env) == "world: 1 rank on 1 node (single): gpu-a [0]"
+    assert [_spans(r) for r in ([0], [0, 1, 2, 3], [8, 9, 11, 13, 14])] == ["0", "0-3", "8-9,11,13-14"]

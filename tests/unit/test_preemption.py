@@ -93,6 +93,37 @@ def test_forked_workers_leave_signals_to_the_trainer() -> None:
         assert not handler.requested
 
 
+def test_the_resource_tracker_outlives_a_relayed_usr1(tmp_path) -> None:
+    """SLURM relays USR1 to every process of the step: the tracker that unlinks streaming's shared memory must
+    not die of it (it would leak the segments; a relaunched one prints KeyError tracebacks). In a fresh process,
+    so that `start_resource_tracker` is what starts it, as in the trainer."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, clean_env
+    script = tmp_path / "tracker.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "from multiprocessing import resource_tracker, shared_memory\n"
+        "from blip_train.distributed.preemption import PreemptionHandler, start_resource_tracker\n"
+        "start_resource_tracker()\n"
+        "assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL\n"  # the caller's disposition is back
+        "h = PreemptionHandler().install()\n"
+        "shm = shared_memory.SharedMemory(create=True, size=64)\n"
+        "pid = resource_tracker._resource_tracker._pid\n"
+        "os.kill(pid, signal.SIGUSR1)\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "time.sleep(0.5)\n"
+        "assert h.requested\n"
+        "os.kill(pid, 0)\n"  # still alive
+        "shm.close(); shm.unlink()\n"
+        "print('tracker alive', resource_tracker._resource_tracker._pid == pid)\n")
+    r = subprocess.run([sys.executable, str(script)], env=clean_env(), cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "tracker alive True" in r.stdout, r.stdout + r.stderr
+    assert "resource_tracker" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_context_manager_restores_handlers() -> None:
     before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     with PreemptionHandler() as handler:
