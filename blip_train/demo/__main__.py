@@ -123,7 +123,9 @@ def train_stage(recipe: str, out: Path, name: str, extra: list[str]) -> dict:
     ckpt = run_dir / "checkpoints"
     tag = find_resume_tag(ckpt)
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    elapsed = [h["time/elapsed_s"] for h in history if "time/elapsed_s" in h]
     return {"run_dir": str(run_dir), "steps": losses[-1]["step"], "initial_loss": losses[0]["train/loss"],
+            "train_seconds": round(elapsed[-1], 1) if elapsed else None,
             "final_loss": losses[-1]["train/loss"], "checkpoint": str(ckpt / tag),
             "world_size": read_meta(ckpt / tag)["world_size"], "zero_stage": resolved["deepspeed"]["zero_stage"]}
 
@@ -238,7 +240,7 @@ def seed_spread(out: Path, data: Path, path_sets: list[str], main: dict, seeds: 
 def stage_entry(res: dict) -> dict:
     """The per-stage record of summary.json (DESIGN.md §3)."""
     return {k: res[k] for k in ("world_size", "zero_stage", "steps", "initial_loss", "final_loss", "checkpoint",
-                                "metrics", "run_dir")}
+                                "metrics", "run_dir", "train_seconds")}
 
 
 def write_summary(out: Path, summary: dict, t0: float) -> None:

@@ -20,8 +20,12 @@ def _num(x: float) -> str:
 
 def render_results(summary: dict[str, Any]) -> str:
     """The markdown block: how long the run took, one table row per stage, and the summary's shape."""
-    minutes = summary.get("wall_seconds", 0) / 60
-    lines = [f"A run on this 2-core machine ({minutes:.0f} minutes for everything, `runs/demo/summary.json`):", "",
+    # Training time per stage from its own log: a rerun reuses finished stages, so the wall time of the
+    # last invocation says nothing about what the stages cost.
+    trained = [st.get("train_seconds") for st in summary["stages"].values()]
+    when = (f"{sum(trained) / 60:.0f} minutes of training over the {len(trained)} stages"
+            if trained and all(t is not None for t in trained) else "training times not recorded")
+    lines = [f"A run on this 2-core machine ({when}, `runs/demo/summary.json`):", "",
              "| stage | steps | loss first → last | held-out primary metric | trained | untrained | chance |",
              "|---|---|---|---|---|---|---|"]
     for name, st in summary["stages"].items():

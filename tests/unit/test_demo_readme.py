@@ -10,7 +10,7 @@ from tests.conftest import REPO
 def summary() -> dict:
     def stage(steps, loss0, loss1, name, trained, untrained, chance):
         return {"world_size": 2, "zero_stage": 3, "steps": steps, "initial_loss": loss0, "final_loss": loss1,
-                "checkpoint": f"runs/demo/x/checkpoints/step_{steps:07d}",
+                "checkpoint": f"runs/demo/x/checkpoints/step_{steps:07d}", "train_seconds": steps * 1.2,
                 "metrics": {"primary": {"name": name, "trained": trained, "untrained": untrained, "chance": chance}}}
     return {"wall_seconds": 780.0,
             "stages": {"stage1": stage(400, 11.321, 4.468, "text->image R@1 (%)", 10.64, 0.45, 0.4545),
@@ -23,7 +23,7 @@ def summary() -> dict:
 
 def test_results_block_is_rendered_from_the_summary():
     text = render_results(summary())
-    assert "(13 minutes for everything" in text
+    assert "(14 minutes of training over the 2 stages" in text  # (400 + 300) x 1.2 s: not the wall time
     assert "| `stage1` | 400 | 11.32 → 4.47 | text→image R@1 (%) | 10.6 | 0.5 | 0.5 |" in text
     assert "| `instruct_t5` | 300 | 1.02 → 0.42 | VQA accuracy (%) | 41.1 | 24.7 | 12.3 |" in text
     assert "Across run.seed 0, 1, 2 (primary): `stage1` trained 9.1–11.0 vs untrained ≤ 0.9" in text
