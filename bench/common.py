@@ -140,3 +140,13 @@ def count_attention_backends() -> Iterator[Counter]:
         yield tally
     finally:
         attention.resolve_backend = original
+
+
+def print_markdown_table(rows: list[list[str]]) -> None:
+    """rows[0] is the header; the first column left-aligned, the others right-aligned (numbers)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("| " + " | ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
+              + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

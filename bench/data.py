@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.common import print_markdown_table  # noqa: E402
 from blip_train.data.images import (RESIZE_SHORT_SIDE, decode_rgb, decode_rgb_array,  # noqa: E402
                                     load_and_normalize_image)
 
@@ -255,12 +256,7 @@ def print_table(results: list[SplitResult]) -> None:
                       f"{r.per_s('ours'):.0f}/s", f"{r.ratio('ours', 'lavis'):.2f}x", f"{r.ratio('ours', 'decode_pil'):.2f}x",
                       f"{r.ratio('ours', 'decode_turbo'):.2f}x", f"{r.per_s('ours_gpu_decode_worker'):.0f}/s",
                       f"{r.grey_levels_vs_reference:.2f}"])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for i, line in enumerate(lines):
-        print("| " + " | ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths)))
-              + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print_markdown_table(lines)
 
 
 def summary(results: list[SplitResult], device: str) -> dict:

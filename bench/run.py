@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
-from bench.common import (PRESETS, Preset, count_attention_backends, device_sync, median, set_attention_,  # noqa: E402
-                          time_side_by_side, train_step_fn, with_batch)
+from bench.common import (PRESETS, Preset, count_attention_backends, device_sync, median,  # noqa: E402
+                          print_markdown_table, set_attention_, time_side_by_side, train_step_fn, with_batch)
 from blip_train.models.attention import flash_available  # noqa: E402
 from blip_train.training.flops import llm_shape, llm_stage_flops, peak_flops, stage1_flops  # noqa: E402
 
@@ -192,12 +192,7 @@ def print_table(rows: list[Row], peak: Optional[float], cuda: bool) -> None:
             ref_gib = r.extra.get("ref_step_gib")
             cells.append(f"{r.peak_gib:.2f}" + (f" / {ref_gib:.2f}" if ref_gib is not None else ""))
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for i, line in enumerate(lines):
-        print("| " + " | ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths)))
-              + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print_markdown_table(lines)
 
 
 def main() -> None:

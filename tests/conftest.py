@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
-import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from blip_train.distributed.env import free_port  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,14 +19,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
              "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,3 +53,17 @@ def tiny_assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_assets")
     make_tiny_assets(root)
     return root
+
+
+def kill_process_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it at once (no chance to clean up: the worst case), and wait
+    for them. torchrun's workers may live in their own process groups, so each is killed explicitly."""
+    import psutil
+
+    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)

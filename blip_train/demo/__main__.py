@@ -15,26 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+from blip_train.distributed.env import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _child_env() -> dict:
@@ -113,7 +106,7 @@ def make_assets(out: Path, data: Path, image_size: int) -> dict:
 def train_stage(recipe: str, out: Path, name: str, extra: list[str]) -> dict:
     run_dir = out / name
     sets = [f"run.output_dir={run_dir}"] + extra
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "blip_train.train", "--config", recipe] + [a for s in sets for a in ("--set", s)])
     import yaml
 

@@ -178,13 +178,13 @@ def _from_bare_rank_vars(environ: Mapping[str, str]) -> DistEnv:
     return DistEnv(rank=_int(environ, "RANK", default=0), local_rank=_int(environ, "LOCAL_RANK", default=0),
                    world_size=1, local_world_size=1, node_rank=0,
                    master_addr=environ.get("MASTER_ADDR") or "127.0.0.1",
-                   master_port=_int(environ, "MASTER_PORT", default=0) or _free_port(), launcher="torchrun")
+                   master_port=_int(environ, "MASTER_PORT", default=0) or free_port(), launcher="torchrun")
 
 
 def _single(environ: Mapping[str, str]) -> DistEnv:
     return DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0,
                    master_addr=environ.get("MASTER_ADDR") or "127.0.0.1",
-                   master_port=_int(environ, "MASTER_PORT", default=0) or _free_port(), launcher="single")
+                   master_port=_int(environ, "MASTER_PORT", default=0) or free_port(), launcher="single")
 
 
 # ------------------------------------------------------------------------------------- SLURM parsing
@@ -336,7 +336,8 @@ def _int(environ: Mapping[str, str], var: str, default: Optional[int] = None) ->
         raise DistEnvError(f"{var}={environ[var]!r} is not an integer") from None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (the launchers, the demo and the test services pick theirs here)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

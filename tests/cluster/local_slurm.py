@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from blip_train.distributed.env import free_port
+
 NODES = ("bt-node0", "bt-node1")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 COMMANDS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
@@ -46,14 +48,6 @@ CPUS_PER_NODE = 48
 
 class ClusterUnavailable(RuntimeError):
     """This host cannot run the cluster; the message says why in one line (the tier skips with it)."""
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def ensure_packages() -> None:
@@ -132,7 +126,7 @@ class LocalSlurmCluster:
         lines = [
             "ClusterName=blip-train-local",
             f"SlurmctldHost={host}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/none", "CredType=cred/none",
             "AuthInfo=cred_expire=10",  # a requeued job may start again after ~11 s instead of ~143 s
@@ -147,7 +141,7 @@ class LocalSlurmCluster:
             "ReturnToService=2", "KillWait=5", "InactiveLimit=0", "MinJobAge=600",
         ]
         for node in self.nodes:
-            lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
+            lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
                          f"CPUs={self.cpus_per_node} State=UNKNOWN")
         lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import REPO, clean_env, free_port
+from tests.conftest import REPO, clean_env, free_port, kill_process_tree
 from tests.helpers.tiny_run import (assert_frozen_is_source, read_losses, run_train, train_and_dump,
                                     trainable_weights, write_tiny_config)
 
@@ -51,17 +51,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def _kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every rank at once: no chance to clean up, the worst case.
-
-    torchrun's workers may live in their own process groups, so each is killed explicitly.
-    """
-    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in family:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
+    kill_process_tree(proc)
     proc.wait()
 
 

@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from blip_train.data.schema import write_split
 from blip_train.data.synthetic import make_sample
-from tests.conftest import REPO, clean_env, free_port, torchrun
+from tests.conftest import REPO, clean_env, free_port, kill_process_tree, torchrun
 from tests.helpers.local_s3 import LocalS3, S3Unavailable
 from tests.helpers.tiny_run import read_losses, run_train, trainable_weights, write_tiny_config
 
@@ -77,13 +75,7 @@ def _kill_all_after(path: Path, proc: subprocess.Popen, timeout: float = 300) ->
         assert proc.poll() is None, "run ended before the interruption point:\n" + proc.stdout.read()[-3000:]
         assert time.monotonic() < deadline, f"timed out waiting for {path}"
         time.sleep(0.02)
-    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in family:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
+    kill_process_tree(proc)
     return proc.communicate()[0]
 
 
