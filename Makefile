@@ -29,8 +29,9 @@ test-fast: $(VENV)/.installed
 test-cluster: $(VENV)/.installed
 	$(VPY) -m pytest -q tests -m cluster
 
+# SEEDS=1,2 also trains every stage with those run.seed values and reports the spread.
 demo: $(VENV)/.installed
-	$(VPY) -m blip_train.demo --out runs/demo
+	$(VPY) -m blip_train.demo --out runs/demo $(if $(SEEDS),--seeds $(SEEDS))
 
 bench: $(VENV)/.installed
 	$(VPY) bench/run.py
