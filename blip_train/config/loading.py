@@ -242,6 +242,24 @@ def validate_config(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {o.betas}")
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr: {o.min_lr} exceeds optim.lr={o.lr}")
+    if not 0 < o.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay: must be in (0, 1] (1: off), got {o.layer_decay}")
+    if o.layer_decay != 1 and m.vision.frozen:
+        raise ConfigError(f"optim.layer_decay: {o.layer_decay} decays the lr of a training ViT, but "
+                          "model.vision.frozen is true; set model.vision.frozen=false or optim.layer_decay=1")
+    if not 0 <= m.vision.drop_path_rate < 1:
+        raise ConfigError(f"model.vision.drop_path_rate: must be in [0, 1), got {m.vision.drop_path_rate}")
+    if m.vision.drop_path_rate and m.vision.frozen:
+        raise ConfigError(f"model.vision.drop_path_rate: {m.vision.drop_path_rate} needs a training ViT (a frozen "
+                          "one runs in eval mode); set model.vision.frozen=false or model.vision.drop_path_rate=0")
+    lora = m.llm.lora
+    _positive("model.llm.lora.r", lora.r, allow_zero=True)
+    if lora.r:
+        if m.arch == "stage1":
+            raise ConfigError("model.llm.lora.r: stage 1 has no LLM to adapt; set model.llm.lora.r=0")
+        _positive("model.llm.lora.alpha", lora.alpha)
+        if not 0 <= lora.dropout < 1:
+            raise ConfigError(f"model.llm.lora.dropout: must be in [0, 1), got {lora.dropout}")
     if m.arch in ("stage2", "instruct") and not m.llm.path:
         raise ConfigError(f"model.llm.path: required for model.arch={m.arch} (a local HF model folder)")
     for i, s in enumerate(d.train):

@@ -32,7 +32,8 @@ class RunConfig:
 
 @dataclass
 class VisionConfig:
-    """Frozen EVA/CLIP ViT. Defaults are EVA ViT-g/14 as BLIP-2 uses it (39 of 40 blocks, no final norm)."""
+    """EVA/CLIP ViT, frozen unless `frozen: false` (fine-tuning). Defaults are EVA ViT-g/14 as BLIP-2 uses it
+    (39 of 40 blocks, no final norm)."""
     image_size: int = 224
     """Input resolution in pixels (position embeddings are interpolated if weights were trained at another)."""
     patch_size: int = 14
@@ -48,12 +49,17 @@ class VisionConfig:
     weights: str = ""
     """Pretrained weights (safetensors / .pth, our names or EVA names). Empty: random init (tests only)."""
     frozen: bool = True
-    """Freeze the tower (requires_grad False, permanently in eval mode)."""
+    """Freeze the tower (requires_grad False, permanently in eval mode). false: the tower trains with the
+    Q-Former (BLIP-2 fine-tuning): partitioned by ZeRO like any trainable module, computed in
+    deepspeed.precision with fp32 masters in the optimizer (model.vision.precision does not apply)."""
     precision: str = "fp16"
     """Dtype of the frozen tower: fp16 | bf16 | fp32. fp16 falls back to bf16 where fp16 is unavailable (CPU).
     Kept under the engine, whatever deepspeed.precision says."""
     grad_checkpointing: bool = False
     """Recompute block activations in backward (only matters when the tower trains)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth of a training tower, in [0, 1): block i of the n built drops its residual branches
+    with probability drop_path_rate * i / (n - 1) per sample (EVA/BEiT); none in eval mode."""
 
 
 @dataclass
@@ -80,6 +86,21 @@ class QFormerConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters (peft) injected into the frozen LLM after its weights are loaded."""
+    r: int = 0
+    """Rank of each adapter; 0 turns LoRA off."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter's update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (training only)."""
+    target_modules: List[str] = field(default_factory=list)
+    """Names (last component) of the Linear layers that get adapters, e.g. [q_proj, v_proj]. Empty: the
+    attention query and value projections, peft's choice for OPT (q_proj, v_proj), LLaMA (q_proj, v_proj)
+    and T5 (q, v)."""
+
+
+@dataclass
 class LLMConfig:
     """The frozen language model of stage 2 / InstructBLIP."""
     path: str = ""
@@ -93,6 +114,8 @@ class LLMConfig:
     """Maximum target text tokens (stage 2) / answer tokens (InstructBLIP output, paper 256)."""
     max_prompt_len: int = 128
     """Maximum instruction tokens (InstructBLIP)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters on the otherwise frozen LLM (peft), trained with the Q-Former; off while lora.r is 0."""
 
 
 @dataclass
@@ -188,6 +211,10 @@ class OptimConfig:
     """Global gradient-norm clip; 0 disables it (LAVIS clips nothing)."""
     fused: str = "auto"
     """auto | on | off: torch fused AdamW on CUDA."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay of a training ViT, in (0, 1]: of L built blocks, block i (0-based) gets
+    lr x layer_decay^(L - i), the patch/position embeddings and CLS token lr x layer_decay^(L + 1);
+    everything else (Q-Former, ln_vision, heads, query tokens, adapters) the plain lr. 1: off."""
 
 
 @dataclass

@@ -79,19 +79,44 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as EVA
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch for a random subset of samples and scale the
+    kept ones by 1 / (1 - p); the identity in eval mode or at p = 0.
 
-    def __init__(self, cfg: VisionConfig, attention: str):
+    The mask is drawn from torch's global generator of the input's device, which the trainer seeds per rank
+    and saves in every checkpoint, so a run and its resume draw the same masks.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        # Drawn in fp32: bf16 uniforms are too coarse for a fair Bernoulli(keep).
+        mask = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) < keep  # (B, 1, 1)
+        return x * (mask.to(x.dtype) / keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x)))."""
+
+    def __init__(self, cfg: VisionConfig, attention: str, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.attn = EVAAttention(cfg.width, cfg.heads, attention)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg.width, cfg.mlp_dim)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class EVAViT(nn.Module):
@@ -117,8 +142,30 @@ class EVAViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, cfg.width))
         depth = cfg.layers - 1 if cfg.drop_last_block else cfg.layers
-        self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(cfg, attention, drop_path_rates(cfg.drop_path_rate, depth)[i])
+                                    for i in range(depth))
         self.reset_parameters()
+
+    EMBEDDINGS = ("cls_token", "pos_embed", "patch_embed.")
+    """Parameters below the first block (names relative to the tower)."""
+
+    def layer_decay_scales(self, decay: float) -> dict[str, float]:
+        """lr scale of every parameter (names relative to the tower) under layer-wise lr decay.
+
+        Of L built blocks, block i (0-based) gets decay^(L - i), so the last block decays once and deeper
+        layers more; the embeddings below block 0 get decay^(L + 1). The head above the tower (ln_vision,
+        Q-Former) is not part of it and keeps scale 1.
+        """
+        depth = len(self.blocks)
+        scales = {}
+        for name, _ in self.named_parameters():
+            if name.startswith("blocks."):
+                scales[name] = decay ** (depth - int(name.split(".")[1]))
+            elif name.startswith(self.EMBEDDINGS):
+                scales[name] = decay ** (depth + 1)
+            else:
+                raise ValueError(f"layer decay: no layer for ViT parameter {name}")
+        return scales
 
     def reset_parameters(self) -> None:
         """EVA's init: truncated normal(0.02) for tokens and linear weights, zero biases, unit norms."""
@@ -153,6 +200,13 @@ class EVAViT(nn.Module):
             else:
                 x = block(x)
         return x
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Per-block drop-path probabilities, rising linearly from 0 (first block) to `rate` (last), as EVA/BEiT."""
+    if depth == 1:
+        return [0.0]
+    return [rate * i / (depth - 1) for i in range(depth)]
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:

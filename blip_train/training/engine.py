@@ -171,14 +171,35 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "query_tokens" in name or name.endswith("temp")
 
 
-def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def lr_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
+    """lr scale per parameter name under layer-wise decay: every submodule that defines
+    `layer_decay_scales(decay)` (a training ViT) gives its own parameters' scales; all others get 1."""
+    scales: dict[str, float] = {}
+    if layer_decay == 1.0:
+        return scales
+    for prefix, module in model.named_modules():
+        if hasattr(module, "layer_decay_scales"):
+            scales.update({f"{prefix}.{n}" if prefix else n: s for n, s in module.layer_decay_scales(layer_decay).items()})
+    return scales
+
+
+def build_param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups of the trainable parameters: decay / no_decay, split further by lr scale when layer-wise
+    decay is on (each group carries `lr_scale`, which `apply_lr_` multiplies the scheduled lr by)."""
+    scales = lr_scales(model, layer_decay)
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, False): [], (1.0, True): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if _no_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        buckets.setdefault((scales.get(name, 1.0), _no_decay(name, p)), []).append(p)
+    groups = []
+    for (scale, no_decay), params in sorted(buckets.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        if not params and scale != 1.0:
+            continue
+        name = "no_decay" if no_decay else "decay"
+        groups.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale,
+                       "name": name if scale == 1.0 else f"{name}_lr_x{scale:.6g}"})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: ExperimentConfig, on_cuda: bool) -> torch.optim.Optimizer:
@@ -186,7 +207,7 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig, on_cuda: bool) -> t
     if o.fused == "on" and not on_cuda:
         raise ConfigError("optim.fused: 'on' needs a CUDA device (fused AdamW is a CUDA kernel)")
     fused = on_cuda and o.fused != "off"
-    groups = build_param_groups(model, o.weight_decay)
+    groups = build_param_groups(model, o.weight_decay, o.layer_decay)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 
 
