@@ -8,6 +8,7 @@ INSTALL_REQUIRES = [
     "torchvision==0.29.1",
     "deepspeed==0.19.8",
     "transformers==4.57.6",
+    "peft==0.21.0",  # LoRA on the frozen LLM (model.llm.lora)
     "accelerate==1.11.0",  # transformers' DeepSpeed integration (ZeRO-3 partitioned from_pretrained) needs it
     "tokenizers>=0.21,<0.23",
     "mosaicml-streaming==0.13.0",

@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from blip_train.config.schema import LLMConfig, ModelConfig
 from blip_train.models.eva_vit import LayerNormFP32
 from blip_train.models.freezing import freeze_
+from blip_train.models.lora import apply_lora_, set_lora_dropout_mode_
 from blip_train.models.qformer import QFormer
 from blip_train.models.stage1 import build_vision_tower, expand_query_tokens
 
@@ -73,7 +74,8 @@ def drop_qformer_text_branch_(qformer: QFormer, keep_text_input: bool) -> None:
 
 
 class Blip2LLM(nn.Module):
-    """Frozen ViT + trainable ln_vision, Q-Former, query tokens and llm_proj + frozen HF `llm`."""
+    """Frozen ViT + trainable ln_vision, Q-Former, query tokens and llm_proj + frozen HF `llm` (with trainable
+    LoRA adapters when cfg.llm.lora.r > 0)."""
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel, *, device_type: Optional[str] = None) -> None:
         """cfg.arch: stage2 | instruct. `llm` (see `load_llm`) is frozen here if it is not already."""
@@ -90,7 +92,15 @@ class Blip2LLM(nn.Module):
         self.query_tokens = nn.Parameter(torch.randn(1, qcfg.num_query_tokens, qcfg.hidden_size) * 0.02)
         self.llm_proj = nn.Linear(qcfg.hidden_size, llm.config.get_text_config().hidden_size)
         self.llm = freeze_(llm)
+        # After the base weights are in (and, under ZeRO-3, partitioned): see models/lora.py.
+        self.lora_modules = apply_lora_(self.llm, cfg.llm.lora)
         self.decoder_only = not llm.config.is_encoder_decoder
+
+    def train(self, mode: bool = True) -> "Blip2LLM":
+        super().train(mode)  # the frozen towers stay in eval mode (freeze_)
+        if self.lora_modules:
+            set_lora_dropout_mode_(self.llm, mode)
+        return self
 
     # ----------------------------------------------------------------------------------------------
     # building blocks
@@ -206,7 +216,9 @@ STAGE1_ONLY = ("vision_proj.", "text_proj.", "itm_head.", "temp")
 def _optional_missing(model: Blip2LLM) -> tuple[str, ...]:
     # llm_proj is new after stage 1; InstructBLIP's Q-Former text input is absent from a stage-2
     # checkpoint (its text branch was removed) and keeps its current init (BERT or random).
-    keys = (r"llm_proj\.",)
+    keys = (r"llm_proj\.", r"llm\..*\.lora_[AB]\.")  # adapters are new unless the earlier run had them
+    if not model.vision_frozen:  # a training ViT starts from model.vision.weights unless the run trained it too
+        keys += (r"visual_encoder\.",)
     if model.instruct:
         keys += (r"qformer\.embeddings\.(word|position)_embeddings\.", r"qformer\.layers\.\d+\.ffn\.")
     return keys

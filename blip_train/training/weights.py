@@ -82,21 +82,20 @@ def read_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def init_stage1_from_(model: nn.Module, path: str | Path) -> list[str]:
-    """Stage-1 `model.init_from`: a ZeRO checkpoint of ours loads strictly (`load_trainable_`); a weights
-    folder / file loads every trainable parameter it has, and may lack only STAGE1_INIT_OPTIONAL keys.
-    Frozen-tower tensors in it are ignored (towers come from their sources). Returns keys left at init."""
-    from blip_train.interop.weights_io import is_weights_file, is_weights_folder
-
-    if not (is_weights_folder(path) or is_weights_file(path)):
-        ckpt_dir, tag = resolve_checkpoint(path)
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
-        return []
-    state = {k: v for k, v in read_init_weights(path).items() if not k.startswith("visual_encoder.")}
+    """Stage-1 `model.init_from`: the trainable weights of a ZeRO checkpoint of ours or of a weights folder /
+    file; every trainable parameter must be there except STAGE1_INIT_OPTIONAL keys and, for a training ViT,
+    the ViT (an earlier run with a frozen ViT does not carry it: it keeps the weights of model.vision.weights;
+    one that trained it does, and they load). Frozen-tower tensors in it are ignored (towers come from their
+    sources). Returns keys left at init."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    vit_trains = any(n.startswith("visual_encoder.") for n in params)
+    state = read_init_weights(path)
+    if not vit_trains:
+        state = {k: v for k, v in state.items() if not k.startswith("visual_encoder.")}
+    optional = STAGE1_INIT_OPTIONAL + (("visual_encoder.",) if vit_trains else ())
     unexpected = sorted(set(state) - set(params))
     kept = sorted(set(params) - set(state))
-    missing = [k for k in kept if not k.startswith(STAGE1_INIT_OPTIONAL)]
+    missing = [k for k in kept if not k.startswith(optional)]
     if unexpected or missing:
         raise KeyError(f"init_from {path}: missing trainable keys {missing[:5]}, unexpected keys {unexpected[:5]} "
                        "(a stage-1 model of another size or stage?)")
