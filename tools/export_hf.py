@@ -12,6 +12,9 @@ step_* dir (the run's config.yaml rebuilds the model) or a weights folder / .saf
 zero_to_safetensors.py or import_hf.py (they carry the config). Frozen ViT and LLM weights come from
 the run's sources (model.vision.weights, model.llm.path); --set model.llm.path=... points elsewhere when
 they moved, --config supplies a config for weights that carry none (tools/import_lavis.py output).
+LoRA adapters (model.llm.lora) are merged into the exported LLM, or kept apart with --lora-adapter:
+    python tools/export_hf.py --checkpoint runs/opt_lora --out exports/opt-lora --lora-adapter
+    # model.language_model.load_adapter("exports/opt-lora/lora_adapter") after from_pretrained
 Not exported: the ITC temperature and the Q-Former LM head (transformers' classes have no place for them).
 """
 from __future__ import annotations
@@ -36,10 +39,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="YAML / recipe that rebuilds the model, replacing the one the checkpoint carries")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.llm.path=/models/opt-2.7b (repeatable)")
+    p.add_argument("--lora-adapter", action="store_true",
+                   help="write the LLM's LoRA adapters as a peft adapter folder OUT/lora_adapter instead of merging "
+                        "them into the exported LLM (the default)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
     summary = export_hf(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite,
                         max_shard_size=args.max_shard_size, config=args.config, overrides=args.overrides,
+                        lora_adapter=args.lora_adapter,
                         log=lambda s: print(f"export_hf: {s}", flush=True))
     print(f"export_hf: wrote {summary['class']} ({summary['tensors']} tensors, {args.dtype}) to {args.out}")
     print(json.dumps(dict(summary, out=args.out)))

@@ -5,7 +5,12 @@ Sources of the exported weights, by part:
   from its ZeRO shards (fp32 master weights), or a weights folder / .safetensors of ours;
 - frozen ViT: `model.vision.weights` (the run's source; loaded as training loads it: dropped last
   block, interpolated position embeddings), else frozen tensors in the weights (--include-frozen);
-- frozen LLM, its config and tokenizer: `model.llm.path`, the run's HF folder.
+- frozen LLM, its config and tokenizer: `model.llm.path`, the run's HF folder;
+- LoRA adapters of the LLM (model.llm.lora), trained: merged into the exported LLM's weights
+  (W + alpha/r * B @ A, in fp32), or with `lora_adapter` written as a peft adapter folder
+  `<out>/lora_adapter` next to the untouched base weights; load it with
+  `model.language_model.load_adapter(f"{out}/lora_adapter")` (transformers) or
+  `peft.PeftModel.from_pretrained(model.language_model, f"{out}/lora_adapter")`.
 Left out on purpose: the ITC temperature `temp` and the Q-Former LM head (no transformers class has
 them). transformers places the soft prompt at `<image>` placeholder tokens, so the exported LLM
 tokenizer gains `<image>`; when its id falls outside the LLM's embedding matrix, zero rows are
@@ -30,8 +35,10 @@ from blip_train.interop.hf_config import (LAYOUTS, assign_into, build_processor,
 from blip_train.interop.weights_io import (InteropError, check_output, discard, is_weights_file, is_weights_folder,
                                            move_into_place, parse_dtype, parse_size, read_weights, temp_path)
 from blip_train.models.hf_names import model_to_hf
+from blip_train.models.lora import LORA_KEY, is_lora_key, merge_lora_, peft_adapter_state
 
 EXPORT_INFO = "blip_train_export.json"
+LORA_ADAPTER_DIR = "lora_adapter"
 NOT_EXPORTED = {"stage1": (r"temp", r"qformer\.lm_head\."), "stage2": (), "instruct": ()}
 """Our trained keys that the arch's transformers class has no place for (regex prefixes)."""
 
@@ -204,13 +211,32 @@ def load_frozen_llm(path: str, dtype: torch.dtype):
     return llm_config, {k: t.detach() for k, t in llm.state_dict().items()}
 
 
+def write_lora_adapter(folder: Path, lora: dict[str, torch.Tensor], cfg: Any, llm_config: Any,
+                       dtype: torch.dtype) -> None:
+    """A peft adapter folder (adapter_config.json + adapter_model.safetensors) for the exported LLM:
+    `lora` is named relative to the LLM (`<module>.lora_A.default.weight`); target_modules are written
+    out as resolved (the module names that carry adapters), so loading needs no per-architecture table."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    targets = sorted({LORA_KEY.match(k).group("module").rsplit(".", 1)[-1] for k in lora})
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                        bias="none", task_type="SEQ_2_SEQ_LM" if llm_config.is_encoder_decoder else "CAUSAL_LM")
+    folder.mkdir(parents=True)
+    config.save_pretrained(str(folder))
+    save_file({k: v.to(dtype).contiguous() for k, v in peft_adapter_state(lora).items()},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 # -------------------------------------------------------------------------------------------- export
 
 def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[str] = None, dtype: str = "fp32",
               overwrite: bool = False, max_shard_size: str = "5GB", config: Optional[str] = None,
-              overrides: Sequence[str] = (), log: Callable[[str], None] = lambda s: None) -> dict:
+              overrides: Sequence[str] = (), lora_adapter: bool = False,
+              log: Callable[[str], None] = lambda s: None) -> dict:
     """Write the transformers folder for `source` (run dir / checkpoint / weights folder or file) to `out`;
-    `config` / `overrides` as in `load_export_source`.
+    `config` / `overrides` as in `load_export_source`. LoRA adapters are merged into the LLM, or with
+    `lora_adapter` written as a peft adapter folder `out/lora_adapter` (the LLM keeps its base weights).
 
     Returns a summary: arch, class, image_token_index, tensors written, keys left out, vocab padding.
     """
@@ -244,6 +270,9 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
 
     expected = expected_trained(cfg, llm_config)
     full.update(_check_trained(src.weights, expected, arch, str(source)))
+    lora = {k[len("llm."):]: full.pop(k) for k in list(full) if k.startswith("llm.") and is_lora_key(k)}
+    if lora_adapter and not lora:
+        raise InteropError(f"{source}: --lora-adapter, but the model has no LoRA adapters (model.llm.lora.r is 0)")
     if not any(k.startswith("visual_encoder.") for k in expected):  # else the ViT trained: it is in `full`
         log(f"frozen ViT: {m.vision.weights or 'from the weights'}")
         full.update({"visual_encoder." + k: t for k, t in frozen_vision_state(cfg, src.weights).items()})
@@ -253,6 +282,9 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
     image_token_index, padded = None, []
     if arch != "stage1":
         image_token_index = int(llm_tokenizer.convert_tokens_to_ids("<image>"))
+        if lora and not lora_adapter:
+            log(f"merging {len(lora) // 2} LoRA adapters into the LLM")
+            merge_lora_(llm_sd, lora, m.llm.lora)
         if image_token_index >= llm_config.vocab_size:
             padded = fit_vocab_(llm_sd, llm_config, image_token_index + 1)
         full.update({"llm." + k: t for k, t in llm_sd.items()})
@@ -286,7 +318,10 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
         log(f"writing {out}")
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
         processor.save_pretrained(str(tmp))
+        if lora and lora_adapter:
+            write_lora_adapter(tmp / LORA_ADAPTER_DIR, lora, m.llm.lora, llm_config, target)
         summary = {"arch": arch, "class": hf_class(arch).__name__, "dtype": dtype,
+                   "lora": None if not lora else (LORA_ADAPTER_DIR if lora_adapter else "merged"),
                    "image_token_index": image_token_index, "vocab_padded": padded, "left_out": sorted(left_out),
                    "tensors": len(hf_sd), "source": src.meta.get("source", {"path": str(source)})}
         (tmp / EXPORT_INFO).write_text(json.dumps(summary, indent=1))

@@ -48,6 +48,9 @@ def apply_lora_(llm: nn.Module, cfg: LoRAConfig) -> list[str]:
     except ValueError as e:  # e.g. no module matches target_modules, or peft knows no default for the model
         raise ValueError(f"model.llm.lora.target_modules: {str(e).splitlines()[0]}") from None
     adapted = sorted(n for n, m in llm.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    not_linear = [n for n in adapted if not isinstance(llm.get_submodule(n).base_layer, nn.Linear)]
+    if not_linear:  # embeddings / convolutions name their adapters otherwise; export merges Linear ones only
+        raise ValueError(f"model.llm.lora.target_modules: only Linear layers can carry adapters, not {not_linear[:3]}")
     if not adapted:
         raise ValueError(f"model.llm.lora.target_modules: {cfg.target_modules or 'the default'} matched no Linear "
                          "layer of the LLM")

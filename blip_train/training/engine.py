@@ -179,7 +179,8 @@ def lr_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
         return scales
     for prefix, module in model.named_modules():
         if hasattr(module, "layer_decay_scales"):
-            scales.update({f"{prefix}.{n}" if prefix else n: s for n, s in module.layer_decay_scales(layer_decay).items()})
+            for name, scale in module.layer_decay_scales(layer_decay).items():
+                scales[f"{prefix}.{name}" if prefix else name] = scale
     return scales
 
 

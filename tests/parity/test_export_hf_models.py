@@ -135,12 +135,16 @@ def picture(seed: int, size: int = 40) -> Image.Image:
 CASES = [("stage2", "opt"), ("stage2", "t5"), ("instruct", "llama"), ("instruct", "t5")]
 
 
-def assert_export_matches_ours(out: Path, ours, arch: str) -> None:
-    """transformers loads `out` cleanly; on the saved processor's inputs its logits equal ours (over our
-    vocabulary) and greedy decoding gives our tokens; the saved generation defaults run as they are."""
+def assert_export_matches_ours(out: Path, ours, arch: str, adapter: Path | None = None) -> None:
+    """transformers loads `out` cleanly (and the peft `adapter` folder into its LLM, when given); on the saved
+    processor's inputs its logits equal ours (over our vocabulary) and greedy decoding gives our tokens; the
+    saved generation defaults run as they are."""
     from transformers import AutoProcessor
 
     hf = load_hf(out)
+    if adapter is not None:
+        hf.language_model.load_adapter(str(adapter))
+        hf.eval()
     processor = AutoProcessor.from_pretrained(str(out))
     prompt = "what color is the square" if arch == "instruct" else "a photo of"
     inputs = processor(images=[picture(0), picture(1)], text=[prompt, prompt], return_tensors="pt")

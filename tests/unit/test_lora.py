@@ -88,7 +88,8 @@ def test_merged_weights_give_the_same_logits(opt_dir):
     assert len(merged) == 4 and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in merged)
     hf = AutoModelForCausalLM.from_pretrained(str(opt_dir), dtype=torch.float32)
     hf.load_state_dict(base)
-    assert not torch.allclose(hf(input_ids=ids).logits, AutoModelForCausalLM.from_pretrained(str(opt_dir))(input_ids=ids).logits)
+    unmerged = AutoModelForCausalLM.from_pretrained(str(opt_dir))(input_ids=ids).logits
+    assert not torch.allclose(hf(input_ids=ids).logits, unmerged)  # the adapters matter
     torch.testing.assert_close(hf(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-5)
     # The same adapters in peft's own saved layout load into a plain model through transformers.
     state = peft_adapter_state(lora)
