@@ -4,9 +4,13 @@ Adapters are injected in place (`peft.inject_adapter_in_model`) AFTER the base w
 ZeRO-3 the base LLM is partitioned as it loads (zero.Init through HfDeepSpeedConfig), and peft only needs
 each target Linear's `in_features` / `out_features` attributes to build an adapter, never its (empty,
 partitioned) weight. The adapters are built whole on every rank from the same seed, then partitioned with
-the other trainable modules when the engine is built. Building them inside zero.Init instead would not work:
-peft initialises `lora_A` in place (kaiming) and moves it to the base layer's dtype, which a partitioned
-parameter refuses.
+the other trainable modules when the engine is built (`partition_module_`).
+
+Injecting them inside zero.Init instead goes wrong silently (seen with deepspeed 0.19.8 + peft 0.21.0):
+each new lora_A / lora_B Linear is partitioned as soon as it is constructed, so peft's own initialisation
+afterwards (kaiming for A, zeros for B) runs on empty local tensors and does nothing ("Initializing
+zero-element tensors is a no-op"). B keeps nn.Linear's random init instead of zeros, so the "untrained"
+adapter already changes the LLM's output at step 0. `apply_lora_` refuses adapters that arrive partitioned.
 
 Names: peft moves each adapted Linear under `.base_layer` and adds `.lora_A.default` / `.lora_B.default`,
 so the frozen `llm.model...q_proj.weight` is `llm.model...q_proj.base_layer.weight` in our model. A target
@@ -54,6 +58,10 @@ def apply_lora_(llm: nn.Module, cfg: LoRAConfig) -> list[str]:
     if not adapted:
         raise ValueError(f"model.llm.lora.target_modules: {cfg.target_modules or 'the default'} matched no Linear "
                          "layer of the LLM")
+    # `ds_id` marks a ZeRO-3 partition (read by name: models never import deepspeed).
+    if any(hasattr(p, "ds_id") for n, p in llm.named_parameters() if ".lora_" in n):
+        raise RuntimeError("LoRA adapters were built inside deepspeed.zero.Init: peft's initialisation (B = 0) "
+                           "did not reach their partitions; inject them after the LLM is loaded, outside zero.Init")
     return adapted
 
 

@@ -78,3 +78,15 @@ def test_trained_part_is_partitioned_and_updated_while_the_llm_stays_frozen(case
             assert all(".base_layer." in n for n in frozen_llm if n.endswith(("q_proj.weight", "v_proj.weight"))) \
                 and any(".base_layer." in n for n in frozen_llm)
             assert rep["lr_scales"] == [1.0]
+
+
+def test_lora_adapters_must_be_injected_after_the_partitioned_load(tiny_assets):
+    """Why apply_lora_ runs after the LLM is loaded and refuses adapters built inside zero.Init."""
+    from tests.distributed.test_export_generative import llm_folder
+
+    r = torchrun(["tests/distributed/_lora_zero_init_script.py", str(llm_folder(tiny_assets, "opt"))], nproc=1,
+                 timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    out = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    assert out["base_partitioned"] and out["after_load_whole"] and out["after_load_b_zero"]
+    assert out["inside_zero_init"].startswith("LoRA adapters were built inside deepspeed.zero.Init")
