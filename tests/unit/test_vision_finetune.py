@@ -149,3 +149,12 @@ def test_trainable_tower_loads_weights_of_another_resolution(tmp_path):
     vit.train()
     vit(torch.randn(2, 3, 48, 48)).mean().backward()
     assert vit.pos_embed.requires_grad and vit.pos_embed.grad is not None and vit.pos_embed.grad.abs().sum() > 0
+
+
+def test_training_tower_gets_gradients_through_stage1_image_embeddings():
+    frozen, training = Blip2Stage1(tiny_model_config(), device_type="cpu"), _trainable_stage1()
+    for model in (frozen, training):
+        model.train()
+        model.image_embeddings(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in frozen.visual_encoder.parameters())  # no graph through a frozen tower
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in training.visual_encoder.parameters())
