@@ -89,7 +89,13 @@ def init_stage1_from_(model: nn.Module, path: str | Path) -> list[str]:
     sources). Returns keys left at init."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     vit_trains = any(n.startswith("visual_encoder.") for n in params)
+    from blip_train.interop.weights_io import is_weights_file, is_weights_folder
+
     state = read_init_weights(path)
+    if not (is_weights_folder(path) or is_weights_file(path)):
+        # A ZeRO checkpoint of ours: zero_to_fp32 also names tied aliases (the Q-Former LM head's decoder is
+        # its word embedding); only the model's own parameter names are compared.
+        state = {k: v for k, v in state.items() if k in params}
     if not vit_trains:
         state = {k: v for k, v in state.items() if not k.startswith("visual_encoder.")}
     optional = STAGE1_INIT_OPTIONAL + (("visual_encoder.",) if vit_trains else ())
