@@ -1,6 +1,7 @@
-"""export_hf of a stage-2 OPT model with LoRA adapters on its LLM: merged into the exported LLM (default) or
-written as a peft adapter folder beside the base weights; either way transformers (+ peft) gives our logits
-(fp32, <= 1e-5) and our greedy tokens."""
+"""export_hf of fine-tuned stage-2 OPT models: LoRA adapters on the LLM merged into the exported LLM (default)
+or written as a peft adapter folder beside the base weights, and a trained ViT at another resolution than its
+source weights (position embeddings interpolated); transformers (+ peft) gives our logits (fp32, <= 1e-5) and
+our greedy tokens."""
 from __future__ import annotations
 
 import json
@@ -72,3 +73,14 @@ def test_export_tool_writes_the_adapter_folder_on_request(assets, tmp_path):  # 
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["lora"] == LORA_ADAPTER_DIR
     assert (tmp_path / "hf" / LORA_ADAPTER_DIR / "adapter_config.json").is_file()
+
+
+def test_trained_vit_at_a_new_resolution_exports_with_our_logits(assets, tmp_path):  # noqa: F811
+    cfg = experiment("stage2", assets, "opt")
+    cfg["model"]["vision"].update(frozen=False, image_size=40, drop_path_rate=0.1)  # source weights: 32 px
+    cfg["data"]["image_size"] = 40
+    ours = build_ours(cfg)  # the ViT perturbed as training would; eval mode: no drop path
+    assert ours.visual_encoder.pos_embed.shape[1] == 1 + 5 * 5 and ours.visual_encoder.pos_embed.requires_grad
+    summary = export_hf(save_trained(ours, cfg, tmp_path / "weights"), tmp_path / "hf")
+    assert summary["lora"] is None
+    assert_export_matches_ours(tmp_path / "hf", ours, "stage2")
