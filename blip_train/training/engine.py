@@ -77,8 +77,12 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, on_cuda: bool) -> di
                           f"{cfg.deepspeed.config!r}, which is tuned for ZeRO stage {zero['stage']}; choose a "
                           "matching template or zero_stage")
     zero["stage"] = cfg.deepspeed.zero_stage
-    if cfg.deepspeed.param_persistence_threshold >= 0:
-        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.param_persistence_threshold
+    for key, value in (("stage3_param_persistence_threshold", cfg.deepspeed.param_persistence_threshold),
+                       ("stage3_max_live_parameters", cfg.deepspeed.max_live_parameters),
+                       ("stage3_max_reuse_distance", cfg.deepspeed.max_reuse_distance),
+                       ("stage3_prefetch_bucket_size", cfg.deepspeed.prefetch_bucket_size)):
+        if value >= 0:
+            zero[key] = value
     apply_param_offload_(zero, cfg, on_cuda)
     for section in ("offload_param", "offload_optimizer"):
         if section in zero and not on_cuda:
