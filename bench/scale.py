@@ -201,21 +201,57 @@ def fill_random_(module) -> None:
                 p.fill_(1.0)
 
 
+def save_random_hf_folder(name: str, layers: Optional[int], folder: Path, dtype, shard_bytes: int = 2 * GIB) -> None:
+    """An HF folder (config.json, sharded model-*.safetensors + index) of random weights, written tensor by
+    tensor: a 13B model never exists whole in memory. Tied weights are written once, as save_pretrained does."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = build_hf_llm(name, layers, meta=True, dtype=dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(str(folder))
+    shards: list[dict] = [{}]
+    size = 0
+    for key, p in model.named_parameters():  # shared parameters once, under their first name
+        nbytes = p.numel() * p.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = p
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for key, p in shard.items():
+            t = torch.empty(p.shape, dtype=dtype)
+            if t.ndim >= 2:
+                t.normal_(0.0, 0.02)
+            else:
+                t.zero_() if key.endswith("bias") else t.fill_(1.0)
+            tensors[key] = t
+            weight_map[key] = fname
+            total += t.numel() * t.element_size()
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
 def texts_for_tokenizers() -> list[str]:
     words = ("a photo of a red square next to two small blue circles on the left of a green triangle "
              "question answer what color shape how many is there short the image shows").split()
     return [" ".join(words[i:i + 7]) for i in range(len(words) - 6)] * 4
 
 
-def make_towers(root: Path, recipe: Recipe, log) -> dict:
-    """The recipe's towers under root/towers, in their release formats; built once and reused."""
+def make_towers(towers: Path, recipe: Recipe, log) -> dict:
+    """The recipe's towers under `towers`, in their release formats; built once and reused."""
     import torch
     from safetensors.torch import save_file
 
     from blip_train.data.tokenizers import train_bpe_tokenizer, train_wordpiece_tokenizer
     from blip_train.models.eva_vit import EVAViT
 
-    towers = root / "towers"
     out: dict = {}
     m = model_config(recipe.name)
     vit_file = towers / ("eva_vit_g.pth" if recipe.vit == "g" else "vit_l.safetensors")
@@ -256,10 +292,8 @@ def make_towers(root: Path, recipe: Recipe, log) -> dict:
         if not (folder / ".complete").exists():
             t0 = time.time()
             family = LLMS[recipe.llm]["family"]
-            model = build_hf_llm(recipe.llm, recipe.llm_layers,
-                                 dtype=torch.float32 if m.llm.dtype == "fp32" else torch.bfloat16)
-            model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="2GB")
-            del model
+            save_random_hf_folder(recipe.llm, recipe.llm_layers, folder,
+                                  torch.float32 if m.llm.dtype == "fp32" else torch.bfloat16)
             train_bpe_tokenizer(texts_for_tokenizers(), vocab_size=300, out_dir=folder, style=family)
             (folder / ".complete").write_text("")
             log(f"towers: random {recipe.llm}{suffix} → {folder} in {time.time() - t0:.0f}s")
@@ -315,9 +349,13 @@ class PeakSampler:
         return self.peak_kib / 2**20
 
 
-def run_logged(cmd: list[str], log_file: Path, env: dict, timeout: int) -> tuple[float, float]:
-    """Run `cmd` (output to log_file); returns (seconds, peak RSS GiB of its busiest process)."""
+def run_logged(cmd: list[str], log_file: Path, env: dict, timeout: int, started: Optional[list] = None
+               ) -> tuple[float, float]:
+    """Run `cmd` (output to log_file); returns (seconds, peak RSS GiB of its busiest process). `started`
+    gets the launch time appended."""
     t0 = time.time()
+    if started is not None:
+        started.append(t0)
     with open(log_file, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
@@ -363,6 +401,7 @@ def summarise_trace(run_dir: Path, world: int = WORLD) -> dict:
                 out["high_water_gib"][g] = max(out["high_water_gib"].get(g, 0.0), m["peak_gib"])
             prev = max(prev, m["peak_gib"])
         out["baseline_gib"] = max(out["baseline_gib"], trace[0]["rss_gib"])
+        out["start_wall"] = max(out.get("start_wall", 0.0), trace[0].get("wall", 0.0))
         out["peak_gib"] = max(out["peak_gib"], prev)
         t = {m["phase"]: m["t"] for m in trace if m["phase"] in ("start", "built", "engine", "resumed")}
         out.setdefault("build_s", round(t["built"] - t["start"], 1))
@@ -378,7 +417,8 @@ def du_gib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / GIB
 
 
-def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: list[str]) -> dict:
+def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: list[str], res: dict) -> None:
+    """Train + save, consolidate, resume one step, export; fills `res` as it goes (kept when a step fails)."""
     run_dir = root / "runs" / recipe.name
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -397,6 +437,9 @@ def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: 
         "data.num_workers=1", "train.micro_batch_size=2", "train.grad_accum_steps=1", "train.global_batch_size=0",
         "train.max_steps=2", "train.save_interval=2", "train.log_interval=1", "eval.interval=0",
         "optim.warmup_steps=1",
+        # The recipes' optim.fused=auto picks the fused AdamW on a GPU; on a CPU only `on` does, and without it
+        # the step's full-size temporaries (0.7 GiB per rank for stage 1) would be measured, not the GPU's.
+        "optim.fused=on",
     ] + sets
     if recipe.llm is not None:
         overrides.append(f"model.llm.path={towers['llm']}")
@@ -405,10 +448,12 @@ def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: 
     for s in overrides:
         cmd += ["--set", s]
     env = child_env()
-    res: dict = {"recipe": recipe.name, "llm_layers": recipe.llm_layers, "init_from": init_from or None}
+    res.update(llm_layers=recipe.llm_layers, init_from=init_from or None)
     log(f"{recipe.name}: training 2 steps on {WORLD} ranks")
-    res["train_s"], _ = run_logged(cmd, logf, env, timeout=3600)
+    launched: list = []
+    res["train_s"], _ = run_logged(cmd, logf, env, timeout=3600, started=launched)
     res["train"] = summarise_trace(run_dir)
+    res["train"]["startup_s"] = round(res["train"]["start_wall"] - launched[0], 1)
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
     res["checkpoint_gib"] = round(du_gib(ckpts[-1]), 3)
     log(f"{recipe.name}: zero_to_safetensors")
@@ -419,7 +464,9 @@ def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: 
         logf, env, timeout=1800)
     res["weights_gib"] = round(du_gib(weights), 3)
     log(f"{recipe.name}: resuming for one more step")
+    # Extending a run is a meaning change the trainer refuses unless asked.
     cmd_resume = [c if not c.startswith("train.max_steps=") else "train.max_steps=3" for c in cmd]
+    cmd_resume.append("--allow-config-change")
     cmd_resume[cmd_resume.index("--master_port") + 1] = str(free_port())
     (run_dir / "memory").rename(run_dir / "memory_first")
     res["resume_s"], _ = run_logged(cmd_resume, logf, env, timeout=3600)
@@ -434,7 +481,6 @@ def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: 
     res["export_gib"] = round(du_gib(export), 3)
     shutil.rmtree(export, ignore_errors=True)  # tens of GB at the larger sizes
     shutil.rmtree(weights, ignore_errors=True)
-    return res
 
 
 def machine_budget_bytes() -> float:
@@ -476,6 +522,7 @@ def plan(recipes: list[Recipe], baseline_gib: float, budget: float) -> list[tupl
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/scale")
+    p.add_argument("--towers", default="runs/scale/towers", help="where the random towers are built (reused)")
     p.add_argument("--recipes", default="", help="comma-separated recipe names (default: all)")
     p.add_argument("--list", action="store_true", help="print the plan (sizes, minimum, what fits) and stop")
     p.add_argument("--baseline-gib", type=float, default=0.95,
@@ -507,12 +554,13 @@ def main(argv: list[str] | None = None) -> int:
         if why.startswith("skipped"):
             results[r.name] = {"recipe": r.name, "skipped": why}
             continue
-        towers = make_towers(root, r, log)
+        towers = make_towers(Path(args.towers), r, log)
+        res: dict = {"recipe": r.name}
         try:
-            res = run_recipe(root, r, towers, data, log, args.sets)
+            run_recipe(root, r, towers, data, log, args.sets, res)
         except RuntimeError as e:
             log(f"{r.name}: FAILED — {str(e).splitlines()[0]}")
-            res = {"recipe": r.name, "failed": str(e)[-2000:]}
+            res["failed"] = str(e)[-2000:]
         res.update(plan=why, trainable=fp.trainable, frozen=fp.frozen, frozen_bytes=fp.frozen_bytes,
                    paper_trainable=r.paper_trainable, minimum_gib=round(fp.minimum_per_rank() / GIB, 3))
         if "train" in res:
@@ -537,7 +585,7 @@ def report(results: dict) -> None:
         rows.append([
             name + (f" ({r['llm_layers']} LLM layers)" if r.get("llm_layers") else ""),
             f"{r['trainable'] / 1e6:.1f}M / {r['frozen'] / 1e6:.0f}M",
-            f"{t['build_s']:.0f} + {t['engine_s']:.0f}",
+            f"{t.get('startup_s', 0):.0f} + {t['build_s']:.0f} + {t['engine_s']:.0f}",
             f"{t['step_s']:.1f}",
             f"{t['peak_gib']:.2f}",
             f"{r['minimum_gib']:.2f} + {t['baseline_gib']:.2f}",
@@ -546,9 +594,9 @@ def report(results: dict) -> None:
             f"{r['checkpoint_gib']:.2f}",
             f"z2s {r['z2s_s']:.0f}s, resume→{r['resumed_to']}, export {r['export_s']:.0f}s",
         ])
-    print_markdown_table(["recipe", "trainable / frozen", "build+engine s", "step s", "peak GiB/rank",
-                          "min + baseline", "peak / (min+base)", "high-water by phase (GiB)", "ckpt GiB",
-                          "tools"], rows)
+    print_markdown_table([["recipe", "trainable / frozen", "start-up + build + engine s", "step s", "peak GiB/rank",
+                           "min + baseline", "peak / (min+base)", "high-water by phase (GiB)", "ckpt GiB",
+                           "tools"]] + rows)
     line = {name: {k: r.get(k) for k in ("trainable", "frozen", "minimum_gib", "ratio_to_min_plus_baseline",
                                           "within_target", "checkpoint_gib", "llm_layers", "skipped")}
             | ({"peak_gib": r["train"]["peak_gib"], "baseline_gib": r["train"]["baseline_gib"],

@@ -191,7 +191,8 @@ class OptimConfig:
     grad_clip: float = 0.0
     """Global gradient-norm clip; 0 disables it (LAVIS clips nothing)."""
     fused: str = "auto"
-    """auto | on | off: torch fused AdamW on CUDA."""
+    """auto | on | off: torch's fused AdamW (one kernel over all tensors, no full-size temporaries). auto: on
+    CUDA only; on: also on a CPU (bench/scale.py uses it to see the GPU's step memory)."""
 
 
 @dataclass

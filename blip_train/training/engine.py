@@ -187,9 +187,9 @@ def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: ExperimentConfig, on_cuda: bool) -> torch.optim.Optimizer:
     o = cfg.optim
-    if o.fused == "on" and not on_cuda:
-        raise ConfigError("optim.fused: 'on' needs a CUDA device (fused AdamW is a CUDA kernel)")
-    fused = on_cuda and o.fused != "off"
+    # auto: fused on CUDA only, so CPU runs (tests, the demo) keep the numerics they were recorded with; on:
+    # torch's fused kernel on either device (on a CPU it spares the step's full-size temporaries, as on a GPU).
+    fused = o.fused == "on" or (on_cuda and o.fused == "auto")
     groups = build_param_groups(model, o.weight_decay)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 

@@ -55,7 +55,7 @@ def peak_rss_gib() -> float:
 class MemoryTrace:
     """This rank's resident memory at named points of a run (run.memory_trace): one JSON line per mark in
     `path` with the phase, `step` (the engine.step laps so far: optimizer steps without accumulation), seconds
-    since the trace began, the RSS now and the peak so far. A phase whose peak is above the previous mark's
+    since the trace began (`t`) and since the epoch (`wall`), the RSS now and the peak so far. A phase whose peak is above the previous mark's
     set a new high-water mark."""
 
     def __init__(self, path: Path | None) -> None:
@@ -71,7 +71,7 @@ class MemoryTrace:
             return
         if phase == "step":
             self.step += 1
-        line = {"phase": phase, "step": self.step, "t": round(time.perf_counter() - self._t0, 3),
+        line = {"phase": phase, "step": self.step, "t": round(time.perf_counter() - self._t0, 3), "wall": time.time(),
                 "rss_gib": round(rss_gib(), 4), "peak_gib": round(peak_rss_gib(), 4)}
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
