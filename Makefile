@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE := 1
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast test-dist test-cluster demo bench clean
+.PHONY: setup test test-fast test-dist test-cluster demo bench scale clean
 
 $(VENV)/.installed: setup.py
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VPY) bench/run.py
+
+# The paper recipes at their true sizes on 2 CPU ranks (hours; not part of `make test`).
+# RECIPES=blip2_stage1_vitg,blip2_stage2_opt2.7b picks some.
+scale: $(VENV)/.installed
+	$(VPY) bench/scale.py $(if $(RECIPES),--recipes $(RECIPES))
 
 clean:
 	rm -rf runs/ .pytest_cache

@@ -25,10 +25,11 @@ CONFIG_FILE = "config.yaml"
 _NUMBERED = re.compile(r"^config\.(\d+)\.yaml$")
 
 RESUME_FREE = (
-    "run.output_dir", "run.tensorboard", "run.wandb", "run.device",
+    "run.output_dir", "run.tensorboard", "run.wandb", "run.device", "run.memory_trace",
     "train.log_interval", "train.save_interval", "train.keep_last", "train.keep_every", "train.max_bad_steps",
     "eval.", "data.val", "data.num_workers", "data.decode", "data.cache_dir", "data.cache_limit", "data.keep_cache",
     "deepspeed.config", "deepspeed.offload", "deepspeed.nvme", "deepspeed.param_persistence_threshold",
+    "deepspeed.max_live_parameters", "deepspeed.max_reuse_distance", "deepspeed.prefetch_bucket_size",
     "deepspeed.zero_init", "deepspeed.timeout_minutes",
     "model.attention", "model.vision.grad_checkpointing", "model.qformer.grad_checkpointing", "optim.fused",
 )

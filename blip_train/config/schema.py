@@ -28,6 +28,10 @@ class RunConfig:
     without network)."""
     wandb_project: str = "blip-train"
     """W&B project of the run (its name is the output directory's name)."""
+    memory_trace: bool = False
+    """Record each rank's resident host memory at every phase (start, model built, engine built, each
+    micro-batch's data/forward/backward/step, checkpoint saved) in output_dir/memory/rank<r>.jsonl
+    (bench/scale.py reads it)."""
 
 
 @dataclass
@@ -210,7 +214,8 @@ class OptimConfig:
     grad_clip: float = 0.0
     """Global gradient-norm clip; 0 disables it (LAVIS clips nothing)."""
     fused: str = "auto"
-    """auto | on | off: torch fused AdamW on CUDA."""
+    """auto | on | off: torch's fused AdamW (one kernel over all tensors, no full-size temporaries). auto: on
+    CUDA only; on: also on a CPU (bench/scale.py uses it to see the GPU's step memory)."""
     layer_decay: float = 1.0
     """Layer-wise lr decay of a training ViT, in (0, 1]: of L built blocks, block i (0-based) gets
     lr x layer_decay^(L - i), the patch/position embeddings and CLS token lr x layer_decay^(L + 1);
@@ -276,10 +281,20 @@ class DeepSpeedConfig:
     """Directory on a node-local NVMe drive for offload_device=nvme (DeepSpeed's swap files go there)."""
     param_persistence_threshold: int = -1
     """stage3_param_persistence_threshold; -1 keeps DeepSpeed's default, 0 partitions everything."""
+    max_live_parameters: int = -1
+    """ZeRO-3 stage3_max_live_parameters: most gathered (whole) parameters a rank keeps at once before it
+    releases some; -1 keeps the template's value. Bounds the working copies on top of the partitions."""
+    max_reuse_distance: int = -1
+    """ZeRO-3 stage3_max_reuse_distance: a gathered parameter needed again within this many parameters is
+    kept instead of released and fetched again; -1 keeps the template's value. Large values keep whole
+    towers gathered between steps (1e9: all of ViT-g), small ones re-fetch (more communication)."""
+    prefetch_bucket_size: int = -1
+    """ZeRO-3 stage3_prefetch_bucket_size: parameters fetched ahead of use; -1 keeps the template's value."""
     zero_init: bool = True
-    """ZeRO-3: load the frozen HF LLM straight into partitions (zero.Init through HfDeepSpeedConfig), so a
-    13B LLM never exists whole on a rank. The ViT and Q-Former are built whole on each rank (ViT-g in
-    fp16 is 2 GB) and partitioned when the engine is built."""
+    """ZeRO-3: build the frozen towers straight into partitions in their own dtype — the HF LLM through
+    HfDeepSpeedConfig (zero.Init as transformers loads it), the ViT under zero.Init with its weights copied in
+    block by block — so neither a 13B LLM nor a fp32 ViT-g ever exists whole on a rank. The trainable
+    Q-Former is built whole on each rank (188M) and partitioned when the engine is built."""
     timeout_minutes: int = 30
     """Collective timeout."""
 

@@ -6,6 +6,7 @@ checkpoints load without renaming; `hf_names.py` maps to the transformers names.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Union
 
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from blip_train.config.schema import VisionConfig
+from blip_train.distributed.zero import gathered
 from blip_train.models.attention import attend, check_backend
 
 
@@ -168,20 +170,27 @@ class EVAViT(nn.Module):
         return scales
 
     def reset_parameters(self) -> None:
-        """EVA's init: truncated normal(0.02) for tokens and linear weights, zero biases, unit norms."""
+        """EVA's init: truncated normal(0.02) for tokens and linear weights, zero biases, unit norms.
+
+        Built under `deepspeed.zero.Init`, the blocks are already partitioned here: each block is gathered
+        while it is initialised, so the weights and the random stream (which the Q-Former's init continues)
+        are those of a whole build whether or not the tower is partitioned.
+        """
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, EVAAttention):
-                nn.init.zeros_(m.q_bias)
-                nn.init.zeros_(m.v_bias)
+        for block in self.blocks:
+            with gathered(block, modifier_rank=0), torch.no_grad():
+                for m in block.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.trunc_normal_(m.weight, std=0.02)
+                        if m.bias is not None:
+                            nn.init.zeros_(m.bias)
+                    elif isinstance(m, nn.LayerNorm):
+                        nn.init.ones_(m.weight)
+                        nn.init.zeros_(m.bias)
+                    elif isinstance(m, EVAAttention):
+                        nn.init.zeros_(m.q_bias)
+                        nn.init.zeros_(m.v_bias)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.shape[-2:] != (self.image_size, self.image_size):
@@ -225,6 +234,84 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(pos_embed.dtype)  # (1, grid^2, D)
     return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+def load_vit_weights_partitioned(model: EVAViT, path: Union[str, Path]) -> None:
+    """`load_vit_weights` for a tower built under `deepspeed.zero.Init`: module by module, the parameters are
+    gathered, rank 0 copies them from the file (read tensor by tensor, never whole), and leaving the gather
+    re-partitions them from rank 0. No rank ever holds more than one block's tensors beyond its partition.
+    A collective: every rank calls it."""
+    import torch.distributed as dist
+
+    sd = open_state_dict(path)
+    kept = len(model.blocks)
+    dropped = tuple(f"blocks.{i}." for i in range(kept, model.num_pretrained_blocks))
+    names = {k for k in sd.keys() if not k.startswith(dropped)}
+    expected = {n for n, _ in model.named_parameters()}
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: cannot load into EVAViT: missing keys {missing}, unexpected keys {unexpected}")
+    for name, p in model.named_parameters():  # on every rank, before any gather a failure would leave hanging
+        shape, want = tuple(sd.shape_of(name)), tuple(getattr(p, "ds_shape", p.shape))
+        if shape != want and not (name == "pos_embed" and shape[::2] == want[::2]):
+            raise ValueError(f"{path}: {name} has shape {shape}, the model {want}")
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    # One gather per block (and one for the embeddings) bounds what is live at once to a block.
+    groups = [[(n, p) for n, p in model.named_parameters() if not n.startswith("blocks.")]]
+    groups += [list(block.named_parameters(prefix=f"blocks.{i}")) for i, block in enumerate(model.blocks)]
+    for params in groups:
+        with gathered([p for _, p in params], modifier_rank=0), torch.no_grad():
+            if writer:
+                for name, p in params:
+                    value = sd[name]
+                    if name == "pos_embed":
+                        value = interpolate_pos_embed(value, model.grid)
+                    p.copy_(value)
+
+
+class _LazyTensors(Mapping):
+    """name → tensor, each read from the file when asked for (the names are known up front)."""
+
+    def __init__(self, keys, read, shape_of=None):
+        self._keys = list(keys)
+        self._known = set(self._keys)
+        self._read = read
+        self._shape_of = shape_of or (lambda key: read(key).shape)
+
+    def shape_of(self, key: str) -> torch.Size:
+        """The tensor's shape without reading its data (where the format allows)."""
+        if key not in self._known:
+            raise KeyError(key)
+        return torch.Size(self._shape_of(key))
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __getitem__(self, key):
+        if key not in self._known:
+            raise KeyError(key)
+        return self._read(key)
+
+
+def open_state_dict(path: Union[str, Path]) -> "_LazyTensors":
+    """`read_state_dict` without reading everything: safetensors through `safe_open`, a zip-format .pth
+    memory-mapped (pages are read as tensors are copied). Old (non-zip) .pth files are read whole."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        handle = safe_open(str(path), framework="pt")
+        return _LazyTensors(handle.keys(), handle.get_tensor, lambda key: handle.get_slice(key).get_shape())
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip archive: no mmap possible
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict", "module"):
+        if set(sd) == {wrapper}:
+            sd = sd[wrapper]
+    return _LazyTensors(sd.keys(), sd.__getitem__)
 
 
 def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:

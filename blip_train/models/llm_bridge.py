@@ -77,14 +77,16 @@ class Blip2LLM(nn.Module):
     """Frozen ViT + trainable ln_vision, Q-Former, query tokens and llm_proj + frozen HF `llm` (with trainable
     LoRA adapters when cfg.llm.lora.r > 0)."""
 
-    def __init__(self, cfg: ModelConfig, llm: PreTrainedModel, *, device_type: Optional[str] = None) -> None:
-        """cfg.arch: stage2 | instruct. `llm` (see `load_llm`) is frozen here if it is not already."""
+    def __init__(self, cfg: ModelConfig, llm: PreTrainedModel, *, device_type: Optional[str] = None,
+                 visual_encoder: Optional[nn.Module] = None) -> None:
+        """cfg.arch: stage2 | instruct. `llm` (see `load_llm`) is frozen here if it is not already.
+        visual_encoder: the ViT already built (e.g. partitioned as it was built); default: built here."""
         super().__init__()
         if cfg.arch not in ("stage2", "instruct"):
             raise ValueError(f"model.arch={cfg.arch!r}: Blip2LLM serves stage2 | instruct")
         self.instruct = cfg.arch == "instruct"
         self.vision_frozen = cfg.vision.frozen
-        self.visual_encoder = build_vision_tower(cfg, device_type)
+        self.visual_encoder = visual_encoder if visual_encoder is not None else build_vision_tower(cfg, device_type)
         self.ln_vision = LayerNormFP32(cfg.vision.width, eps=cfg.vision.layer_norm_eps)
         qcfg = cfg.qformer
         self.qformer = QFormer(qcfg, encoder_width=cfg.vision.width, attention=cfg.attention)

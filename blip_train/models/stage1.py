@@ -75,14 +75,15 @@ class Blip2Stage1(nn.Module):
     the optimizer's master drifts out of range."""
 
     def __init__(self, cfg: ModelConfig, world: Optional[WorldInfo] = None, *,
-                 device_type: Optional[str] = None) -> None:
-        """device_type picks the frozen tower's dtype (see `frozen_vision_dtype`); default: cuda if available."""
+                 device_type: Optional[str] = None, visual_encoder: Optional[EVAViT] = None) -> None:
+        """device_type picks the frozen tower's dtype (see `frozen_vision_dtype`); default: cuda if available.
+        visual_encoder: the tower already built (e.g. partitioned as it was built); default: built here."""
         super().__init__()
         self.world = world if world is not None else WorldInfo()
         self.max_txt_len = cfg.max_txt_len
         self.vision_frozen = cfg.vision.frozen
 
-        self.visual_encoder = build_vision_tower(cfg, device_type)
+        self.visual_encoder = visual_encoder if visual_encoder is not None else build_vision_tower(cfg, device_type)
         self.ln_vision = LayerNormFP32(cfg.vision.width, eps=cfg.vision.layer_norm_eps)  # trainable, fp32; eps as HF post_layernorm
 
         qcfg = cfg.qformer

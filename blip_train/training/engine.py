@@ -77,8 +77,12 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, on_cuda: bool) -> di
                           f"{cfg.deepspeed.config!r}, which is tuned for ZeRO stage {zero['stage']}; choose a "
                           "matching template or zero_stage")
     zero["stage"] = cfg.deepspeed.zero_stage
-    if cfg.deepspeed.param_persistence_threshold >= 0:
-        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.param_persistence_threshold
+    for key, value in (("stage3_param_persistence_threshold", cfg.deepspeed.param_persistence_threshold),
+                       ("stage3_max_live_parameters", cfg.deepspeed.max_live_parameters),
+                       ("stage3_max_reuse_distance", cfg.deepspeed.max_reuse_distance),
+                       ("stage3_prefetch_bucket_size", cfg.deepspeed.prefetch_bucket_size)):
+        if value >= 0:
+            zero[key] = value
     apply_param_offload_(zero, cfg, on_cuda)
     for section in ("offload_param", "offload_optimizer"):
         if section in zero and not on_cuda:
@@ -205,9 +209,9 @@ def build_param_groups(model: nn.Module, weight_decay: float, layer_decay: float
 
 def build_optimizer(model: nn.Module, cfg: ExperimentConfig, on_cuda: bool) -> torch.optim.Optimizer:
     o = cfg.optim
-    if o.fused == "on" and not on_cuda:
-        raise ConfigError("optim.fused: 'on' needs a CUDA device (fused AdamW is a CUDA kernel)")
-    fused = on_cuda and o.fused != "off"
+    # auto: fused on CUDA only, so CPU runs (tests, the demo) keep the numerics they were recorded with; on:
+    # torch's fused kernel on either device (on a CPU it spares the step's full-size temporaries, as on a GPU).
+    fused = o.fused == "on" or (on_cuda and o.fused == "auto")
     groups = build_param_groups(model, o.weight_decay, o.layer_decay)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 

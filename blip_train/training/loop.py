@@ -31,6 +31,7 @@ from blip_train.training.checkpoint import (TrainState, convert_to_universal, fi
 from blip_train.training.console import mirror_console, quiet_deepspeed, without_build_chatter
 from blip_train.training.engine import apply_lr_, apply_parameter_bounds_, build_ds_config, build_engine, lr_at
 from blip_train.training.flops import build_flops_counter
+from blip_train.training.host_memory import MemoryTrace, keep_allocator_lean
 from blip_train.training.metrics import MetricLogger, start_wandb
 from blip_train.training.seeding import seed_everything
 from blip_train.training.stages import build_stage, describe_parameters
@@ -182,6 +183,7 @@ def train(cfg: ExperimentConfig, allow_config_change: bool = False) -> dict:
     """
     # First: the checks below may already open streaming's shared memory, which starts the tracker.
     start_resource_tracker()
+    keep_allocator_lean()  # before the towers are read: freed weight buffers go back to the kernel
     env = discover_environment()
     export_environment(env)
     on_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
@@ -198,6 +200,8 @@ def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
     with without_build_chatter():
         init_distributed(env, cfg.deepspeed.timeout_minutes, on_cuda)
     print0(describe_placement(env))
+    trace = MemoryTrace(out / "memory" / f"rank{env.rank}.jsonl" if cfg.run.memory_trace else None)
+    trace.mark("start")
     if cfg.eval.interval:
         # After the group exists: without one, streaming would open (and close) a group of its own on
         # the same port, racing ours. Still before anything expensive is built.
@@ -218,13 +222,15 @@ def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
     if cfg.model.arch != "stage1":  # in the LLM's own dtype (model.llm.dtype), not the engine's
         hf_zero3 = hf_zero3_loading(plan.ds_config, cfg.deepspeed.zero_init,  # noqa: F841
                                     dtype=llm_dtype(cfg.model.llm.dtype, "cuda" if on_cuda else "cpu"))
-    stage = build_stage(cfg, build_world_info(), on_cuda)
+    stage = build_stage(cfg, build_world_info(), on_cuda, plan.ds_config)
+    trace.mark("built")
     print0(describe_parameters(stage.model))
-    if hf_zero3 is not None:
-        at_load = sum(p.ds_numel for p in stage.model.parameters() if hasattr(p, "ds_id"))
-        print0(f"ZeRO-3: {at_load:,d} parameters were partitioned as they loaded (frozen LLM)")
+    at_load = sum(p.ds_numel for p in stage.model.parameters() if hasattr(p, "ds_id"))
+    if at_load:
+        print0(f"ZeRO-3: {at_load:,d} parameters were partitioned as they were built (frozen towers)")
     engine, _ = build_engine(stage.model, cfg, env.world_size, on_cuda, ds_config=plan.ds_config,
                              extra_ds={"checkpoint": {"load_universal": True}} if plan.elastic else None)
+    trace.mark("engine")
     loader = stage.build_train_loader()
     print0(describe_streams(loader))
     # After the builders, which initialise the model from run.seed on every rank (identical weights):
@@ -239,11 +245,13 @@ def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
         if data_state is not None and state.step < cfg.train.max_steps:
             loader.load_state_dict(data_state)
         print0(f"resumed from {ckpt_dir / tag} at step {state.step}")
+        trace.mark("resumed")
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
     wandb_run = start_wandb(out, cfg.run.wandb_project, config_to_dict(cfg)) if cfg.run.wandb and env.rank == 0 else None
     logger = MetricLogger(out, env.rank == 0, cfg.run.tensorboard, samples_per_step,
                           count_work=build_flops_counter(cfg.model, stage.model), device=engine.device,
                           total_steps=cfg.train.max_steps, wandb_run=wandb_run)
+    logger.timer.on_lap = trace.mark
     meta = {"arch": cfg.model.arch, "frozen_sources": stage.frozen_sources, "global_batch": samples_per_step,
             "config_file": config_file.name if config_file is not None else None}
     history: list[dict] = []
@@ -266,6 +274,7 @@ def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
                     saved = save_checkpoint(engine, ckpt_dir, state, loader.state_dict(), meta,
                                             cfg.train.keep_last, cfg.train.keep_every)
                 print0(f"checkpoint saved: {ckpt_dir / saved} ({time.perf_counter() - t0:.1f} s)")
+                trace.mark("saved")
             if stop:
                 print0(f"stop requested ({preemption.signal_name or 'signal on another rank'}): checkpoint saved at "
                        f"step {state.step}; run the same command to resume")

@@ -7,20 +7,19 @@ across ranks only on logging steps, so the hot path has no extra collectives and
 from __future__ import annotations
 
 import json
-import resource
-import sys
 import time
 import uuid
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
 from blip_train.distributed.process_group import collective_device
 from blip_train.training.flops import WorkCounter, peak_flops
+from blip_train.training.host_memory import peak_rss_gib
 
 PHASES = ("data", "forward", "backward", "step")
 """Step-time breakdown: waiting for the batch (and its host→device copy), engine(batch),
@@ -40,6 +39,8 @@ class StepTimer:
         self._marks: list[tuple[str, object]] = []  # (phase ending at this mark, event or time)
         self._host: dict[str, float] = defaultdict(float)
         self._last: float = 0.0
+        self.on_lap: Optional[Callable[[str], None]] = None
+        """Called with the phase at each lap (the host memory trace)."""
 
     def _now(self) -> object:
         if self.cuda:
@@ -53,6 +54,8 @@ class StepTimer:
 
     def lap(self, phase: str) -> None:
         self._marks.append((phase, self._now()))
+        if self.on_lap is not None:
+            self.on_lap(phase)
 
     def totals(self) -> dict[str, float]:
         """Seconds per phase since the last call (a mark without a preceding one opens a new span)."""
@@ -64,12 +67,6 @@ class StepTimer:
                 out[phase] += (a.elapsed_time(b) / 1e3) if self.cuda else (b - a)  # type: ignore[union-attr,operator]
         self._marks.clear()
         return out
-
-
-def host_peak_rss_gib() -> float:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 class MetricLogger:
@@ -134,7 +131,7 @@ class MetricLogger:
         if self.device.type == "cuda":
             mine = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
-            mine = host_peak_rss_gib()
+            mine = peak_rss_gib()
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return [mine]
         buf = [torch.zeros(1, dtype=torch.float64, device=collective_device()) for _ in range(dist.get_world_size())]

@@ -45,8 +45,34 @@ def _require_file(key: str, path: str) -> None:
         raise ConfigError(f"{key}: {path} does not exist")
 
 
-def build_stage1_model(cfg: ExperimentConfig, world: WorldInfo | None = None, device_type: str | None = None):
-    """Blip2Stage1 with the Q-Former tokenizer; frozen ViT weights loaded from model.vision.weights."""
+def build_partitioned_vision(cfg: ExperimentConfig, device_type: str | None, ds_config: dict | None):
+    """The frozen ViT built as ZeRO-3 partitions in its final dtype and loaded partition by partition, when
+    the run is ZeRO-3 with deepspeed.zero_init; None otherwise (the model builds it whole, as inference
+    tools do). Built whole, ViT-g is 4 GB of fp32 on every rank before it is cast and partitioned.
+
+    Call right after seeding the model's init: the tower's initialisation draws the same random numbers
+    as a whole build (see EVAViT.reset_parameters), so the trainable parts that follow get the same init.
+    """
+    from blip_train.distributed.zero import maybe_zero_init, with_precision, zero_stage
+    from blip_train.models.eva_vit import EVAViT, load_vit_weights_partitioned
+    from blip_train.models.freezing import freeze_
+    from blip_train.models.stage1 import frozen_vision_dtype
+
+    v = cfg.model.vision
+    if ds_config is None or not cfg.deepspeed.zero_init or zero_stage(ds_config) != 3 or not v.frozen:
+        return None
+    dtype = frozen_vision_dtype(v.precision, device_type or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with maybe_zero_init(True, with_precision(ds_config, dtype)):
+        vit = EVAViT(v, attention=cfg.model.attention)
+    if v.weights:
+        load_vit_weights_partitioned(vit, v.weights)
+    return freeze_(vit)
+
+
+def build_stage1_model(cfg: ExperimentConfig, world: WorldInfo | None = None, device_type: str | None = None,
+                       ds_config: dict | None = None):
+    """Blip2Stage1 with the Q-Former tokenizer; frozen ViT weights loaded from model.vision.weights.
+    ds_config: the run's DeepSpeed config when training (ZeRO-3 builds the ViT partitioned)."""
     from blip_train.data.tokenizers import load_qformer_tokenizer
     from blip_train.models.eva_vit import load_vit_weights
     from blip_train.models.qformer import load_bert_weights
@@ -63,8 +89,9 @@ def build_stage1_model(cfg: ExperimentConfig, world: WorldInfo | None = None, de
         raise ConfigError(f"model.qformer.vocab_size: {m.qformer.vocab_size} is smaller than the tokenizer's "
                           f"{len(tokenizer)} tokens ({m.qformer.tokenizer})")
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
-    model = Blip2Stage1(m, world, device_type=device_type)
-    if m.vision.weights:
+    vit = build_partitioned_vision(cfg, device_type, ds_config)
+    model = Blip2Stage1(m, world, device_type=device_type, visual_encoder=vit)
+    if m.vision.weights and vit is None:
         load_vit_weights(model.visual_encoder, m.vision.weights)
     if m.qformer.bert_init:
         load_bert_weights(model.qformer, m.qformer.bert_init)
@@ -89,10 +116,10 @@ def load_trained_stage1(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, untrain
     return model, tokenizer
 
 
-def build_stage1(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> Stage:
+def build_stage1(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_config: dict | None = None) -> Stage:
     from blip_train.data.collate import Stage1Collator
 
-    model, tokenizer = build_stage1_model(cfg, world, "cuda" if on_cuda else "cpu")
+    model, tokenizer = build_stage1_model(cfg, world, "cuda" if on_cuda else "cpu", ds_config)
     if cfg.model.init_from:
         from blip_train.distributed.process_group import print0
         from blip_train.training.weights import init_stage1_from_
@@ -118,9 +145,10 @@ def _read_init_state(path: str) -> dict[str, torch.Tensor]:
     return read_init_weights(path)
 
 
-def build_llm_stage_model(cfg: ExperimentConfig, device_type: str | None = None):
+def build_llm_stage_model(cfg: ExperimentConfig, device_type: str | None = None, ds_config: dict | None = None):
     """Blip2LLM (stage2 | instruct) with the frozen ViT and LLM loaded from their sources, the shared
-    parts initialised from model.init_from. Returns (model, llm tokenizer, init report or None)."""
+    parts initialised from model.init_from. Returns (model, llm tokenizer, init report or None).
+    ds_config: the run's DeepSpeed config when training (ZeRO-3 builds the ViT partitioned)."""
     from blip_train.data.llm_collate import load_llm_tokenizer
     from blip_train.models.eva_vit import load_vit_weights
     from blip_train.models.llm_bridge import Blip2LLM, init_from_earlier_stage_, load_llm
@@ -131,8 +159,10 @@ def build_llm_stage_model(cfg: ExperimentConfig, device_type: str | None = None)
         _require_file(key, path)
     llm_tokenizer = load_llm_tokenizer(m.llm.path)
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
-    model = Blip2LLM(m, load_llm(m.llm, device_type), device_type=device_type)
-    if m.vision.weights:
+    llm = load_llm(m.llm, device_type)
+    vit = build_partitioned_vision(cfg, device_type, ds_config)
+    model = Blip2LLM(m, llm, device_type=device_type, visual_encoder=vit)
+    if m.vision.weights and vit is None:
         load_vit_weights(model.visual_encoder, m.vision.weights)
     if m.qformer.bert_init:
         # Before init_from: a stage-2 checkpoint lacks InstructBLIP's Q-Former text input (kept from BERT).
@@ -179,11 +209,11 @@ def _llm_stage(cfg: ExperimentConfig, collate: Callable[..., Any], model: nn.Mod
                                  "llm_dtype": m.llm.dtype})
 
 
-def build_stage2(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> Stage:
+def build_stage2(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_config: dict | None = None) -> Stage:
     """BLIP-2 stage 2: captions → LM loss through the frozen LLM (decoder-only or FlanT5 prefix LM)."""
     from blip_train.data.llm_collate import DecoderLMCollator, T5PrefixCollator
 
-    model, tok, report = build_llm_stage_model(cfg, "cuda" if on_cuda else "cpu")
+    model, tok, report = build_llm_stage_model(cfg, "cuda" if on_cuda else "cpu", ds_config)
     llm = cfg.model.llm
     if model.decoder_only:
         collate = DecoderLMCollator(tok, prompt=llm.prompt, max_txt_len=llm.max_txt_len,
@@ -193,7 +223,7 @@ def build_stage2(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> Stag
     return _llm_stage(cfg, collate, model, tok, report, "caption")
 
 
-def build_instruct(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> Stage:
+def build_instruct(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_config: dict | None = None) -> Stage:
     """InstructBLIP: templated instructions (Q-Former and LLM) → answer, loss on the answer only."""
     from blip_train.data.llm_collate import InstructCollator
     from blip_train.data.tokenizers import load_qformer_tokenizer
@@ -207,25 +237,27 @@ def build_instruct(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> St
     if len(qtok) > m.qformer.vocab_size:
         raise ConfigError(f"model.qformer.vocab_size: {m.qformer.vocab_size} is smaller than the tokenizer's "
                           f"{len(qtok)} tokens ({m.qformer.tokenizer})")
-    model, tok, report = build_llm_stage_model(cfg, "cuda" if on_cuda else "cpu")
+    model, tok, report = build_llm_stage_model(cfg, "cuda" if on_cuda else "cpu", ds_config)
     collate = InstructCollator(qtok, tok, max_prompt_len=m.llm.max_prompt_len, max_txt_len=m.llm.max_txt_len,
                                decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len, seed=cfg.run.seed)
     return _llm_stage(cfg, collate, model, tok, report, "instruct")
 
 
-STAGE_BUILDERS: dict[str, Callable[[ExperimentConfig, WorldInfo, bool], Stage]] = {
+STAGE_BUILDERS: dict[str, Callable[..., Stage]] = {
     "stage1": build_stage1,
     "stage2": build_stage2,
     "instruct": build_instruct,
 }
 
 
-def build_stage(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool) -> Stage:
+def build_stage(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_config: dict | None = None) -> Stage:
+    """The architecture's Stage; `ds_config` (the run's DeepSpeed config) lets ZeRO-3 build frozen towers
+    partitioned."""
     if cfg.model.arch not in STAGE_BUILDERS:
         raise ConfigError(f"model.arch: {cfg.model.arch!r} is not built yet (available: {', '.join(STAGE_BUILDERS)})")
     if not cfg.data.train:
         raise ConfigError("data.train: empty; list at least one MDS stream")
-    return STAGE_BUILDERS[cfg.model.arch](cfg, world, on_cuda)
+    return STAGE_BUILDERS[cfg.model.arch](cfg, world, on_cuda, ds_config)
 
 
 def describe_parameters(model: nn.Module) -> str:

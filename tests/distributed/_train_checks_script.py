@@ -14,7 +14,7 @@ from blip_train.distributed.env import discover_environment, export_environment
 from blip_train.distributed.process_group import init_distributed
 from blip_train.distributed.world import build_world_info
 from blip_train.distributed.zero import gathered
-from blip_train.training.engine import apply_lr_, build_engine
+from blip_train.training.engine import apply_lr_, build_ds_config, build_engine
 from blip_train.training.stages import build_stage
 
 
@@ -29,8 +29,9 @@ def main():
     env = discover_environment()
     export_environment(env)
     init_distributed(env, 5)
-    stage = build_stage(cfg, build_world_info(), on_cuda=False)
-    engine, _ = build_engine(stage.model, cfg, env.world_size, on_cuda=False)
+    ds_config = build_ds_config(cfg, env.world_size, on_cuda=False)
+    stage = build_stage(cfg, build_world_info(), on_cuda=False, ds_config=ds_config)  # the ViT built partitioned
+    engine, _ = build_engine(stage.model, cfg, env.world_size, on_cuda=False, ds_config=ds_config)
     module = engine.module
     frozen0, train0 = snapshot(module, True), snapshot(module, False)
     loader = stage.build_train_loader()

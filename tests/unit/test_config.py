@@ -28,7 +28,7 @@ def _keys(cls, prefix=""):
 def test_key_snapshot():
     """The config surface is deliberate: a new knob shows up as a reviewed change to this list."""
     assert _keys(ExperimentConfig) == [
-        "run.output_dir", "run.seed", "run.device", "run.tensorboard", "run.wandb", "run.wandb_project",
+        "run.output_dir", "run.seed", "run.device", "run.tensorboard", "run.wandb", "run.wandb_project", "run.memory_trace",
         "model.arch", "model.attention", "model.embed_dim", "model.max_txt_len", "model.init_from",
         "model.vision.image_size", "model.vision.patch_size", "model.vision.width", "model.vision.layers",
         "model.vision.drop_last_block", "model.vision.heads", "model.vision.mlp_dim", "model.vision.layer_norm_eps",
@@ -50,7 +50,8 @@ def test_key_snapshot():
         "eval.interval", "eval.task", "eval.k_test", "eval.batch_size", "eval.max_samples", "eval.num_beams", "eval.max_new_tokens",
         "deepspeed.config", "deepspeed.zero_stage", "deepspeed.precision", "deepspeed.offload_frozen",
         "deepspeed.offload_device", "deepspeed.nvme_path",
-        "deepspeed.param_persistence_threshold", "deepspeed.zero_init", "deepspeed.timeout_minutes",
+        "deepspeed.param_persistence_threshold", "deepspeed.max_live_parameters", "deepspeed.max_reuse_distance",
+        "deepspeed.prefetch_bucket_size", "deepspeed.zero_init", "deepspeed.timeout_minutes",
     ]
 
 

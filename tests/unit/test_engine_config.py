@@ -26,6 +26,18 @@ def test_batch_sizes_precision_and_stage_injected():
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
 
 
+def test_gathered_parameter_bounds_override_the_template():
+    zero = build_ds_config(_cfg(), world_size=2, on_cuda=False)["zero_optimization"]
+    template = {k: zero[k] for k in ("stage3_max_live_parameters", "stage3_max_reuse_distance",
+                                     "stage3_prefetch_bucket_size")}
+    cfg = _cfg("deepspeed.max_live_parameters=200000000", "deepspeed.max_reuse_distance=0",
+               "deepspeed.prefetch_bucket_size=1000")
+    zero = build_ds_config(cfg, world_size=2, on_cuda=False)["zero_optimization"]
+    assert (zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"],
+            zero["stage3_prefetch_bucket_size"]) == (200000000, 0, 1000)
+    assert template != {k: zero[k] for k in template}  # -1 (the default) kept the template's values
+
+
 def test_global_batch_mismatch_refused():
     cfg = _cfg("train.micro_batch_size=4", "train.global_batch_size=10")
     with pytest.raises(ConfigError, match="train.global_batch_size: 10 != micro_batch_size 4"):
@@ -181,3 +193,17 @@ def test_nvme_offload_refused_where_async_io_cannot_build(async_io, tmp_path):
                                           "cannot be built here"):
         build_ds_config(_cfg("deepspeed.offload_frozen=true", "deepspeed.offload_device=nvme",
                              f"deepspeed.nvme_path={tmp_path}"), world_size=1, on_cuda=False)
+
+
+@pytest.mark.parametrize("setting, on_cuda, fused", [("auto", False, False), ("auto", True, True),
+                                                     ("on", False, True), ("off", True, False)])
+def test_fused_adamw_choice(setting, on_cuda, fused):
+    from blip_train.training.engine import build_optimizer
+
+    cfg = load_config(None, ["data.train=[{local: d}]", f"optim.fused={setting}"])
+    opt = build_optimizer(nn.Linear(3, 2), cfg, on_cuda=on_cuda)
+    assert bool(opt.defaults["fused"]) is fused
+    if not on_cuda:  # the CPU kernel exists and steps
+        for p in opt.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        opt.step()
