@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval error: --task {args.task} needs a run with model.arch in {EVAL_TASK_ARCHS[args.task]}; "
               f"{ckpt_dir.parent} is model.arch={cfg.model.arch}", file=sys.stderr)
         return 2
+    if args.task == "caption" and cfg.model.arch == "stage2" and cfg.model.qformer_text_input:
+        print(f"eval error: --task caption: {ckpt_dir.parent} is fine-tuned to answer questions "
+              "(model.qformer_text_input=true); use --task vqa", file=sys.stderr)
+        return 2
     from blip_train.data.schema import SchemaError, verify_split
 
     try:

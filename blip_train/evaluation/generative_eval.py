@@ -151,25 +151,61 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, g
     return metrics, out
 
 
+VQA_PROMPTS = {"decoder_only": "Question: {} Answer:", "encoder_decoder": "Question: {} Short answer:"}
+"""BLIP-2's VQA prompts (zero-shot and fine-tuned): OPT's, and FlanT5's."""
+
+
+def vqa_template(cfg: ExperimentConfig, decoder_only: bool) -> str:
+    """The VQA question template: eval.vqa_prompt, else the run's own (model.llm.prompt of a question-aware
+    stage 2), else BLIP-2's for the LLM kind. InstructBLIP's own is its templates' eval instruction (not here)."""
+    if cfg.eval.vqa_prompt:
+        return cfg.eval.vqa_prompt
+    if cfg.model.qformer_text_input and cfg.model.arch == "stage2":
+        return cfg.model.llm.prompt
+    return VQA_PROMPTS["decoder_only" if decoder_only else "encoder_decoder"]
+
+
 def generation_setup(cfg: ExperimentConfig, model, tok, task: str) -> tuple[Callable[[list[dict]], dict], dict]:
-    """(collate, generate kwargs) for --task caption|vqa with a stage-2 / InstructBLIP model."""
+    """(collate, generate kwargs) for --task caption|vqa with a stage-2 / InstructBLIP model.
+
+    Captions: eval.num_beams, eval.min/max_new_tokens, eval.length_penalty, the run's prompt (stage 2) or the
+    caption instruction (InstructBLIP). VQA (the BLIP-2 / InstructBLIP protocol): eval.num_beams,
+    eval.vqa_max_new_tokens, eval.vqa_length_penalty, the question in `vqa_template` (InstructBLIP: its eval
+    instruction unless eval.vqa_prompt is set); the question also enters the Q-Former when the model was
+    trained that way (InstructBLIP, model.qformer_text_input), else only the LLM sees it (zero-shot stage 2).
+    OPT stage 2 stops at "\n" as it was trained to end its text.
+    """
     from blip_train.data.llm_collate import DecoderLMCollator, InstructCollator, T5PrefixCollator
+    from blip_train.data.templates import question_templates
     from blip_train.data.tokenizers import load_qformer_tokenizer
-    from blip_train.training.stages import END_OF_TEXT
+    from blip_train.training.stages import END_OF_TEXT, build_question_collator
 
     m, e = cfg.model, cfg.eval
-    gen: dict[str, Any] = {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens}
+    if task == "vqa":
+        gen: dict[str, Any] = {"num_beams": e.num_beams, "max_new_tokens": e.vqa_max_new_tokens,
+                               "min_new_tokens": 1, "length_penalty": e.vqa_length_penalty}
+    else:
+        gen = {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens, "min_new_tokens": e.min_new_tokens,
+               "length_penalty": e.length_penalty}
+    if model.decoder_only and m.arch == "stage2":
+        end = END_OF_TEXT.get(model.llm.config.model_type)
+        if end is not None:  # OPT stage 2 ends its text with "\n"
+            gen["eos_token_id"] = [tok.eos_token_id, tok(end, add_special_tokens=False)["input_ids"][-1]]
+    qtok = load_qformer_tokenizer(m.qformer.tokenizer) if model.text_to_qformer else None
     if m.arch == "instruct":
-        qtok = load_qformer_tokenizer(m.qformer.tokenizer)
-        inner = InstructCollator(qtok, tok, max_prompt_len=m.llm.max_prompt_len, max_txt_len=m.llm.max_txt_len,
-                                 decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len, generation=True)
+        templates = question_templates(e.vqa_prompt) if task == "vqa" and e.vqa_prompt else None
+        inner = InstructCollator(qtok, tok, templates=templates, max_prompt_len=m.llm.max_prompt_len,
+                                 max_txt_len=m.llm.max_txt_len, decoder_only=model.decoder_only,
+                                 max_qformer_len=m.max_txt_len, generation=True)
         if task == "caption":  # the caption instruction, whatever task the sample was written for
             return (lambda samples: inner([dict(s, task="caption", question="") for s in samples])), gen
-        gen["max_new_tokens"] = min(e.max_new_tokens, 10)  # short answers (InstructBLIP's VQA setting)
         return inner, gen
+    if task == "vqa":
+        return build_question_collator(cfg, model, tok, qtok, vqa_template(cfg, model.decoder_only),
+                                       generation=True), gen
+    if m.qformer_text_input:
+        raise ValueError("--task caption: this model was fine-tuned to answer questions (model.qformer_text_input); "
+                         "evaluate it with --task vqa")
     if model.decoder_only:
-        end = END_OF_TEXT.get(model.llm.config.model_type)
-        if end is not None:  # OPT stage 2 ends captions with "\n"
-            gen["eos_token_id"] = [tok.eos_token_id, tok(end, add_special_tokens=False)["input_ids"][-1]]
         return DecoderLMCollator(tok, prompt=m.llm.prompt, max_txt_len=m.llm.max_txt_len, generation=True), gen
     return T5PrefixCollator(tok, max_txt_len=m.llm.max_txt_len, prompt=m.llm.prompt, generation=True), gen
