@@ -106,6 +106,11 @@ def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: s
     rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note)
     preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
                            "caption" if progress else "")
+    predictions = [{"index": i, "image_id": image_ids[i], "prediction": preds[i], "references": refs[i]}
+                   for i in rows.indices]
+    if not any(r.strip() for i in rows.indices for r in refs[i]):
+        # A split without captions (NoCaps test): the predictions are the result, to submit for scoring.
+        return {"num_images": len(rows.indices), "num_references": 0}, predictions
     clean_refs = {i: [pre_caption(c) for c in refs[i]] for i in rows.indices}
     scores = caption_metrics({k: pre_caption(v) for k, v in preds.items()}, clean_refs)
     # Chance: each image "captioned" with the first reference of the next image (a mismatched caption).
@@ -115,8 +120,6 @@ def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: s
     metrics = {"cider": 100.0 * scores["cider"], "bleu_4": 100.0 * scores["bleu_4"],
                "chance_cider": 100.0 * chance["cider"], "num_images": len(order),
                "num_references": sum(len(refs[i]) for i in order)}
-    predictions = [{"index": i, "image_id": image_ids[i], "prediction": preds[i], "references": refs[i]}
-                   for i in order]
     return metrics, predictions
 
 

@@ -370,3 +370,75 @@ def test_missing_checkpoint_is_one_line_error(tmp_path, tool):
     assert r.returncode == 2, r.stderr[-2000:]
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("error: ") and "no_run" in line and not (tmp_path / "o").exists()
+
+
+def test_nocaps_and_flickr30k(tmp_path, capsys):
+    """NoCaps val (COCO-style captions, domains kept in `source`), NoCaps test (images only, --per-image) and
+    Flickr30K's Karpathy file through convert_coco.py; bad files are one-line errors naming file and key."""
+    images = image_dir(tmp_path)
+    nocaps_images = [{"id": 0, "file_name": "rgb.jpg", "domain": "in-domain"},
+                     {"id": 1, "file_name": "grey.png", "domain": "out-domain"},
+                     {"id": 2, "file_name": "zero.jpg", "domain": "near-domain"}]
+    val = {"images": nocaps_images,
+           "annotations": [{"image_id": i % 3, "id": i, "caption": f"caption {i}"} for i in range(6)]}
+    (tmp_path / "nocaps_val_4500_captions.json").write_text(json.dumps(val))
+    code, stdout, err = run("convert_coco.py", "--images", str(images), "--annotations",
+                            str(tmp_path / "nocaps_val_4500_captions.json"), "--per-image", "--out",
+                            str(tmp_path / "val"), "--workers", "1", capsys=capsys)
+    assert code == 0, err
+    assert summary(stdout)["skipped"] == {"empty_file": 1}  # one row per image (--per-image)
+    rows = read_split(tmp_path / "val")
+    assert [(r["image_id"], r["captions"], r["dataset"], r["source"]) for r in rows] == [
+        (0, ["caption 0", "caption 3"], "nocaps", "nocaps/in-domain"),
+        (1, ["caption 1", "caption 4"], "nocaps", "nocaps/out-domain")]
+
+    test = {"info": {}, "images": nocaps_images + [{"id": 3, "file_name": "", "domain": "in-domain"}]}
+    (tmp_path / "nocaps_test_image_info.json").write_text(json.dumps(test))
+    code, stdout, err = run("convert_coco.py", "--images", str(images), "--annotations",
+                            str(tmp_path / "nocaps_test_image_info.json"), "--per-image", "--out",
+                            str(tmp_path / "test"), "--workers", "1", capsys=capsys)
+    assert code == 0, err
+    assert summary(stdout)["skipped"] == {"empty_file": 1, "missing_image": 1}
+    rows = read_split(tmp_path / "test")
+    assert [(r["image_id"], r["caption"], r["captions"], r["source"]) for r in rows] == [
+        (0, "", [], "nocaps/in-domain"), (1, "", [], "nocaps/out-domain")]
+
+    flickr = {"dataset": "flickr30k", "images": [
+        {"filename": "rgb.jpg", "imgid": 0, "split": "train", "sentids": [0, 1],
+         "sentences": [{"raw": "A red square .", "tokens": ["a", "red", "square"]}, {"raw": "red"}]},
+        {"filename": "grey.png", "imgid": 1, "split": "test", "sentences": [{"raw": "grey one"}, {"raw": "grey two"}]},
+        {"filename": "palette.gif", "imgid": 2, "split": "val", "sentences": [{"raw": "dark"}]}]}
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(flickr))
+    for split, per_image, want in [("train", False, [(0, "A red square ."), (0, "red")]),
+                                   ("test", True, [(1, "grey one")])]:
+        out = tmp_path / f"flickr_{split}"
+        code, stdout, err = run("convert_coco.py", "--images", str(images), "--annotations",
+                                str(tmp_path / "dataset_flickr30k.json"), "--split", split, "--out", str(out),
+                                "--workers", "1", *(["--per-image"] if per_image else []), capsys=capsys)
+        assert code == 0, err
+        rows = read_split(out)
+        assert [(r["image_id"], r["caption"]) for r in rows] == want
+        assert {r["dataset"] for r in rows} == {"flickr30k"}
+    assert read_split(tmp_path / "flickr_test")[0]["captions"] == ["grey one", "grey two"]
+
+    def refused(annotations: Path, *args: str) -> str:
+        code, _, err = run("convert_coco.py", "--images", str(images), "--annotations", str(annotations),
+                           "--out", str(tmp_path / "bad"), "--workers", "1", *args, capsys=capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        return err.strip()
+
+    test_file = tmp_path / "nocaps_test_image_info.json"
+    assert refused(test_file) == (f"error: {test_file}: has 'images' but no 'annotations' (captions), nothing to "
+                                  "train on; an image-info file such as NoCaps test converts with --per-image, for "
+                                  "generation only")
+    (tmp_path / "nocaps_bad.json").write_text(json.dumps({"images": {"0": "rgb.jpg"}}))
+    assert refused(tmp_path / "nocaps_bad.json", "--per-image") == (
+        f"error: {tmp_path / 'nocaps_bad.json'}: 'images' must be a list of image records, got dict")
+    (tmp_path / "nocaps_bad2.json").write_text(json.dumps({"images": nocaps_images, "annotations": {"x": 1}}))
+    assert "'annotations' must be a list" in refused(tmp_path / "nocaps_bad2.json", "--per-image")
+    no_sentences = {"images": [{"filename": "rgb.jpg", "imgid": 0, "split": "test", "sents": ["red"]}]}
+    (tmp_path / "dataset_flickr30k_bad.json").write_text(json.dumps(no_sentences))
+    assert refused(tmp_path / "dataset_flickr30k_bad.json", "--split", "test") == (
+        f"error: {tmp_path / 'dataset_flickr30k_bad.json'}: no record of images has 'sentences' or 'caption' "
+        "(Karpathy format: images[].filename, split, sentences[].raw)")
+    assert not (tmp_path / "bad").exists()
