@@ -263,3 +263,24 @@ class InstructCollator:
             out["llm_labels"] = _pad_labels([t.target("", s["answer"].strip(), self.max_txt_len, None)
                                              for s in samples])
         return out
+
+
+class QuestionCollator:
+    """BLIP-2 VQA batches (question-aware stage 2): InstructCollator's, with one fixed question template.
+
+    Every row must be a question with an answer (VQA splits); its `task` is read as "vqa", so OK-VQA, GQA
+    or short-answer rows all take the template. A row without a question (a caption row) is refused,
+    naming its dataset: it would train the model to answer a question it was never asked.
+    """
+
+    def __init__(self, inner: InstructCollator) -> None:
+        self.inner = inner
+        self.qtok = inner.qtok
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        for s in samples:
+            if not (s.get("question") or "").strip():
+                raise ValueError(f"model.qformer_text_input trains on questions: a {s.get('task') or 'caption'!r} "
+                                 f"row of dataset {s.get('dataset') or '?'!r} has none (train on VQA splits from "
+                                 "tools/convert_vqa.py)")
+        return self.inner([dict(s, task="vqa") for s in samples])

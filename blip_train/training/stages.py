@@ -184,15 +184,15 @@ def build_question_collator(cfg: ExperimentConfig, model: nn.Module, llm_tokeniz
     """The collator of BLIP-2 VQA (question-aware stage 2): InstructBLIP's, with the one question `template`
     filled for the Q-Former (`qformer_tokenizer`; None: none) and the LLM, and the answer as the target,
     ended as stage 2 ends its text ("\n" for OPT)."""
-    from blip_train.data.llm_collate import InstructCollator
+    from blip_train.data.llm_collate import InstructCollator, QuestionCollator
     from blip_train.data.templates import question_templates
 
     m = cfg.model
     end = END_OF_TEXT.get(model.llm.config.model_type) if model.decoder_only else None
-    return InstructCollator(qformer_tokenizer, llm_tokenizer, templates=question_templates(template),
-                            max_prompt_len=m.llm.max_prompt_len, max_txt_len=m.llm.max_txt_len,
-                            decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len, eos_text=end,
-                            seed=cfg.run.seed, generation=generation)
+    return QuestionCollator(InstructCollator(
+        qformer_tokenizer, llm_tokenizer, templates=question_templates(template), max_prompt_len=m.llm.max_prompt_len,
+        max_txt_len=m.llm.max_txt_len, decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len, eos_text=end,
+        seed=cfg.run.seed, generation=generation))
 
 
 def load_stage_qformer_tokenizer(cfg: ExperimentConfig):

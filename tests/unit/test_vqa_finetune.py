@@ -167,3 +167,12 @@ def test_eval_settings_reach_generate(folders):
     custom_batch = generation_setup(ins_cfg, ins.model, ins.tokenizer, "vqa")[0](vqa_samples())
     assert default_batch["qformer_input_ids"].shape != custom_batch["qformer_input_ids"].shape or not torch.equal(
         default_batch["qformer_input_ids"], custom_batch["qformer_input_ids"])
+
+
+def test_question_aware_training_refuses_rows_without_a_question(folders):
+    stage = build_stage(experiment("stage2", "t5", folders, question_aware=True), WorldInfo(), on_cuda=False)
+    rows = vqa_samples()
+    other_task = stage.collate([dict(rows[0], task="vqa_short"), rows[1]])  # any task with a question: the template
+    assert torch.equal(other_task["qformer_input_ids"], stage.collate(rows[:2])["qformer_input_ids"])
+    with pytest.raises(ValueError, match="a 'caption' row of dataset 'coco' has none"):
+        stage.collate([rows[0], dict(rows[1], task="caption", question="", dataset="coco", caption="a cat")])
