@@ -342,6 +342,37 @@ def read_gqa(images_dir: str, gqa_json: str, stats: ConvertStats, *, dataset: st
         yield ImageJob(_resolve(root, image if image.lower().endswith(IMAGE_EXTS) else f"{image}.jpg"), rows)
 
 
+def read_vg_qa(images_dir: str, qa_json: str, stats: ConvertStats, *, dataset: str = "vg_qa") -> Iterator[ImageJob]:
+    """Visual Genome QA, its release's question_answers.json: [{id, qas: [{qa_id, image_id, question, answer}]}];
+    images `<image_id>.jpg` anywhere under `images_dir` (VG_100K, VG_100K_2). One human answer per question
+    (BLIP and BLIP-2 add these to VQAv2 for VQA fine-tuning); its trailing period is dropped."""
+    root = require_dir(images_dir, "images")
+    data = load_json(qa_json)
+    if not isinstance(data, list):
+        raise InputError(f"{qa_json}: expected Visual Genome question_answers.json, a list of {{id, qas: [...]}}")
+    index = _image_index(root)
+    for entry in data:
+        if not isinstance(entry, dict) or not isinstance(entry.get("qas"), list) or "id" not in entry:
+            stats.skip(MALFORMED_RECORD)
+            continue
+        rows = []
+        for qa in entry["qas"]:
+            if not isinstance(qa, dict) or "qa_id" not in qa:
+                stats.skip(MALFORMED_RECORD)
+                continue
+            question, r1 = clean_text(qa.get("question"))
+            answer, r2 = clean_text(qa.get("answer"))
+            answer = answer.rstrip(".").strip() if answer else answer
+            if question is None or not answer:
+                stats.skip(r1 if question is None else (r2 if answer is None else EMPTY_TEXT))
+                continue
+            rows.append({"image_id": int(entry["id"]), "question": question, "answer": answer, "answers": [answer],
+                         "task": "vqa", "dataset": dataset, "source": dataset, "question_id": int(qa["qa_id"])})
+        if rows:
+            path = index.get(int(entry["id"]))
+            yield ImageJob(path if path is not None else str(root / f"<no file for image_id {entry['id']}>"), rows)
+
+
 def read_llava(images_dir: str, json_file: str, stats: ConvertStats, *,
                dataset: str = "llava_instruct") -> Iterator[ImageJob]:
     """LLaVA-style [{image, conversations: [{from: human, value}, {from: gpt, value}, ...]}].

@@ -442,3 +442,35 @@ def test_nocaps_and_flickr30k(tmp_path, capsys):
         f"error: {tmp_path / 'dataset_flickr30k_bad.json'}: no record of images has 'sentences' or 'caption' "
         "(Karpathy format: images[].filename, split, sentences[].raw)")
     assert not (tmp_path / "bad").exists()
+
+
+def test_visual_genome_qa(tmp_path, capsys):
+    images = tmp_path / "vg"
+    (images / "VG_100K").mkdir(parents=True)
+    (images / "VG_100K_2").mkdir()
+    b = _image_bytes()
+    (images / "VG_100K" / "1.jpg").write_bytes(b["rgb.jpg"])
+    (images / "VG_100K_2" / "2.jpg").write_bytes(b["grey.png"])
+    qa = [{"id": 1, "qas": [{"qa_id": 7, "image_id": 1, "question": "What color is it?", "answer": "Red."},
+                            {"qa_id": 8, "image_id": 1, "question": "Where?", "answer": " "},      # empty_text
+                            {"image_id": 1, "question": "No id?", "answer": "x"}]},               # malformed_record
+          {"id": 2, "qas": [{"qa_id": 9, "image_id": 2, "question": "Is it grey?", "answer": "yes"}]},
+          {"id": 3, "qas": [{"qa_id": 10, "image_id": 3, "question": "Missing?", "answer": "no"}]},  # missing_file
+          {"qas": []}]                                                                              # malformed_record
+    (tmp_path / "question_answers.json").write_text(json.dumps(qa))
+    code, stdout, err = run("convert_vqa.py", "--images", str(images), "--vg-qa", str(tmp_path / "question_answers.json"),
+                            "--out", str(tmp_path / "o"), "--workers", "1", capsys=capsys)
+    assert code == 0, err
+    assert summary(stdout)["skipped"] == {"empty_text": 1, "malformed_record": 2, "missing_file": 1}
+    rows = read_split(tmp_path / "o")
+    assert [(r["image_id"], r["question_id"], r["question"], r["answer"], r["answers"], r["dataset"]) for r in rows] == [
+        (1, 7, "What color is it?", "Red", ["Red"], "vg_qa"), (2, 9, "Is it grey?", "yes", ["yes"], "vg_qa")]
+
+    (tmp_path / "bad.json").write_text(json.dumps({"qas": []}))
+    code, _, err = run("convert_vqa.py", "--images", str(images), "--vg-qa", str(tmp_path / "bad.json"),
+                       "--out", str(tmp_path / "o2"), "--workers", "1", capsys=capsys)
+    assert code == 2 and err.strip() == (f"error: {tmp_path / 'bad.json'}: expected Visual Genome "
+                                         "question_answers.json, a list of {id, qas: [...]}")
+    code, _, err = run("convert_vqa.py", "--images", str(images), "--vg-qa", str(tmp_path / "bad.json"),
+                       "--gqa", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o2"), capsys=capsys)
+    assert code == 2 and err.strip() == "error: give exactly one of --questions (VQAv2/OK-VQA), --gqa or --vg-qa"
