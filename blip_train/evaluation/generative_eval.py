@@ -135,7 +135,16 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, g
 
     rows = open_split(split, cfg.model.vision.image_size, max_samples, keep=is_vqa_row, note=note)
     if not rows.indices:
-        raise ValueError(f"{split}: no VQA samples (task 'vqa' with a question and answers)")
+        # A split without human answers (VQAv2 test-dev): answer its questions, to submit for scoring.
+        rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note,
+                          keep=lambda row: row["task"] == "vqa" and bool(row["question"]))
+        if not rows.indices:
+            raise ValueError(f"{split}: no VQA samples (task 'vqa' with a question)")
+        preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
+                               "vqa" if progress else "")
+        out = [{"question_id": questions[i][0], "image_id": questions[i][1], "question": questions[i][2],
+                "prediction": preds[i], "answers": []} for i in rows.indices]
+        return {"num_questions": len(rows.indices), "num_images": len({q[1] for q in questions.values()})}, out
     preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
                            "vqa" if progress else "")
     # VQA accuracy leaves one human answer out, so it needs two: a single answer is counted twice.

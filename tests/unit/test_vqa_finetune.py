@@ -176,3 +176,29 @@ def test_question_aware_training_refuses_rows_without_a_question(folders):
     assert torch.equal(other_task["qformer_input_ids"], stage.collate(rows[:2])["qformer_input_ids"])
     with pytest.raises(ValueError, match="a 'caption' row of dataset 'coco' has none"):
         stage.collate([rows[0], dict(rows[1], task="caption", question="", dataset="coco", caption="a cat")])
+
+
+def test_splits_without_references_give_predictions_to_submit(tmp_path, monkeypatch):
+    """NoCaps test (images, no captions) and VQAv2 test-dev (questions, no answers): generation runs and the
+    predictions come back unscored, instead of a score against empty references."""
+    from PIL import Image
+
+    from blip_train.data.schema import make_sample, write_split
+    from blip_train.evaluation import generative_eval
+    from tests.unit.test_data_images import encode
+
+    image = encode(Image.new("RGB", (40, 40), (10, 200, 30)), "JPEG")
+    write_split(tmp_path / "nocaps_test", [make_sample(image, image_id=i, dataset="nocaps", source="nocaps/in-domain")
+                                           for i in range(3)])
+    write_split(tmp_path / "testdev", [make_sample(image, image_id=i // 2, question=f"question {i}?", task="vqa",
+                                                   question_id=100 + i) for i in range(4)])
+    monkeypatch.setattr(generative_eval, "generate_texts",
+                        lambda model, collate, tok, rows, *a, **k: {i: f"text {i}" for i in rows.indices})
+    cfg = ExperimentConfig(model=tiny_model_config())
+    metrics, preds = generative_eval.evaluate_captions(None, None, None, cfg, str(tmp_path / "nocaps_test"), {},
+                                                       max_samples=0)
+    assert metrics == {"num_images": 3, "num_references": 0}
+    assert [(p["image_id"], p["prediction"]) for p in preds] == [(0, "text 0"), (1, "text 1"), (2, "text 2")]
+    metrics, preds = generative_eval.evaluate_vqa(None, None, None, cfg, str(tmp_path / "testdev"), {}, max_samples=0)
+    assert metrics == {"num_questions": 4, "num_images": 2}
+    assert [(p["question_id"], p["prediction"]) for p in preds] == [(100 + i, f"text {i}") for i in range(4)]
