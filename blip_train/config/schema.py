@@ -110,7 +110,8 @@ class ModelConfig:
     embed_dim: int = 256
     """ITC projection width (stage 1)."""
     max_txt_len: int = 32
-    """Maximum Q-Former text tokens (stage 1 captions; InstructBLIP instructions)."""
+    """Maximum Q-Former text tokens (stage 1 captions; InstructBLIP instructions; questions with
+    model.qformer_text_input)."""
     init_from: str = ""
     """Checkpoint to initialise trainable parts from (our ZeRO checkpoint dir or consolidated safetensors)."""
     vision: VisionConfig = field(default_factory=VisionConfig)
