@@ -202,3 +202,18 @@ def test_splits_without_references_give_predictions_to_submit(tmp_path, monkeypa
     metrics, preds = generative_eval.evaluate_vqa(None, None, None, cfg, str(tmp_path / "testdev"), {}, max_samples=0)
     assert metrics == {"num_questions": 4, "num_images": 2}
     assert [(p["question_id"], p["prediction"]) for p in preds] == [(100 + i, f"text {i}") for i in range(4)]
+
+
+def test_question_aware_stage2_is_not_exported_to_a_class_that_would_ignore_the_question(tmp_path):
+    import yaml
+    from safetensors.torch import save_file
+
+    from blip_train.interop.hf_export import InteropError, export_hf
+
+    save_file({"query_tokens": torch.zeros(1, 4, 32)}, str(tmp_path / "w.safetensors"))
+    config = {"model": {"arch": "stage2", "qformer_text_input": True,
+                        "llm": {"path": str(tmp_path / "llm"), "prompt": "Question: {} Answer:"}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(InteropError, match="model.qformer_text_input=true .* has no transformers class"):
+        export_hf(tmp_path / "w.safetensors", tmp_path / "hf", config=str(tmp_path / "c.yaml"))
+    assert not (tmp_path / "hf").exists()
