@@ -245,7 +245,8 @@ class EvalConfig:
     vqa_max_new_tokens: int = 10
     """VQA: most generated answer tokens (BLIP-2 / InstructBLIP: 10)."""
     vqa_length_penalty: float = -1.0
-    """VQA: beam-score length exponent; negative favours short answers (BLIP-2 / InstructBLIP: -1)."""
+    """VQA: beam-score length exponent; 0 or below favours short answers (LAVIS answers with -1 for BLIP-2
+    FlanT5 and InstructBLIP, 0 for BLIP-2 OPT)."""
 
 
 @dataclass
