@@ -39,6 +39,7 @@ METRIC_NAMES = {
     "itc_txt_r1": "TR@1, ITC only", "itc_img_r1": "IR@1, ITC only",
     "chance_txt_r1": "TR@1 at chance", "chance_img_r1": "IR@1 at chance",
     "cider": "CIDEr-D", "bleu_4": "BLEU-4", "chance_cider": "CIDEr-D at chance",
+    **{f"cider_{d}_domain": f"CIDEr-D {d}-domain" for d in ("in", "near", "out")},
     "vqa_accuracy": "VQA accuracy", "exact_match": "exact match", "chance_vqa_accuracy": "VQA accuracy at chance",
 }
 """The names papers and README use for the JSON keys (which other code reads and stay as they are)."""

@@ -95,19 +95,24 @@ def generate_texts(model, collate, tokenizer, split: EvalSplit, batch_size: int,
 def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: str, gen_kwargs: dict, *,
                       max_samples: int, progress: bool = False) -> tuple[dict[str, float], list[dict]]:
     """(metrics, per-image predictions) of captioning the first `max_samples` rows (0: the whole split).
-    progress=True shows rank 0's progress bar (standalone evaluation)."""
+    progress=True shows rank 0's progress bar (standalone evaluation). Rows whose `source` names a domain
+    (NoCaps: nocaps/in-domain, near-domain, out-domain) are also scored per domain (`cider_in_domain`, ...),
+    each domain's CIDEr-D on its own images, as NoCaps reports them."""
     refs: dict[int, list[str]] = {}
     image_ids: dict[int, int] = {}
+    domains: dict[int, str] = {}
 
     def note(i: int, row: dict) -> None:
         refs[i] = list(row["captions"]) or [row["caption"]]
         image_ids[i] = int(row["image_id"])
+        if "/" in row["source"]:
+            domains[i] = row["source"].split("/", 1)[1]
 
     rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note)
     preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
                            "caption" if progress else "")
-    predictions = [{"index": i, "image_id": image_ids[i], "prediction": preds[i], "references": refs[i]}
-                   for i in rows.indices]
+    predictions = [{"index": i, "image_id": image_ids[i], "prediction": preds[i], "references": refs[i],
+                    **({"domain": domains[i]} if i in domains else {})} for i in rows.indices]
     if not any(r.strip() for i in rows.indices for r in refs[i]):
         # A split without captions (NoCaps test): the predictions are the result, to submit for scoring.
         return {"num_images": len(rows.indices), "num_references": 0}, predictions
@@ -120,6 +125,10 @@ def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: s
     metrics = {"cider": 100.0 * scores["cider"], "bleu_4": 100.0 * scores["bleu_4"],
                "chance_cider": 100.0 * chance["cider"], "num_images": len(order),
                "num_references": sum(len(refs[i]) for i in order)}
+    for domain in sorted(set(domains.values())):
+        subset = [i for i in order if domains.get(i) == domain]
+        part = caption_metrics({i: pre_caption(preds[i]) for i in subset}, {i: clean_refs[i] for i in subset})
+        metrics[f"cider_{domain.replace('-', '_')}"] = 100.0 * part["cider"]
     return metrics, predictions
 
 

@@ -217,3 +217,30 @@ def test_question_aware_stage2_is_not_exported_to_a_class_that_would_ignore_the_
     with pytest.raises(InteropError, match="model.qformer_text_input=true .* has no transformers class"):
         export_hf(tmp_path / "w.safetensors", tmp_path / "hf", config=str(tmp_path / "c.yaml"))
     assert not (tmp_path / "hf").exists()
+
+
+def test_nocaps_val_is_scored_per_domain(tmp_path, monkeypatch):
+    """Rows with a domain in `source` (convert_coco.py on NoCaps) get a CIDEr-D per domain, each on its own
+    images, beside the overall score."""
+    from PIL import Image
+
+    from blip_train.data.schema import make_sample, write_split
+    from blip_train.evaluation import generative_eval
+    from blip_train.evaluation.caption_metrics import caption_metrics
+    from tests.unit.test_data_images import encode
+
+    image = encode(Image.new("RGB", (40, 40), (10, 200, 30)), "JPEG")
+    caps = [["a dog on the grass", "a brown dog"], ["a red bus on a street", "a bus"], ["a cat on a sofa", "a cat"],
+            ["a plate of food", "food on a plate"]]
+    domains = ["in-domain", "out-domain", "in-domain", "out-domain"]
+    write_split(tmp_path / "val", [make_sample(image, image_id=i, caption=c[0], captions=c, source=f"nocaps/{d}")
+                                   for i, (c, d) in enumerate(zip(caps, domains))])
+    guesses = {0: "a dog on the grass", 1: "a cat", 2: "a cat on a sofa", 3: "a bus"}
+    monkeypatch.setattr(generative_eval, "generate_texts", lambda *a, **k: guesses)
+    cfg = ExperimentConfig(model=tiny_model_config())
+    metrics, preds = generative_eval.evaluate_captions(None, None, None, cfg, str(tmp_path / "val"), {}, max_samples=0)
+    for domain, rows in (("in_domain", [0, 2]), ("out_domain", [1, 3])):
+        want = caption_metrics({i: guesses[i] for i in rows}, {i: caps[i] for i in rows})["cider"]
+        assert metrics[f"cider_{domain}"] == pytest.approx(100.0 * want)
+    assert metrics["cider_in_domain"] > metrics["cider_out_domain"]  # right captions vs wrong ones
+    assert [p["domain"] for p in preds] == domains
