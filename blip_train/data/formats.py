@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from blip_train.data.convert import ConvertStats, ImageJob, InputError, clean_text, load_json, require_dir
+from blip_train.data.convert import EMPTY_TEXT, ConvertStats, ImageJob, InputError, clean_text, load_json, require_dir
 
 MISSING_IMAGE = "missing_image"          # a record names no image (or a tar key has no image member)
 MISSING_TEXT = "missing_text"            # a tar key has no .txt/.json caption

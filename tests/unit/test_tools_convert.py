@@ -259,6 +259,7 @@ def test_vqa_and_gqa(tmp_path, capsys):
         {"image_id": 2, "question": "Is it cyan?", "question_id": 20},
         {"image_id": 2, "question": " ", "question_id": 21},          # empty_text
         {"image_id": 2, "question": "Unanswered?", "question_id": 22},  # missing_annotation
+        {"image_id": 2, "question": "No answers?", "question_id": 23},  # empty_text (annotated, no answer)
         {"image_id": 3, "question": "Broken?", "question_id": 30},    # unreadable_image
         {"image_id": 4, "question": "No file?", "question_id": 40},   # missing_file
     ]}
@@ -268,6 +269,7 @@ def test_vqa_and_gqa(tmp_path, capsys):
         {"question_id": 11, "image_id": 1, "answers": answers("2", "two")},
         {"question_id": 20, "image_id": 2, "multiple_choice_answer": "yes", "answers": answers("yes", "no")},
         {"question_id": 21, "image_id": 2, "multiple_choice_answer": "no", "answers": answers("no", "no")},
+        {"question_id": 23, "image_id": 2, "answers": []},
         {"question_id": 30, "image_id": 3, "multiple_choice_answer": "no", "answers": answers("no", "no")},
         {"question_id": 40, "image_id": 4, "multiple_choice_answer": "no", "answers": answers("no", "no")},
     ]}
@@ -277,7 +279,7 @@ def test_vqa_and_gqa(tmp_path, capsys):
                             "--annotations", str(tmp_path / "a.json"), "--out", str(tmp_path / "o"),
                             "--workers", "1", capsys=capsys)
     assert code == 0, err
-    assert summary(stdout)["skipped"] == {"empty_text": 1, "missing_annotation": 1, "unreadable_image": 1,
+    assert summary(stdout)["skipped"] == {"empty_text": 2, "missing_annotation": 1, "unreadable_image": 1,
                                           "missing_file": 1}
     rows = read_split(tmp_path / "o")
     assert [(r["question_id"], r["question"], r["answer"]) for r in rows] == [
@@ -288,7 +290,7 @@ def test_vqa_and_gqa(tmp_path, capsys):
     code, stdout, err = run("convert_vqa.py", "--images", str(images), "--questions", str(tmp_path / "q.json"),
                             "--out", str(tmp_path / "test"), "--workers", "1", capsys=capsys)
     assert code == 0, err
-    assert [r["answers"] for r in read_split(tmp_path / "test")] == [[]] * 4  # test split: no answers
+    assert [r["answers"] for r in read_split(tmp_path / "test")] == [[]] * 5  # test split: no answers
 
     (images / "n123.jpg").write_bytes(b["grey.png"])
     gqa = {"0517": {"imageId": "n123", "question": "Is it grey?", "answer": "yes", "fullAnswer": "Yes, it is."},
@@ -453,6 +455,7 @@ def test_visual_genome_qa(tmp_path, capsys):
     (images / "VG_100K_2" / "2.jpg").write_bytes(b["grey.png"])
     qa = [{"id": 1, "qas": [{"qa_id": 7, "image_id": 1, "question": "What color is it?", "answer": "Red."},
                             {"qa_id": 8, "image_id": 1, "question": "Where?", "answer": " "},      # empty_text
+                            {"qa_id": 11, "image_id": 1, "question": "Why?", "answer": "."},       # empty_text
                             {"image_id": 1, "question": "No id?", "answer": "x"}]},               # malformed_record
           {"id": 2, "qas": [{"qa_id": 9, "image_id": 2, "question": "Is it grey?", "answer": "yes"}]},
           {"id": 3, "qas": [{"qa_id": 10, "image_id": 3, "question": "Missing?", "answer": "no"}]},  # missing_file
@@ -461,7 +464,7 @@ def test_visual_genome_qa(tmp_path, capsys):
     code, stdout, err = run("convert_vqa.py", "--images", str(images), "--vg-qa", str(tmp_path / "question_answers.json"),
                             "--out", str(tmp_path / "o"), "--workers", "1", capsys=capsys)
     assert code == 0, err
-    assert summary(stdout)["skipped"] == {"empty_text": 1, "malformed_record": 2, "missing_file": 1}
+    assert summary(stdout)["skipped"] == {"empty_text": 2, "malformed_record": 2, "missing_file": 1}
     rows = read_split(tmp_path / "o")
     assert [(r["image_id"], r["question_id"], r["question"], r["answer"], r["answers"], r["dataset"]) for r in rows] == [
         (1, 7, "What color is it?", "Red", ["Red"], "vg_qa"), (2, 9, "Is it grey?", "yes", ["yes"], "vg_qa")]
