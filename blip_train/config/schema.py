@@ -240,8 +240,8 @@ class EvalConfig:
     """Captioning: beam-score length exponent (score = sum log p / length**length_penalty; HF's default 1)."""
     vqa_prompt: str = ""
     """VQA question template, '{}' standing for the question. Empty: the run's own (model.llm.prompt of a
-    model.qformer_text_input run; InstructBLIP's eval template), else the BLIP-2 paper's: 'Question: {}
-    Answer:' for decoder-only LLMs, 'Question: {} Short answer:' for FlanT5."""
+    model.qformer_text_input run; InstructBLIP's eval template), else BLIP-2's: 'Question: {} Answer:' for
+    decoder-only LLMs (the paper's Table 8), 'Question: {} Short answer:' for FlanT5 (LAVIS's FlanT5 VQA)."""
     vqa_max_new_tokens: int = 10
     """VQA: most generated answer tokens (BLIP-2 / InstructBLIP: 10)."""
     vqa_length_penalty: float = -1.0
