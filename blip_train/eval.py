@@ -39,6 +39,7 @@ METRIC_NAMES = {
     "itc_txt_r1": "TR@1, ITC only", "itc_img_r1": "IR@1, ITC only",
     "chance_txt_r1": "TR@1 at chance", "chance_img_r1": "IR@1 at chance",
     "cider": "CIDEr-D", "bleu_4": "BLEU-4", "chance_cider": "CIDEr-D at chance",
+    **{f"cider_{d}_domain": f"CIDEr-D {d}-domain" for d in ("in", "near", "out")},
     "vqa_accuracy": "VQA accuracy", "exact_match": "exact match", "chance_vqa_accuracy": "VQA accuracy at chance",
 }
 """The names papers and README use for the JSON keys (which other code reads and stay as they are)."""
@@ -128,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.arch not in EVAL_TASK_ARCHS[args.task]:
         print(f"eval error: --task {args.task} needs a run with model.arch in {EVAL_TASK_ARCHS[args.task]}; "
               f"{ckpt_dir.parent} is model.arch={cfg.model.arch}", file=sys.stderr)
+        return 2
+    if args.task == "caption" and cfg.model.arch == "stage2" and cfg.model.qformer_text_input:
+        print(f"eval error: --task caption: {ckpt_dir.parent} is fine-tuned to answer questions "
+              "(model.qformer_text_input=true); use --task vqa", file=sys.stderr)
         return 2
     from blip_train.data.schema import SchemaError, verify_split
 

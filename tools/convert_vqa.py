@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Convert VQAv2 / OK-VQA (questions + annotations JSON) or GQA to a blip-train MDS split.
+"""Convert VQAv2 / OK-VQA (questions + annotations JSON), GQA or Visual Genome QA to a blip-train MDS split.
 
     python tools/convert_vqa.py --images coco/train2014 --questions v2_OpenEnded_mscoco_train2014_questions.json \\
         --annotations v2_mscoco_train2014_annotations.json --out data/vqav2/train
     python tools/convert_vqa.py --images gqa/images --gqa train_balanced_questions.json --out data/gqa/train
+    python tools/convert_vqa.py --images vg/images --vg-qa question_answers.json --out data/vg_qa
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import argparse
 from _common import add_output_args, print_summary, run_tool
 
 from blip_train.data.convert import ConvertStats, InputError, run_conversion
-from blip_train.data.formats import read_gqa, read_vqa
+from blip_train.data.formats import read_gqa, read_vg_qa, read_vqa
 
 
 def main() -> int:
@@ -21,12 +22,15 @@ def main() -> int:
     p.add_argument("--questions", help="VQA questions JSON {\"questions\": [...]}")
     p.add_argument("--annotations", help="VQA annotations JSON (omit for test splits without answers)")
     p.add_argument("--gqa", help="GQA questions JSON {qid: {imageId, question, answer}} (instead of --questions)")
+    p.add_argument("--vg-qa", help="Visual Genome question_answers.json [{id, qas: [...]}] (instead of --questions)")
     add_output_args(p)
     args = p.parse_args()
-    if bool(args.questions) == bool(args.gqa):
-        raise InputError("give exactly one of --questions (VQAv2/OK-VQA) or --gqa")
+    if sum(bool(x) for x in (args.questions, args.gqa, args.vg_qa)) != 1:
+        raise InputError("give exactly one of --questions (VQAv2/OK-VQA), --gqa or --vg-qa")
     stats = ConvertStats()
-    if args.gqa:
+    if args.vg_qa:
+        jobs = list(read_vg_qa(args.images, args.vg_qa, stats, dataset=args.dataset_name or "vg_qa"))
+    elif args.gqa:
         jobs = list(read_gqa(args.images, args.gqa, stats, dataset=args.dataset_name or "gqa"))
     else:
         jobs = list(read_vqa(args.images, args.questions, args.annotations, stats,

@@ -168,8 +168,9 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-EVAL_TASK_ARCHS = {"retrieval": ("stage1",), "caption": ("stage2", "instruct"), "vqa": ("instruct",)}
-"""Which model.arch can run each evaluation task (retrieval needs the ITC/ITM heads; the others an LLM)."""
+EVAL_TASK_ARCHS = {"retrieval": ("stage1",), "caption": ("stage2", "instruct"), "vqa": ("stage2", "instruct")}
+"""Which model.arch can run each evaluation task (retrieval needs the ITC/ITM heads; the others an LLM;
+stage 2 answers questions zero-shot, or question-aware after VQA fine-tuning)."""
 _DEFAULT_EVAL_TASK = {"stage1": "retrieval", "stage2": "caption", "instruct": "vqa"}
 _ON_OFF_KEYS = {"optim.fused"}
 """String keys whose values include on/off, which YAML reads as booleans when unquoted."""
@@ -195,7 +196,9 @@ def parse_cache_limit(value: str) -> int:
 
 def eval_task(cfg: ExperimentConfig) -> str:
     """The in-training evaluation task: eval.task, or the architecture's own when 'auto'."""
-    return _DEFAULT_EVAL_TASK[cfg.model.arch] if cfg.eval.task == "auto" else cfg.eval.task
+    if cfg.eval.task != "auto":
+        return cfg.eval.task
+    return "vqa" if cfg.model.arch == "stage2" and cfg.model.qformer_text_input else _DEFAULT_EVAL_TASK[cfg.model.arch]
 
 
 def validate_config(cfg: ExperimentConfig) -> None:
@@ -221,11 +224,12 @@ def validate_config(cfg: ExperimentConfig) -> None:
                      ("train.save_interval", t.save_interval), ("train.keep_last", t.keep_last),
                      ("train.max_bad_steps", t.max_bad_steps), ("data.image_size", d.image_size),
                      ("data.num_canonical_nodes", d.num_canonical_nodes),
-                     ("optim.lr", o.lr)]:
+                     ("eval.num_beams", cfg.eval.num_beams), ("eval.max_new_tokens", cfg.eval.max_new_tokens),
+                     ("eval.vqa_max_new_tokens", cfg.eval.vqa_max_new_tokens), ("optim.lr", o.lr)]:
         _positive(key, val)
     for key, val in [("optim.min_lr", o.min_lr), ("optim.warmup_steps", o.warmup_steps),
                      ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
-                     ("eval.interval", cfg.eval.interval),
+                     ("eval.interval", cfg.eval.interval), ("eval.min_new_tokens", cfg.eval.min_new_tokens),
                      ("train.keep_every", t.keep_every)]:
         _positive(key, val, allow_zero=True)
     if m.qformer.hidden_size % m.qformer.heads:
@@ -240,6 +244,9 @@ def validate_config(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {d.crop_scale_min}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {o.betas}")
+    if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
+        raise ConfigError(f"eval.min_new_tokens: {cfg.eval.min_new_tokens} exceeds eval.max_new_tokens="
+                          f"{cfg.eval.max_new_tokens}")
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr: {o.min_lr} exceeds optim.lr={o.lr}")
     if not 0 < o.layer_decay <= 1:
@@ -262,6 +269,16 @@ def validate_config(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"model.llm.lora.dropout: must be in [0, 1), got {lora.dropout}")
     if m.arch in ("stage2", "instruct") and not m.llm.path:
         raise ConfigError(f"model.llm.path: required for model.arch={m.arch} (a local HF model folder)")
+    if m.qformer_text_input and m.arch != "instruct":
+        if m.arch != "stage2":
+            raise ConfigError(f"model.qformer_text_input: needs model.arch=stage2 (instruct always feeds its "
+                              f"instruction to the Q-Former), this run is model.arch={m.arch}")
+        if m.llm.prompt.count("{}") != 1:
+            raise ConfigError(f"model.llm.prompt: {m.llm.prompt!r} must hold one '{{}}' for the question with "
+                              "model.qformer_text_input (e.g. 'Question: {} Answer:')")
+    if cfg.eval.vqa_prompt and cfg.eval.vqa_prompt.count("{}") != 1:
+        raise ConfigError(f"eval.vqa_prompt: {cfg.eval.vqa_prompt!r} must hold one '{{}}' for the question "
+                          "(e.g. 'Question: {} Answer:'), or be empty")
     for i, s in enumerate(d.train):
         if not (s.local or s.remote):
             raise ConfigError(f"data.train[{i}]: needs local (an MDS directory) or remote")
@@ -293,6 +310,9 @@ def validate_config(cfg: ExperimentConfig) -> None:
     if cfg.eval.task != "auto" and m.arch not in EVAL_TASK_ARCHS[cfg.eval.task]:
         raise ConfigError(f"eval.task: {cfg.eval.task} needs model.arch in {', '.join(EVAL_TASK_ARCHS[cfg.eval.task])}, "
                           f"this run is model.arch={m.arch}")
+    if m.arch == "stage2" and m.qformer_text_input and eval_task(cfg) == "caption":
+        raise ConfigError("eval.task: caption needs a captioning model; this one is fine-tuned to answer questions "
+                          "(model.qformer_text_input): use eval.task=vqa (or auto) with a VQA data.val")
     if r.wandb:
         import importlib.util
         if importlib.util.find_spec("wandb") is None:

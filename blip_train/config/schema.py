@@ -113,7 +113,8 @@ class LLMConfig:
     """Frozen LLM dtype: bf16 | fp16 | fp32 (fp16 overflows in T5; GPU only). Kept under the engine,
     whatever deepspeed.precision says."""
     prompt: str = ""
-    """Text prompt for stage 2 (e.g. 'a photo of'); loss is never taken on it."""
+    """Text prompt for stage 2 (e.g. 'a photo of'); loss is never taken on it. With model.qformer_text_input
+    the question template instead, '{}' standing for the question (e.g. 'Question: {} Short answer:')."""
     max_txt_len: int = 32
     """Maximum target text tokens (stage 2) / answer tokens (InstructBLIP output, paper 256)."""
     max_prompt_len: int = 128
@@ -126,12 +127,18 @@ class LLMConfig:
 class ModelConfig:
     arch: str = "stage1"
     """stage1 | stage2 | instruct."""
+    qformer_text_input: bool = False
+    """stage2: the sample's question also enters the Q-Former, after the queries and attending with them,
+    through InstructBLIP's instruction path (BLIP-2's VQA fine-tuning). Training rows are then questions with
+    answers (VQA splits); model.llm.prompt is the question template ("Question: {} Answer:") given to both
+    the Q-Former and the LLM, and the loss is on the answer. model.arch=instruct always does this."""
     attention: str = "auto"
     """auto | flash | sdpa | math. auto: flash-attn when importable on CUDA in fp16/bf16, else SDPA."""
     embed_dim: int = 256
     """ITC projection width (stage 1)."""
     max_txt_len: int = 32
-    """Maximum Q-Former text tokens (stage 1 captions; InstructBLIP instructions)."""
+    """Maximum Q-Former text tokens (stage 1 captions; InstructBLIP instructions; questions with
+    model.qformer_text_input)."""
     init_from: str = ""
     """Checkpoint to initialise trainable parts from (our ZeRO checkpoint dir or consolidated safetensors)."""
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -256,7 +263,22 @@ class EvalConfig:
     max_samples: int = 0
     """Cap on evaluated samples (0: all)."""
     num_beams: int = 5
+    """Beam width of caption and VQA generation (BLIP-2 and InstructBLIP: 5)."""
     max_new_tokens: int = 30
+    """Captioning: most generated tokens (BLIP-2 COCO: 30; InstructBLIP: 256)."""
+    min_new_tokens: int = 1
+    """Captioning: fewest generated tokens (BLIP-2 COCO: 8)."""
+    length_penalty: float = 1.0
+    """Captioning: beam-score length exponent (score = sum log p / length**length_penalty; HF's default 1)."""
+    vqa_prompt: str = ""
+    """VQA question template, '{}' standing for the question. Empty: the run's own (model.llm.prompt of a
+    model.qformer_text_input run; InstructBLIP's eval template), else BLIP-2's: 'Question: {} Answer:' for
+    decoder-only LLMs (the paper's Table 8), 'Question: {} Short answer:' for FlanT5 (LAVIS's FlanT5 VQA)."""
+    vqa_max_new_tokens: int = 10
+    """VQA: most generated answer tokens (BLIP-2 / InstructBLIP: 10)."""
+    vqa_length_penalty: float = -1.0
+    """VQA: beam-score length exponent; 0 or below favours short answers (LAVIS answers with -1 for BLIP-2
+    FlanT5 and InstructBLIP, 0 for BLIP-2 OPT)."""
 
 
 @dataclass

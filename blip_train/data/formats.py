@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from blip_train.data.convert import ConvertStats, ImageJob, InputError, clean_text, load_json, require_dir
+from blip_train.data.convert import EMPTY_TEXT, ConvertStats, ImageJob, InputError, clean_text, load_json, require_dir
 
 MISSING_IMAGE = "missing_image"          # a record names no image (or a tar key has no image member)
 MISSING_TEXT = "missing_text"            # a tar key has no .txt/.json caption
@@ -56,8 +56,10 @@ def _captions(values: list[Any], stats: ConvertStats) -> list[str]:
     return out
 
 
-def _caption_rows(image_id: int, captions: list[str], per_image: bool, dataset: str) -> list[dict[str, Any]]:
-    base = {"image_id": image_id, "captions": captions, "task": "caption", "dataset": dataset, "source": dataset}
+def _caption_rows(image_id: int, captions: list[str], per_image: bool, dataset: str,
+                  source: Optional[str] = None) -> list[dict[str, Any]]:
+    base = {"image_id": image_id, "captions": captions, "task": "caption", "dataset": dataset,
+            "source": source or dataset}
     if per_image:
         return [dict(base, caption=captions[0])]
     return [dict(base, caption=c) for c in captions]
@@ -65,15 +67,28 @@ def _caption_rows(image_id: int, captions: list[str], per_image: bool, dataset: 
 
 def read_coco(images_dir: str, annotations: str, stats: ConvertStats, *, split: Optional[str] = None,
               per_image: bool = False, dataset: str = "coco") -> Iterator[ImageJob]:
-    """COCO captions ({images, annotations}), Karpathy's dataset_coco.json ({images: [{sentences}]})
-    or a LAVIS-style list ([{image | filepath+filename, caption | sentences, image_id}]).
+    """COCO captions ({images, annotations}; also NoCaps val), Karpathy's dataset_coco.json and
+    dataset_flickr30k.json ({images: [{filename, split, sentences: [{raw}]}]}), a LAVIS-style list
+    ([{image | filepath+filename, caption | sentences, image_id}]), or a COCO image-info file without
+    captions ({images: [{id, file_name}]}, e.g. NoCaps test: only with `per_image`, rows without captions,
+    for generating captions to submit).
 
     Default: one sample per caption (as stage 1/2 train); `per_image`: one sample per image with
     the first caption (evaluation splits). `captions` always holds all of the image's captions.
     """
     root = require_dir(images_dir, "images")
     data = load_json(annotations)
+    if isinstance(data, dict) and "annotations" in data and not isinstance(data["annotations"], list):
+        raise InputError(f"{annotations}: 'annotations' must be a list of {{image_id, caption}} records, got "
+                         f"{type(data['annotations']).__name__}")
+    if isinstance(data, dict) and "images" in data and not isinstance(data["images"], list):
+        raise InputError(f"{annotations}: 'images' must be a list of image records, got "
+                         f"{type(data['images']).__name__}")
+    if _is_image_info(data):
+        yield from _read_image_info(root, annotations, data, stats, split=split, per_image=per_image, dataset=dataset)
+        return
     grouped: dict[str, tuple[int, list[Any]]] = {}  # path -> (image_id, raw captions), insertion order
+    sources: dict[str, str] = {}  # path -> "<dataset>/<domain>" for NoCaps images (their domain)
 
     def add(rel: Any, image_id: Any, caps: Any) -> None:
         if not isinstance(rel, str) or not rel:
@@ -89,7 +104,9 @@ def read_coco(images_dir: str, annotations: str, stats: ConvertStats, *, split: 
         if split:
             raise InputError(f"--split {split}: {annotations} is a COCO captions file, which has no splits (it is "
                              "one split already; --split selects from Karpathy-style files)")
-        images = {im["id"]: im.get("file_name") for im in data.get("images", []) if isinstance(im, dict) and "id" in im}
+        records = [im for im in data.get("images", []) if isinstance(im, dict) and "id" in im]
+        images = {im["id"]: im.get("file_name") for im in records}
+        domains = {im["id"]: im["domain"] for im in records if isinstance(im.get("domain"), str) and im["domain"]}
         for ann in data["annotations"]:
             if not isinstance(ann, dict) or "image_id" not in ann:
                 stats.skip(MALFORMED_RECORD)
@@ -97,11 +114,18 @@ def read_coco(images_dir: str, annotations: str, stats: ConvertStats, *, split: 
                 stats.skip(UNKNOWN_IMAGE_ID)
             else:
                 add(images[ann["image_id"]], ann["image_id"], ann.get("caption"))
+                rel = images[ann["image_id"]]
+                if ann["image_id"] in domains and isinstance(rel, str) and rel:
+                    sources[_resolve(root, rel)] = f"{dataset}/{domains[ann['image_id']]}"
     elif isinstance(data, dict) and isinstance(data.get("images"), list) or isinstance(data, list):
         entries = data["images"] if isinstance(data, dict) else data
         present = sorted({str(e["split"]) for e in entries if isinstance(e, dict) and e.get("split")})
         _check_split(annotations, split, present)
         wanted = {"train", "restval"} if split == "train" else ({split} if split else None)
+        chosen = [e for e in entries if isinstance(e, dict) and (wanted is None or e.get("split") in wanted)]
+        if chosen and not any("sentences" in e or "caption" in e for e in chosen):
+            raise InputError(f"{annotations}: no record of {'images' if isinstance(data, dict) else 'the list'} has "
+                             "'sentences' or 'caption' (Karpathy format: images[].filename, split, sentences[].raw)")
         for e in entries:
             if not isinstance(e, dict):
                 stats.skip(MALFORMED_RECORD)
@@ -120,7 +144,42 @@ def read_coco(images_dir: str, annotations: str, stats: ConvertStats, *, split: 
     for path, (iid, raw) in grouped.items():
         caps = _captions(raw, stats)
         if caps:
-            yield ImageJob(path, _caption_rows(iid, caps, per_image, dataset))
+            yield ImageJob(path, _caption_rows(iid, caps, per_image, dataset, sources.get(path)))
+
+
+def _is_image_info(data: Any) -> bool:
+    """A COCO-style file of images without captions: {images: [{id, file_name}, ...]} and no annotations."""
+    if not isinstance(data, dict) or "annotations" in data or not isinstance(data.get("images"), list):
+        return False
+    records = [e for e in data["images"] if isinstance(e, dict)]
+    return bool(records) and all("file_name" in e and "sentences" not in e for e in records)
+
+
+def _read_image_info(root: Path, annotations: str, data: dict, stats: ConvertStats, *, split: Optional[str],
+                     per_image: bool, dataset: str) -> Iterator[ImageJob]:
+    """One caption-less row per image of an image-info file (NoCaps test); the image's NoCaps domain, when
+    given, is kept in `source` (nocaps/in-domain | near-domain | out-domain) for per-domain scores."""
+    if split:
+        raise InputError(f"--split {split}: {annotations} is a COCO image-info file, which has no splits")
+    if not per_image:
+        raise InputError(f"{annotations}: has 'images' but no 'annotations' (captions), nothing to train on; an "
+                         "image-info file such as NoCaps test converts with --per-image, for generation only")
+    for e in data["images"]:
+        if not isinstance(e, dict) or "id" not in e:
+            stats.skip(MALFORMED_RECORD)
+            continue
+        rel = e.get("file_name")
+        if not isinstance(rel, str) or not rel:
+            stats.skip(MISSING_IMAGE)
+            continue
+        iid = e["id"] if isinstance(e["id"], int) else trailing_int(str(e["id"]))
+        if iid is None:
+            stats.skip(MALFORMED_RECORD)
+            continue
+        domain = e.get("domain")
+        source = f"{dataset}/{domain}" if isinstance(domain, str) and domain else dataset
+        yield ImageJob(_resolve(root, rel), [{"image_id": iid, "caption": "", "captions": [], "task": "caption",
+                                              "dataset": dataset, "source": source}])
 
 
 def _check_split(annotations: str, split: Optional[str], present: list[str]) -> None:
@@ -281,6 +340,37 @@ def read_gqa(images_dir: str, gqa_json: str, stats: ConvertStats, *, dataset: st
                                 "question_id": trailing_int(str(qid)) if trailing_int(str(qid)) is not None else n})
     for image, rows in by_image.items():
         yield ImageJob(_resolve(root, image if image.lower().endswith(IMAGE_EXTS) else f"{image}.jpg"), rows)
+
+
+def read_vg_qa(images_dir: str, qa_json: str, stats: ConvertStats, *, dataset: str = "vg_qa") -> Iterator[ImageJob]:
+    """Visual Genome QA, its release's question_answers.json: [{id, qas: [{qa_id, image_id, question, answer}]}];
+    images `<image_id>.jpg` anywhere under `images_dir` (VG_100K, VG_100K_2). One human answer per question
+    (BLIP and BLIP-2 add these to VQAv2 for VQA fine-tuning); its trailing period is dropped."""
+    root = require_dir(images_dir, "images")
+    data = load_json(qa_json)
+    if not isinstance(data, list):
+        raise InputError(f"{qa_json}: expected Visual Genome question_answers.json, a list of {{id, qas: [...]}}")
+    index = _image_index(root)
+    for entry in data:
+        if not isinstance(entry, dict) or not isinstance(entry.get("qas"), list) or "id" not in entry:
+            stats.skip(MALFORMED_RECORD)
+            continue
+        rows = []
+        for qa in entry["qas"]:
+            if not isinstance(qa, dict) or "qa_id" not in qa:
+                stats.skip(MALFORMED_RECORD)
+                continue
+            question, r1 = clean_text(qa.get("question"))
+            answer, r2 = clean_text(qa.get("answer"))
+            answer = answer.rstrip(".").strip() if answer else answer
+            if question is None or not answer:
+                stats.skip(r1 if question is None else (r2 if answer is None else EMPTY_TEXT))
+                continue
+            rows.append({"image_id": int(entry["id"]), "question": question, "answer": answer, "answers": [answer],
+                         "task": "vqa", "dataset": dataset, "source": dataset, "question_id": int(qa["qa_id"])})
+        if rows:
+            path = index.get(int(entry["id"]))
+            yield ImageJob(path if path is not None else str(root / f"<no file for image_id {entry['id']}>"), rows)
 
 
 def read_llava(images_dir: str, json_file: str, stats: ConvertStats, *,

@@ -9,7 +9,8 @@ Every collator returns the same keys, which is the whole contract with `models/l
     llm_attention_mask  long  (B, T)   1 = real token
     llm_labels          long  (B, T')  decoder-only: aligned with llm_input_ids (T' = T), -100 except
                                        the target tokens; encoder-decoder: the decoder targets, pad → -100
-    qformer_input_ids, qformer_attention_mask   (InstructCollator only) the instruction for the Q-Former
+    qformer_input_ids, qformer_attention_mask   (InstructCollator with a Q-Former tokenizer only) the
+                        instruction (InstructBLIP) or question (BLIP-2 VQA fine-tuning) for the Q-Former
 
 The model prepends the query positions (never counted in the loss) and the HF LLM shifts the labels.
 Training batches are right-padded; `generation=True` batches carry no labels and left-pad the
@@ -207,9 +208,12 @@ class InstructCollator:
       llm_labels = answer (<= max_txt_len - 1) + </s>, pad → -100.
     `eos_text` None ends answers with the eos id; generation=True drops answers (decoder-only prompts
     left-padded) and passes sample metadata (answers, question_id, ...) through.
+    The same collator serves BLIP-2's VQA: with `templates=question_templates("Question: {} Answer:")` the
+    question template is fixed (fine-tuning with model.qformer_text_input), and with qformer_tokenizer None
+    no text goes to the Q-Former (zero-shot VQA of a plain stage-2 model: the LLM alone sees the question).
     """
 
-    def __init__(self, qformer_tokenizer: PreTrainedTokenizerBase, llm_tokenizer: PreTrainedTokenizerBase,
+    def __init__(self, qformer_tokenizer: Optional[PreTrainedTokenizerBase], llm_tokenizer: PreTrainedTokenizerBase,
                  templates: Optional[Templates] = None, max_prompt_len: int = 128, max_txt_len: int = 256,
                  decoder_only: bool = True, max_qformer_len: Optional[int] = None,
                  eos_text: Optional[str] = None, seed: int = 0, generation: bool = False) -> None:
@@ -239,8 +243,9 @@ class InstructCollator:
         # and the answer cue ("... Short answer:"), as LAVIS keeps the tail for decoder-only LLMs.
         instructions = [self.instruction(s) for s in samples]
         out: dict[str, Any] = collate_samples(samples) if self.generation else collate_images(samples)
-        out["qformer_input_ids"], out["qformer_attention_mask"] = _pad(
-            [self.qformer_ids(inst) for inst in instructions], self.qtok.pad_token_id)
+        if self.qtok is not None:
+            out["qformer_input_ids"], out["qformer_attention_mask"] = _pad(
+                [self.qformer_ids(inst) for inst in instructions], self.qtok.pad_token_id)
         t = self.text
         if self.decoder_only:
             heads = [t.bos + t.tail_ids(inst, self.max_prompt_len) for inst in instructions]
@@ -258,3 +263,24 @@ class InstructCollator:
             out["llm_labels"] = _pad_labels([t.target("", s["answer"].strip(), self.max_txt_len, None)
                                              for s in samples])
         return out
+
+
+class QuestionCollator:
+    """BLIP-2 VQA batches (question-aware stage 2): InstructCollator's, with one fixed question template.
+
+    Every row must be a question with an answer (VQA splits); its `task` is read as "vqa", so OK-VQA, GQA
+    or short-answer rows all take the template. A row without a question (a caption row) is refused,
+    naming its dataset: it would train the model to answer a question it was never asked.
+    """
+
+    def __init__(self, inner: InstructCollator) -> None:
+        self.inner = inner
+        self.qtok = inner.qtok
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        for s in samples:
+            if not (s.get("question") or "").strip():
+                raise ValueError(f"model.qformer_text_input trains on questions: a {s.get('task') or 'caption'!r} "
+                                 f"row of dataset {s.get('dataset') or '?'!r} has none (train on VQA splits from "
+                                 "tools/convert_vqa.py)")
+        return self.inner([dict(s, task="vqa") for s in samples])

@@ -19,7 +19,7 @@ Columns (version 1):
 | dataset     | str      | dataset name (coco, vqav2, synthetic_shapes, ...)                      |
 | question_id | int      | question id, -1 if none                                               |
 | noisy       | int      | 1 when the caption is known to be wrong (synthetic noise), else 0       |
-| source      | str      | web | synthetic | <dataset>                                            |
+| source      | str      | web | synthetic | <dataset> | <dataset>/<domain> (NoCaps: nocaps/in-domain...) |
 
 Readers call `verify_split` and refuse a split whose sidecar version or shard columns differ, so a
 stale conversion fails at start-up with one line instead of a KeyError deep inside a worker.

@@ -55,6 +55,14 @@ def _load_cached(path: str) -> Templates:
     return Templates(train={k: tuple(v) for k, v in train.items()}, eval=dict(evals))
 
 
+def question_templates(template: str, task: str = "vqa") -> Templates:
+    """Templates of one fixed question template for `task`, in training and evaluation alike: BLIP-2's VQA
+    prompt ("Question: {} Answer:"), which is not drawn from phrasings as InstructBLIP's instructions are."""
+    if template.count("{}") != 1:
+        raise ValueError(f"question template {template!r} must hold one '{{}}' for the question")
+    return Templates(train={task: (template,)}, eval={task: template})
+
+
 def _fill(template: str, question: str) -> str:
     # str.replace, not str.format: questions and templates may contain other braces.
     return template.replace("{}", question.strip()) if "{}" in template else template

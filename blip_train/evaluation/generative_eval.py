@@ -95,17 +95,27 @@ def generate_texts(model, collate, tokenizer, split: EvalSplit, batch_size: int,
 def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: str, gen_kwargs: dict, *,
                       max_samples: int, progress: bool = False) -> tuple[dict[str, float], list[dict]]:
     """(metrics, per-image predictions) of captioning the first `max_samples` rows (0: the whole split).
-    progress=True shows rank 0's progress bar (standalone evaluation)."""
+    progress=True shows rank 0's progress bar (standalone evaluation). Rows whose `source` names a domain
+    (NoCaps: nocaps/in-domain, near-domain, out-domain) are also scored per domain (`cider_in_domain`, ...),
+    each domain's CIDEr-D on its own images, as NoCaps reports them."""
     refs: dict[int, list[str]] = {}
     image_ids: dict[int, int] = {}
+    domains: dict[int, str] = {}
 
     def note(i: int, row: dict) -> None:
         refs[i] = list(row["captions"]) or [row["caption"]]
         image_ids[i] = int(row["image_id"])
+        if "/" in row["source"]:
+            domains[i] = row["source"].split("/", 1)[1]
 
     rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note)
     preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
                            "caption" if progress else "")
+    predictions = [{"index": i, "image_id": image_ids[i], "prediction": preds[i], "references": refs[i],
+                    **({"domain": domains[i]} if i in domains else {})} for i in rows.indices]
+    if not any(r.strip() for i in rows.indices for r in refs[i]):
+        # A split without captions (NoCaps test): the predictions are the result, to submit for scoring.
+        return {"num_images": len(rows.indices), "num_references": 0}, predictions
     clean_refs = {i: [pre_caption(c) for c in refs[i]] for i in rows.indices}
     scores = caption_metrics({k: pre_caption(v) for k, v in preds.items()}, clean_refs)
     # Chance: each image "captioned" with the first reference of the next image (a mismatched caption).
@@ -115,8 +125,10 @@ def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: s
     metrics = {"cider": 100.0 * scores["cider"], "bleu_4": 100.0 * scores["bleu_4"],
                "chance_cider": 100.0 * chance["cider"], "num_images": len(order),
                "num_references": sum(len(refs[i]) for i in order)}
-    predictions = [{"index": i, "image_id": image_ids[i], "prediction": preds[i], "references": refs[i]}
-                   for i in order]
+    for domain in sorted(set(domains.values())):
+        subset = [i for i in order if domains.get(i) == domain]
+        part = caption_metrics({i: pre_caption(preds[i]) for i in subset}, {i: clean_refs[i] for i in subset})
+        metrics[f"cider_{domain.replace('-', '_')}"] = 100.0 * part["cider"]
     return metrics, predictions
 
 
@@ -132,7 +144,16 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, g
 
     rows = open_split(split, cfg.model.vision.image_size, max_samples, keep=is_vqa_row, note=note)
     if not rows.indices:
-        raise ValueError(f"{split}: no VQA samples (task 'vqa' with a question and answers)")
+        # A split without human answers (VQAv2 test-dev): answer its questions, to submit for scoring.
+        rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note,
+                          keep=lambda row: row["task"] == "vqa" and bool(row["question"]))
+        if not rows.indices:
+            raise ValueError(f"{split}: no VQA samples (task 'vqa' with a question)")
+        preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
+                               "vqa" if progress else "")
+        out = [{"question_id": questions[i][0], "image_id": questions[i][1], "question": questions[i][2],
+                "prediction": preds[i], "answers": []} for i in rows.indices]
+        return {"num_questions": len(rows.indices), "num_images": len({q[1] for q in questions.values()})}, out
     preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
                            "vqa" if progress else "")
     # VQA accuracy leaves one human answer out, so it needs two: a single answer is counted twice.
@@ -151,25 +172,61 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, g
     return metrics, out
 
 
+VQA_PROMPTS = {"decoder_only": "Question: {} Answer:", "encoder_decoder": "Question: {} Short answer:"}
+"""BLIP-2's VQA prompts (zero-shot and fine-tuned): OPT's, and FlanT5's."""
+
+
+def vqa_template(cfg: ExperimentConfig, decoder_only: bool) -> str:
+    """The VQA question template: eval.vqa_prompt, else the run's own (model.llm.prompt of a question-aware
+    stage 2), else BLIP-2's for the LLM kind. InstructBLIP's own is its templates' eval instruction (not here)."""
+    if cfg.eval.vqa_prompt:
+        return cfg.eval.vqa_prompt
+    if cfg.model.qformer_text_input and cfg.model.arch == "stage2":
+        return cfg.model.llm.prompt
+    return VQA_PROMPTS["decoder_only" if decoder_only else "encoder_decoder"]
+
+
 def generation_setup(cfg: ExperimentConfig, model, tok, task: str) -> tuple[Callable[[list[dict]], dict], dict]:
-    """(collate, generate kwargs) for --task caption|vqa with a stage-2 / InstructBLIP model."""
+    """(collate, generate kwargs) for --task caption|vqa with a stage-2 / InstructBLIP model.
+
+    Captions: eval.num_beams, eval.min/max_new_tokens, eval.length_penalty, the run's prompt (stage 2) or the
+    caption instruction (InstructBLIP). VQA (the BLIP-2 / InstructBLIP protocol): eval.num_beams,
+    eval.vqa_max_new_tokens, eval.vqa_length_penalty, the question in `vqa_template` (InstructBLIP: its eval
+    instruction unless eval.vqa_prompt is set); the question also enters the Q-Former when the model was
+    trained that way (InstructBLIP, model.qformer_text_input), else only the LLM sees it (zero-shot stage 2).
+    OPT stage 2 stops at "\n" as it was trained to end its text.
+    """
     from blip_train.data.llm_collate import DecoderLMCollator, InstructCollator, T5PrefixCollator
+    from blip_train.data.templates import question_templates
     from blip_train.data.tokenizers import load_qformer_tokenizer
-    from blip_train.training.stages import END_OF_TEXT
+    from blip_train.training.stages import END_OF_TEXT, build_question_collator
 
     m, e = cfg.model, cfg.eval
-    gen: dict[str, Any] = {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens}
+    if task == "vqa":
+        gen: dict[str, Any] = {"num_beams": e.num_beams, "max_new_tokens": e.vqa_max_new_tokens,
+                               "min_new_tokens": 1, "length_penalty": e.vqa_length_penalty}
+    else:
+        gen = {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens, "min_new_tokens": e.min_new_tokens,
+               "length_penalty": e.length_penalty}
+    if model.decoder_only and m.arch == "stage2":
+        end = END_OF_TEXT.get(model.llm.config.model_type)
+        if end is not None:  # OPT stage 2 ends its text with "\n"
+            gen["eos_token_id"] = [tok.eos_token_id, tok(end, add_special_tokens=False)["input_ids"][-1]]
+    qtok = load_qformer_tokenizer(m.qformer.tokenizer) if model.text_to_qformer else None
     if m.arch == "instruct":
-        qtok = load_qformer_tokenizer(m.qformer.tokenizer)
-        inner = InstructCollator(qtok, tok, max_prompt_len=m.llm.max_prompt_len, max_txt_len=m.llm.max_txt_len,
-                                 decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len, generation=True)
+        templates = question_templates(e.vqa_prompt) if task == "vqa" and e.vqa_prompt else None
+        inner = InstructCollator(qtok, tok, templates=templates, max_prompt_len=m.llm.max_prompt_len,
+                                 max_txt_len=m.llm.max_txt_len, decoder_only=model.decoder_only,
+                                 max_qformer_len=m.max_txt_len, generation=True)
         if task == "caption":  # the caption instruction, whatever task the sample was written for
             return (lambda samples: inner([dict(s, task="caption", question="") for s in samples])), gen
-        gen["max_new_tokens"] = min(e.max_new_tokens, 10)  # short answers (InstructBLIP's VQA setting)
         return inner, gen
+    if task == "vqa":
+        return build_question_collator(cfg, model, tok, qtok, vqa_template(cfg, model.decoder_only),
+                                       generation=True), gen
+    if m.qformer_text_input:
+        raise ValueError("--task caption: this model was fine-tuned to answer questions (model.qformer_text_input); "
+                         "evaluate it with --task vqa")
     if model.decoder_only:
-        end = END_OF_TEXT.get(model.llm.config.model_type)
-        if end is not None:  # OPT stage 2 ends captions with "\n"
-            gen["eos_token_id"] = [tok.eos_token_id, tok(end, add_special_tokens=False)["input_ids"][-1]]
         return DecoderLMCollator(tok, prompt=m.llm.prompt, max_txt_len=m.llm.max_txt_len, generation=True), gen
     return T5PrefixCollator(tok, max_txt_len=m.llm.max_txt_len, prompt=m.llm.prompt, generation=True), gen

@@ -252,6 +252,10 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
     if arch not in LAYOUTS:
         raise InteropError(f"{source}: model.arch={arch!r} cannot be exported (one of {', '.join(LAYOUTS)})")
     m = cfg.model
+    if arch == "stage2" and m.qformer_text_input:
+        # Blip2ForConditionalGeneration feeds no text to its Q-Former; a question-aware stage 2 has no HF class.
+        raise InteropError(f"{source}: model.qformer_text_input=true (question-aware BLIP-2 VQA) has no transformers "
+                           "class to export to; evaluate it with python -m blip_train.eval --task vqa")
     log(f"source: model.arch={arch}, {len(src.weights)} tensors")
 
     llm_config = llm_tokenizer = qformer_tokenizer = None

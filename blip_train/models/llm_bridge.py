@@ -9,9 +9,11 @@ One module serves both (`cfg.arch` = "stage2" | "instruct") and both LLM kinds:
   cross-entropy is taken here on fp32 logits (T5 would take it on its bf16 logits).
 - InstructBLIP: the instruction (qformer_input_ids) enters the Q-Former after the queries with the
   bidirectional mask, so queries attend to it; only the query positions' outputs go to the LLM.
-The batch contract is in `data/llm_collate.py`. Stage 2 never feeds text to the Q-Former, so its
+- BLIP-2 VQA fine-tuning (stage2 with `cfg.qformer_text_input`): the question enters the Q-Former
+  the same way, through the same code (`text_to_qformer`); only generation defaults differ.
+The batch contract is in `data/llm_collate.py`. Plain stage 2 never feeds text to the Q-Former, so its
 text branch (word/position embeddings, text FFNs, LM head) is removed, as in transformers'
-Blip2ForConditionalGeneration; InstructBLIP keeps all but the LM head.
+Blip2ForConditionalGeneration; InstructBLIP and question-aware stage 2 keep all but the LM head.
 
 ZeRO-3: every step calls the same modules in the same order (vision → ln_vision → Q-Former →
 llm_proj → LLM embeddings → LLM) whatever the data. `generate` reads `query_tokens` outside any
@@ -85,12 +87,14 @@ class Blip2LLM(nn.Module):
         if cfg.arch not in ("stage2", "instruct"):
             raise ValueError(f"model.arch={cfg.arch!r}: Blip2LLM serves stage2 | instruct")
         self.instruct = cfg.arch == "instruct"
+        # Text enters the Q-Former (InstructBLIP's instruction, or the question of BLIP-2 VQA fine-tuning).
+        self.text_to_qformer = self.instruct or cfg.qformer_text_input
         self.vision_frozen = cfg.vision.frozen
         self.visual_encoder = visual_encoder if visual_encoder is not None else build_vision_tower(cfg, device_type)
         self.ln_vision = LayerNormFP32(cfg.vision.width, eps=cfg.vision.layer_norm_eps)
         qcfg = cfg.qformer
         self.qformer = QFormer(qcfg, encoder_width=cfg.vision.width, attention=cfg.attention)
-        drop_qformer_text_branch_(self.qformer, keep_text_input=self.instruct)
+        drop_qformer_text_branch_(self.qformer, keep_text_input=self.text_to_qformer)
         self.query_tokens = nn.Parameter(torch.randn(1, qcfg.num_query_tokens, qcfg.hidden_size) * 0.02)
         self.llm_proj = nn.Linear(qcfg.hidden_size, llm.config.get_text_config().hidden_size)
         self.llm = freeze_(llm)
@@ -115,14 +119,16 @@ class Blip2LLM(nn.Module):
 
     def soft_prompt(self, pixel_values: torch.Tensor, qformer_input_ids: Optional[torch.Tensor] = None,
                     qformer_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Query outputs projected to the LLM width: (B, Nq, H_llm). InstructBLIP needs the instruction."""
-        if self.instruct and qformer_input_ids is None:
-            raise ValueError("InstructBLIP needs qformer_input_ids (the instruction for the Q-Former)")
+        """Query outputs projected to the LLM width: (B, Nq, H_llm). InstructBLIP needs the instruction,
+        question-aware stage 2 the question (qformer_input_ids)."""
+        if self.text_to_qformer and qformer_input_ids is None:
+            raise ValueError("this model feeds text to the Q-Former (model.arch=instruct or "
+                             "model.qformer_text_input): the batch needs qformer_input_ids")
         image_embeds = self.image_embeddings(pixel_values)  # (B, Nimg, W)
         queries = expand_query_tokens(self.query_tokens, pixel_values.shape[0])  # (B, Nq, D)
         out = self.qformer(query_embeds=queries, image_embeds=image_embeds,
-                           input_ids=qformer_input_ids if self.instruct else None,
-                           attention_mask=qformer_attention_mask if self.instruct else None,
+                           input_ids=qformer_input_ids if self.text_to_qformer else None,
+                           attention_mask=qformer_attention_mask if self.text_to_qformer else None,
                            mask="bidirectional")
         return self.llm_proj(out.last_hidden_state[:, :queries.shape[1]])  # (B, Nq, D) → (B, Nq, H_llm)
 
@@ -216,12 +222,12 @@ STAGE1_ONLY = ("vision_proj.", "text_proj.", "itm_head.", "temp")
 
 
 def _optional_missing(model: Blip2LLM) -> tuple[str, ...]:
-    # llm_proj is new after stage 1; InstructBLIP's Q-Former text input is absent from a stage-2
-    # checkpoint (its text branch was removed) and keeps its current init (BERT or random).
+    # llm_proj is new after stage 1; the Q-Former text input (InstructBLIP, question-aware stage 2) is
+    # absent from a stage-2 checkpoint (its text branch was removed) and keeps its current init (BERT or random).
     keys = (r"llm_proj\.", r"llm\..*\.lora_[AB]\.")  # adapters are new unless the earlier run had them
     if not model.vision_frozen:  # a training ViT starts from model.vision.weights unless the run trained it too
         keys += (r"visual_encoder\.",)
-    if model.instruct:
+    if model.text_to_qformer:
         keys += (r"qformer\.embeddings\.(word|position)_embeddings\.", r"qformer\.layers\.\d+\.ffn\.")
     return keys
 
@@ -230,7 +236,7 @@ def _not_ours(model: Blip2LLM) -> tuple[str, ...]:
     # Trained in stage 1, without a place here: the heads, the Q-Former LM head, and (stage 2) the
     # Q-Former text branch; frozen towers come from their recorded sources, never from a checkpoint.
     keys = tuple(re.escape(k) for k in STAGE1_ONLY) + (r"qformer\.lm_head\.", r"visual_encoder\.", r"llm\.")
-    if not model.instruct:
+    if not model.text_to_qformer:
         keys += (r"qformer\.embeddings\.(word|position)_embeddings\.", r"qformer\.layers\.\d+\.ffn\.")
     return keys
 

@@ -209,10 +209,50 @@ def _llm_stage(cfg: ExperimentConfig, collate: Callable[..., Any], model: nn.Mod
                                  "llm_dtype": m.llm.dtype})
 
 
+def build_question_collator(cfg: ExperimentConfig, model: nn.Module, llm_tokenizer: Any, qformer_tokenizer: Any,
+                            template: str, generation: bool = False):
+    """The collator of BLIP-2 VQA (question-aware stage 2): InstructBLIP's, with the one question `template`
+    filled for the Q-Former (`qformer_tokenizer`; None: none) and the LLM, and the answer as the target,
+    ended as stage 2 ends its text ("\n" for OPT)."""
+    from blip_train.data.llm_collate import InstructCollator, QuestionCollator
+    from blip_train.data.templates import question_templates
+
+    m = cfg.model
+    end = END_OF_TEXT.get(model.llm.config.model_type) if model.decoder_only else None
+    return QuestionCollator(InstructCollator(
+        qformer_tokenizer, llm_tokenizer, templates=question_templates(template), max_prompt_len=m.llm.max_prompt_len,
+        max_txt_len=m.llm.max_txt_len, decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len, eos_text=end,
+        seed=cfg.run.seed, generation=generation))
+
+
+def load_stage_qformer_tokenizer(cfg: ExperimentConfig):
+    """The Q-Former tokenizer of a model that feeds text to its Q-Former, checked against its vocabulary."""
+    from blip_train.data.tokenizers import load_qformer_tokenizer
+
+    m = cfg.model
+    if not m.qformer.tokenizer:
+        raise ConfigError(f"model.qformer.tokenizer: required for model.arch={m.arch}"
+                          f"{' with model.qformer_text_input' if m.arch == 'stage2' else ''} (text enters the "
+                          "Q-Former)")
+    _require_file("model.qformer.tokenizer", m.qformer.tokenizer)
+    qtok = load_qformer_tokenizer(m.qformer.tokenizer)
+    if len(qtok) > m.qformer.vocab_size:
+        raise ConfigError(f"model.qformer.vocab_size: {m.qformer.vocab_size} is smaller than the tokenizer's "
+                          f"{len(qtok)} tokens ({m.qformer.tokenizer})")
+    return qtok
+
+
 def build_stage2(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_config: dict | None = None) -> Stage:
-    """BLIP-2 stage 2: captions → LM loss through the frozen LLM (decoder-only or FlanT5 prefix LM)."""
+    """BLIP-2 stage 2: captions → LM loss through the frozen LLM (decoder-only or FlanT5 prefix LM).
+    With model.qformer_text_input (BLIP-2 VQA fine-tuning): questions → answers, the question entering the
+    Q-Former through InstructBLIP's instruction path, the template model.llm.prompt."""
     from blip_train.data.llm_collate import DecoderLMCollator, T5PrefixCollator
 
+    if cfg.model.qformer_text_input:
+        qtok = load_stage_qformer_tokenizer(cfg)
+        model, tok, report = build_llm_stage_model(cfg, "cuda" if on_cuda else "cpu", ds_config)
+        collate = build_question_collator(cfg, model, tok, qtok, cfg.model.llm.prompt)
+        return _llm_stage(cfg, collate, model, tok, report, "vqa")
     model, tok, report = build_llm_stage_model(cfg, "cuda" if on_cuda else "cpu", ds_config)
     llm = cfg.model.llm
     if model.decoder_only:
@@ -226,17 +266,9 @@ def build_stage2(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_conf
 def build_instruct(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_config: dict | None = None) -> Stage:
     """InstructBLIP: templated instructions (Q-Former and LLM) → answer, loss on the answer only."""
     from blip_train.data.llm_collate import InstructCollator
-    from blip_train.data.tokenizers import load_qformer_tokenizer
 
     m = cfg.model
-    if not m.qformer.tokenizer:
-        raise ConfigError("model.qformer.tokenizer: required for model.arch=instruct (the instruction "
-                          "enters the Q-Former)")
-    _require_file("model.qformer.tokenizer", m.qformer.tokenizer)
-    qtok = load_qformer_tokenizer(m.qformer.tokenizer)
-    if len(qtok) > m.qformer.vocab_size:
-        raise ConfigError(f"model.qformer.vocab_size: {m.qformer.vocab_size} is smaller than the tokenizer's "
-                          f"{len(qtok)} tokens ({m.qformer.tokenizer})")
+    qtok = load_stage_qformer_tokenizer(cfg)
     model, tok, report = build_llm_stage_model(cfg, "cuda" if on_cuda else "cpu", ds_config)
     collate = InstructCollator(qtok, tok, max_prompt_len=m.llm.max_prompt_len, max_txt_len=m.llm.max_txt_len,
                                decoder_only=model.decoder_only, max_qformer_len=m.max_txt_len, seed=cfg.run.seed)

@@ -29,7 +29,7 @@ def test_key_snapshot():
     """The config surface is deliberate: a new knob shows up as a reviewed change to this list."""
     assert _keys(ExperimentConfig) == [
         "run.output_dir", "run.seed", "run.device", "run.tensorboard", "run.wandb", "run.wandb_project", "run.memory_trace",
-        "model.arch", "model.attention", "model.embed_dim", "model.max_txt_len", "model.init_from",
+        "model.arch", "model.qformer_text_input", "model.attention", "model.embed_dim", "model.max_txt_len", "model.init_from",
         "model.vision.image_size", "model.vision.patch_size", "model.vision.width", "model.vision.layers",
         "model.vision.drop_last_block", "model.vision.heads", "model.vision.mlp_dim", "model.vision.layer_norm_eps",
         "model.vision.weights", "model.vision.frozen", "model.vision.precision", "model.vision.grad_checkpointing",
@@ -48,6 +48,8 @@ def test_key_snapshot():
         "train.max_steps", "train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size",
         "train.log_interval", "train.save_interval", "train.keep_last", "train.keep_every", "train.max_bad_steps",
         "eval.interval", "eval.task", "eval.k_test", "eval.batch_size", "eval.max_samples", "eval.num_beams", "eval.max_new_tokens",
+        "eval.min_new_tokens", "eval.length_penalty", "eval.vqa_prompt", "eval.vqa_max_new_tokens",
+        "eval.vqa_length_penalty",
         "deepspeed.config", "deepspeed.zero_stage", "deepspeed.precision", "deepspeed.offload_frozen",
         "deepspeed.offload_device", "deepspeed.nvme_path",
         "deepspeed.param_persistence_threshold", "deepspeed.max_live_parameters", "deepspeed.max_reuse_distance",
@@ -76,7 +78,15 @@ def test_design_contract_keys_exist():
     (["run.tensorboard=maybe"], "run.tensorboard: expected true/false"),
     (["data.image_size=64"], "data.image_size: 64 differs from model.vision.image_size"),
     (["eval.interval=5"], "eval.interval: in-training evaluation needs data.val"),
-    (["eval.task=vqa"], "eval.task: vqa needs model.arch in instruct, this run is model.arch=stage1"),
+    (["eval.task=vqa"], "eval.task: vqa needs model.arch in stage2, instruct, this run is model.arch=stage1"),
+    (["model.qformer_text_input=true"], "model.qformer_text_input: needs model.arch=stage2"),
+    (["model.arch=stage2", "model.llm.path=x", "model.qformer_text_input=true", "model.llm.prompt=a photo of"],
+     "model.llm.prompt: 'a photo of' must hold one '{}'"),
+    (["model.arch=stage2", "model.llm.path=x", "model.qformer_text_input=true", "model.llm.prompt='Q: {} A:'",
+      "eval.task=caption"], "eval.task: caption needs a captioning model"),
+    (["eval.vqa_prompt='Question: answer'"], "eval.vqa_prompt: 'Question: answer' must hold one '{}'"),
+    (["eval.min_new_tokens=40"], "eval.min_new_tokens: 40 exceeds eval.max_new_tokens=30"),
+    (["eval.vqa_max_new_tokens=0"], "eval.vqa_max_new_tokens: must be > 0"),
     (["eval.task=captions"], "eval.task: 'captions' is not one of auto, retrieval, caption, vqa"),
     (["optim.fused=sometimes"], "optim.fused: 'sometimes' is not one of auto, on, off"),
     (["model.vision.frozen=false", "optim.layer_decay=0"], "optim.layer_decay: must be in (0, 1]"),
@@ -146,3 +156,40 @@ def test_train_entry_point_refuses_bad_key_before_work(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("config error: unknown key train.micro_batch_sz")
     assert not (tmp_path / "out").exists()
+
+
+FINE_TUNING = {  # recipe: (image size, global batch, layer decay, VQA prompt or caption prompt)
+    "blip2_ft_caption_coco_opt2.7b": (364, 256, 1.0, "a photo of"),
+    "blip2_ft_caption_coco_flant5xl": (364, 256, 0.95, "a photo of"),
+    "blip2_ft_vqav2_opt2.7b": (490, 128, 0.95, "Question: {} Answer:"),
+    "blip2_ft_vqav2_flant5xl": (490, 128, 0.9, "Question: {} Short answer:"),
+    "blip2_ft_retrieval_coco_vitg": (364, 224, 0.95, ""),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(FINE_TUNING))
+def test_fine_tuning_recipes_carry_the_paper_settings(recipe):
+    """BLIP-2's fine-tuning tables: ViT trained, 1e-5 with 1000 warmup, the table's resolution, batch and
+    prompt, the evaluation protocol; the settings of keys not in this tree yet sit in one comment block."""
+    import yaml
+
+    size, batch, decay, prompt = FINE_TUNING[recipe]
+    cfg = load_config(recipe)
+    text = (RECIPES_DIR / f"{recipe}.yaml").read_text()
+    assert "BLIP-2 paper" in text and "Hyperparameters for fine-tuning BLIP-2" in text
+    assert cfg.model.vision.frozen is False and cfg.model.vision.image_size == cfg.data.image_size == size
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.optim.weight_decay) == (1e-5, 0.0, 1000, 0.05)
+    assert cfg.train.global_batch_size == batch and cfg.model.init_from
+    block = text.split("# with the trainable-ViT keys:\n", 1)[1].split("\n#   CONFIG=", 1)[0]
+    later = yaml.safe_load("\n".join(line[4:] for line in block.splitlines()))
+    assert later == {"optim.layer_decay": decay, "model.vision.drop_path_rate": 0.0}
+    e = cfg.eval
+    if "retrieval" in recipe:
+        assert cfg.model.arch == "stage1" and e.k_test == 128 and e.task == "retrieval"
+    elif "vqa" in recipe:
+        assert cfg.model.arch == "stage2" and cfg.model.qformer_text_input and cfg.model.llm.prompt == prompt
+        penalty = 0.0 if "opt" in recipe else -1.0  # LAVIS: blip2_opt answers with 0, blip2_t5 with -1
+        assert (e.task, e.num_beams, e.vqa_max_new_tokens, e.vqa_length_penalty) == ("vqa", 5, 10, penalty)
+    else:
+        assert cfg.model.arch == "stage2" and not cfg.model.qformer_text_input and cfg.model.llm.prompt == prompt
+        assert (e.task, e.num_beams, e.min_new_tokens, e.max_new_tokens) == ("caption", 5, 8, 30)

@@ -259,6 +259,7 @@ def test_vqa_and_gqa(tmp_path, capsys):
         {"image_id": 2, "question": "Is it cyan?", "question_id": 20},
         {"image_id": 2, "question": " ", "question_id": 21},          # empty_text
         {"image_id": 2, "question": "Unanswered?", "question_id": 22},  # missing_annotation
+        {"image_id": 2, "question": "No answers?", "question_id": 23},  # empty_text (annotated, no answer)
         {"image_id": 3, "question": "Broken?", "question_id": 30},    # unreadable_image
         {"image_id": 4, "question": "No file?", "question_id": 40},   # missing_file
     ]}
@@ -268,6 +269,7 @@ def test_vqa_and_gqa(tmp_path, capsys):
         {"question_id": 11, "image_id": 1, "answers": answers("2", "two")},
         {"question_id": 20, "image_id": 2, "multiple_choice_answer": "yes", "answers": answers("yes", "no")},
         {"question_id": 21, "image_id": 2, "multiple_choice_answer": "no", "answers": answers("no", "no")},
+        {"question_id": 23, "image_id": 2, "answers": []},
         {"question_id": 30, "image_id": 3, "multiple_choice_answer": "no", "answers": answers("no", "no")},
         {"question_id": 40, "image_id": 4, "multiple_choice_answer": "no", "answers": answers("no", "no")},
     ]}
@@ -277,7 +279,7 @@ def test_vqa_and_gqa(tmp_path, capsys):
                             "--annotations", str(tmp_path / "a.json"), "--out", str(tmp_path / "o"),
                             "--workers", "1", capsys=capsys)
     assert code == 0, err
-    assert summary(stdout)["skipped"] == {"empty_text": 1, "missing_annotation": 1, "unreadable_image": 1,
+    assert summary(stdout)["skipped"] == {"empty_text": 2, "missing_annotation": 1, "unreadable_image": 1,
                                           "missing_file": 1}
     rows = read_split(tmp_path / "o")
     assert [(r["question_id"], r["question"], r["answer"]) for r in rows] == [
@@ -288,7 +290,7 @@ def test_vqa_and_gqa(tmp_path, capsys):
     code, stdout, err = run("convert_vqa.py", "--images", str(images), "--questions", str(tmp_path / "q.json"),
                             "--out", str(tmp_path / "test"), "--workers", "1", capsys=capsys)
     assert code == 0, err
-    assert [r["answers"] for r in read_split(tmp_path / "test")] == [[]] * 4  # test split: no answers
+    assert [r["answers"] for r in read_split(tmp_path / "test")] == [[]] * 5  # test split: no answers
 
     (images / "n123.jpg").write_bytes(b["grey.png"])
     gqa = {"0517": {"imageId": "n123", "question": "Is it grey?", "answer": "yes", "fullAnswer": "Yes, it is."},
@@ -370,3 +372,108 @@ def test_missing_checkpoint_is_one_line_error(tmp_path, tool):
     assert r.returncode == 2, r.stderr[-2000:]
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("error: ") and "no_run" in line and not (tmp_path / "o").exists()
+
+
+def test_nocaps_and_flickr30k(tmp_path, capsys):
+    """NoCaps val (COCO-style captions, domains kept in `source`), NoCaps test (images only, --per-image) and
+    Flickr30K's Karpathy file through convert_coco.py; bad files are one-line errors naming file and key."""
+    images = image_dir(tmp_path)
+    nocaps_images = [{"id": 0, "file_name": "rgb.jpg", "domain": "in-domain"},
+                     {"id": 1, "file_name": "grey.png", "domain": "out-domain"},
+                     {"id": 2, "file_name": "zero.jpg", "domain": "near-domain"}]
+    val = {"images": nocaps_images,
+           "annotations": [{"image_id": i % 3, "id": i, "caption": f"caption {i}"} for i in range(6)]}
+    (tmp_path / "nocaps_val_4500_captions.json").write_text(json.dumps(val))
+    code, stdout, err = run("convert_coco.py", "--images", str(images), "--annotations",
+                            str(tmp_path / "nocaps_val_4500_captions.json"), "--per-image", "--out",
+                            str(tmp_path / "val"), "--workers", "1", capsys=capsys)
+    assert code == 0, err
+    assert summary(stdout)["skipped"] == {"empty_file": 1}  # one row per image (--per-image)
+    rows = read_split(tmp_path / "val")
+    assert [(r["image_id"], r["captions"], r["dataset"], r["source"]) for r in rows] == [
+        (0, ["caption 0", "caption 3"], "nocaps", "nocaps/in-domain"),
+        (1, ["caption 1", "caption 4"], "nocaps", "nocaps/out-domain")]
+
+    test = {"info": {}, "images": nocaps_images + [{"id": 3, "file_name": "", "domain": "in-domain"}]}
+    (tmp_path / "nocaps_test_image_info.json").write_text(json.dumps(test))
+    code, stdout, err = run("convert_coco.py", "--images", str(images), "--annotations",
+                            str(tmp_path / "nocaps_test_image_info.json"), "--per-image", "--out",
+                            str(tmp_path / "test"), "--workers", "1", capsys=capsys)
+    assert code == 0, err
+    assert summary(stdout)["skipped"] == {"empty_file": 1, "missing_image": 1}
+    rows = read_split(tmp_path / "test")
+    assert [(r["image_id"], r["caption"], r["captions"], r["source"]) for r in rows] == [
+        (0, "", [], "nocaps/in-domain"), (1, "", [], "nocaps/out-domain")]
+
+    flickr = {"dataset": "flickr30k", "images": [
+        {"filename": "rgb.jpg", "imgid": 0, "split": "train", "sentids": [0, 1],
+         "sentences": [{"raw": "A red square .", "tokens": ["a", "red", "square"]}, {"raw": "red"}]},
+        {"filename": "grey.png", "imgid": 1, "split": "test", "sentences": [{"raw": "grey one"}, {"raw": "grey two"}]},
+        {"filename": "palette.gif", "imgid": 2, "split": "val", "sentences": [{"raw": "dark"}]}]}
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(flickr))
+    for split, per_image, want in [("train", False, [(0, "A red square ."), (0, "red")]),
+                                   ("test", True, [(1, "grey one")])]:
+        out = tmp_path / f"flickr_{split}"
+        code, stdout, err = run("convert_coco.py", "--images", str(images), "--annotations",
+                                str(tmp_path / "dataset_flickr30k.json"), "--split", split, "--out", str(out),
+                                "--workers", "1", *(["--per-image"] if per_image else []), capsys=capsys)
+        assert code == 0, err
+        rows = read_split(out)
+        assert [(r["image_id"], r["caption"]) for r in rows] == want
+        assert {r["dataset"] for r in rows} == {"flickr30k"}
+    assert read_split(tmp_path / "flickr_test")[0]["captions"] == ["grey one", "grey two"]
+
+    def refused(annotations: Path, *args: str) -> str:
+        code, _, err = run("convert_coco.py", "--images", str(images), "--annotations", str(annotations),
+                           "--out", str(tmp_path / "bad"), "--workers", "1", *args, capsys=capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        return err.strip()
+
+    test_file = tmp_path / "nocaps_test_image_info.json"
+    assert refused(test_file) == (f"error: {test_file}: has 'images' but no 'annotations' (captions), nothing to "
+                                  "train on; an image-info file such as NoCaps test converts with --per-image, for "
+                                  "generation only")
+    (tmp_path / "nocaps_bad.json").write_text(json.dumps({"images": {"0": "rgb.jpg"}}))
+    assert refused(tmp_path / "nocaps_bad.json", "--per-image") == (
+        f"error: {tmp_path / 'nocaps_bad.json'}: 'images' must be a list of image records, got dict")
+    (tmp_path / "nocaps_bad2.json").write_text(json.dumps({"images": nocaps_images, "annotations": {"x": 1}}))
+    assert "'annotations' must be a list" in refused(tmp_path / "nocaps_bad2.json", "--per-image")
+    no_sentences = {"images": [{"filename": "rgb.jpg", "imgid": 0, "split": "test", "sents": ["red"]}]}
+    (tmp_path / "dataset_flickr30k_bad.json").write_text(json.dumps(no_sentences))
+    assert refused(tmp_path / "dataset_flickr30k_bad.json", "--split", "test") == (
+        f"error: {tmp_path / 'dataset_flickr30k_bad.json'}: no record of images has 'sentences' or 'caption' "
+        "(Karpathy format: images[].filename, split, sentences[].raw)")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_visual_genome_qa(tmp_path, capsys):
+    images = tmp_path / "vg"
+    (images / "VG_100K").mkdir(parents=True)
+    (images / "VG_100K_2").mkdir()
+    b = _image_bytes()
+    (images / "VG_100K" / "1.jpg").write_bytes(b["rgb.jpg"])
+    (images / "VG_100K_2" / "2.jpg").write_bytes(b["grey.png"])
+    qa = [{"id": 1, "qas": [{"qa_id": 7, "image_id": 1, "question": "What color is it?", "answer": "Red."},
+                            {"qa_id": 8, "image_id": 1, "question": "Where?", "answer": " "},      # empty_text
+                            {"qa_id": 11, "image_id": 1, "question": "Why?", "answer": "."},       # empty_text
+                            {"image_id": 1, "question": "No id?", "answer": "x"}]},               # malformed_record
+          {"id": 2, "qas": [{"qa_id": 9, "image_id": 2, "question": "Is it grey?", "answer": "yes"}]},
+          {"id": 3, "qas": [{"qa_id": 10, "image_id": 3, "question": "Missing?", "answer": "no"}]},  # missing_file
+          {"qas": []}]                                                                              # malformed_record
+    (tmp_path / "question_answers.json").write_text(json.dumps(qa))
+    code, stdout, err = run("convert_vqa.py", "--images", str(images), "--vg-qa", str(tmp_path / "question_answers.json"),
+                            "--out", str(tmp_path / "o"), "--workers", "1", capsys=capsys)
+    assert code == 0, err
+    assert summary(stdout)["skipped"] == {"empty_text": 2, "malformed_record": 2, "missing_file": 1}
+    rows = read_split(tmp_path / "o")
+    assert [(r["image_id"], r["question_id"], r["question"], r["answer"], r["answers"], r["dataset"]) for r in rows] == [
+        (1, 7, "What color is it?", "Red", ["Red"], "vg_qa"), (2, 9, "Is it grey?", "yes", ["yes"], "vg_qa")]
+
+    (tmp_path / "bad.json").write_text(json.dumps({"qas": []}))
+    code, _, err = run("convert_vqa.py", "--images", str(images), "--vg-qa", str(tmp_path / "bad.json"),
+                       "--out", str(tmp_path / "o2"), "--workers", "1", capsys=capsys)
+    assert code == 2 and err.strip() == (f"error: {tmp_path / 'bad.json'}: expected Visual Genome "
+                                         "question_answers.json, a list of {id, qas: [...]}")
+    code, _, err = run("convert_vqa.py", "--images", str(images), "--vg-qa", str(tmp_path / "bad.json"),
+                       "--gqa", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o2"), capsys=capsys)
+    assert code == 2 and err.strip() == "error: give exactly one of --questions (VQAv2/OK-VQA), --gqa or --vg-qa"
