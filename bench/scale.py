@@ -76,7 +76,7 @@ class Recipe:
     """g | l"""
     llm: Optional[str] = None
     paper_trainable: float = 188e6
-    """Trainable parameters the paper reports (the Q-Former with its queries, 188M)."""
+    """Trainable parameters the paper reports (the Q-Former with its queries, 188M; + ViT-g when fine-tuning)."""
     llm_layers: Optional[int] = None
     """LLM layers built here (None: all); set when the full size cannot fit this machine."""
 
@@ -92,6 +92,12 @@ RECIPES = [
     Recipe("blip2_stage2_flant5xxl", "g", "flan-t5-xxl"),
     Recipe("instructblip_flant5xxl", "g", "flan-t5-xxl"),
     Recipe("instructblip_vicuna13b", "g", "vicuna-13b"),
+    # Fine-tuning trains the ViT too (1B more trainable parameters at 20 bytes each).
+    Recipe("blip2_ft_retrieval_coco_vitg", "g", paper_trainable=1.17e9),
+    Recipe("blip2_ft_caption_coco_opt2.7b", "g", "opt-2.7b", paper_trainable=1.1e9),
+    Recipe("blip2_ft_caption_coco_flant5xl", "g", "flan-t5-xl", paper_trainable=1.1e9),
+    Recipe("blip2_ft_vqav2_opt2.7b", "g", "opt-2.7b", paper_trainable=1.1e9),
+    Recipe("blip2_ft_vqav2_flant5xl", "g", "flan-t5-xl", paper_trainable=1.1e9),
 ]
 
 
@@ -500,7 +506,11 @@ def plan(recipes: list[Recipe], baseline_gib: float, budget: float) -> list[tupl
     planned = []
     for r in recipes:
         full, _ = count_footprint(r)
-        if need(full) <= budget or r.llm is None:
+        if need(full) > budget and r.llm is None:
+            planned.append((r, full, f"skipped: needs 2 x {need(full) / WORLD / GIB:.1f} GiB at the target, "
+                                     f"{budget / GIB:.1f} GiB available"))
+            continue
+        if need(full) <= budget:
             planned.append((r, full, f"full size: 2 x {need(full) / WORLD / GIB:.1f} GiB at the target, "
                                      f"{budget / GIB:.1f} GiB available"))
             continue
