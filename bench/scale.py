@@ -537,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the plan (sizes, minimum, what fits) and stop")
     p.add_argument("--baseline-gib", type=float, default=0.95,
                    help="per-rank baseline assumed when planning (measured values are reported)")
+    p.add_argument("--budget-gib", type=float, default=0.0,
+                   help="memory both ranks may use together (default: what the kernel reports available, less 2 GiB)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra config override for every run")
     args = p.parse_args(argv)
     names = [n for n in args.recipes.split(",") if n]
@@ -551,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[scale {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     chosen = [r for r in RECIPES if not names or r.name in names]
-    planned = plan(chosen, args.baseline_gib, machine_budget_bytes())
+    planned = plan(chosen, args.baseline_gib, args.budget_gib * GIB or machine_budget_bytes())
     for r, fp, why in planned:
         log(f"{r.name:<24} trainable {fp.trainable / 1e6:7.1f}M frozen {fp.frozen / 1e6:8.1f}M "
             f"minimum {fp.minimum_per_rank() / GIB:5.2f} GiB/rank — {why}")
