@@ -423,8 +423,11 @@ def du_gib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / GIB
 
 
-def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: list[str], res: dict) -> None:
-    """Train + save, consolidate, resume one step, export; fills `res` as it goes (kept when a step fails)."""
+def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: list[str], res: dict,
+               nvme: Optional[Path] = None) -> None:
+    """Train + save, consolidate, resume one step, export; fills `res` as it goes (kept when a step fails).
+    nvme: every ZeRO-3 partition swapped to files in this directory, one step of micro-batch 1 and no tools
+    (the point is the step of a recipe whose towers do not fit in memory)."""
     run_dir = root / "runs" / recipe.name
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -449,6 +452,12 @@ def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: 
     ] + sets
     if recipe.llm is not None:
         overrides.append(f"model.llm.path={towers['llm']}")
+    if nvme is not None:
+        shutil.rmtree(nvme, ignore_errors=True)
+        nvme.mkdir(parents=True)
+        overrides += ["deepspeed.config=zero3_offload_nvme", "deepspeed.offload_frozen=true",
+                      "deepspeed.offload_device=nvme", f"deepspeed.nvme_path={nvme}", "train.micro_batch_size=1",
+                      "train.max_steps=1", "train.save_interval=1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
            str(free_port()), "-m", "blip_train.train", "--config", recipe.name]
     for s in overrides:
@@ -462,6 +471,10 @@ def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: 
     res["train"]["startup_s"] = round(res["train"]["start_wall"] - launched[0], 1)
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
     res["checkpoint_gib"] = round(du_gib(ckpts[-1]), 3)
+    if nvme is not None:
+        res["nvme_gib"] = round(du_gib(nvme), 3)
+        shutil.rmtree(nvme, ignore_errors=True)
+        return
     log(f"{recipe.name}: zero_to_safetensors")
     weights = root / "weights" / recipe.name
     shutil.rmtree(weights, ignore_errors=True)
@@ -537,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the plan (sizes, minimum, what fits) and stop")
     p.add_argument("--baseline-gib", type=float, default=0.95,
                    help="per-rank baseline assumed when planning (measured values are reported)")
+    p.add_argument("--nvme", default="",
+                   help="directory on a local disk: run the chosen recipes at full size with every ZeRO-3 partition "
+                        "swapped there (deepspeed.offload_device=nvme), one step, no tools")
     p.add_argument("--budget-gib", type=float, default=0.0,
                    help="memory both ranks may use together (default: what the kernel reports available, less 2 GiB)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra config override for every run")
@@ -553,7 +569,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[scale {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     chosen = [r for r in RECIPES if not names or r.name in names]
-    planned = plan(chosen, args.baseline_gib, args.budget_gib * GIB or machine_budget_bytes())
+    if args.nvme:  # the towers live on disk: every recipe at full size
+        planned = [(r, count_footprint(r)[0], f"full size, partitions swapped to {args.nvme}") for r in chosen]
+    else:
+        planned = plan(chosen, args.baseline_gib, args.budget_gib * GIB or machine_budget_bytes())
     for r, fp, why in planned:
         log(f"{r.name:<24} trainable {fp.trainable / 1e6:7.1f}M frozen {fp.frozen / 1e6:8.1f}M "
             f"minimum {fp.minimum_per_rank() / GIB:5.2f} GiB/rank — {why}")
@@ -569,18 +588,21 @@ def main(argv: list[str] | None = None) -> int:
         towers = make_towers(Path(args.towers), r, log)
         res: dict = {"recipe": r.name}
         try:
-            run_recipe(root, r, towers, data, log, args.sets, res)
+            run_recipe(root, r, towers, data, log, args.sets, res, Path(args.nvme) if args.nvme else None)
         except RuntimeError as e:
             log(f"{r.name}: FAILED — {str(e).splitlines()[0]}")
             res["failed"] = str(e)[-2000:]
+        # Swapped to disk, the 16-bit weights and gradients leave memory: what must stay is the fp32 master,
+        # its gradient and Adam's moments (16 bytes per trainable parameter).
+        minimum = (16 * fp.trainable / WORLD) if args.nvme else fp.minimum_per_rank()
         res.update(plan=why, trainable=fp.trainable, frozen=fp.frozen, frozen_bytes=fp.frozen_bytes,
-                   paper_trainable=r.paper_trainable, minimum_gib=round(fp.minimum_per_rank() / GIB, 3))
+                   paper_trainable=r.paper_trainable, minimum_gib=round(minimum / GIB, 3))
         if "train" in res:
             base = res["train"]["baseline_gib"]
             res["target_gib"] = round(target_gib(res["minimum_gib"], base), 3)
             res["ratio_to_min_plus_baseline"] = round(res["train"]["peak_gib"] / (res["minimum_gib"] + base), 3)
             res["within_target"] = res["train"]["peak_gib"] <= res["target_gib"]
-        results[r.name] = res
+        results[r.name + (" (nvme)" if args.nvme else "")] = res
         results_file.write_text(json.dumps(results, indent=2))
     report(results)
     return 0
@@ -594,6 +616,8 @@ def report(results: dict) -> None:
             continue
         t = r["train"]
         phases = t["high_water_gib"]
+        tools = (f"z2s {r['z2s_s']:.0f}s, resume→{r['resumed_to']}, export {r['export_s']:.0f}s" if "export_s" in r
+                 else f"{r['nvme_gib']:.1f} GiB swapped to disk" if "nvme_gib" in r else "-")
         rows.append([
             name + (f" ({r['llm_layers']} LLM layers)" if r.get("llm_layers") else ""),
             f"{r['trainable'] / 1e6:.1f}M / {r['frozen'] / 1e6:.0f}M",
@@ -604,7 +628,7 @@ def report(results: dict) -> None:
             f"{r['ratio_to_min_plus_baseline']:.2f}x" + ("" if r["within_target"] else " (over 1.3)"),
             ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
             f"{r['checkpoint_gib']:.2f}",
-            f"z2s {r['z2s_s']:.0f}s, resume→{r['resumed_to']}, export {r['export_s']:.0f}s",
+            tools,
         ])
     print_markdown_table([["recipe", "trainable / frozen", "start-up + build + engine s", "step s", "peak GiB/rank",
                            "min + baseline", "peak / (min+base)", "high-water by phase (GiB)", "ckpt GiB",
