@@ -211,16 +211,20 @@ def decode_rgb_array(data: bytes, min_width: int = 0, min_height: int = 0,
     the size is kept. `fast_upsample`: libjpeg-turbo's plain (not "fancy", i.e. triangular) chroma
     upsampling, merged with the colour conversion: about 6% less decode time on 4:2:0 photos, and about a
     quarter of a grey level of difference once a crop is resized to 224 px (measured on the data bench's
-    pre-resized photographs). Other formats, and JPEGs libjpeg-turbo refuses (CMYK, recoverable stream
-    errors PIL tolerates), are decoded by PIL at full size. CorruptImageError when the bytes do not decode.
+    pre-resized photographs); used only for decodes that are DCT-reduced, so images the loader keeps at
+    full size (e.g. the demo's 64 px scenes) decode exactly as the reference does. Other formats, and
+    JPEGs libjpeg-turbo refuses (CMYK, recoverable stream errors PIL tolerates), are decoded by PIL at full
+    size. CorruptImageError when the bytes do not decode.
     """
     if is_jpeg(data):
         try:
             if min_width > 0 or min_height > 0:
                 height, width, _, _ = simplejpeg.decode_jpeg_header(data)
                 w, h = dct_scaled_size(width, height, min_width, min_height, scales)
-                # simplejpeg picks the smallest scale whose result is at least (w, h): exactly 1/r.
-                return simplejpeg.decode_jpeg(data, "rgb", fastupsample=fast_upsample, min_width=w, min_height=h)
+                # simplejpeg picks the smallest scale whose result is at least (w, h): exactly 1/r. Plain
+                # upsampling only where the decode is reduced anyway: a full-size decode stays the reference's.
+                fast = fast_upsample and (w, h) != (width, height)
+                return simplejpeg.decode_jpeg(data, "rgb", fastupsample=fast, min_width=w, min_height=h)
             return simplejpeg.decode_jpeg(data, "rgb", fastupsample=fast_upsample)
         except ValueError:
             pass
