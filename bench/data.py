@@ -22,7 +22,9 @@ Measured on each split, per core (1 torch thread, num_workers=0, this process on
 The pixels (c) trains on are compared with the full-size reference (PIL decode, then PIL's bicubic on
 the same boxes): the mean absolute difference in grey levels (of 255).
 (a), (b) and (c) alternate within every repetition (a b c, then c b a, ...): load from other processes
-hits all alike; the table reports medians, the ratios are medians of per-repetition ratios.
+hits all alike; the table reports medians, the ratios are medians of per-repetition ratios. Each repetition
+is also timed in CPU seconds of this process (all its threads): on a machine shared with other jobs the
+wall-clock figures move with their load, the CPU-time ratios much less; both are printed.
 """
 from __future__ import annotations
 
@@ -174,15 +176,18 @@ class SplitResult:
     bits_per_pixel: float
     seconds: dict[str, list[float]] = field(default_factory=dict)
     """Per method, seconds per image of each repetition."""
+    cpu_seconds: dict[str, list[float]] = field(default_factory=dict)
+    """The same in CPU seconds of this process (`time.process_time`)."""
     grey_levels_vs_reference: float = 0.0
     """Mean |ours - full-size PIL reference| over the split's crops, in grey levels."""
 
     def per_s(self, key: str) -> float:
         return 1.0 / statistics.median(self.seconds[key])
 
-    def ratio(self, num: str, den: str) -> float:
-        """Median over repetitions of (images/s of num) / (images/s of den)."""
-        return statistics.median(d / n for n, d in zip(self.seconds[num], self.seconds[den]))
+    def ratio(self, num: str, den: str, cpu: bool = False) -> float:
+        """Median over repetitions of (images/s of num) / (images/s of den), in wall-clock or CPU time."""
+        times = self.cpu_seconds if cpu else self.seconds
+        return statistics.median(d / n for n, d in zip(times[num], times[den]))
 
 
 def difference_from_reference(blobs: list[bytes], image_size: int = 224) -> float:
@@ -237,12 +242,13 @@ def measure_split(name: str, blobs: list[bytes], split: str, tokenizer, reps: in
         for fn in methods.values():
             fn()
     names = list(methods)
-    result.seconds = {k: [] for k in names}
+    result.seconds, result.cpu_seconds = {k: [] for k in names}, {k: [] for k in names}
     for r in range(reps):
         for k in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             n = methods[k]()
             result.seconds[k].append((time.perf_counter() - t0) / n)
+            result.cpu_seconds[k].append((time.process_time() - c0) / n)
     return result
 
 
@@ -257,6 +263,10 @@ def print_table(results: list[SplitResult]) -> None:
                       f"{r.ratio('ours', 'decode_turbo'):.2f}x", f"{r.per_s('ours_gpu_decode_worker'):.0f}/s",
                       f"{r.grey_levels_vs_reference:.2f}"])
     print_markdown_table(lines)
+    cpu = [["split", "(c)/(b) cpu", "(c)/(a) PIL cpu", "(c)/(a) turbo cpu"]]
+    for r in results:
+        cpu.append([r.name] + [f"{r.ratio('ours', k, cpu=True):.2f}x" for k in ("lavis", "decode_pil", "decode_turbo")])
+    print_markdown_table(cpu)
 
 
 def summary(results: list[SplitResult], device: str) -> dict:
@@ -268,6 +278,10 @@ def summary(results: list[SplitResult], device: str) -> dict:
         "ratios": {r.name: {"ours_vs_lavis": round(r.ratio("ours", "lavis"), 3),
                             "ours_vs_decode_pil": round(r.ratio("ours", "decode_pil"), 3),
                             "ours_vs_decode_turbo": round(r.ratio("ours", "decode_turbo"), 3)} for r in results},
+        "ratios_cpu_time": {r.name: {"ours_vs_lavis": round(r.ratio("ours", "lavis", cpu=True), 3),
+                                     "ours_vs_decode_pil": round(r.ratio("ours", "decode_pil", cpu=True), 3),
+                                     "ours_vs_decode_turbo": round(r.ratio("ours", "decode_turbo", cpu=True), 3)}
+                            for r in results},
     }
 
 
@@ -293,7 +307,8 @@ def run_data_bench(images_per_split: int = 64, reps: int = 5, batch_size: int = 
     print_table(results)
     print("images/s: one core, medians of the timed reps; ratios: medians of per-rep ratios (each rep ran "
           "(a), (b), (c) back to back). (c) includes shard reading, tokenisation and collation; (a) and (b) do not. "
-          "(c) vs ref: mean |difference| from the full-size PIL crops of the same boxes, in grey levels.")
+          "(c) vs ref: mean |difference| from the full-size PIL crops of the same boxes, in grey levels. "
+          "Second table: the same ratios in CPU seconds of this process, less moved by other processes' load.")
     out = summary(results, describe_cpu())
     print(json.dumps(out))
     return out

@@ -7,13 +7,16 @@ workers' shared memory and the host-to-device copy, and no per-sample float arit
 
 The crop is decided before the image is decoded: its box needs only the image's size (read from the
 header), and knowing it lets a JPEG decode straight to the smallest size that still covers the crop
-with at least S x S pixels (DCT-domain downscaling, `images.decode_rgb_array`). The random draws and
-their order are those of the full-size reference (torchvision's RandomResizedCrop, then the flip), so
-the crop boxes and flips are exactly the same as decoding at full size. Only the resampling differs:
-a DCT-domain reduction first when the crop allows one, and for full-size decodes torch's uint8
-antialiased bicubic, which follows Pillow's filter within a grey level at a third of its time
-(`resize_box`). Against the full-size PIL reference on photographs: a mean difference of a few
-hundredths of a grey level without reduction, 1-3 levels with one (tests/unit/test_data_transforms.py).
+with at least S x S pixels (DCT-domain downscaling by 1/2, 1/4 or 1/8, `images.decode_rgb_array`). The
+random draws and their order are those of the full-size reference (torchvision's RandomResizedCrop, then
+the flip), so the crop boxes and flips are exactly the same as decoding at full size. Only the resampling
+differs: a DCT-domain reduction first when the crop allows one, and torch's uint8 antialiased bicubic,
+which follows Pillow's filter within a grey level at a third of its time (`resize_box`), wherever the box
+lies on whole decoded pixels: full-size decodes, and 1/2 decodes once their box is rounded to whole
+pixels (`snap_box`: each edge moves by at most one stored pixel). Boxes at 1/4 and 1/8 keep their exact
+fractional position and go through PIL. Against the full-size PIL reference on photographs: a mean
+difference of a few hundredths of a grey level without reduction, 1-3 levels with one
+(tests/unit/test_data_transforms.py; bench/data.py reports it per image set).
 
 Every random draw can come from an explicit `torch.Generator` (the readers pass one seeded per
 sample); without one, the global torch RNG is used, which DataLoader seeds per worker.
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from blip_train.data.images import decode_rgb_array, image_size
+from blip_train.data.images import EVAL_DCT_SCALES, decode_rgb_array, image_size
 
 # CLIP / EVA normalisation, as the BLIP-2 vision towers were trained with.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -91,14 +94,29 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
 
 
 def decode_covering(data: bytes, width: int, height: int, box: tuple[int, int, int, int],
-                    size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+                    size: int, fast_upsample: bool = False) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """Decode `data` (a `width` x `height` image) no smaller than needed for `box` (left, top, w, h) to keep
     at least `size` x `size` pixels; returns the (H', W', 3) uint8 pixels and the box (left, top, right,
-    bottom) in their coordinates (floats: a DCT-scaled size is rounded up)."""
+    bottom) in their coordinates (floats: a DCT-scaled size is rounded up). `fast_upsample`: see
+    `images.decode_rgb_array`."""
     left, top, w, h = box
-    pixels = decode_rgb_array(data, min_width=math.ceil(width * size / w), min_height=math.ceil(height * size / h))
+    pixels = decode_rgb_array(data, min_width=math.ceil(width * size / w), min_height=math.ceil(height * size / h),
+                              fast_upsample=fast_upsample)
     sx, sy = pixels.shape[1] / width, pixels.shape[0] / height
     return pixels, (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+
+
+SNAP_MAX_REDUCTION = 2
+"""DCT reductions up to this one (1/2) have their crop box rounded to whole decoded pixels (`snap_box`)."""
+
+
+def snap_box(box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """`box` (left, top, right, bottom) rounded to whole pixels, for torch's resize kernel (`resize_box`).
+
+    Used on 1/2 DCT-scaled decodes: each edge moves by at most half a decoded pixel, one stored pixel, so the
+    crop keeps its drawn position and scale to within one stored pixel; resampling the exact fractional box
+    with PIL instead costs about as much as the smaller decode saves (bench/data.py)."""
+    return tuple(int(math.floor(v + 0.5)) for v in box)  # type: ignore[return-value]
 
 
 def resize_box(pixels: np.ndarray, box: tuple[float, float, float, float], size: int) -> torch.Tensor:
@@ -147,7 +165,9 @@ class TrainTransform:
 
     def crop_bytes(self, data: bytes, width: int, height: int, spec: CropSpec) -> torch.Tensor:
         """Decode (DCT-scaled), crop, resize (bicubic) and maybe mirror stored image bytes → uint8 (3, S, S)."""
-        pixels, box = decode_covering(data, width, height, spec.box, self.image_size)
+        pixels, box = decode_covering(data, width, height, spec.box, self.image_size, fast_upsample=True)
+        if pixels.shape[1] * SNAP_MAX_REDUCTION >= width:  # full size (whole pixels already) or 1/2
+            box = snap_box(box)
         out = resize_box(pixels, box, self.image_size)
         return out.flip(-1) if spec.flip else out
 
@@ -188,7 +208,8 @@ class EvalTransform:
             return to_normalized_tensor(im.convert("RGB").resize((s, s), Image.Resampling.BICUBIC), self.mean, self.std)
         # A DCT reduction only down to twice the output (PIL's thumbnail reducing_gap=2): evaluation scores
         # must compare with the full-size decode's, and a whole image shrinks far less than a crop does.
-        pixels = decode_rgb_array(im, min_width=EVAL_REDUCING_GAP * s, min_height=EVAL_REDUCING_GAP * s)
+        pixels = decode_rgb_array(im, min_width=EVAL_REDUCING_GAP * s, min_height=EVAL_REDUCING_GAP * s,
+                                  scales=EVAL_DCT_SCALES)
         out = resize_box(pixels, (0, 0, pixels.shape[1], pixels.shape[0]), s)
         return normalize_pixels(out, self.mean, self.std).contiguous()
 

@@ -133,3 +133,17 @@ def test_downscale_after_exif_rotation():
     data, _ = I.load_and_normalize_image(encode(Image.new("RGB", (1200, 800), (9, 9, 9)), "JPEG", exif=exif.tobytes()),
                                          resize_short_side=400)
     assert decoded(data).size == (400, 600)
+
+
+def test_plain_chroma_upsampling_only_on_reduced_decodes():
+    """fast_upsample changes pixels only where the decode is DCT-reduced: an image the loader keeps at full
+    size (the demo's 64 px scenes) decodes exactly as without it."""
+    rng = np.random.default_rng(0)
+    pixels = np.clip(rng.normal(128, 60, (64, 64, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)  # 4:2:0, as the demo's scenes
+    data = buf.getvalue()
+    exact = I.decode_rgb_array(data, min_width=64, min_height=64)
+    assert np.array_equal(I.decode_rgb_array(data, min_width=64, min_height=64, fast_upsample=True), exact)
+    import simplejpeg
+    assert not np.array_equal(simplejpeg.decode_jpeg(data, "rgb", fastupsample=True), exact)  # it would differ

@@ -93,19 +93,20 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_dct_scaled_decode_keeps_the_reference_crops_and_their_pixels(monkeypatch):
     """From stored bytes, the transform draws exactly the boxes and flips of the full-size reference (decode,
-    then crop) for the same seed, decodes large JPEGs at 1/4 size when the crop allows, and yields nearly
-    the same pixels."""
+    then crop) for the same seed, decodes large JPEGs at 1/4 or 1/2 size when the crop allows, and yields
+    nearly the same pixels: those of the drawn box, or at 1/2 of the box rounded to whole decoded pixels
+    (within one stored pixel of the drawn one, `test_snapped_box_stays_within_one_stored_pixel_of_the_drawn_one`)."""
     t = TrainTransform(224, crop_scale_min=0.5)
     decoded_widths = []
     real = I.decode_rgb_array
 
-    def spy(data, min_width=0, min_height=0):
-        out = real(data, min_width, min_height)
+    def spy(data, min_width=0, min_height=0, **kwargs):
+        out = real(data, min_width, min_height, **kwargs)
         decoded_widths.append(out.shape[1])
         return out
 
     monkeypatch.setattr(T, "decode_rgb_array", spy)
-    for size in [(1600, 1200), (1024, 1365), (640, 480)]:
+    for size in [(1600, 1200), (1024, 1365), (640, 480), (768, 512)]:
         data = jpeg(photo(*size))
         reference = I.decode_rgb(data)
         for seed in range(6):
@@ -116,12 +117,36 @@ def test_dct_scaled_decode_keeps_the_reference_crops_and_their_pixels(monkeypatc
             ref = t.crop_image(reference, spec_ref)
             assert ours.shape == ref.shape == (3, 224, 224) and ours.dtype == torch.uint8
             diff = (ours.float() - ref.float()).abs().mean()
-            if decoded_widths[-1] == size[0]:  # full size: only torch's kernel against PIL's
-                assert diff < 0.1
-            else:
-                assert _psnr(ours, ref) > 30 and diff < 3.0
+            if decoded_widths[-1] == size[0]:  # full size: torch's kernel against PIL's, plain chroma upsampling
+                assert diff < 0.5
+                continue
+            if 2 * decoded_widths[-1] >= size[0]:  # 1/2: the reference is the snapped box, in stored pixels
+                sx = decoded_widths[-1] / size[0]
+                sy = -(-size[1] // 2) / size[1]
+                left, top, w, h = spec_ref.box
+                snapped = T.snap_box((left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+                box = (snapped[0] / sx, snapped[1] / sy, (snapped[2] - snapped[0]) / sx, (snapped[3] - snapped[1]) / sy)
+                ref = t.crop_image(reference, T.CropSpec(box, spec_ref.flip))
+                diff = (ours.float() - ref.float()).abs().mean()
+            assert _psnr(ours, ref) > 30 and diff < 3.0
     assert 400 in decoded_widths[:6]  # 1600 x 1200: crops of >= 896 px decode at 1/4
-    assert set(decoded_widths[12:]) == {640}  # 640 x 480: a crop at 1/4 would be < 224 px: full size
+    assert set(decoded_widths[12:18]) == {640}  # 640 x 480, these seeds: a crop at 1/2 would be < 224 px
+    assert set(decoded_widths[18:]) == {384, 768}  # 768 x 512 (a pre-resized shard's size): 1/2 or full size
+
+
+def test_snapped_box_stays_within_one_stored_pixel_of_the_drawn_one():
+    g = torch.Generator().manual_seed(0)
+    t = TrainTransform(224)
+    for width, height in [(768, 512), (683, 512), (511, 767)]:
+        decoded = (-(-width // 2), -(-height // 2))
+        for _ in range(50):
+            left, top, w, h = t.draw(width, height, g).box
+            sx, sy = decoded[0] / width, decoded[1] / height
+            exact = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            snapped = T.snap_box(exact)
+            assert all(isinstance(v, int) for v in snapped)
+            assert all(abs(a - b) <= 0.5 for a, b in zip(snapped, exact))  # half a decoded pixel
+            assert 0 <= snapped[0] < snapped[2] <= decoded[0] and 0 <= snapped[1] < snapped[3] <= decoded[1]
 
 
 def test_crop_distribution_matches_torchvision_random_resized_crop():
@@ -178,7 +203,9 @@ def test_decode_falls_back_to_pil_and_refuses_bad_bytes():
     data = jpeg(photo(640, 480))
     assert I.decode_rgb_array(data, 80, 60).shape == (60, 80, 3)  # 1/8
     assert I.decode_rgb_array(data, 160, 120).shape == (120, 160, 3)  # 1/4
-    assert I.decode_rgb_array(data, 161, 120).shape == (480, 640, 3)  # 1/2 is not used: full size
+    assert I.decode_rgb_array(data, 161, 120).shape == (240, 320, 3)  # 1/2
+    assert I.decode_rgb_array(data, 321, 120).shape == (480, 640, 3)  # n/8 scales are not used: full size
+    assert I.decode_rgb_array(data, 161, 120, scales=I.EVAL_DCT_SCALES).shape == (480, 640, 3)  # evaluation: no 1/2
     assert I.dct_scaled_size(641, 481, 0, 0) == (81, 61)  # rounded up, as libjpeg-turbo does
     for bad in (b"\xff\xd8\xff not a jpeg", data[: len(data) // 2], b"GIF89a"):
         with pytest.raises(I.CorruptImageError):
