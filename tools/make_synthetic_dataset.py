@@ -28,6 +28,8 @@ def main() -> int:
                    help="share of TRAIN captions replaced by another scene's caption (noisy=1)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--patterns", action="store_true",
+                   help="the fine-tuning split: shapes plain or striped, captions name the stripes (own scenes)")
     p.add_argument("--overwrite", action="store_true", help="replace existing train/ and val/")
     args = p.parse_args()
     existing = [str(Path(args.out) / s) for s in ("train", "val") if (Path(args.out) / s).exists()]
@@ -38,7 +40,7 @@ def main() -> int:
         summary = write_synthetic_dataset(args.out, args.num_samples, seed=args.seed,
                                           noise_fraction=args.noise_fraction, val_fraction=args.val_fraction,
                                           image_size=args.image_size, overwrite=args.overwrite,
-                                          on_write=lambda: bar.update(1))
+                                          on_write=lambda: bar.update(1), patterns=args.patterns)
     print(f"make_synthetic_dataset: wrote {summary['train']} train + {summary['val']} val samples "
           f"({summary['noisy']} noisy, tasks {summary['tasks']}) to {args.out} in {time.time() - start:.1f}s")
     print(json.dumps(summary, sort_keys=True))

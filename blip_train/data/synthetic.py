@@ -5,6 +5,10 @@ large, at left / right / top / bottom / center) on a plain or noisy background. 
 text says is visible in the pixels, so a tiny model trained for minutes on CPU beats chance on
 retrieval, captioning and VQA: that is what the demo needs to show learning.
 
+The fine-tuning split (`patterns=True`, `make demo`'s runs/demo/data_ft) adds one attribute that the
+demo's ViT pretraining never saw: a shape is either plain or "striped" (white stripes across it), and
+the captions say so. Its scenes come from their own random stream, so the main split is unchanged.
+
 Every sample carries a caption (with several reference phrasings) AND a question/answer; the
 `task` column rotates caption → vqa → conversation so instruction tuning sees all three kinds.
 Generation is a pure function of (seed, index): the same arguments give the same bytes.
@@ -12,12 +16,12 @@ Generation is a pure function of (seed, index): the same arguments give the same
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 from blip_train.data.images import encode_jpeg
 from blip_train.data.schema import write_split
@@ -30,6 +34,9 @@ POSITIONS = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom
 POSITION_PHRASES = {"left": ("on the left", "at the left"), "right": ("on the right", "at the right"),
                     "top": ("at the top", "near the top"), "bottom": ("at the bottom", "near the bottom"),
                     "center": ("in the center", "in the middle")}
+PATTERNS = ("plain", "striped")
+"""Surface pattern of a shape in the fine-tuning split; only "striped" is named in captions."""
+STRIPE_PERIOD = 4  # pixels (2 striped, 2 filled) at any image size: finer than the 8-px ViT patches
 SIZES = {"small": 0.09, "large": 0.15}  # radius as a fraction of the image side
 NUMBERS = {1: "one", 2: "two"}
 DATASET_NAME = "synthetic_shapes"
@@ -43,6 +50,7 @@ class Shape:
     color: str
     position: str
     size: str
+    pattern: str = "plain"
 
 
 def _article(word: str) -> str:
@@ -66,27 +74,38 @@ def render_scene(scene: list[Shape], image_size: int, rng: random.Random) -> Ima
     else:
         noise = np.random.default_rng(rng.getrandbits(32)).integers(170, 250, (s, s, 3), dtype=np.uint8)
         im = Image.fromarray(noise, "RGB")
-    draw = ImageDraw.Draw(im)
     for shape in scene:
         cx, cy = POSITIONS[shape.position]
         cx = (cx + rng.uniform(-0.02, 0.02)) * s
         cy = (cy + rng.uniform(-0.02, 0.02)) * s
-        r = SIZES[shape.size] * s
-        fill = COLORS[shape.color]
-        if shape.kind == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape.kind == "square":
-            q = r * 0.9  # same visual mass as the circle
-            draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+        _draw_shape(im, shape, cx, cy, SIZES[shape.size] * s)
     return im
+
+
+def _draw_shape(im: Image.Image, shape: Shape, cx: float, cy: float, r: float) -> None:
+    """Fill the shape in its colour; a striped one gets white diagonal stripes inside its outline."""
+    mask = Image.new("L", im.size, 0)
+    draw = ImageDraw.Draw(mask)
+    if shape.kind == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif shape.kind == "square":
+        q = r * 0.9  # same visual mass as the circle
+        draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=255)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=255)
+    im.paste(COLORS[shape.color], mask=mask)
+    if shape.pattern == "striped":
+        # (S, S) diagonal bands, half of each STRIPE_PERIOD white, kept to the shape's outline
+        yy, xx = np.mgrid[:im.size[1], :im.size[0]]
+        bands = Image.fromarray(np.where((xx + yy) % STRIPE_PERIOD < STRIPE_PERIOD // 2, 255, 0).astype(np.uint8))
+        im.paste((255, 255, 255), mask=ImageChops.multiply(mask, bands))
 
 
 def _describe(shape: Shape, rng: random.Random, with_size: Optional[bool] = None) -> str:
     if with_size is None:
         with_size = rng.random() < 0.5
-    words = ([shape.size] if with_size else []) + [shape.color, shape.kind]
+    words = ([shape.size] if with_size else []) + (["striped"] if shape.pattern == "striped" else []) + \
+        [shape.color, shape.kind]
     return f"{_article(words[0])} {' '.join(words)} {rng.choice(POSITION_PHRASES[shape.position])}"
 
 
@@ -143,10 +162,16 @@ def conversation_scene(scene: list[Shape], rng: random.Random) -> tuple[str, str
     return question, answer
 
 
-def make_sample(index: int, seed: int, image_size: int) -> dict[str, Any]:
-    """The clean sample number `index`: a pure function of (seed, index, image_size)."""
-    rng = random.Random(f"{seed}-{index}")  # str seeds hash deterministically (sha512), unlike tuples
+def make_sample(index: int, seed: int, image_size: int, patterns: bool = False) -> dict[str, Any]:
+    """The clean sample number `index`: a pure function of (seed, index, image_size, patterns).
+    patterns=True: the fine-tuning split, scenes from their own stream, whose shapes are plain or striped
+    (the first shape alternates with `index`, so exactly half the scenes lead with a striped shape)."""
+    # str seeds hash deterministically (sha512), unlike tuples
+    rng = random.Random(f"patterns-{seed}-{index}" if patterns else f"{seed}-{index}")
     scene = sample_scene(rng)
+    if patterns:
+        scene = [replace(sh, pattern=PATTERNS[index % 2] if i == 0 else rng.choice(PATTERNS))
+                 for i, sh in enumerate(scene)]
     image = encode_jpeg(render_scene(scene, image_size, rng), quality=95)
     captions = list(dict.fromkeys(caption_scene(scene, rng) for _ in range(5)))
     task = ("caption", "vqa", "conversation")[index % 3]
@@ -179,28 +204,29 @@ def split_sizes(num_samples: int, val_fraction: float) -> tuple[int, int]:
 
 
 def iter_split(split: str, num_samples: int, seed: int = 0, noise_fraction: float = 0.0,
-               val_fraction: float = 0.2, image_size: int = 64) -> Iterator[dict[str, Any]]:
+               val_fraction: float = 0.2, image_size: int = 64, patterns: bool = False) -> Iterator[dict[str, Any]]:
     """Samples of `split` ("train" or "val"); val holds the last indices and is never noised."""
     n_train, n_val = split_sizes(num_samples, val_fraction)
     if split == "val":
         for i in range(n_train, n_train + n_val):
-            yield make_sample(i, seed, image_size)
+            yield make_sample(i, seed, image_size, patterns)
         return
     rng = random.Random(f"{seed}-noise")
     noisy = set(rng.sample(range(n_train), int(round(noise_fraction * n_train))))
     for i in range(n_train):
-        sample = make_sample(i, seed, image_size)
+        sample = make_sample(i, seed, image_size, patterns)
         if i in noisy:
             # The donor is a scene from outside the dataset so that it never equals the own one.
-            donor = make_sample(num_samples + i, seed + 1, image_size)
+            donor = make_sample(num_samples + i, seed + 1, image_size, patterns)
             sample = _with_noise(sample, donor)
         yield sample
 
 
 def write_synthetic_dataset(out: str | Path, num_samples: int, seed: int = 0, noise_fraction: float = 0.0,
                             val_fraction: float = 0.2, image_size: int = 64, overwrite: bool = False,
-                            on_write: Optional[Callable[[], None]] = None) -> dict[str, Any]:
-    """Write `out/train` and `out/val`; return a summary (counts per split, noisy count, task counts)."""
+                            on_write: Optional[Callable[[], None]] = None, patterns: bool = False) -> dict[str, Any]:
+    """Write `out/train` and `out/val`; return a summary (counts per split, noisy count, task counts).
+    patterns=True writes the fine-tuning split (plain / striped shapes, see `make_sample`)."""
     if not 0.0 <= noise_fraction <= 1.0:
         raise ValueError(f"noise_fraction must be in [0, 1], got {noise_fraction}")
     if not 0.0 <= val_fraction < 1.0:
@@ -212,7 +238,7 @@ def write_synthetic_dataset(out: str | Path, num_samples: int, seed: int = 0, no
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} exists; pass --overwrite to replace it")
     summary: dict[str, Any] = {"out": str(out), "seed": seed, "image_size": image_size, "noisy": 0,
-                               "tasks": {}}
+                               "tasks": {}, "patterns": patterns}
     for split in ("train", "val"):
         stats = {"noisy": 0, "tasks": {}}
 
@@ -222,7 +248,7 @@ def write_synthetic_dataset(out: str | Path, num_samples: int, seed: int = 0, no
                 stats["tasks"][s["task"]] = stats["tasks"].get(s["task"], 0) + 1
                 yield s
 
-        samples = iter_split(split, num_samples, seed, noise_fraction, val_fraction, image_size)
+        samples = iter_split(split, num_samples, seed, noise_fraction, val_fraction, image_size, patterns)
         summary[split] = write_split(out / split, counted(samples), overwrite=overwrite, on_write=on_write)
         summary["noisy"] += stats["noisy"]
         for k, v in stats["tasks"].items():

@@ -3,9 +3,12 @@
     python -m blip_train.demo --out runs/demo
     python -m blip_train.demo --prepare      # only steps 1-2: what the demo recipes (demo/*) read
 
-1. synthetic shapes dataset → runs/demo/data/{train,val} (MDS shards, tools/make_synthetic_dataset.py)
+1. synthetic shapes dataset → runs/demo/data/{train,val} (MDS shards, tools/make_synthetic_dataset.py), and
+   the fine-tuning split → runs/demo/data_ft/{train,val}: its own scenes, shapes plain or "striped"
 2. assets: Q-Former tokenizer trained on the train captions; tiny ViT pretrained on the train split
-3. each stage on 2 ranks, DeepSpeed ZeRO-3 bf16 over gloo (`torchrun -m blip_train.train`)
+3. each stage on 2 ranks, DeepSpeed ZeRO-3 bf16 over gloo (`torchrun -m blip_train.train`); last, two
+   fine-tuning stages (trainable ViT with layer decay) on data_ft, from stage2_opt (captioning) and stage1
+   (retrieval)
 4. held-out evaluation of every stage, trained vs untrained (`python -m blip_train.eval`), plus chance
 5. summary.json as DESIGN.md §3 specifies
 Steps whose outputs exist are reused, so a re-run after an interruption continues where it stopped.
@@ -69,6 +72,19 @@ def make_data(out: Path, num_samples: int) -> Path:
     # --overwrite: a demo interrupted between the two splits regenerates both (same seed, same bytes)
     run([sys.executable, "tools/make_synthetic_dataset.py", "--out", str(data), "--num-samples", str(num_samples),
          "--seed", "0", "--val-fraction", "0.1", "--overwrite"])
+    return data
+
+
+def make_finetune_data(out: Path, num_samples: int = 1000) -> Path:
+    """The fine-tuning split: new scenes whose shapes are plain or striped, the stripes named in the captions.
+    The demo ViT is pretrained on runs/demo/data only, so stripes are what fine-tuning has to add; the
+    earlier stages never read this split (their data and numbers do not depend on it)."""
+    data = out / "data_ft"
+    if (data / "train").is_dir() and (data / "val").is_dir():
+        log(f"fine-tuning data: reusing {data}")
+        return data
+    run([sys.executable, "tools/make_synthetic_dataset.py", "--out", str(data), "--num-samples", str(num_samples),
+         "--seed", "0", "--val-fraction", "0.2", "--patterns", "--overwrite"])
     return data
 
 
@@ -164,6 +180,47 @@ def generative_stage(name: str, out: Path, data: Path, path_sets: list[str], ass
     return res
 
 
+FINETUNE = {  # demo stage → (recipe, stage it starts from, held-out task, metric key, primary metric name)
+    "finetune_caption": ("demo/finetune_caption", "stage2_opt", "caption", "cider", "caption CIDEr-D (striped split)"),
+    "finetune_retrieval": ("demo/finetune_retrieval", "stage1", "retrieval", "img_r1",
+                           "text->image R@1 (%) (striped split)"),
+}
+
+
+def finetune_stage(name: str, out: Path, data_ft: Path, path_sets: list[str], assets: Path) -> dict:
+    """A fine-tuning stage (ViT trains, layer decay) from the run's own earlier stage, on the fine-tuning split.
+    Untrained = its starting checkpoint: eval --untrained rebuilds the step-0 model (ViT from
+    model.vision.weights, the rest from model.init_from), i.e. the earlier stage's model."""
+    recipe, start, task, key, label = FINETUNE[name]
+    sets = [s for s in path_sets if not s.startswith("data.")] + [f"model.init_from={out / start}"]
+    if path_sets:
+        sets += [f"data.train=[{{local: {data_ft / 'train'}, name: synthetic_patterns}}]",
+                 f"data.val={data_ft / 'val'}"]
+        if task == "caption":
+            sets.append(f"model.llm.path={assets / 'opt'}")
+    res = train_stage(recipe, out, name, sets)
+    trained = evaluate(task, res["run_dir"], data_ft)
+    untrained = evaluate(task, res["run_dir"], data_ft, untrained=True)
+    res["metrics"] = {task: trained, f"{task}_untrained": untrained,
+                      "primary": {"name": label, "trained": trained[key], "untrained": untrained[key],
+                                  "chance": trained[f"chance_{key}"]}}
+    if task == "caption":  # the attribute itself: does a caption mention stripes exactly when the image has them?
+        res["metrics"]["stripes_named"] = {
+            which: stripes_named(REPO / m["predictions_file"]) for which, m in (("trained", trained),
+                                                                               ("untrained", untrained))}
+    return res
+
+
+def stripes_named(predictions_file: Path) -> dict:
+    """Share (%) of held-out images whose generated caption says "striped" exactly when the references do
+    (every reference names a striped shape's stripes), and the share of images that have stripes."""
+    rows = json.loads(Path(predictions_file).read_text())["predictions"]
+    has = [any("striped" in r for r in row["references"]) for row in rows]
+    said = ["striped" in row["prediction"] for row in rows]
+    return {"agreement": 100.0 * sum(h == s for h, s in zip(has, said)) / len(rows),
+            "striped_images": 100.0 * sum(has) / len(rows), "captions_saying_striped": 100.0 * sum(said) / len(rows)}
+
+
 def export_and_check(name: str, run_dir: str, out: Path, data: Path) -> dict:
     """tools/export_hf.py on a demo stage, then transformers loads it (strictly) and generates from it."""
     import io
@@ -195,7 +252,8 @@ def export_and_check(name: str, run_dir: str, out: Path, data: Path) -> dict:
 
 def run_stages(out: Path, data: Path, path_sets: list[str], assets: Path, entries: dict,
                checkpoint: Callable[[], None] = lambda: None) -> dict:
-    """Every stage into `out/<stage>` (stage 1, then the generative stages from it); `entries` gets each
+    """Every stage into `out/<stage>` (stage 1, then the generative stages from it, then the fine-tuning stages
+    from stage 1 and stage2_opt on `data`'s sibling data_ft); `entries` gets each
     stage's summary record as it finishes, and `checkpoint()` is called after each."""
     log("stage1: Q-Former representation learning (ITC + ITM + ITG), 2 ranks, ZeRO-3")
     entries["stage1"] = stage_entry(stage1(out, data, path_sets))
@@ -203,6 +261,11 @@ def run_stages(out: Path, data: Path, path_sets: list[str], assets: Path, entrie
     for name in GENERATIVE:
         log(f"{name}: {GENERATIVE[name][0]}, 2 ranks, ZeRO-3, Q-Former from stage 1, frozen LLM")
         entries[name] = stage_entry(generative_stage(name, out, data, path_sets, assets))
+        checkpoint()
+    for name in FINETUNE:
+        log(f"{name}: {FINETUNE[name][0]}, 2 ranks, ZeRO-3, from {FINETUNE[name][1]}, ViT trains (layer decay), "
+            "on the striped split")
+        entries[name] = stage_entry(finetune_stage(name, out, data.parent / "data_ft", path_sets, assets))
         checkpoint()
     return entries
 
@@ -250,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--num-samples", type=int, default=2200)
     p.add_argument("--prepare", action="store_true",
-                   help="only build the data and the pretrained tiny towers the demo recipes read, then stop")
+                   help="only build the data (both splits) and the pretrained tiny towers the demo recipes read, then stop")
     p.add_argument("--seeds", default="",
                    help="also train and evaluate every stage with these run.seed values (comma-separated; under "
                         "OUT/seeds/) and report the spread of each stage's primary metric")
@@ -261,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = make_data(out, args.num_samples)
+    make_finetune_data(out)
     info = make_assets(out, data, image_size=64)
     if args.prepare:
         log(f"prepared {data} and {out / 'assets'} in {time.time() - t0:.0f}s; e.g. "

@@ -1,16 +1,19 @@
-"""tools/make_synthetic_dataset.py: determinism, readability with plain streaming, noise, refusal."""
+"""tools/make_synthetic_dataset.py: determinism, readability with plain streaming, noise, refusal; the
+fine-tuning split's striped shapes."""
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from tests.conftest import REPO, clean_env
 
 from blip_train.data.schema import COLUMNS
-from blip_train.data.synthetic import make_sample, write_synthetic_dataset
+from blip_train.data.synthetic import Shape, make_sample, render_scene, write_synthetic_dataset
 
 TOOL = str(REPO / "tools" / "make_synthetic_dataset.py")
 
@@ -70,3 +73,27 @@ def test_samples_are_consistent_with_the_scene():
             assert s["answer"] in s["caption"]
         if s["question"] == "how many shapes are there?":
             assert s["answer"] == ("two" if " and " in s["caption"] else "one")
+
+
+def test_fine_tuning_split_names_its_stripes_and_is_balanced():
+    samples = [make_sample(i, seed=0, image_size=64, patterns=True) for i in range(200)]
+    again = make_sample(7, seed=0, image_size=64, patterns=True)
+    assert again["image"] == samples[7]["image"] and again["captions"] == samples[7]["captions"]  # deterministic
+    # its own scenes: not the main split's with stripes added
+    assert sum(s["captions"] == make_sample(i, 0, 64)["captions"] for i, s in enumerate(samples)) < 20
+    striped = ["striped" in s["caption"] for s in samples]
+    assert all(("striped" in c) == striped[i] for i, s in enumerate(samples) for c in s["captions"] if " and " not in c)
+    # the first shape alternates plain / striped with the index: the leading phrase says so
+    leading = [s["captions"][0].split(" and ")[0] for s in samples]
+    assert ["striped" in t for t in leading] == [i % 2 == 1 for i in range(200)]
+    assert 0.5 <= sum(striped) / len(samples) <= 0.75  # second shapes are striped half the time
+    # the stripes are in the pixels: half of the inside of a striped square is white, the rest its colour
+    plain = np.asarray(render_scene([Shape("square", "red", "center", "large")], 64, random.Random(1)))
+    lined = np.asarray(render_scene([Shape("square", "red", "center", "large", "striped")], 64, random.Random(1)))
+    inside = lined[28:36, 28:36].reshape(-1, 3)
+    assert (inside == 255).all(1).mean() == 0.5
+    assert (plain[28:36, 28:36] == lined[28:36, 28:36]).all(-1).mean() == 0.5
+
+
+def test_main_split_has_no_stripes():
+    assert not any("striped" in c for i in range(100) for c in make_sample(i, seed=0, image_size=32)["captions"])

@@ -14,7 +14,9 @@ def summary() -> dict:
                 "metrics": {"primary": {"name": name, "trained": trained, "untrained": untrained, "chance": chance}}}
     return {"wall_seconds": 780.0,
             "stages": {"stage1": stage(400, 11.321, 4.468, "text->image R@1 (%)", 10.64, 0.45, 0.4545),
-                       "instruct_t5": stage(300, 1.02, 0.42, "VQA accuracy (%)", 41.1, 24.7, 12.3)},
+                       "instruct_t5": stage(300, 1.02, 0.42, "VQA accuracy (%)", 41.1, 24.7, 12.3),
+                       "finetune_retrieval": stage(100, 6.2, 4.9, "text->image R@1 (%) (striped split)", 9.5, 4.0,
+                                                   0.5)},
             "export": {"instruct_t5": {"class": "InstructBlipForConditionalGeneration", "missing_keys": 0,
                                        "unexpected_keys": 0, "generated": "red"}},
             "seeds": {"primary": {"seeds": [0, 1, 2], "stages": {
@@ -23,9 +25,11 @@ def summary() -> dict:
 
 def test_results_block_is_rendered_from_the_summary():
     text = render_results(summary())
-    assert "(14 minutes of training over the 2 stages" in text  # (400 + 300) x 1.2 s: not the wall time
+    assert "(16 minutes of training over the 3 stages" in text  # (400 + 300 + 100) x 1.2 s: not the wall time
     assert "| `stage1` | 400 | 11.32 → 4.47 | text→image R@1 (%) | 10.6 | 0.5 | 0.5 |" in text
     assert "| `instruct_t5` | 300 | 1.02 → 0.42 | VQA accuracy (%) | 41.1 | 24.7 | 12.3 |" in text
+    assert ("| `finetune_retrieval` | 100 | 6.20 → 4.90 | text→image R@1 (%) (striped split) | 9.5 | 4.0 | 0.5 |"
+            in text)
     assert "Across run.seed 0, 1, 2 (primary): `stage1` trained 9.1–11.0 vs untrained ≤ 0.9" in text
     assert '"generated": "red"' in text and text.count("```") == 2
 

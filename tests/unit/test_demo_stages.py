@@ -1,0 +1,32 @@
+"""The demo's stage list: the fine-tuning stages, what they start from and read, and their attribute score."""
+from __future__ import annotations
+
+import json
+
+from blip_train.config import load_config
+from blip_train.demo.__main__ import FINETUNE, GENERATIVE, stripes_named
+
+
+def test_fine_tuning_stages_train_the_vit_from_an_earlier_demo_stage_on_their_own_split():
+    earlier = ["stage1", *GENERATIVE]
+    for name, (recipe, start, task, _, label) in FINETUNE.items():
+        cfg = load_config(recipe)
+        assert start in earlier and cfg.model.init_from == f"runs/demo/{start}"
+        assert not cfg.model.vision.frozen and cfg.optim.layer_decay < 1
+        assert cfg.deepspeed.zero_stage == 3 and cfg.run.output_dir == f"runs/demo/{name}"
+        assert [s.local for s in cfg.data.train] == ["runs/demo/data_ft/train"] and cfg.data.val == "runs/demo/data_ft/val"
+        assert "striped" in label and task in ("caption", "retrieval")
+        # the model it starts from: same towers and Q-Former as the earlier stage's recipe
+        before = load_config(f"demo/{start}").model
+        assert (cfg.model.vision.weights, cfg.model.vision.width, cfg.model.qformer) == \
+            (before.vision.weights, before.vision.width, before.qformer)
+
+
+def test_stripes_named_scores_the_attribute(tmp_path):
+    rows = [{"prediction": "a striped red circle on the left", "references": ["a striped red circle on the left"]},
+            {"prediction": "a red circle on the left", "references": ["a striped red circle at the left"]},
+            {"prediction": "a blue square", "references": ["a blue square in the center"]},
+            {"prediction": "a striped blue square", "references": ["a blue square in the middle"]}]
+    f = tmp_path / "caption_val.json"
+    f.write_text(json.dumps({"metrics": {}, "predictions": rows}))
+    assert stripes_named(f) == {"agreement": 50.0, "striped_images": 50.0, "captions_saying_striped": 50.0}
