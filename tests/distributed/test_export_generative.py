@@ -45,9 +45,11 @@ def test_trained_checkpoint_exports_to_a_working_transformers_model(arch, kind, 
     run = tmp_path / f"{arch}_{kind}"
     trained = run_train(write_tiny_config(tiny_assets, run, model={"arch": arch, "llm": llm},
                                           train={"max_steps": 2, "save_interval": 2}))
-    # The frozen LLM went straight into ZeRO-3 partitions at from_pretrained (HfDeepSpeedConfig alive).
-    loaded = re.search(r"ZeRO-3: ([\d,]+) parameters were partitioned as they loaded", trained.stdout)
-    assert loaded and int(loaded.group(1).replace(",", "")) > 0, trained.stdout[-2000:]
+    # The frozen towers went straight into ZeRO-3 partitions as they were built: the LLM at from_pretrained
+    # (HfDeepSpeedConfig alive), the ViT under zero.Init — every frozen parameter.
+    built = re.search(r"ZeRO-3: ([\d,]+) parameters were partitioned as they were built", trained.stdout)
+    frozen = re.search(r"total +trainable +[\d,]+ +frozen +([\d,]+)", trained.stdout)
+    assert built and frozen and built.group(1) == frozen.group(1), trained.stdout[-2000:]
     out = tmp_path / "hf"
     r = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(run),
                         "--out", str(out)], capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=600)
