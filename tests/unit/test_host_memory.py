@@ -48,6 +48,8 @@ def test_memory_trace_records_phases_and_a_rising_peak(tmp_path) -> None:
     trace.mark("step")
     rows = read_memory_trace(tmp_path / "memory" / "rank0.jsonl")
     assert [(r["phase"], r["step"]) for r in rows] == [("start", 0), ("forward", 0), ("step", 1)]
-    assert rows[1]["peak_gib"] - rows[0]["peak_gib"] > 0.2
-    assert rows[1]["rss_gib"] - rows[0]["rss_gib"] > 0.2
+    assert rows[1]["rss_gib"] - rows[0]["rss_gib"] > 0.2  # the 256 MiB are resident while held
+    # The peak is the process's high-water mark (which earlier work in this process may already hold above).
+    assert rows[1]["peak_gib"] >= rows[1]["rss_gib"] - 1e-3 and [r["peak_gib"] for r in rows] == sorted(
+        r["peak_gib"] for r in rows)
     MemoryTrace(None).mark("start")  # off: writes nothing, fails nothing
