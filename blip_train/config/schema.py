@@ -8,7 +8,7 @@ test (`tests/unit/test_config.py`) lists every key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import List, Union
 
 
 @dataclass

@@ -3,7 +3,6 @@ location errors, and the four tools' CLI conventions (--help, --overwrite, one-l
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

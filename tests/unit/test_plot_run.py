@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from PIL import Image
 
 from blip_train.training.plots import read_history

@@ -3,7 +3,6 @@ checkpointing with it, and position-embedding interpolation of loaded weights.""
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 import pytest
 import torch
