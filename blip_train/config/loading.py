@@ -201,11 +201,30 @@ def eval_task(cfg: ExperimentConfig) -> str:
     return "vqa" if cfg.model.arch == "stage2" and cfg.model.qformer_text_input else _DEFAULT_EVAL_TASK[cfg.model.arch]
 
 
+def _check_momentum(cfg: ExperimentConfig) -> None:
+    """BLIP / ALBEF: a training ViT, a sane EMA, and a queue the global batch fills in whole steps."""
+    m, mom = cfg.model, cfg.model.momentum
+    if m.vision.frozen:
+        raise ConfigError(f"model.vision.frozen: model.arch={m.arch} trains its ViT end to end; set it false")
+    if not 0 <= mom.decay < 1:
+        raise ConfigError(f"model.momentum.decay: must be in [0, 1), got {mom.decay}")
+    if not 0 <= mom.alpha <= 1:
+        raise ConfigError(f"model.momentum.alpha: must be in [0, 1], got {mom.alpha}")
+    _positive("model.momentum.alpha_ramp_steps", mom.alpha_ramp_steps, allow_zero=True)
+    _positive("model.momentum.queue_size", mom.queue_size)
+    t = cfg.train
+    # The queue takes the whole global micro-batch (every rank's samples) per forward: it must divide the queue.
+    # The number of ranks is known only at launch; the model checks that part (FeatureQueue.enqueue_).
+    if mom.queue_size % t.micro_batch_size:
+        raise ConfigError(f"model.momentum.queue_size: {mom.queue_size} is not a multiple of train.micro_batch_size="
+                          f"{t.micro_batch_size} (each forward enqueues micro_batch_size x ranks features)")
+
+
 def validate_config(cfg: ExperimentConfig) -> None:
     """Refuse impossible settings, naming the key to change. Runs before any distributed set-up."""
     r, m, d, o, t, ds = cfg.run, cfg.model, cfg.data, cfg.optim, cfg.train, cfg.deepspeed
     _choice("run.device", r.device, ("auto", "cpu", "cuda"))
-    _choice("model.arch", m.arch, ("stage1", "stage2", "instruct"))
+    _choice("model.arch", m.arch, ("stage1", "stage2", "instruct", "blip", "albef"))
     _choice("model.attention", m.attention, ("auto", "flash", "sdpa", "math"))
     _choice("model.vision.precision", m.vision.precision, ("fp16", "bf16", "fp32"))
     _choice("model.llm.dtype", m.llm.dtype, ("fp16", "bf16", "fp32"))
@@ -259,6 +278,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
     if m.vision.drop_path_rate and m.vision.frozen:
         raise ConfigError(f"model.vision.drop_path_rate: {m.vision.drop_path_rate} needs a training ViT (a frozen "
                           "one runs in eval mode); set model.vision.frozen=false or model.vision.drop_path_rate=0")
+    if m.arch in ("blip", "albef"):
+        _check_momentum(cfg)
     lora = m.llm.lora
     _positive("model.llm.lora.r", lora.r, allow_zero=True)
     if lora.r:

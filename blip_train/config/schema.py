@@ -124,9 +124,26 @@ class LLMConfig:
 
 
 @dataclass
+class MomentumConfig:
+    """ALBEF / BLIP momentum distillation: an exponential moving average of the image and text encoders and
+    their ITC projections, and a queue of its features as extra ITC negatives (model.arch blip | albef)."""
+    decay: float = 0.995
+    """EMA factor per optimizer step: momentum = decay * momentum + (1 - decay) * online (both papers)."""
+    queue_size: int = 57600
+    """ITC feature queue entries (BLIP 57,600; ALBEF 65,536); a multiple of the global batch."""
+    alpha: float = 0.4
+    """Weight of the momentum model's soft targets in ITC (and ALBEF's MLM): targets = alpha * soft + (1 - alpha)
+    * hard (both papers 0.4)."""
+    alpha_ramp_steps: int = 0
+    """Steps over which alpha rises linearly from 0 (the papers ramp over the first epoch: set the steps of one
+    epoch); 0 uses alpha from the first step."""
+
+
+@dataclass
 class ModelConfig:
     arch: str = "stage1"
-    """stage1 | stage2 | instruct."""
+    """stage1 | stage2 | instruct (BLIP-2 / InstructBLIP) | blip | albef (ViT and BERT trained end to end, with
+    momentum encoders: model.text, model.momentum)."""
     qformer_text_input: bool = False
     """stage2: the sample's question also enters the Q-Former, after the queries and attending with them,
     through InstructBLIP's instruction path (BLIP-2's VQA fine-tuning). Training rows are then questions with
@@ -144,6 +161,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
 
 
 @dataclass

@@ -275,10 +275,56 @@ def build_instruct(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_co
     return _llm_stage(cfg, collate, model, tok, report, "instruct")
 
 
+# ---------------------------------------------------------------------------------------- BLIP / ALBEF
+
+def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None):
+    """BlipPretrain (model.arch blip | albef) with its tokenizer: the ViT from model.vision.weights and the text
+    transformer from model.text.bert_init when given, then the momentum copies set to the online weights."""
+    from blip_train.data.tokenizers import load_blip_tokenizer
+    from blip_train.models.blip import BlipPretrain, TextTokens
+    from blip_train.models.eva_vit import load_vit_weights
+    from blip_train.models.med import load_bert_weights_into_med
+
+    m = cfg.model
+    if not m.text.tokenizer:
+        raise ConfigError(f"model.text.tokenizer: required for model.arch={m.arch} (a local BERT tokenizer folder)")
+    for key, path in (("model.text.tokenizer", m.text.tokenizer), ("model.vision.weights", m.vision.weights),
+                      ("model.text.bert_init", m.text.bert_init)):
+        _require_file(key, path)
+    tokenizer = load_blip_tokenizer(m.text.tokenizer)
+    if len(tokenizer) > m.text.vocab_size:
+        raise ConfigError(f"model.text.vocab_size: {m.text.vocab_size} is smaller than the tokenizer's "
+                          f"{len(tokenizer)} tokens ({m.text.tokenizer})")
+    tokens = TextTokens(pad=tokenizer.pad_token_id, cls=tokenizer.cls_token_id, sep=tokenizer.sep_token_id,
+                        mask=tokenizer.mask_token_id, vocab_size=len(tokenizer))
+    torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
+    model = BlipPretrain(m, tokens, world)
+    if m.vision.weights:
+        load_vit_weights(model.visual_encoder, m.vision.weights)
+    if m.text.bert_init:
+        load_bert_weights_into_med(model.text, m.text.bert_init)
+    model.copy_to_momentum_()
+    return model, tokenizer
+
+
+def build_blip(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_config: dict | None = None) -> Stage:
+    from blip_train.data.collate import BlipCollator, Stage1Collator
+
+    if cfg.model.init_from:
+        raise ConfigError(f"model.init_from: not supported for model.arch={cfg.model.arch} yet (start from "
+                          "model.vision.weights and model.text.bert_init)")
+    model, tokenizer = build_blip_model(cfg, world)
+    collate_cls = BlipCollator if cfg.model.arch == "blip" else Stage1Collator
+    return Stage(model=model, tokenizer=tokenizer, collate=collate_cls(tokenizer, cfg.model.max_txt_len),
+                 data_kind="caption", cfg=cfg)
+
+
 STAGE_BUILDERS: dict[str, Callable[..., Stage]] = {
     "stage1": build_stage1,
     "stage2": build_stage2,
     "instruct": build_instruct,
+    "blip": build_blip,
+    "albef": build_blip,
 }
 
 
