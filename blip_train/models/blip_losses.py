@@ -41,7 +41,8 @@ class FeatureQueue(nn.Module):
     """FIFO of past momentum features (and, for fine-tuning, their image ids), one column per sample.
 
     Every rank enqueues the same gathered global batch, so the queues stay identical across ranks
-    without communication; the buffers are in `state_dict`, so the checkpoint carries them.
+    without communication; the buffers are in `state_dict`, so the checkpoint carries them. For the
+    initial queues to agree too, build it on every rank with an identically seeded `generator`.
     """
 
     image_queue: torch.Tensor

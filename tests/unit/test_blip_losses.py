@@ -310,6 +310,7 @@ def test_mask_tokens_deterministic_given_generator() -> None:
 
 def ref_mlm(logits: torch.Tensor, labels: torch.Tensor, logits_m: Optional[torch.Tensor], alpha: float) -> float:
     logits = logits.detach()
+    logits_m = None if logits_m is None else logits_m.detach()
     b, t, v = logits.shape
     ce, distill, n = 0.0, 0.0, 0
     for i in range(b):
