@@ -178,13 +178,13 @@ def evaluate(args: argparse.Namespace, cfg, ckpt_dir: Path, tag: str, device: to
 
     if args.task == "retrieval":
         from blip_train.evaluation.stage1_eval import evaluate_retrieval, load_retrieval_split
-        from blip_train.training.stages import load_trained_stage1
+        from blip_train.training.stages import load_trained_retrieval_model
 
         split = load_retrieval_split(args.data, args.max_samples)  # refused before the model is built
         grouping = split.describe_grouping(args.data)
         if grouping:
             print0(grouping)
-        model, tokenizer = load_trained_stage1(cfg, ckpt_dir, tag, untrained=args.untrained, device_type=device.type)
+        model, tokenizer = load_trained_retrieval_model(cfg, ckpt_dir, tag, untrained=args.untrained, device_type=device.type)
         model.to(device)
         metrics, predictions = evaluate_retrieval(model, tokenizer, split, cfg.model.vision.image_size,
                                                   cfg.model.max_txt_len, k_test=cfg.eval.k_test,

@@ -168,10 +168,12 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-EVAL_TASK_ARCHS = {"retrieval": ("stage1",), "caption": ("stage2", "instruct"), "vqa": ("stage2", "instruct")}
+EVAL_TASK_ARCHS = {"retrieval": ("stage1", "blip", "albef"), "caption": ("stage2", "instruct"),
+                   "vqa": ("stage2", "instruct")}
 """Which model.arch can run each evaluation task (retrieval needs the ITC/ITM heads; the others an LLM;
 stage 2 answers questions zero-shot, or question-aware after VQA fine-tuning)."""
-_DEFAULT_EVAL_TASK = {"stage1": "retrieval", "stage2": "caption", "instruct": "vqa"}
+_DEFAULT_EVAL_TASK = {"stage1": "retrieval", "stage2": "caption", "instruct": "vqa", "blip": "retrieval",
+                      "albef": "retrieval"}
 _ON_OFF_KEYS = {"optim.fused"}
 """String keys whose values include on/off, which YAML reads as booleans when unquoted."""
 _SIZE_KEYS = {"data.cache_limit"}
@@ -230,6 +232,11 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _choice("model.llm.dtype", m.llm.dtype, ("fp16", "bf16", "fp32"))
     _choice("data.balance", d.balance, ("size", "sqrt", "uniform"))
     _choice("optim.fused", o.fused, ("auto", "on", "off"))
+    _choice("optim.schedule", o.schedule, ("cosine", "step"))
+    if o.schedule == "step":
+        _positive("optim.decay_steps", o.decay_steps)
+        if not 0 < o.decay_rate <= 1:
+            raise ConfigError(f"optim.decay_rate: must be in (0, 1], got {o.decay_rate}")
     _choice("deepspeed.precision", ds.precision, ("bf16", "fp16", "fp32"))
     if ds.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage: {ds.zero_stage} is not one of 0, 1, 2, 3")

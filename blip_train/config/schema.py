@@ -241,6 +241,13 @@ class OptimConfig:
     fused: str = "auto"
     """auto | on | off: torch's fused AdamW (one kernel over all tensors, no full-size temporaries). auto: on
     CUDA only; on: also on a CPU (bench/scale.py uses it to see the GPU's step memory)."""
+    schedule: str = "cosine"
+    """After warmup: cosine (from lr to min_lr at train.max_steps) | step (lr x decay_rate^(k) in the k-th block
+    of decay_steps steps after warmup, floored at min_lr: BLIP's per-epoch decay, with decay_steps = one epoch)."""
+    decay_rate: float = 0.85
+    """schedule=step: the factor per block of decay_steps (BLIP pretraining 0.85)."""
+    decay_steps: int = 0
+    """schedule=step: steps per decay (an epoch's steps in BLIP); required > 0 for schedule=step."""
     layer_decay: float = 1.0
     """Layer-wise lr decay of a training ViT, in (0, 1]: of L built blocks, block i (0-based) gets
     lr x layer_decay^(L - i), the patch/position embeddings and CLS token lr x layer_decay^(L + 1);

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_train.config.schema import ModelConfig
-from blip_train.models.blip_losses import (FeatureQueue, alpha_at, global_sims, mask_tokens, mlm_loss,
-                                           momentum_itc_loss)
+from blip_train.models.blip_losses import (FeatureQueue, alpha_at, copy_params_, global_sims, lm_loss,
+                                           mask_tokens, mlm_loss, momentum_itc_loss)
 from blip_train.models.eva_vit import EVAViT
 from blip_train.models.med import MED
 from blip_train.models.stage1 import TEMP_MAX, TEMP_MIN
-from blip_train.models.stage1_losses import itg_loss, itm_loss, sample_hard_negatives
+from blip_train.models.stage1_losses import itm_loss, sample_hard_negatives
 from blip_train.models.world import WorldInfo
 
 ARCHS = ("blip", "albef")
@@ -45,6 +45,8 @@ class TextTokens:
     sep: int
     mask: int
     """[MASK] (ALBEF's MLM)."""
+    enc: int
+    """[ENC] (BLIP's image-grounded encoder reads it in place of [CLS]); unused by ALBEF."""
     vocab_size: int
     """Ids a random MLM replacement is drawn from (the tokenizer's size)."""
 
@@ -111,11 +113,9 @@ class BlipPretrain(nn.Module):
                 if name.startswith(mom_prefix):
                     yield params[online_prefix + name[len(mom_prefix):]], m
 
-    @torch.no_grad()
     def copy_to_momentum_(self) -> None:
         """Momentum copies := online weights (at build, and after loading pretrained weights)."""
-        for p, m in self.momentum_pairs():
-            m.copy_(p)
+        copy_params_(self.momentum_pairs())
 
     # ----------------------------------------------------------------------------------------------
     # building blocks
@@ -178,7 +178,7 @@ class BlipPretrain(nn.Module):
         if self.arch == "blip":
             # LM: the [DEC]-first caption through the causal decoder, grounded on the image.
             hidden = self.text(batch["itg_input_ids"], text_mask, image_embeds=image_embeds, mode="decoder")
-            losses["loss_lm"] = itg_loss(self.text.lm_logits(hidden), batch["itg_labels"])
+            losses["loss_lm"] = lm_loss(self.text.lm_logits(hidden), batch["itg_labels"])
         else:
             # MLM with BERT's masking (torch's global RNG, which the trainer checkpoints per rank); the momentum
             # model's predictions at the same positions are the distillation targets.
@@ -194,13 +194,30 @@ class BlipPretrain(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # inference (retrieval evaluation, CapFilt); run under model.eval()
 
+    image_feat_tokens = 1
+    """ITC features per image: the [CLS] projection."""
+
+    def eval_root_parameters(self) -> list[nn.Parameter]:
+        """Parameters read outside a submodule's forward during evaluation (none: temp only scales training)."""
+        return []
+
     @torch.no_grad()
     def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) → (image_embeds (B, 1+P, Dv), image_feat (B, E) normalised)."""
+        """(B, 3, H, W) → (image_embeds (B, 1+P, Dv), image_feat (B, 1, E) normalised)."""
         image_embeds = self.visual_encoder(pixel_values)
-        return image_embeds, F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+        return image_embeds, F.normalize(self.vision_proj(image_embeds[:, :1]), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) [CLS]-first text → text_feat (B, E) normalised."""
         return self._text_feat(self.text, self.text_proj, text_ids, text_mask)
+
+    @torch.no_grad()
+    def itm_scores(self, image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                   probability: bool = False) -> torch.Tensor:
+        """Matching score of each (image, text) pair for [CLS]-first text: the positive-class logit (B,), as BLIP
+        ranks by; probability=True gives P(match) (CapFilt's filter keeps texts it calls matched)."""
+        if self.arch == "blip":  # the image-grounded encoder reads [ENC] where the collator put [CLS]
+            text_ids = torch.cat([torch.full_like(text_ids[:, :1], self.tokens.enc), text_ids[:, 1:]], dim=1)
+        logits = self._itm_logits(image_embeds, text_ids, text_mask)  # (B, 2)
+        return logits.float().softmax(-1)[:, 1] if probability else logits[:, 1]

@@ -198,7 +198,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def mask_tokens(input_ids: torch.Tensor, vocab_size: int, mask_token_id: int,
-                special_ids: Sequence[int], generator: torch.Generator,
+                special_ids: Sequence[int], generator: Optional[torch.Generator] = None,
                 probability: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking for ALBEF's MLM; returns new (masked_ids, labels), input_ids is unchanged.
 
@@ -206,9 +206,10 @@ def mask_tokens(input_ids: torch.Tensor, vocab_size: int, mask_token_id: int,
     token drawn uniformly from the whole vocabulary (as BERT and ALBEF do), 10% stay. labels hold
     the original id at chosen positions and -100 elsewhere. All randomness comes from `generator`
     (checkpointed by the trainer), with a fixed number of draws per call, so a resumed run masks
-    the same tokens; draws are made on the generator's device and moved to input_ids'.
+    the same tokens; draws are made on the generator's device and moved to input_ids'. Without a
+    generator, torch's global RNG on input_ids' device (which the trainer checkpoints per rank).
     """
-    shape, dev = input_ids.shape, generator.device
+    shape, dev = input_ids.shape, (generator.device if generator is not None else input_ids.device)
     u = torch.rand((3, *shape), generator=generator, device=dev).to(input_ids.device)  # (3, B, T)
     random_ids = torch.randint(vocab_size, shape, generator=generator, device=dev).to(input_ids.device)
     special = torch.isin(input_ids, torch.as_tensor(list(special_ids), dtype=input_ids.dtype,

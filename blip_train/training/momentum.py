@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from blip_train.distributed.zero import is_zero3_param
+from blip_train.models.blip_losses import momentum_update_
 
 
 def has_momentum(model: nn.Module) -> bool:
@@ -63,15 +64,19 @@ def update_momentum_(model: nn.Module, decay: float) -> None:
     """
     from deepspeed.utils import safe_get_local_fp32_param
 
+    pairs, whole_copies = [], []
     for p, m in model.momentum_pairs():
         if is_zero3_param(m):
             online = safe_get_local_fp32_param(p) if hasattr(p, "_z3_optimizer") else p.ds_tensor
             mine = _local(m)
-            mine.mul_(decay).add_(online.view(-1)[: mine.numel()].to(mine.dtype), alpha=1 - decay)
+            pairs.append((online.view(-1)[: mine.numel()], mine))
             if m.data.numel():
-                _regather_whole_(m)
+                whole_copies.append(m)
         else:
-            m.data.mul_(decay).add_(p.data.to(m.dtype), alpha=1 - decay)
+            pairs.append((p.data, m.data))
+    momentum_update_(pairs, decay)
+    for m in whole_copies:
+        _regather_whole_(m)
 
 
 def _slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:

@@ -98,15 +98,18 @@ def build_stage1_model(cfg: ExperimentConfig, world: WorldInfo | None = None, de
     return model, tokenizer
 
 
-def load_trained_stage1(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, untrained: bool = False,
-                        device_type: str | None = None):
-    """(model, tokenizer) of a finished stage-1 run for inference (eval, CapFilt): `build_stage1_model`
-    (frozen ViT from its recorded source), then the trainable weights consolidated from the ZeRO shards
-    of `ckpt_dir/tag`, loaded strictly. untrained=True gives the step-0 weights instead (same seed, then
-    model.init_from as in training)."""
+def load_trained_retrieval_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, untrained: bool = False,
+                                 device_type: str | None = None):
+    """(model, tokenizer) of a finished run with ITC/ITM heads (model.arch stage1 | blip | albef) for inference
+    (eval, CapFilt): the arch's builder (a frozen ViT from its recorded source), then the trainable weights
+    consolidated from the ZeRO shards of `ckpt_dir/tag`, loaded strictly. untrained=True gives the step-0
+    weights instead (same seed, then model.init_from as in training)."""
     from blip_train.training.weights import consolidate_trainable, load_trainable_
 
-    model, tokenizer = build_stage1_model(cfg, device_type=device_type)
+    if cfg.model.arch in ("blip", "albef"):
+        model, tokenizer = build_blip_model(cfg)
+    else:
+        model, tokenizer = build_stage1_model(cfg, device_type=device_type)
     if not untrained:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
@@ -280,7 +283,7 @@ def build_instruct(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_co
 def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None):
     """BlipPretrain (model.arch blip | albef) with its tokenizer: the ViT from model.vision.weights and the text
     transformer from model.text.bert_init when given, then the momentum copies set to the online weights."""
-    from blip_train.data.tokenizers import load_blip_tokenizer
+    from blip_train.data.tokenizers import ENC_TOKEN, load_blip_tokenizer
     from blip_train.models.blip import BlipPretrain, TextTokens
     from blip_train.models.eva_vit import load_vit_weights
     from blip_train.models.med import load_bert_weights_into_med
@@ -296,7 +299,8 @@ def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None):
         raise ConfigError(f"model.text.vocab_size: {m.text.vocab_size} is smaller than the tokenizer's "
                           f"{len(tokenizer)} tokens ({m.text.tokenizer})")
     tokens = TextTokens(pad=tokenizer.pad_token_id, cls=tokenizer.cls_token_id, sep=tokenizer.sep_token_id,
-                        mask=tokenizer.mask_token_id, vocab_size=len(tokenizer))
+                        mask=tokenizer.mask_token_id, enc=tokenizer.convert_tokens_to_ids(ENC_TOKEN),
+                        vocab_size=len(tokenizer))
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
     model = BlipPretrain(m, tokens, world)
     if m.vision.weights:
