@@ -47,6 +47,8 @@ class VisionConfig:
     """Blocks in the pretrained tower."""
     drop_last_block: bool = True
     """BLIP-2 uses the second-to-last block's output: build layers-1 blocks."""
+    final_norm: bool = False
+    """The timm/BLIP ViT's final LayerNorm over all tokens (BLIP, ALBEF); BLIP-2 has none."""
     heads: int = 16
     mlp_dim: int = 6144
     layer_norm_eps: float = 1e-6

@@ -2,7 +2,8 @@
 
 Ours (see eva_vit.py, qformer.py):
   EVAViT   cls_token, pos_embed, patch_embed.proj.*, blocks.{i}.{norm1,attn.qkv.weight,attn.q_bias,
-           attn.v_bias,attn.proj,norm2,mlp.fc1,mlp.fc2}.*   (identical to EVA / LAVIS checkpoints)
+           attn.v_bias,attn.proj,norm2,mlp.fc1,mlp.fc2}.*   (identical to EVA / LAVIS checkpoints),
+           norm.* with final_norm (BLIP / ALBEF)
   QFormer  embeddings.{word_embeddings,position_embeddings,norm}.*,
            layers.{i}.{self_attn,cross_attn}.{query,key,value,out,norm}.*,
            layers.{i}.{ffn,ffn_query}.{fc1,fc2,norm}.*, lm_head.{dense,norm,decoder}.*
@@ -21,8 +22,11 @@ transformers:
                              and no text FFN (stage 2 never feeds text to the Q-Former).
     instructblip_generation  InstructBlipForConditionalGeneration: `qformer.` + InstructBLIP names.
   Our `lm_head` has no counterpart in any HF class (none keeps the Q-Former's MLM/ITG head).
+  BlipVisionModel (BLIP): as Blip2VisionModel, but post_layernorm is the tower's own `norm` (final_norm).
 BERT / LAVIS: bert.embeddings.*, bert.encoder.layer.{i}.{attention.self,crossattention.self,...},
   intermediate(_query), output(_query), cls.predictions.* (qformer_from_bert / qformer_to_bert).
+BLIP (authors' checkpoints): visual_encoder.* timm ViT names (blip_vision_from_timm: ours but a full qkv
+  bias).
 LAVIS whole models (model_from_lavis): `Qformer.` + BERT names, {opt,t5,llm}_proj -> llm_proj, the rest as ours.
 """
 from __future__ import annotations
@@ -65,7 +69,7 @@ def _starts(key: str, prefixes: tuple[str, ...]) -> bool:
 
 # ----------------------------------------------------------------------------------------- vision
 
-_VISION_PAIRS: Pairs = [
+_VIT_PAIRS: Pairs = [
     ("cls_token", "embeddings.class_embedding"),
     ("pos_embed", "embeddings.position_embedding"),
     ("patch_embed.proj.", "embeddings.patch_embedding."),
@@ -74,8 +78,11 @@ _VISION_PAIRS: Pairs = [
     ("blocks.{i}.attn.proj.", "encoder.layers.{i}.self_attn.projection."),
     ("blocks.{i}.norm2.", "encoder.layers.{i}.layer_norm2."),
     ("blocks.{i}.mlp.", "encoder.layers.{i}.mlp."),
-    ("ln_vision.", "post_layernorm."),
 ]
+_VISION_PAIRS: Pairs = _VIT_PAIRS + [("ln_vision.", "post_layernorm.")]
+"""BLIP-2: the tower has no final norm; HF's post_layernorm is our separate `ln_vision`."""
+_BLIP_VISION_PAIRS: Pairs = _VIT_PAIRS + [("norm.", "post_layernorm.")]
+"""BLIP: HF's post_layernorm is the tower's own final `norm` (VisionConfig.final_norm); timm names it `norm`."""
 
 
 def fuse_qkv_bias(q_bias: torch.Tensor, v_bias: torch.Tensor) -> torch.Tensor:
@@ -89,8 +96,7 @@ def split_qkv_bias(qkv_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, v
 
 
-def vision_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """EVAViT keys (plus optional `ln_vision.*`) -> Blip2VisionModel keys."""
+def _vit_to_hf(sd: Mapping[str, torch.Tensor], pairs: Pairs) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in sd.items():
         m = re.fullmatch(r"blocks\.(\d+)\.attn\.(q_bias|v_bias)", key)
@@ -99,25 +105,62 @@ def vision_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 out[f"encoder.layers.{m.group(1)}.self_attn.qkv.bias"] = fuse_qkv_bias(
                     value, sd[f"blocks.{m.group(1)}.attn.v_bias"])
             continue
-        name = _translate(key, _VISION_PAIRS)
+        name = _translate(key, pairs)
         if name is None:
             raise ValueError(f"vision key {key!r} has no transformers name")
         out[name] = value
     return out
 
 
-def vision_from_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Blip2VisionModel / InstructBlipVisionModel keys -> EVAViT keys (post_layernorm -> `ln_vision.*`)."""
+def _vit_from_hf(sd: Mapping[str, torch.Tensor], pairs: Pairs) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in sd.items():
         m = re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.qkv\.bias", key)
         if m:
             out[f"blocks.{m.group(1)}.attn.q_bias"], out[f"blocks.{m.group(1)}.attn.v_bias"] = split_qkv_bias(value)
             continue
-        name = _translate(key, _swap(_VISION_PAIRS))
+        name = _translate(key, _swap(pairs))
         if name is None:
             raise ValueError(f"transformers vision key {key!r} has no counterpart in EVAViT")
         out[name] = value
+    return out
+
+
+def vision_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """EVAViT keys (plus optional `ln_vision.*`) -> Blip2VisionModel keys."""
+    return _vit_to_hf(sd, _VISION_PAIRS)
+
+
+def vision_from_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Blip2VisionModel / InstructBlipVisionModel keys -> EVAViT keys (post_layernorm -> `ln_vision.*`)."""
+    return _vit_from_hf(sd, _VISION_PAIRS)
+
+
+def blip_vision_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """EVAViT keys of a tower with `final_norm` -> BlipVisionModel keys (its k bias is written as zeros)."""
+    return _vit_to_hf(sd, _BLIP_VISION_PAIRS)
+
+
+def blip_vision_from_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BlipVisionModel keys (BLIP's `vision_model.*`, prefix stripped) -> EVAViT keys with the final `norm`."""
+    return _vit_from_hf(sd, _BLIP_VISION_PAIRS)
+
+
+def blip_vision_from_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The authors' timm ViT (BLIP / ALBEF checkpoints' `visual_encoder.*`, prefix stripped) -> EVAViT keys.
+
+    timm's names are ours except the full qkv bias, which splits into q_bias and v_bias (its k third is
+    dropped: softmax-invariant). Unknown keys (a classifier head) raise.
+    """
+    out = {}
+    for key, value in sd.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.bias", key)
+        if m:
+            out[f"blocks.{m.group(1)}.attn.q_bias"], out[f"blocks.{m.group(1)}.attn.v_bias"] = split_qkv_bias(value)
+        elif _translate(key, _BLIP_VISION_PAIRS) is None:
+            raise ValueError(f"timm ViT key {key!r} has no counterpart in EVAViT")
+        else:
+            out[key] = value
     return out
 
 

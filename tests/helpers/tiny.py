@@ -50,6 +50,15 @@ def hf_vision_config(cfg: VisionConfig):
     return hf
 
 
+def hf_blip_vision_config(cfg: VisionConfig):
+    """transformers BlipVisionConfig equal to `cfg` built with `final_norm` (exact GELU, no dropout)."""
+    from transformers import BlipVisionConfig
+
+    return BlipVisionConfig(hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=vision_blocks(cfg),
+                            num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                            hidden_act="gelu", layer_norm_eps=cfg.layer_norm_eps, attention_dropout=0.0)
+
+
 def _qformer_kwargs(cfg: QFormerConfig, encoder_width: int) -> dict:
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
                 num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate_size, hidden_act="gelu",

@@ -31,7 +31,7 @@ def test_key_snapshot():
         "run.output_dir", "run.seed", "run.device", "run.tensorboard", "run.wandb", "run.wandb_project", "run.memory_trace",
         "model.arch", "model.qformer_text_input", "model.attention", "model.embed_dim", "model.max_txt_len", "model.init_from",
         "model.vision.image_size", "model.vision.patch_size", "model.vision.width", "model.vision.layers",
-        "model.vision.drop_last_block", "model.vision.heads", "model.vision.mlp_dim", "model.vision.layer_norm_eps",
+        "model.vision.drop_last_block", "model.vision.final_norm", "model.vision.heads", "model.vision.mlp_dim", "model.vision.layer_norm_eps",
         "model.vision.weights", "model.vision.frozen", "model.vision.precision", "model.vision.grad_checkpointing",
         "model.vision.drop_path_rate",
         "model.qformer.hidden_size", "model.qformer.layers", "model.qformer.heads", "model.qformer.intermediate_size",
