@@ -47,6 +47,8 @@ class VisionConfig:
     """Blocks in the pretrained tower."""
     drop_last_block: bool = True
     """BLIP-2 uses the second-to-last block's output: build layers-1 blocks."""
+    final_norm: bool = False
+    """The timm/BLIP ViT's final LayerNorm over all tokens (BLIP, ALBEF); BLIP-2 has none."""
     heads: int = 16
     mlp_dim: int = 6144
     layer_norm_eps: float = 1e-6
@@ -87,6 +89,35 @@ class QFormerConfig:
     tokenizer: str = ""
     """Local BERT tokenizer folder (the Q-Former tokenizer, with [DEC] added)."""
     grad_checkpointing: bool = False
+
+
+@dataclass
+class TextConfig:
+    """The BERT-base text transformer of BLIP (MED: text encoder, image-grounded encoder and decoder) and ALBEF
+    (6 text + 6 fusion layers). Defaults are BLIP's `med_config.json`."""
+    hidden_size: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: int = 30524
+    """bert-base-uncased's 30522 plus [DEC] and [ENC] (BLIP; ALBEF needs only 30522)."""
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    """Hidden and attention-probability dropout (BLIP's med_config.json and ALBEF's config_bert.json: 0.1;
+    transformers' BlipTextConfig defaults to 0.0)."""
+    fusion_layer: int = 0
+    """Cross-attention to the image in layers >= fusion_layer. BLIP: 0 (every layer); ALBEF: 6 (layers below
+    it form the text encoder, the rest the fusion encoder)."""
+    decoder: bool = True
+    """Build the decoder's own causal self-attention in every layer (BLIP's MED); ALBEF has no decoder."""
+    tokenizer: str = ""
+    """Local BERT tokenizer folder (bert-base-uncased, with [DEC] and [ENC] added for BLIP)."""
+    bert_init: str = ""
+    """Local HF BERT folder to initialise from (the decoder self-attention copied from the encoder's; cross-
+    attention random). Empty: random."""
+    grad_checkpointing: bool = False
+    """Recompute each layer's activations in backward."""
 
 
 @dataclass
@@ -160,6 +191,8 @@ class ModelConfig:
     """Checkpoint to initialise trainable parts from (our ZeRO checkpoint dir or consolidated safetensors)."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    """The MED / ALBEF text transformer (model.arch blip | albef)."""
     llm: LLMConfig = field(default_factory=LLMConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
 
