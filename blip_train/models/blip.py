@@ -85,14 +85,11 @@ class BlipPretrain(nn.Module):
         self.temp = nn.Parameter(torch.full((1,), 0.07))
 
         # Momentum copies. BLIP's momentum text encoder only ever runs unimodally: built without
-        # cross-attention and decoder (fusion_layer = layers); ALBEF's also runs the fusion layers and the
-        # MLM head (distillation of the MLM targets).
-        if cfg.arch == "blip":
-            text_cfg_m = dataclasses.replace(text_cfg, fusion_layer=text_cfg.layers, decoder=False)
-        else:
-            text_cfg_m = dataclasses.replace(text_cfg, decoder=False)
+        # cross-attention and decoder; ALBEF's also runs the fusion layers and the MLM head (distillation of the
+        # MLM targets).
         self.visual_encoder_m = EVAViT(dataclasses.replace(cfg.vision, drop_path_rate=0.0), attention=cfg.attention)
-        self.text_m = MED(text_cfg_m, encoder_width=cfg.vision.width, attention=cfg.attention)
+        self.text_m = MED(dataclasses.replace(text_cfg, decoder=False), encoder_width=cfg.vision.width,
+                          attention=cfg.attention, text_only=cfg.arch == "blip")
         self.vision_proj_m = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_proj_m = nn.Linear(text_cfg.hidden_size, cfg.embed_dim)
         self.copy_to_momentum_()

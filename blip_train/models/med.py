@@ -21,6 +21,7 @@ BlipTextLMHeadModel and from the authors' BLIP checkpoints.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -60,7 +61,9 @@ class MED(nn.Module):
     BERT_INIT_COPIES = ((".self_attn.", ".self_attn_dec."),)
     """(from, to) name parts: `load_bert_weights` starts the decoder self-attention as a copy of the encoder's."""
 
-    def __init__(self, cfg: TextConfig, encoder_width: int, attention: str = "auto"):
+    def __init__(self, cfg: TextConfig, encoder_width: int, attention: str = "auto", text_only: bool = False):
+        """text_only: build the unimodal text encoder alone (no cross-attention, no decoder; mode "text" only), as
+        BLIP's momentum text encoder, which never sees the image."""
         super().__init__()
         if cfg.hidden_size % cfg.heads:
             raise ValueError(f"model.text.hidden_size={cfg.hidden_size} is not divisible by "
@@ -71,9 +74,12 @@ class MED(nn.Module):
         check_backend(attention)
         self.cfg = cfg
         self.fusion_layer = cfg.fusion_layer
+        self.text_only = text_only
         self.grad_checkpointing = cfg.grad_checkpointing
         self.embeddings = QFormerEmbeddings(cfg, config_key="model.text")
-        self.layers = nn.ModuleList(MEDLayer(cfg, encoder_width, i >= cfg.fusion_layer, attention)
+        if text_only:
+            cfg = replace(cfg, decoder=False)
+        self.layers = nn.ModuleList(MEDLayer(cfg, encoder_width, not text_only and i >= cfg.fusion_layer, attention)
                                     for i in range(cfg.layers))
         self.lm_head = QFormerLMHead(cfg)
         self.apply(init_bert_weights)
@@ -98,6 +104,8 @@ class MED(nn.Module):
         if text_hidden is not None and (mode != "multimodal" or self.fusion_layer == 0):
             raise ValueError("text_hidden feeds the fusion layers: it needs mode='multimodal' and "
                              f"model.text.fusion_layer > 0 (this MED: {self.fusion_layer})")
+        if mode != "text" and self.text_only:
+            raise ValueError(f"mode={mode!r}: this MED is a text-only encoder (built with text_only=True)")
         if mode == "text" and image_embeds is not None:
             raise ValueError("mode='text' is the unimodal text encoder: it takes no image_embeds")
         if mode != "text" and image_embeds is None:

@@ -286,7 +286,7 @@ def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None):
     from blip_train.data.tokenizers import ENC_TOKEN, load_blip_tokenizer
     from blip_train.models.blip import BlipPretrain, TextTokens
     from blip_train.models.eva_vit import load_vit_weights
-    from blip_train.models.med import load_bert_weights_into_med
+    from blip_train.models.qformer import load_bert_weights
 
     m = cfg.model
     if not m.text.tokenizer:
@@ -306,7 +306,7 @@ def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None):
     if m.vision.weights:
         load_vit_weights(model.visual_encoder, m.vision.weights)
     if m.text.bert_init:
-        load_bert_weights_into_med(model.text, m.text.bert_init)
+        load_bert_weights(model.text, m.text.bert_init)
     model.copy_to_momentum_()
     return model, tokenizer
 

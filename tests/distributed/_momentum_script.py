@@ -26,9 +26,11 @@ from blip_train.training.stages import build_stage
 
 
 def gather_copies(module) -> dict:
+    """Every copy whole. Copies DeepSpeed keeps whole (persistent) are read as they are, not gathered: leaving a
+    gathered context would release them, and what is checked is that the update kept their whole data right."""
     names = {id(m): n for n, m in module.named_parameters()}
     copies = [m for _, m in module.momentum_pairs()]
-    with gathered(copies):
+    with gathered([m for m in copies if not m.data.numel()]):
         return {names[id(m)]: m.detach().clone() for m in copies}
 
 
@@ -64,6 +66,7 @@ def main():
         losses = engine(finish_batch(next(it)))
         engine.backward(losses["loss"])
         engine.step()
+        whole = sum(int(m.data.numel() > 0) for _, m in module.momentum_pairs())  # persistent: whole after the step
         before, master = gather_copies(module), masters(module)
         update_momentum_(module, decay)
         after = gather_copies(module)
@@ -71,17 +74,17 @@ def main():
             expected = before[n].mul(decay).add(master[n], alpha=1 - decay)
             worst = max(worst, (after[n] - expected).abs().max().item())
             ok = ok and torch.equal(after[n], expected)
-        moved = sum(not torch.equal(before[n], after[n]) for n in after)
+        moved = sum(int(not torch.equal(before[n], after[n])) for n in after)
     queue = {n: b.clone() for n, b in module.named_buffers() if n.startswith("queue.")}
     queues = [None] * env.world_size
     dist.all_gather_object(queues, {n: b.tolist() for n, b in queue.items()})
     torch.save({"momentum": momentum_state(module)}, out / f"rank_{env.rank:05d}.pt")  # as in a checkpoint
-    whole = gather_copies(module)
+    final = gather_copies(module)
     if env.rank == 0:
-        torch.save(whole, out / "copies.pt")
-        partitioned = sum(is_zero3_param(m) and m.data.numel() == 0 for _, m in module.momentum_pairs())
-        json.dump({"exact": ok, "worst": worst, "moved": moved, "copies": len(after),
-                   "partitioned": partitioned, "dtypes": sorted({str(v.dtype) for v in after.values()}),
+        torch.save(final, out / "copies.pt")
+        json.dump({"exact": ok, "worst": worst, "moved": moved, "copies": len(after), "whole": whole,
+                   "zero3": sum(int(is_zero3_param(m)) for _, m in module.momentum_pairs()),
+                   "dtypes": sorted({str(v.dtype) for v in after.values()}),
                    "queues_equal": all(q == queues[0] for q in queues),
                    "ptr": queues[0]["queue.ptr"]}, open(out / "report.json", "w"))
     dist.barrier()

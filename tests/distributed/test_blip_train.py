@@ -33,10 +33,11 @@ def test_momentum_update_and_queue(tiny_assets, tmp_path, sets):
     rep = json.loads((out / "report.json").read_text())
     assert rep["exact"], rep  # gathered copies == decay * before + (1 - decay) * master, bit for bit
     assert rep["moved"] > rep["copies"] // 2 and rep["dtypes"] == ["torch.float32"]
-    if sets[0].endswith("=0"):
-        assert rep["partitioned"] == rep["copies"]  # every copy lives as partitions only
-    else:
-        assert rep["partitioned"] == 0
+    zero3 = "zero2" not in sets[0]
+    assert rep["zero3"] == (rep["copies"] if zero3 else 0)
+    # threshold 0: every copy lives as partitions only; a large threshold keeps every copy whole as well (the
+    # update then re-assembles the whole data from the updated partitions)
+    assert rep["whole"] == (0 if sets[0].endswith("=0") else rep["copies"])
     assert rep["queues_equal"] and rep["ptr"] == [2 * 2 * 4 % 32]  # 2 forwards of 2 ranks x 4
 
     # The rank files reload into one whole (unpartitioned) model: the same copies and queue.
