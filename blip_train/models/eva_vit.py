@@ -339,13 +339,29 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     return sd
 
 
+TIMM_CLASSIFIER = ("head.", "head_dist.", "fc_norm.", "pre_logits.")
+"""An ImageNet timm ViT/DeiT checkpoint's classification head: not part of the image encoder (BLIP / ALBEF start
+from such checkpoints and drop it)."""
+
+
+def from_timm_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm ViT state dict (full qkv bias: `blocks.N.attn.qkv.bias`) as EVAViT keys, its classifier head
+    left out; any other state dict unchanged."""
+    from blip_train.models.hf_names import blip_vision_from_timm
+
+    if not any(k.endswith(".attn.qkv.bias") for k in sd):
+        return sd
+    return blip_vision_from_timm({k: v for k, v in sd.items() if not k.startswith(TIMM_CLASSIFIER)})
+
+
 def load_vit_weights(model: EVAViT, path: Union[str, Path]) -> None:
-    """Load EVA/our-named weights strictly, interpolating position embeddings to the model's grid.
+    """Load EVA/our-named weights, or an ImageNet timm ViT/DeiT checkpoint (BLIP / ALBEF: classifier head left
+    out, see `from_timm_layout`), strictly, interpolating position embeddings to the model's grid.
 
     Blocks the model dropped on purpose (`drop_last_block`) are skipped; any other missing or
     unexpected key is a ValueError that lists them.
     """
-    sd = read_state_dict(path)
+    sd = from_timm_layout(read_state_dict(path))
     kept = len(model.blocks)
     dropped = tuple(f"blocks.{i}." for i in range(kept, model.num_pretrained_blocks))
     sd = {k: v for k, v in sd.items() if not k.startswith(dropped)}

@@ -121,3 +121,25 @@ def test_blip_refuses_a_med_without_decoder():
     cfg = blip_config()
     with pytest.raises(ValueError, match="model.text.decoder"):
         BlipPretrain(replace(cfg, text=replace(cfg.text, decoder=False)), TOKENS)
+
+
+def test_vit_loads_an_imagenet_timm_checkpoint(tmp_path):
+    """BLIP / ALBEF start from a timm ViT/DeiT .pth: {"model": ...}, a full qkv bias, a classifier head."""
+    from blip_train.models.eva_vit import EVAViT, load_vit_weights
+
+    cfg = tiny_vision_config(frozen=False, final_norm=True, drop_last_block=False)
+    torch.manual_seed(0)
+    source = EVAViT(cfg)
+    sd = {}
+    for k, v in source.state_dict().items():
+        if k.endswith("attn.q_bias"):
+            q, vb = v, source.state_dict()[k.replace("q_bias", "v_bias")]
+            sd[k.replace("q_bias", "qkv.bias")] = torch.cat([q, torch.randn_like(q), vb])  # any k bias
+        elif not k.endswith("attn.v_bias"):
+            sd[k] = v
+    sd.update({"head.weight": torch.randn(10, cfg.width), "head.bias": torch.randn(10)})
+    torch.save({"model": sd}, tmp_path / "deit.pth")
+    model = EVAViT(cfg)
+    load_vit_weights(model, tmp_path / "deit.pth")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), source(x))
