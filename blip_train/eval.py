@@ -84,7 +84,11 @@ def build_generative_eval(cfg, ckpt_dir: Path, tag: str, task: str, untrained: b
     from blip_train.training.stages import build_llm_stage_model
     from blip_train.training.weights import consolidate_trainable, load_trainable_
 
-    model, tok, _ = build_llm_stage_model(cfg, device_type=device.type)  # frozen dtypes for that device
+    if cfg.model.arch == "blip":
+        from blip_train.training.stages import build_blip_model
+        model, tok = build_blip_model(cfg)
+    else:
+        model, tok, _ = build_llm_stage_model(cfg, device_type=device.type)  # frozen dtypes for that device
     if not untrained:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))

@@ -168,10 +168,10 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-EVAL_TASK_ARCHS = {"retrieval": ("stage1", "blip", "albef"), "caption": ("stage2", "instruct"),
+EVAL_TASK_ARCHS = {"retrieval": ("stage1", "blip", "albef"), "caption": ("stage2", "instruct", "blip"),
                    "vqa": ("stage2", "instruct")}
-"""Which model.arch can run each evaluation task (retrieval needs the ITC/ITM heads; the others an LLM;
-stage 2 answers questions zero-shot, or question-aware after VQA fine-tuning)."""
+"""Which model.arch can run each evaluation task (retrieval needs the ITC/ITM heads; captions an LLM or BLIP's
+decoder; VQA an LLM: stage 2 answers questions zero-shot, or question-aware after VQA fine-tuning)."""
 _DEFAULT_EVAL_TASK = {"stage1": "retrieval", "stage2": "caption", "instruct": "vqa", "blip": "retrieval",
                       "albef": "retrieval"}
 _ON_OFF_KEYS = {"optim.fused"}

@@ -91,6 +91,22 @@ class BlipCollator(Stage1Collator):
         return batch
 
 
+class BlipCaptionCollator:
+    """Caption generation batches for BLIP's decoder: pixel_values and
+        prompt_ids long (B, P)  [DEC] then the prompt's tokens (no [SEP]), the same in every row
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt: str = "") -> None:
+        dec_id = tokenizer.convert_tokens_to_ids(DEC_TOKEN)
+        if dec_id is None or dec_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {DEC_TOKEN} token: load it with load_blip_tokenizer()")
+        self.prompt_ids = [dec_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {**collate_images(samples),
+                "prompt_ids": torch.tensor([self.prompt_ids] * len(samples), dtype=torch.long)}
+
+
 IMAGE_ID_BITS = 40
 """Bits of a stream's image ids inside a batch's `image_ids` (the stream index sits above them)."""
 

@@ -210,6 +210,35 @@ class BlipPretrain(nn.Module):
         return self._text_feat(self.text, self.text_proj, text_ids, text_mask)
 
     @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, prompt_ids: torch.Tensor, *, max_new_tokens: int = 30,
+                 min_new_tokens: int = 1, num_beams: int = 1, synced_gpus: bool = False,
+                 **unused: object) -> torch.Tensor:
+        """Captions from BLIP's image-grounded decoder, greedy: (B, max_new_tokens) ids after `prompt_ids`.
+
+        prompt_ids: (B, P) [DEC] then the prompt's tokens (BLIP captions after "a picture of "; none in
+        pretraining), the same length in every row. A caption ends with [SEP], then [PAD]. Every step
+        re-encodes the whole prefix (no key/value cache: captions are short), and all `max_new_tokens` steps
+        run whatever the captions do (ZeRO-3: every rank calls the same modules; `synced_gpus` is implied).
+        Other generation options (length_penalty, eos ids) do not apply to greedy decoding and are ignored.
+        """
+        if self.arch != "blip":
+            raise ValueError(f"model.arch={self.arch} has no text decoder: only BLIP generates captions")
+        if num_beams != 1:
+            raise ValueError(f"num_beams={num_beams}: BLIP captions decode greedily here; set eval.num_beams=1")
+        image_embeds = self.visual_encoder(pixel_values)  # (B, 1+P, Dv)
+        ids = prompt_ids
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for step in range(max_new_tokens):
+            hidden = self.text(ids, torch.ones_like(ids), image_embeds=image_embeds, mode="decoder")
+            logits = self.text.lm_logits(hidden[:, -1]).float()  # (B, V)
+            if step < min_new_tokens:
+                logits[:, self.tokens.sep] = float("-inf")
+            nxt = torch.where(done, torch.full_like(done, self.tokens.pad, dtype=torch.long), logits.argmax(-1))
+            done = done | (nxt == self.tokens.sep)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+        return ids[:, prompt_ids.shape[1]:]
+
+    @torch.no_grad()
     def itm_scores(self, image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
                    probability: bool = False) -> torch.Tensor:
         """Matching score of each (image, text) pair for [CLS]-first text: the positive-class logit (B,), as BLIP

@@ -143,3 +143,27 @@ def test_vit_loads_an_imagenet_timm_checkpoint(tmp_path):
     load_vit_weights(model, tmp_path / "deit.pth")
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), source(x))
+
+
+def test_greedy_captions_from_the_decoder():
+    """generate: max_new_tokens ids after the prompt, [SEP] ends a caption and [PAD] follows; the first token is
+    the decoder's argmax given [DEC]; ALBEF has no decoder."""
+    torch.manual_seed(0)
+    model = BlipPretrain(blip_config(), TOKENS).eval()
+    px = make_batch()["pixel_values"]
+    prompt = torch.full((B, 1), 3)  # [DEC]
+    ids = model.generate(px, prompt, max_new_tokens=6, min_new_tokens=0)
+    assert ids.shape == (B, 6)
+    embeds = model.visual_encoder(px)
+    first = model.text.lm_logits(model.text(prompt, torch.ones_like(prompt), image_embeds=embeds, mode="decoder"))
+    assert torch.equal(ids[:, 0], first[:, -1].argmax(-1))
+    # Force [SEP] as the most likely first token: everything after it is padding.
+    with torch.no_grad():
+        model.text.lm_head.decoder.bias[TOKENS.sep] = 1e4
+    ids = model.generate(px, prompt, max_new_tokens=4, min_new_tokens=0)
+    assert (ids[:, 0] == TOKENS.sep).all() and (ids[:, 1:] == TOKENS.pad).all()
+    assert (model.generate(px, prompt, max_new_tokens=4, min_new_tokens=2)[:, :2] != TOKENS.sep).all()
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(px, prompt, num_beams=3)
+    with pytest.raises(ValueError, match="no text decoder"):
+        BlipPretrain(blip_config("albef"), TOKENS).generate(px, prompt)
