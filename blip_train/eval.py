@@ -84,7 +84,11 @@ def build_generative_eval(cfg, ckpt_dir: Path, tag: str, task: str, untrained: b
     from blip_train.training.stages import build_llm_stage_model
     from blip_train.training.weights import consolidate_trainable, load_trainable_
 
-    model, tok, _ = build_llm_stage_model(cfg, device_type=device.type)  # frozen dtypes for that device
+    if cfg.model.arch == "blip":
+        from blip_train.training.stages import build_blip_model
+        model, tok = build_blip_model(cfg)
+    else:
+        model, tok, _ = build_llm_stage_model(cfg, device_type=device.type)  # frozen dtypes for that device
     if not untrained:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
@@ -178,13 +182,13 @@ def evaluate(args: argparse.Namespace, cfg, ckpt_dir: Path, tag: str, device: to
 
     if args.task == "retrieval":
         from blip_train.evaluation.stage1_eval import evaluate_retrieval, load_retrieval_split
-        from blip_train.training.stages import load_trained_stage1
+        from blip_train.training.stages import load_trained_retrieval_model
 
         split = load_retrieval_split(args.data, args.max_samples)  # refused before the model is built
         grouping = split.describe_grouping(args.data)
         if grouping:
             print0(grouping)
-        model, tokenizer = load_trained_stage1(cfg, ckpt_dir, tag, untrained=args.untrained, device_type=device.type)
+        model, tokenizer = load_trained_retrieval_model(cfg, ckpt_dir, tag, untrained=args.untrained, device_type=device.type)
         model.to(device)
         metrics, predictions = evaluate_retrieval(model, tokenizer, split, cfg.model.vision.image_size,
                                                   cfg.model.max_txt_len, k_test=cfg.eval.k_test,

@@ -104,7 +104,7 @@ def main() -> int:
     from blip_train.distributed import destroy_distributed, discover_environment, export_environment, init_distributed
     from blip_train.distributed.env import cuda_device_index
     from blip_train.eval import load_run_config
-    from blip_train.training.stages import load_trained_stage1
+    from blip_train.training.stages import load_trained_retrieval_model
 
     cfg, ckpt_dir, tag = load_run_config(args.checkpoint, args.overrides)
     if cfg.model.arch != "stage1":
@@ -123,7 +123,7 @@ def main() -> int:
     if use_cuda:  # the device init_distributed picked; one GPU per task (--gpus-per-task=1) is device 0
         device = torch.device("cuda", cuda_device_index(env.local_rank, env.local_world_size, torch.cuda.device_count(),
                                                         os.environ.get("CUDA_VISIBLE_DEVICES")))
-    model, tokenizer = load_trained_stage1(cfg, ckpt_dir, tag, device_type=device.type)
+    model, tokenizer = load_trained_retrieval_model(cfg, ckpt_dir, tag, device_type=device.type)
     model.to(device).eval()
     rule = choose_thresholds(args, model, tokenizer, cfg)  # every rank finds the same ones
     if env.rank == 0:

@@ -3,12 +3,14 @@ from .loading import (EVAL_TASK_ARCHS, ConfigError, check_input_paths, check_out
                       config_to_dict, config_warnings, eval_task, load_config, resolve_recipe, save_resolved_config,
                       validate_config)
 from .schema import (DataConfig, DeepSpeedConfig, EvalConfig, ExperimentConfig, LLMConfig, LoRAConfig,
-                     ModelConfig, OptimConfig, QFormerConfig, RunConfig, StreamConfig, TrainConfig, VisionConfig)
+                     ModelConfig, OptimConfig, QFormerConfig, RunConfig, StreamConfig, TextConfig, TrainConfig,
+                     VisionConfig)
 
 __all__ = [
     "EVAL_TASK_ARCHS", "ConfigError", "check_input_paths", "check_output_dir", "config_from_dict",
     "config_to_dict", "config_warnings", "eval_task", "load_config",
     "resolve_recipe", "save_resolved_config",
     "validate_config", "DataConfig", "DeepSpeedConfig", "EvalConfig", "ExperimentConfig", "LLMConfig", "LoRAConfig",
-    "ModelConfig", "OptimConfig", "QFormerConfig", "RunConfig", "StreamConfig", "TrainConfig", "VisionConfig",
+    "ModelConfig", "OptimConfig", "QFormerConfig", "RunConfig", "StreamConfig", "TextConfig", "TrainConfig",
+    "VisionConfig",
 ]

@@ -168,10 +168,12 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-EVAL_TASK_ARCHS = {"retrieval": ("stage1",), "caption": ("stage2", "instruct"), "vqa": ("stage2", "instruct")}
-"""Which model.arch can run each evaluation task (retrieval needs the ITC/ITM heads; the others an LLM;
-stage 2 answers questions zero-shot, or question-aware after VQA fine-tuning)."""
-_DEFAULT_EVAL_TASK = {"stage1": "retrieval", "stage2": "caption", "instruct": "vqa"}
+EVAL_TASK_ARCHS = {"retrieval": ("stage1", "blip", "albef"), "caption": ("stage2", "instruct", "blip"),
+                   "vqa": ("stage2", "instruct")}
+"""Which model.arch can run each evaluation task (retrieval needs the ITC/ITM heads; captions an LLM or BLIP's
+decoder; VQA an LLM: stage 2 answers questions zero-shot, or question-aware after VQA fine-tuning)."""
+_DEFAULT_EVAL_TASK = {"stage1": "retrieval", "stage2": "caption", "instruct": "vqa", "blip": "retrieval",
+                      "albef": "retrieval"}
 _ON_OFF_KEYS = {"optim.fused"}
 """String keys whose values include on/off, which YAML reads as booleans when unquoted."""
 _SIZE_KEYS = {"data.cache_limit"}
@@ -201,16 +203,40 @@ def eval_task(cfg: ExperimentConfig) -> str:
     return "vqa" if cfg.model.arch == "stage2" and cfg.model.qformer_text_input else _DEFAULT_EVAL_TASK[cfg.model.arch]
 
 
+def _check_momentum(cfg: ExperimentConfig) -> None:
+    """BLIP / ALBEF: a training ViT, a sane EMA, and a queue the global batch fills in whole steps."""
+    m, mom = cfg.model, cfg.model.momentum
+    if m.vision.frozen:
+        raise ConfigError(f"model.vision.frozen: model.arch={m.arch} trains its ViT end to end; set it false")
+    if not 0 <= mom.decay < 1:
+        raise ConfigError(f"model.momentum.decay: must be in [0, 1), got {mom.decay}")
+    if not 0 <= mom.alpha <= 1:
+        raise ConfigError(f"model.momentum.alpha: must be in [0, 1], got {mom.alpha}")
+    _positive("model.momentum.alpha_ramp_steps", mom.alpha_ramp_steps, allow_zero=True)
+    _positive("model.momentum.queue_size", mom.queue_size)
+    t = cfg.train
+    # The queue takes the whole global micro-batch (every rank's samples) per forward: it must divide the queue.
+    # The number of ranks is known only at launch; the model checks that part (FeatureQueue.enqueue_).
+    if mom.queue_size % t.micro_batch_size:
+        raise ConfigError(f"model.momentum.queue_size: {mom.queue_size} is not a multiple of train.micro_batch_size="
+                          f"{t.micro_batch_size} (each forward enqueues micro_batch_size x ranks features)")
+
+
 def validate_config(cfg: ExperimentConfig) -> None:
     """Refuse impossible settings, naming the key to change. Runs before any distributed set-up."""
     r, m, d, o, t, ds = cfg.run, cfg.model, cfg.data, cfg.optim, cfg.train, cfg.deepspeed
     _choice("run.device", r.device, ("auto", "cpu", "cuda"))
-    _choice("model.arch", m.arch, ("stage1", "stage2", "instruct"))
+    _choice("model.arch", m.arch, ("stage1", "stage2", "instruct", "blip", "albef"))
     _choice("model.attention", m.attention, ("auto", "flash", "sdpa", "math"))
     _choice("model.vision.precision", m.vision.precision, ("fp16", "bf16", "fp32"))
     _choice("model.llm.dtype", m.llm.dtype, ("fp16", "bf16", "fp32"))
     _choice("data.balance", d.balance, ("size", "sqrt", "uniform"))
     _choice("optim.fused", o.fused, ("auto", "on", "off"))
+    _choice("optim.schedule", o.schedule, ("cosine", "step"))
+    if o.schedule == "step":
+        _positive("optim.decay_steps", o.decay_steps)
+        if not 0 < o.decay_rate <= 1:
+            raise ConfigError(f"optim.decay_rate: must be in (0, 1], got {o.decay_rate}")
     _choice("deepspeed.precision", ds.precision, ("bf16", "fp16", "fp32"))
     if ds.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage: {ds.zero_stage} is not one of 0, 1, 2, 3")
@@ -259,6 +285,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
     if m.vision.drop_path_rate and m.vision.frozen:
         raise ConfigError(f"model.vision.drop_path_rate: {m.vision.drop_path_rate} needs a training ViT (a frozen "
                           "one runs in eval mode); set model.vision.frozen=false or model.vision.drop_path_rate=0")
+    if m.arch in ("blip", "albef"):
+        _check_momentum(cfg)
     lora = m.llm.lora
     _positive("model.llm.lora.r", lora.r, allow_zero=True)
     if lora.r:

@@ -47,6 +47,8 @@ class VisionConfig:
     """Blocks in the pretrained tower."""
     drop_last_block: bool = True
     """BLIP-2 uses the second-to-last block's output: build layers-1 blocks."""
+    final_norm: bool = False
+    """The timm/BLIP ViT's final LayerNorm over all tokens (BLIP, ALBEF); BLIP-2 has none."""
     heads: int = 16
     mlp_dim: int = 6144
     layer_norm_eps: float = 1e-6
@@ -90,6 +92,35 @@ class QFormerConfig:
 
 
 @dataclass
+class TextConfig:
+    """The BERT-base text transformer of BLIP (MED: text encoder, image-grounded encoder and decoder) and ALBEF
+    (6 text + 6 fusion layers). Defaults are BLIP's `med_config.json`."""
+    hidden_size: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: int = 30524
+    """bert-base-uncased's 30522 plus [DEC] and [ENC] (BLIP; ALBEF needs only 30522)."""
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    """Hidden and attention-probability dropout (BLIP's med_config.json and ALBEF's config_bert.json: 0.1;
+    transformers' BlipTextConfig defaults to 0.0)."""
+    fusion_layer: int = 0
+    """Cross-attention to the image in layers >= fusion_layer. BLIP: 0 (every layer); ALBEF: 6 (layers below
+    it form the text encoder, the rest the fusion encoder)."""
+    decoder: bool = True
+    """Build the decoder's own causal self-attention in every layer (BLIP's MED); ALBEF has no decoder."""
+    tokenizer: str = ""
+    """Local BERT tokenizer folder (bert-base-uncased, with [DEC] and [ENC] added for BLIP)."""
+    bert_init: str = ""
+    """Local HF BERT folder to initialise from (the decoder self-attention copied from the encoder's; cross-
+    attention random). Empty: random."""
+    grad_checkpointing: bool = False
+    """Recompute each layer's activations in backward."""
+
+
+@dataclass
 class LoRAConfig:
     """LoRA adapters (peft) injected into the frozen LLM after its weights are loaded."""
     r: int = 0
@@ -124,9 +155,26 @@ class LLMConfig:
 
 
 @dataclass
+class MomentumConfig:
+    """ALBEF / BLIP momentum distillation: an exponential moving average of the image and text encoders and
+    their ITC projections, and a queue of its features as extra ITC negatives (model.arch blip | albef)."""
+    decay: float = 0.995
+    """EMA factor per optimizer step: momentum = decay * momentum + (1 - decay) * online (both papers)."""
+    queue_size: int = 57600
+    """ITC feature queue entries (BLIP 57,600; ALBEF 65,536); a multiple of the global batch."""
+    alpha: float = 0.4
+    """Weight of the momentum model's soft targets in ITC (and ALBEF's MLM): targets = alpha * soft + (1 - alpha)
+    * hard (both papers 0.4)."""
+    alpha_ramp_steps: int = 0
+    """Steps over which alpha rises linearly from 0 (the papers ramp over the first epoch: set the steps of one
+    epoch); 0 uses alpha from the first step."""
+
+
+@dataclass
 class ModelConfig:
     arch: str = "stage1"
-    """stage1 | stage2 | instruct."""
+    """stage1 | stage2 | instruct (BLIP-2 / InstructBLIP) | blip | albef (ViT and BERT trained end to end, with
+    momentum encoders: model.text, model.momentum)."""
     qformer_text_input: bool = False
     """stage2: the sample's question also enters the Q-Former, after the queries and attending with them,
     through InstructBLIP's instruction path (BLIP-2's VQA fine-tuning). Training rows are then questions with
@@ -143,7 +191,10 @@ class ModelConfig:
     """Checkpoint to initialise trainable parts from (our ZeRO checkpoint dir or consolidated safetensors)."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    """The MED / ALBEF text transformer (model.arch blip | albef)."""
     llm: LLMConfig = field(default_factory=LLMConfig)
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
 
 
 @dataclass
@@ -223,6 +274,13 @@ class OptimConfig:
     fused: str = "auto"
     """auto | on | off: torch's fused AdamW (one kernel over all tensors, no full-size temporaries). auto: on
     CUDA only; on: also on a CPU (bench/scale.py uses it to see the GPU's step memory)."""
+    schedule: str = "cosine"
+    """After warmup: cosine (from lr to min_lr at train.max_steps) | step (lr x decay_rate^(k) in the k-th block
+    of decay_steps steps after warmup, floored at min_lr: BLIP's per-epoch decay, with decay_steps = one epoch)."""
+    decay_rate: float = 0.85
+    """schedule=step: the factor per block of decay_steps (BLIP pretraining 0.85)."""
+    decay_steps: int = 0
+    """schedule=step: steps per decay (an epoch's steps in BLIP); required > 0 for schedule=step."""
     layer_decay: float = 1.0
     """Layer-wise lr decay of a training ViT, in (0, 1]: of L built blocks, block i (0-based) gets
     lr x layer_decay^(L - i), the patch/position embeddings and CLS token lr x layer_decay^(L + 1);

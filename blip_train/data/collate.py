@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from blip_train.data.device import collate_images
-from blip_train.data.tokenizers import DEC_TOKEN
+from blip_train.data.tokenizers import DEC_TOKEN, ENC_TOKEN
 
 IGNORE_INDEX = -100
 
@@ -69,6 +69,42 @@ class Stage1Collator:
             "itg_labels": itg_labels,
             "image_ids": torch.tensor([unique_image_id(s) for s in samples], dtype=torch.long),
         }
+
+
+class BlipCollator(Stage1Collator):
+    """BLIP pretraining batches: `Stage1Collator`'s keys plus
+        itm_input_ids long (B, T)  text_ids with the first token ([CLS]) replaced by [ENC] (the MED's
+                                   image-grounded encoder; the unimodal one reads [CLS], the decoder [DEC])
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_txt_len: int = 32, max_words: int = 50) -> None:
+        super().__init__(tokenizer, max_txt_len, max_words)
+        enc_id = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
+        if enc_id is None or enc_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {ENC_TOKEN} token: load it with load_blip_tokenizer()")
+        self.enc_id = enc_id
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(samples)
+        batch["itm_input_ids"] = batch["text_ids"].clone()
+        batch["itm_input_ids"][:, 0] = self.enc_id
+        return batch
+
+
+class BlipCaptionCollator:
+    """Caption generation batches for BLIP's decoder: pixel_values and
+        prompt_ids long (B, P)  [DEC] then the prompt's tokens (no [SEP]), the same in every row
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt: str = "") -> None:
+        dec_id = tokenizer.convert_tokens_to_ids(DEC_TOKEN)
+        if dec_id is None or dec_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {DEC_TOKEN} token: load it with load_blip_tokenizer()")
+        self.prompt_ids = [dec_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {**collate_images(samples),
+                "prompt_ids": torch.tensor([self.prompt_ids] * len(samples), dtype=torch.long)}
 
 
 IMAGE_ID_BITS = 40

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 DEC_TOKEN = "[DEC]"
+ENC_TOKEN = "[ENC]"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -80,6 +81,15 @@ def load_qformer_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         tok.bos_token = DEC_TOKEN
     tok.padding_side = "right"
     tok.truncation_side = "right"
+    return tok
+
+
+def load_blip_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """A local BERT tokenizer folder with [DEC] (bos) and then [ENC] added, as BLIP's (30522 + 2 = 30524 ids):
+    the MED's decoder reads [DEC]-first text, its image-grounded encoder [ENC]-first text."""
+    tok = load_qformer_tokenizer(path)
+    if ENC_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [ENC_TOKEN]})
     return tok
 
 

@@ -147,13 +147,29 @@ def evaluate(task: str, run_dir: str, data: Path, untrained: bool = False) -> di
     return last_json_line(run(cmd))
 
 
-def stage1(out: Path, data: Path, path_sets: list[str]) -> dict:
-    res = train_stage("demo/stage1", out, "stage1", path_sets)
-    trained = evaluate("retrieval", res["run_dir"], data)
-    untrained = evaluate("retrieval", res["run_dir"], data, untrained=True)
-    res["metrics"] = {"retrieval": trained, "retrieval_untrained": untrained,
-                      "primary": {"name": "text->image R@1 (%)", "trained": trained["img_r1"],
-                                  "untrained": untrained["img_r1"], "chance": trained["chance_img_r1"]}}
+def evaluate_primary(task: str, run_dir: str, data: Path, key: str, label: str) -> dict:
+    """The held-out metrics of a trained stage and of the same model untrained, with the headline `primary`."""
+    trained = evaluate(task, run_dir, data)
+    untrained = evaluate(task, run_dir, data, untrained=True)
+    return {task: trained, f"{task}_untrained": untrained,
+            "primary": {"name": label, "trained": trained[key], "untrained": untrained[key],
+                        "chance": trained[f"chance_{key}"]}}
+
+
+RETRIEVAL = {  # demo stage → (recipe, what trains)
+    "stage1": ("demo/stage1", "BLIP-2 stage 1: Q-Former representation learning (ITC + ITM + ITG) against a frozen ViT"),
+    "blip": ("demo/blip", "BLIP: ViT + MED end to end, momentum encoders + queue (ITC + ITM + LM)"),
+    "albef": ("demo/albef", "ALBEF: ViT + text/fusion BERT end to end, momentum encoders + queue (ITC + ITM + MLM)"),
+}
+
+
+def retrieval_stage(name: str, out: Path, data: Path, path_sets: list[str]) -> dict:
+    res = train_stage(RETRIEVAL[name][0], out, name, path_sets)
+    res["metrics"] = evaluate_primary("retrieval", res["run_dir"], data, "img_r1", "text->image R@1 (%)")
+    if name == "blip":  # its image-grounded decoder captions too
+        caption = evaluate_primary("caption", res["run_dir"], data, "cider", "caption CIDEr-D")
+        res["metrics"].update(caption=caption["caption"], caption_untrained=caption["caption_untrained"],
+                              secondary=caption["primary"])
     return res
 
 
@@ -172,11 +188,7 @@ def generative_stage(name: str, out: Path, data: Path, path_sets: list[str], ass
     if path_sets:
         sets.append(f"model.llm.path={assets / recipe.split('_', 1)[1]}")
     res = train_stage(recipe, out, name, sets)
-    trained = evaluate(task, res["run_dir"], data)
-    untrained = evaluate(task, res["run_dir"], data, untrained=True)
-    res["metrics"] = {task: trained, f"{task}_untrained": untrained,
-                      "primary": {"name": label, "trained": trained[key], "untrained": untrained[key],
-                                  "chance": trained[f"chance_{key}"]}}
+    res["metrics"] = evaluate_primary(task, res["run_dir"], data, key, label)
     return res
 
 
@@ -199,15 +211,11 @@ def finetune_stage(name: str, out: Path, data_ft: Path, path_sets: list[str], as
         if task == "caption":
             sets.append(f"model.llm.path={assets / 'opt'}")
     res = train_stage(recipe, out, name, sets)
-    trained = evaluate(task, res["run_dir"], data_ft)
-    untrained = evaluate(task, res["run_dir"], data_ft, untrained=True)
-    res["metrics"] = {task: trained, f"{task}_untrained": untrained,
-                      "primary": {"name": label, "trained": trained[key], "untrained": untrained[key],
-                                  "chance": trained[f"chance_{key}"]}}
+    res["metrics"] = evaluate_primary(task, res["run_dir"], data_ft, key, label)
     if task == "caption":  # the attribute itself: does a caption mention stripes exactly when the image has them?
         res["metrics"]["stripes_named"] = {
-            which: stripes_named(REPO / m["predictions_file"]) for which, m in (("trained", trained),
-                                                                               ("untrained", untrained))}
+            which: stripes_named(REPO / res["metrics"][k]["predictions_file"])
+            for which, k in (("trained", task), ("untrained", f"{task}_untrained"))}
     return res
 
 
@@ -252,12 +260,13 @@ def export_and_check(name: str, run_dir: str, out: Path, data: Path) -> dict:
 
 def run_stages(out: Path, data: Path, path_sets: list[str], assets: Path, entries: dict,
                checkpoint: Callable[[], None] = lambda: None) -> dict:
-    """Every stage into `out/<stage>` (stage 1, then the generative stages from it, then the fine-tuning stages
-    from stage 1 and stage2_opt on `data`'s sibling data_ft); `entries` gets each
+    """Every stage into `out/<stage>` (the retrieval-trained ones: stage 1, BLIP, ALBEF; then the generative stages
+    from stage 1, then the fine-tuning stages from stage 1 and stage2_opt on `data`'s sibling data_ft); `entries` gets each
     stage's summary record as it finishes, and `checkpoint()` is called after each."""
-    log("stage1: Q-Former representation learning (ITC + ITM + ITG), 2 ranks, ZeRO-3")
-    entries["stage1"] = stage_entry(stage1(out, data, path_sets))
-    checkpoint()
+    for name in RETRIEVAL:
+        log(f"{name}: {RETRIEVAL[name][1]}, 2 ranks, ZeRO-3")
+        entries[name] = stage_entry(retrieval_stage(name, out, data, path_sets))
+        checkpoint()
     for name in GENERATIVE:
         log(f"{name}: {GENERATIVE[name][0]}, 2 ranks, ZeRO-3, Q-Former from stage 1, frozen LLM")
         entries[name] = stage_entry(generative_stage(name, out, data, path_sets, assets))
@@ -334,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     path_sets = [] if out.resolve() == (REPO / "runs/demo").resolve() else [
         f"data.train=[{{local: {data / 'train'}, name: synthetic}}]", f"data.val={data / 'val'}",
         f"model.vision.weights={out / 'assets/vit.safetensors'}",
-        f"model.qformer.tokenizer={out / 'assets/qformer_tokenizer'}"]
+        f"model.qformer.tokenizer={out / 'assets/qformer_tokenizer'}", f"model.text.tokenizer={out / 'assets/qformer_tokenizer'}"]
     summary: dict = {"stages": {}, "assets": info}
     run_stages(out, data, path_sets, out / "assets", summary["stages"], lambda: write_summary(out, summary, t0))
     summary["export"] = {name: export_and_check(name, summary["stages"][name]["run_dir"], out, data)

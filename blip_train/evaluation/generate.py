@@ -21,8 +21,10 @@ from torch import nn
 
 from blip_train.distributed.zero import gathered, is_zero3_param
 
-GENERATE_KEYS = ("pixel_values", "llm_input_ids", "llm_attention_mask", "qformer_input_ids", "qformer_attention_mask")
-"""Batch keys (from a collator built with generation=True) that `Blip2LLM.generate` takes."""
+GENERATE_KEYS = ("pixel_values", "llm_input_ids", "llm_attention_mask", "qformer_input_ids", "qformer_attention_mask",
+                 "prompt_ids")
+"""Batch keys (from a collator built with generation=True) that `Blip2LLM.generate` / `BlipPretrain.generate`
+take."""
 
 
 def needs_synced_gpus(model: nn.Module) -> bool:
@@ -50,11 +52,12 @@ def zero3_forward_context(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def generate_ids(model: nn.Module, batch: Mapping[str, Any], **generate_kwargs: Any) -> torch.Tensor:
-    """`model.generate` on the batch's tensors (moved to the model's device), query tokens gathered."""
-    device = model.query_tokens.device
+    """`model.generate` on the batch's tensors (moved to the model's device), the parameters it reads outside a
+    module's forward (`eval_root_parameters`: the query tokens) gathered."""
+    device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in GENERATE_KEYS if k in batch}
     generate_kwargs.setdefault("synced_gpus", needs_synced_gpus(model))
-    with gathered([model.query_tokens]), zero3_forward_context(model):
+    with gathered(model.eval_root_parameters()), zero3_forward_context(model):
         return model.generate(**inputs, **generate_kwargs)
 
 

@@ -202,6 +202,12 @@ def generation_setup(cfg: ExperimentConfig, model, tok, task: str) -> tuple[Call
     from blip_train.training.stages import END_OF_TEXT, build_question_collator
 
     m, e = cfg.model, cfg.eval
+    if m.arch == "blip":  # BLIP's own decoder: greedy captions (no VQA head in pretraining)
+        from blip_train.data.collate import BlipCaptionCollator
+        if task != "caption":
+            raise ValueError(f"--task {task}: a BLIP pretraining run generates captions only (--task caption)")
+        return BlipCaptionCollator(tok), {"max_new_tokens": e.max_new_tokens, "min_new_tokens": e.min_new_tokens,
+                                          "num_beams": e.num_beams}
     if task == "vqa":
         gen: dict[str, Any] = {"num_beams": e.num_beams, "max_new_tokens": e.vqa_max_new_tokens,
                                "min_new_tokens": 1, "length_penalty": e.vqa_length_penalty}

@@ -30,11 +30,11 @@ def evaluate_during_training(cfg: ExperimentConfig, model: nn.Module,
     main = rank_world()[0] == 0
     was_training = model.training
     try:
-        if cfg.model.arch == "stage1":
+        if eval_task(cfg) == "retrieval":
             from blip_train.evaluation.stage1_eval import evaluate_retrieval, load_retrieval_split
 
             split = load_retrieval_split(cfg.data.val, cfg.eval.max_samples)
-            with gathered([model.query_tokens, model.temp]), zero3_forward_context(model):
+            with gathered(model.eval_root_parameters()), zero3_forward_context(model):
                 m, preds = evaluate_retrieval(model, tokenizer, split, cfg.model.vision.image_size,
                                               cfg.model.max_txt_len, k_test=cfg.eval.k_test,
                                               batch_size=cfg.eval.batch_size, predicted_images=ex.EXAMPLE_IMAGES)

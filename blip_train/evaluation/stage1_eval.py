@@ -158,7 +158,7 @@ def evaluate_retrieval(model, tokenizer, split: str | RetrievalSplit, image_size
     text_feat = in_rank_order(all_gather_rows(torch.cat(feats), world), text_plans, nt)  # (Nt, E)
 
     # Image features: this rank's image batches, read one batch at a time; ViT outputs stay here for ITM.
-    embeds, feats = [], [torch.zeros(0, model.query_tokens.shape[1], model.vision_proj.out_features, device=device)]
+    embeds, feats = [], [torch.zeros(0, model.image_feat_tokens, model.vision_proj.out_features, device=device)]
     spare = None  # a ViT output for the lockstep's repeated ITM calls
     plan = plan_batches(ni, batch_size, rank, world, lockstep)
     for batch, keep in progress_bar(plan, "retrieval: images", progress):

@@ -1,7 +1,11 @@
 """EVA ViT (ViT-g/14 in BLIP-2; the same code builds a CLIP ViT-L shape) and the fp32 `ln_vision`.
 
+With `final_norm` it is also the timm ViT-B/16 / ViT-L/16 of BLIP and ALBEF: pre-norm blocks and a final
+LayerNorm. timm's qkv has a full bias; its key third is softmax-invariant (see EVAAttention), so
+dropping it on import (`hf_names.blip_vision_from_timm`) leaves the function unchanged.
+
 State-dict names follow the EVA / LAVIS checkpoints (`cls_token`, `pos_embed`, `patch_embed.proj`,
-`blocks.{i}.{norm1,attn.qkv,attn.q_bias,attn.v_bias,attn.proj,norm2,mlp.fc1,mlp.fc2}`), so those
+`blocks.{i}.{norm1,attn.qkv,attn.q_bias,attn.v_bias,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`), so those
 checkpoints load without renaming; `hf_names.py` maps to the transformers names.
 """
 from __future__ import annotations
@@ -122,10 +126,11 @@ class Block(nn.Module):
 
 
 class EVAViT(nn.Module):
-    """Image (B, 3, S, S) -> tokens (B, 1 + (S/P)^2, width): [CLS; patches], no final norm.
+    """Image (B, 3, S, S) -> tokens (B, 1 + (S/P)^2, width): [CLS; patches].
 
     Builds `cfg.layers - 1` blocks when `cfg.drop_last_block` (BLIP-2 reads the second-to-last
-    block's output), else `cfg.layers`.
+    block's output), else `cfg.layers`. `cfg.final_norm` adds the LayerNorm `norm` over all output
+    tokens (timm / BLIP / ALBEF); BLIP-2 has none (its `ln_vision` lives outside the tower).
     """
 
     def __init__(self, cfg: VisionConfig, attention: str = "auto"):
@@ -146,6 +151,7 @@ class EVAViT(nn.Module):
         depth = cfg.layers - 1 if cfg.drop_last_block else cfg.layers
         self.blocks = nn.ModuleList(Block(cfg, attention, drop_path_rates(cfg.drop_path_rate, depth)[i])
                                     for i in range(depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps) if cfg.final_norm else None
         self.reset_parameters()
 
     EMBEDDINGS = ("cls_token", "pos_embed", "patch_embed.")
@@ -155,8 +161,8 @@ class EVAViT(nn.Module):
         """lr scale of every parameter (names relative to the tower) under layer-wise lr decay.
 
         Of L built blocks, block i (0-based) gets decay^(L - i), so the last block decays once and deeper
-        layers more; the embeddings below block 0 get decay^(L + 1). The head above the tower (ln_vision,
-        Q-Former) is not part of it and keeps scale 1.
+        layers more; the embeddings below block 0 get decay^(L + 1). The final norm sits above the last
+        block and gets scale 1, as the head above the tower (ln_vision, Q-Former, MED), which is not part of it.
         """
         depth = len(self.blocks)
         scales = {}
@@ -165,6 +171,8 @@ class EVAViT(nn.Module):
                 scales[name] = decay ** (depth - int(name.split(".")[1]))
             elif name.startswith(self.EMBEDDINGS):
                 scales[name] = decay ** (depth + 1)
+            elif name.startswith("norm."):
+                scales[name] = 1.0
             else:
                 raise ValueError(f"layer decay: no layer for ViT parameter {name}")
         return scales
@@ -191,6 +199,10 @@ class EVAViT(nn.Module):
                     elif isinstance(m, EVAAttention):
                         nn.init.zeros_(m.q_bias)
                         nn.init.zeros_(m.v_bias)
+        if self.norm is not None:
+            with gathered(self.norm, modifier_rank=0), torch.no_grad():
+                nn.init.ones_(self.norm.weight)
+                nn.init.zeros_(self.norm.bias)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.shape[-2:] != (self.image_size, self.image_size):
@@ -208,7 +220,7 @@ class EVAViT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return x
+        return x if self.norm is None else self.norm(x)
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
@@ -327,13 +339,29 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     return sd
 
 
+TIMM_CLASSIFIER = ("head.", "head_dist.", "fc_norm.", "pre_logits.")
+"""An ImageNet timm ViT/DeiT checkpoint's classification head: not part of the image encoder (BLIP / ALBEF start
+from such checkpoints and drop it)."""
+
+
+def from_timm_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm ViT state dict (full qkv bias: `blocks.N.attn.qkv.bias`) as EVAViT keys, its classifier head
+    left out; any other state dict unchanged."""
+    from blip_train.models.hf_names import blip_vision_from_timm
+
+    if not any(k.endswith(".attn.qkv.bias") for k in sd):
+        return sd
+    return blip_vision_from_timm({k: v for k, v in sd.items() if not k.startswith(TIMM_CLASSIFIER)})
+
+
 def load_vit_weights(model: EVAViT, path: Union[str, Path]) -> None:
-    """Load EVA/our-named weights strictly, interpolating position embeddings to the model's grid.
+    """Load EVA/our-named weights, or an ImageNet timm ViT/DeiT checkpoint (BLIP / ALBEF: classifier head left
+    out, see `from_timm_layout`), strictly, interpolating position embeddings to the model's grid.
 
     Blocks the model dropped on purpose (`drop_last_block`) are skipped; any other missing or
     unexpected key is a ValueError that lists them.
     """
-    sd = read_state_dict(path)
+    sd = from_timm_layout(read_state_dict(path))
     kept = len(model.blocks)
     dropped = tuple(f"blocks.{i}." for i in range(kept, model.num_pretrained_blocks))
     sd = {k: v for k, v in sd.items() if not k.startswith(dropped)}

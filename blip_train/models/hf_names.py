@@ -1,11 +1,14 @@
 """The single name mapping between our state dicts and transformers' / BERT's / LAVIS's.
 
-Ours (see eva_vit.py, qformer.py):
+Ours (see eva_vit.py, qformer.py, med.py):
   EVAViT   cls_token, pos_embed, patch_embed.proj.*, blocks.{i}.{norm1,attn.qkv.weight,attn.q_bias,
-           attn.v_bias,attn.proj,norm2,mlp.fc1,mlp.fc2}.*   (identical to EVA / LAVIS checkpoints)
+           attn.v_bias,attn.proj,norm2,mlp.fc1,mlp.fc2}.*   (identical to EVA / LAVIS checkpoints),
+           norm.* with final_norm (BLIP / ALBEF)
   QFormer  embeddings.{word_embeddings,position_embeddings,norm}.*,
            layers.{i}.{self_attn,cross_attn}.{query,key,value,out,norm}.*,
            layers.{i}.{ffn,ffn_query}.{fc1,fc2,norm}.*, lm_head.{dense,norm,decoder}.*
+  MED      embeddings.*, layers.{i}.{self_attn,self_attn_dec,cross_attn}.{query,key,value,out,norm}.*,
+           layers.{i}.ffn.{fc1,fc2,norm}.*, lm_head.* (as the Q-Former's; see med.py)
 
 transformers:
   Blip2VisionModel: ours + `ln_vision` <-> embeddings.*, encoder.layers.{i}.*, post_layernorm.*.
@@ -21,8 +24,14 @@ transformers:
                              and no text FFN (stage 2 never feeds text to the Q-Former).
     instructblip_generation  InstructBlipForConditionalGeneration: `qformer.` + InstructBLIP names.
   Our `lm_head` has no counterpart in any HF class (none keeps the Q-Former's MLM/ITG head).
+  BlipVisionModel (BLIP): as Blip2VisionModel, but post_layernorm is the tower's own `norm` (final_norm).
+  MED (MED_VIEWS): BlipTextModel (`encoder`: embeddings.*, encoder.layer.{i}.{attention,crossattention}.*)
+    and BlipTextLMHeadModel (`decoder`: bert.* with `attention` = our self_attn_dec, cls.predictions.*).
 BERT / LAVIS: bert.embeddings.*, bert.encoder.layer.{i}.{attention.self,crossattention.self,...},
-  intermediate(_query), output(_query), cls.predictions.* (qformer_from_bert / qformer_to_bert).
+  intermediate(_query), output(_query), cls.predictions.* (qformer_from_bert / qformer_to_bert; the
+  same names initialise a MED from BERT).
+BLIP (authors' checkpoints): visual_encoder.* timm ViT names (blip_vision_from_timm: ours but a full qkv
+  bias), text_encoder.* / text_decoder.* as the transformers text classes (med_from_blip).
 LAVIS whole models (model_from_lavis): `Qformer.` + BERT names, {opt,t5,llm}_proj -> llm_proj, the rest as ours.
 """
 from __future__ import annotations
@@ -65,7 +74,7 @@ def _starts(key: str, prefixes: tuple[str, ...]) -> bool:
 
 # ----------------------------------------------------------------------------------------- vision
 
-_VISION_PAIRS: Pairs = [
+_VIT_PAIRS: Pairs = [
     ("cls_token", "embeddings.class_embedding"),
     ("pos_embed", "embeddings.position_embedding"),
     ("patch_embed.proj.", "embeddings.patch_embedding."),
@@ -74,8 +83,11 @@ _VISION_PAIRS: Pairs = [
     ("blocks.{i}.attn.proj.", "encoder.layers.{i}.self_attn.projection."),
     ("blocks.{i}.norm2.", "encoder.layers.{i}.layer_norm2."),
     ("blocks.{i}.mlp.", "encoder.layers.{i}.mlp."),
-    ("ln_vision.", "post_layernorm."),
 ]
+_VISION_PAIRS: Pairs = _VIT_PAIRS + [("ln_vision.", "post_layernorm.")]
+"""BLIP-2: the tower has no final norm; HF's post_layernorm is our separate `ln_vision`."""
+_BLIP_VISION_PAIRS: Pairs = _VIT_PAIRS + [("norm.", "post_layernorm.")]
+"""BLIP: HF's post_layernorm is the tower's own final `norm` (VisionConfig.final_norm); timm names it `norm`."""
 
 
 def fuse_qkv_bias(q_bias: torch.Tensor, v_bias: torch.Tensor) -> torch.Tensor:
@@ -89,8 +101,7 @@ def split_qkv_bias(qkv_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, v
 
 
-def vision_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """EVAViT keys (plus optional `ln_vision.*`) -> Blip2VisionModel keys."""
+def _vit_to_hf(sd: Mapping[str, torch.Tensor], pairs: Pairs) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in sd.items():
         m = re.fullmatch(r"blocks\.(\d+)\.attn\.(q_bias|v_bias)", key)
@@ -99,39 +110,86 @@ def vision_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 out[f"encoder.layers.{m.group(1)}.self_attn.qkv.bias"] = fuse_qkv_bias(
                     value, sd[f"blocks.{m.group(1)}.attn.v_bias"])
             continue
-        name = _translate(key, _VISION_PAIRS)
+        name = _translate(key, pairs)
         if name is None:
             raise ValueError(f"vision key {key!r} has no transformers name")
         out[name] = value
     return out
 
 
-def vision_from_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Blip2VisionModel / InstructBlipVisionModel keys -> EVAViT keys (post_layernorm -> `ln_vision.*`)."""
+def _vit_from_hf(sd: Mapping[str, torch.Tensor], pairs: Pairs) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in sd.items():
         m = re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.qkv\.bias", key)
         if m:
             out[f"blocks.{m.group(1)}.attn.q_bias"], out[f"blocks.{m.group(1)}.attn.v_bias"] = split_qkv_bias(value)
             continue
-        name = _translate(key, _swap(_VISION_PAIRS))
+        name = _translate(key, _swap(pairs))
         if name is None:
             raise ValueError(f"transformers vision key {key!r} has no counterpart in EVAViT")
         out[name] = value
     return out
 
 
+def vision_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """EVAViT keys (plus optional `ln_vision.*`) -> Blip2VisionModel keys."""
+    return _vit_to_hf(sd, _VISION_PAIRS)
+
+
+def vision_from_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Blip2VisionModel / InstructBlipVisionModel keys -> EVAViT keys (post_layernorm -> `ln_vision.*`)."""
+    return _vit_from_hf(sd, _VISION_PAIRS)
+
+
+def blip_vision_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """EVAViT keys of a tower with `final_norm` -> BlipVisionModel keys (its k bias is written as zeros)."""
+    return _vit_to_hf(sd, _BLIP_VISION_PAIRS)
+
+
+def blip_vision_from_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BlipVisionModel keys (BLIP's `vision_model.*`, prefix stripped) -> EVAViT keys with the final `norm`."""
+    return _vit_from_hf(sd, _BLIP_VISION_PAIRS)
+
+
+def blip_vision_from_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The authors' timm ViT (BLIP / ALBEF checkpoints' `visual_encoder.*`, prefix stripped) -> EVAViT keys.
+
+    timm's names are ours except the full qkv bias, which splits into q_bias and v_bias (its k third is
+    dropped: softmax-invariant). Unknown keys (a classifier head) raise.
+    """
+    out = {}
+    for key, value in sd.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.bias", key)
+        if m:
+            out[f"blocks.{m.group(1)}.attn.q_bias"], out[f"blocks.{m.group(1)}.attn.v_bias"] = split_qkv_bias(value)
+        elif _translate(key, _BLIP_VISION_PAIRS) is None:
+            raise ValueError(f"timm ViT key {key!r} has no counterpart in EVAViT")
+        else:
+            out[key] = value
+    return out
+
+
 # ---------------------------------------------------------------------------------------- Q-Former
 
-def _layer_pairs(attn: str, prefix: str, text_ffn: bool) -> Pairs:
-    """Per-layer pairs; `attn` is the inner attention name: 'attention' (HF Blip2) or 'self' (BERT)."""
+Blocks = tuple[tuple[str, str], ...]
+"""(ours, theirs) module names inside one layer: attention blocks (theirs: `attention`, `crossattention`)
+or FFNs (theirs: the suffix of `intermediate` / `output`)."""
+_ENCODER_ATTENTIONS: Blocks = (("self_attn", "attention"), ("cross_attn", "crossattention"))
+_DECODER_ATTENTIONS: Blocks = (("self_attn_dec", "attention"), ("cross_attn", "crossattention"))
+"""MED's decoder view: its own causal self-attention is the decoder's `attention`."""
+_QFORMER_FFNS: Blocks = (("ffn_query", "_query"), ("ffn", ""))
+_TEXT_FFNS: Blocks = (("ffn", ""),)
+
+
+def _layer_pairs(attn: str, prefix: str, ffns: Blocks, attentions: Blocks = _ENCODER_ATTENTIONS) -> Pairs:
+    """Per-layer pairs; `attn` is the inner attention name: 'attention' (HF Blip2) or 'self' (BERT, BLIP)."""
     layer = prefix + "encoder.layer.{i}."
     pairs: Pairs = []
-    for ours, theirs in (("self_attn", "attention"), ("cross_attn", "crossattention")):
+    for ours, theirs in attentions:
         pairs += [(f"layers.{{i}}.{ours}.{p}.", f"{layer}{theirs}.{attn}.{p}.") for p in ("query", "key", "value")]
         pairs += [(f"layers.{{i}}.{ours}.out.", f"{layer}{theirs}.output.dense."),
                   (f"layers.{{i}}.{ours}.norm.", f"{layer}{theirs}.output.LayerNorm.")]
-    for ours, suffix in (("ffn_query", "_query"), ("ffn", "")) if text_ffn else (("ffn_query", "_query"),):
+    for ours, suffix in ffns:
         pairs += [(f"layers.{{i}}.{ours}.fc1.", f"{layer}intermediate{suffix}.dense."),
                   (f"layers.{{i}}.{ours}.fc2.", f"{layer}output{suffix}.dense."),
                   (f"layers.{{i}}.{ours}.norm.", f"{layer}output{suffix}.LayerNorm.")]
@@ -153,7 +211,8 @@ def _qformer_pairs(layout: str) -> tuple[Pairs, tuple[str, ...]]:
     if layout not in QFORMER_LAYOUTS:
         raise ValueError(f"unknown Q-Former layout {layout!r}: one of {', '.join(QFORMER_LAYOUTS)}")
     prefix, norm, text_emb, text_ffn = QFORMER_LAYOUTS[layout]
-    pairs = _layer_pairs("attention", prefix, text_ffn) + [("embeddings.norm.", norm)]
+    pairs = _layer_pairs("attention", prefix, _QFORMER_FFNS if text_ffn else _QFORMER_FFNS[:1])
+    pairs += [("embeddings.norm.", norm)]
     absent: tuple[str, ...] = ("lm_head.",)
     if text_emb is None:
         absent += ("embeddings.word_embeddings.", "embeddings.position_embeddings.")
@@ -195,15 +254,25 @@ def qformer_from_hf(sd: Mapping[str, torch.Tensor], layout: str = "blip2_qformer
     return out
 
 
-_BERT_PAIRS: Pairs = _layer_pairs("self", "bert.", True) + [
-    ("embeddings.word_embeddings.", "bert.embeddings.word_embeddings."),
-    ("embeddings.position_embeddings.", "bert.embeddings.position_embeddings."),
-    ("embeddings.norm.", "bert.embeddings.LayerNorm."),
+def _bert_body_pairs(prefix: str, ffns: Blocks, attentions: Blocks = _ENCODER_ATTENTIONS) -> Pairs:
+    """A BertModel's embeddings and layers under `prefix` (BERT, LAVIS, BLIP, transformers' BlipTextModel)."""
+    return _layer_pairs("self", prefix, ffns, attentions) + [
+        ("embeddings.word_embeddings.", f"{prefix}embeddings.word_embeddings."),
+        ("embeddings.position_embeddings.", f"{prefix}embeddings.position_embeddings."),
+        ("embeddings.norm.", f"{prefix}embeddings.LayerNorm."),
+    ]
+
+
+_MLM_HEAD_PAIRS: Pairs = [
     ("lm_head.dense.", "cls.predictions.transform.dense."),
     ("lm_head.norm.", "cls.predictions.transform.LayerNorm."),
     ("lm_head.decoder.weight", "cls.predictions.decoder.weight"),
     ("lm_head.decoder.bias", "cls.predictions.bias"),
 ]
+"""BERT's MLM head (BertForMaskedLM, BLIP's BertLMHeadModel); `cls.predictions.decoder.bias` is the same
+tensor as `cls.predictions.bias`."""
+
+_BERT_PAIRS: Pairs = _bert_body_pairs("bert.", _QFORMER_FFNS) + _MLM_HEAD_PAIRS
 # BERT pieces the Q-Former does not have (one segment, no pooler / next-sentence head).
 _BERT_WITHOUT_COUNTERPART = ("bert.embeddings.token_type_embeddings.", "bert.embeddings.position_ids",
                              "bert.pooler.", "cls.seq_relationship.")
@@ -242,6 +311,89 @@ def qformer_to_bert(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if name == "cls.predictions.bias":
             out["cls.predictions.decoder.bias"] = value
     return out
+
+
+# --------------------------------------------------------------------------------------------- MED
+
+MED_VIEWS = ("encoder", "decoder")
+"""The transformers classes one MED maps to. encoder: BlipTextModel (BLIP's `text_encoder`, no pooler);
+decoder: BlipTextLMHeadModel (`text_decoder`), whose `attention` is our `self_attn_dec` (all else shared)."""
+
+
+def _med_pairs(view: str) -> tuple[Pairs, tuple[str, ...]]:
+    """(pairs, our key prefixes with no counterpart in `view`)."""
+    if view == "encoder":
+        return _bert_body_pairs("", _TEXT_FFNS), ("layers.{i}.self_attn_dec.", "lm_head.")
+    if view == "decoder":
+        return (_bert_body_pairs("bert.", _TEXT_FFNS, _DECODER_ATTENTIONS) + _MLM_HEAD_PAIRS,
+                ("layers.{i}.self_attn.",))
+    raise ValueError(f"unknown MED view {view!r}: one of {', '.join(MED_VIEWS)}")
+
+
+def med_keys_without_hf(keys: list[str], view: str) -> list[str]:
+    """Our MED keys that `view` has no place for (left out by `med_to_hf`): the decoder self-attention and
+    LM head in the encoder view, the encoder self-attention in the decoder view."""
+    _, absent = _med_pairs(view)
+    return [k for k in keys if _starts(k, absent)]
+
+
+def med_to_hf(sd: Mapping[str, torch.Tensor], view: str = "encoder") -> dict[str, torch.Tensor]:
+    """MED keys -> BlipTextModel (`encoder`) or BlipTextLMHeadModel (`decoder`) keys; keys without a
+    counterpart in `view` (see `med_keys_without_hf`) are left out."""
+    pairs, absent = _med_pairs(view)
+    out = {}
+    for key, value in sd.items():
+        name = _translate(key, pairs)
+        if name is not None:
+            out[name] = value
+            if name == "cls.predictions.bias":  # transformers' state dict also lists the tied alias
+                out["cls.predictions.decoder.bias"] = value
+        elif not _starts(key, absent):
+            raise ValueError(f"MED key {key!r} is unknown")
+    return out
+
+
+def med_from_hf(sd: Mapping[str, torch.Tensor], view: str = "encoder") -> dict[str, torch.Tensor]:
+    """BlipTextModel (`encoder`) or BlipTextLMHeadModel (`decoder`) keys -> MED keys (unknown keys raise).
+
+    Our LM head's decoder is the word-embedding matrix: a different `cls.predictions.decoder.weight` raises.
+    """
+    pairs = _swap(_med_pairs(view)[0])
+    out = {}
+    for key, value in sd.items():
+        if key == "cls.predictions.decoder.bias":  # the same tensor as cls.predictions.bias (tied)
+            key = "cls.predictions.bias"
+        name = _translate(key, pairs)
+        if name is None:
+            raise ValueError(f"BLIP text {view} key {key!r} has no counterpart in MED")
+        out[name] = value
+    decoder, words = out.get("lm_head.decoder.weight"), out.get("embeddings.word_embeddings.weight")
+    if decoder is not None and (words is None or not torch.equal(decoder, words)):
+        raise ValueError("cls.predictions.decoder.weight differs from the word embeddings (MED ties them)")
+    return out
+
+
+BLIP_TEXT_PARTS = {"text_encoder": "encoder", "text_encoder_m": "encoder", "text_decoder": "decoder"}
+"""Text parts of the authors' BLIP checkpoints and the MED view each one is (`_m`: the momentum copy)."""
+
+
+def med_from_blip(sd: Mapping[str, torch.Tensor], part: str = "text_encoder") -> dict[str, torch.Tensor]:
+    """One text part of an authors' BLIP checkpoint (model_base*.pth, model_large*.pth) -> MED keys.
+
+    `text_encoder.*` (and `text_encoder_m.*`) hold BertModel names, as transformers' BlipTextModel;
+    `text_decoder.bert.*` / `text_decoder.cls.*` as BlipTextLMHeadModel. The checkpoint's other keys (vision,
+    projections, heads, other parts) are ignored here; the persistent `position_ids` buffer is dropped. The
+    pretraining checkpoints tie the decoder to the encoder except the self-attention, so both parts merge
+    into one MED; the VQA checkpoints' encoder and decoder are separate models (two MEDs).
+    """
+    if part not in BLIP_TEXT_PARTS:
+        raise ValueError(f"unknown BLIP text part {part!r}: one of {', '.join(BLIP_TEXT_PARTS)}")
+    prefix = part + "."
+    own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not own:
+        raise ValueError(f"the checkpoint has no {prefix}* keys")
+    return med_from_hf({k: v for k, v in own.items() if not k.endswith("embeddings.position_ids")},
+                       BLIP_TEXT_PARTS[part])
 
 
 def read_hf_folder_weights(folder: Union[str, Path]) -> dict[str, torch.Tensor]:

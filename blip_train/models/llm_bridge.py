@@ -170,6 +170,10 @@ class Blip2LLM(nn.Module):
     # inference (under model.eval(); under ZeRO-3 all ranks call it together with synced_gpus=True
     # and `query_tokens` gathered by the caller)
 
+    def eval_root_parameters(self) -> list[nn.Parameter]:
+        """Parameters read outside a submodule's forward during generation: ZeRO-3 callers gather them."""
+        return [self.query_tokens]
+
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, llm_input_ids: Optional[torch.Tensor] = None,
                  llm_attention_mask: Optional[torch.Tensor] = None,

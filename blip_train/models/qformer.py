@@ -11,20 +11,30 @@
   of the queries; a text-only call with that cache and mask="causal" lets text see every query and
   earlier text, without cross-attention (BLIP-2's image-grounded text generation).
 - `lm_head`: BERT's prediction head; its decoder weight is the word-embedding matrix.
+
+The embedding, attention, FFN and LM-head blocks also build BLIP's MED and ALBEF's text transformer
+(`med.py`): they read only the BERT shape fields that `QFormerConfig` and `TextConfig` share.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from blip_train.config.schema import QFormerConfig
+from blip_train.config.schema import QFormerConfig, TextConfig
 from blip_train.models.attention import attend, check_backend
 from blip_train.models.masks import QFORMER_MASKS, padding_mask, qformer_self_attention_mask
+
+if TYPE_CHECKING:
+    from blip_train.models.med import MED
+
+BertShape = Union[QFormerConfig, TextConfig]
+"""Configs with BERT's shape fields: hidden_size, heads, intermediate_size, vocab_size,
+max_position_embeddings, layer_norm_eps, dropout."""
 
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 """Per layer (key, value) of the cached query positions, each (B, H, Nq, Dh)."""
@@ -41,8 +51,11 @@ class QFormerOutput(NamedTuple):
 
 
 class QFormerEmbeddings(nn.Module):
-    def __init__(self, cfg: QFormerConfig):
+    """`config_key` names the config section in errors (model.qformer, model.text)."""
+
+    def __init__(self, cfg: BertShape, config_key: str = "model.qformer"):
         super().__init__()
+        self.config_key = config_key
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -55,7 +68,7 @@ class QFormerEmbeddings(nn.Module):
         if input_ids is not None:
             if input_ids.size(1) > self.position_embeddings.num_embeddings:
                 raise ValueError(f"{input_ids.size(1)} text tokens exceed "
-                                 f"model.qformer.max_position_embeddings={self.position_embeddings.num_embeddings}")
+                                 f"{self.config_key}.max_position_embeddings={self.position_embeddings.num_embeddings}")
             pos = torch.arange(input_ids.size(1), device=input_ids.device)
             parts.append(self.word_embeddings(input_ids) + self.position_embeddings(pos))  # (B, T, D)
         return self.dropout(self.norm(torch.cat(parts, dim=1)))  # (B, Nq + T, D)
@@ -64,7 +77,7 @@ class QFormerEmbeddings(nn.Module):
 class QFormerAttention(nn.Module):
     """BERT attention block: multi-head attention, then norm(x + dropout(out(context)))."""
 
-    def __init__(self, cfg: QFormerConfig, kv_width: int, attention: str):
+    def __init__(self, cfg: BertShape, kv_width: int, attention: str):
         super().__init__()
         d = cfg.hidden_size
         self.heads = cfg.heads
@@ -101,7 +114,7 @@ class QFormerAttention(nn.Module):
 class QFormerFFN(nn.Module):
     """BERT feed-forward block: norm(x + dropout(fc2(gelu(fc1(x)))))."""
 
-    def __init__(self, cfg: QFormerConfig):
+    def __init__(self, cfg: BertShape):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
@@ -141,7 +154,7 @@ class QFormerLayer(nn.Module):
 class QFormerLMHead(nn.Module):
     """BERT prediction head: decoder(norm(gelu(dense(h)))); decoder.weight is tied by the owner."""
 
-    def __init__(self, cfg: QFormerConfig):
+    def __init__(self, cfg: BertShape):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -151,9 +164,23 @@ class QFormerLMHead(nn.Module):
         return self.decoder(self.norm(F.gelu(self.dense(hidden))))  # (B, T, V)
 
 
+def init_bert_weights(m: nn.Module) -> None:
+    """BERT's init, for `module.apply`: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class QFormer(nn.Module):
     """BERT-style Q-Former with cross-attention to `encoder_width` image features every
     `cfg.cross_attention_freq` layers. The learned query tokens live with the owning model."""
+
+    BERT_INIT_COPIES = ((".ffn.", ".ffn_query."),)
+    """(from, to) name parts: `load_bert_weights` starts the query FFN as a copy of the text FFN."""
 
     def __init__(self, cfg: QFormerConfig, encoder_width: int, attention: str = "auto"):
         super().__init__()
@@ -170,19 +197,8 @@ class QFormer(nn.Module):
             QFormerLayer(cfg, encoder_width, i % cfg.cross_attention_freq == 0, attention)
             for i in range(cfg.layers))
         self.lm_head = QFormerLMHead(cfg)
-        self.apply(self._init_weights)
+        self.apply(init_bert_weights)
         self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as BERT
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # BERT's init: N(0, 0.02) weights, zero biases, unit LayerNorms.
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def forward(self, *, query_embeds: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None,
@@ -237,34 +253,38 @@ class QFormer(nn.Module):
         return self.lm_head(hidden)
 
 
-def load_bert_weights(qformer: QFormer, folder: Union[str, Path]) -> list[str]:
-    """Initialise `qformer` from a local HF BERT folder (BertModel or BertForMaskedLM weights).
+def load_bert_weights(model: Union[QFormer, MED], folder: Union[str, Path]) -> list[str]:
+    """Initialise a Q-Former or a MED from a local HF BERT folder (BertModel or BertForMaskedLM weights).
 
-    Copies embeddings, self-attention, text FFN and (when present) the MLM head; the query FFN is a
-    copy of the text FFN; cross-attention keeps its random init. When the folder's vocabulary is
-    smaller (BERT without the added [DEC]), its rows fill the first entries and the rest keep their
-    init. BERT's token-type embeddings have no counterpart (the Q-Former has a single segment).
-    Uses the first `cfg.layers` BERT layers. Returns our keys left at their initial values.
+    Copies embeddings, self-attention, text FFN and (when present) the MLM head; cross-attention keeps its
+    random init. Parts BERT has no counterpart for start as copies (`model.BERT_INIT_COPIES`): the Q-Former's
+    query FFN of the text FFN, MED's decoder self-attention of the encoder's (LAVIS initialises BLIP's
+    encoder and decoder both from bert-base). When the folder's vocabulary is smaller (BERT without the
+    added [DEC] / [ENC]), its rows fill the first entries and the rest keep their init. BERT's token-type
+    embeddings have no counterpart (one segment). Uses the first `cfg.layers` BERT layers. Returns our
+    keys left at their initial values.
     """
     from blip_train.models.hf_names import qformer_from_bert, read_hf_folder_weights
 
+    section = model.embeddings.config_key
     sd = qformer_from_bert(read_hf_folder_weights(folder))
-    for key in list(sd):  # the query FFN starts as a copy of the text FFN
-        if ".ffn." in key:
-            sd.setdefault(key.replace(".ffn.", ".ffn_query."), sd[key])
-    ours = qformer.state_dict()
+    ours = model.state_dict()
+    for key in list(sd):
+        for part, copy in model.BERT_INIT_COPIES:
+            if part in key and key.replace(part, copy) in ours:
+                sd.setdefault(key.replace(part, copy), sd[key])
     n_bert_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
-    if n_bert_layers < len(qformer.layers):
-        raise ValueError(f"{folder} has {n_bert_layers} layers, model.qformer.layers={len(qformer.layers)}")
-    sd = {k: v for k, v in sd.items() if not k.startswith("layers.") or int(k.split(".")[1]) < len(qformer.layers)}
+    if n_bert_layers < len(model.layers):
+        raise ValueError(f"{folder} has {n_bert_layers} layers, {section}.layers={len(model.layers)}")
+    sd = {k: v for k, v in sd.items() if not k.startswith("layers.") or int(k.split(".")[1]) < len(model.layers)}
     unexpected = sorted(set(sd) - set(ours))
     if unexpected:
-        raise ValueError(f"{folder}: BERT weights with no place in the Q-Former: {unexpected}")
+        raise ValueError(f"{folder}: BERT weights with no place in the {type(model).__name__}: {unexpected}")
     for name in ("embeddings.word_embeddings.weight", "lm_head.decoder.bias"):
         if name in sd:
             if sd[name].size(0) > ours[name].size(0):
                 raise ValueError(f"{folder} has a vocabulary of {sd[name].size(0)}, larger than "
-                                 f"model.qformer.vocab_size={ours[name].size(0)}")
+                                 f"{section}.vocab_size={ours[name].size(0)}")
             rows = ours[name].clone()
             rows[: sd[name].size(0)] = sd[name]
             sd[name] = rows

@@ -182,6 +182,15 @@ class Blip2Stage1(nn.Module):
     # collective like forward (all ranks call them together); submodules gather their own weights,
     # `query_tokens` must be persistent or gathered by the caller (see `_queries`).
 
+    @property
+    def image_feat_tokens(self) -> int:
+        """ITC features per image (one per query; retrieval takes the best-matching one)."""
+        return self.query_tokens.shape[1]
+
+    def eval_root_parameters(self) -> list[nn.Parameter]:
+        """Parameters read outside a submodule's forward during evaluation: ZeRO-3 callers gather them."""
+        return [self.query_tokens, self.temp]
+
     @torch.no_grad()
     def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) → (image_embeds (B, Nimg, W) after ln_vision, image_feats (B, Nq, E) normalised)."""

@@ -16,7 +16,8 @@ with a missing, truncated or unreadable file is reported in one line naming the 
 complete checkpoint is used instead. Tools that read a checkpoint (`zero_to_safetensors`, `export_hf`,
 `eval`) verify it deeply: every entry of every torch file against the CRC-32 the zip format stores.
 
-Only what trains is saved: the trainable parameters, their optimizer state, scheduler, counters.
+Only what trains is saved: the trainable parameters, their optimizer state, scheduler, counters, and
+the momentum encoders of ALBEF / BLIP with their feature queue (in the rank files, see training/momentum.py).
 Frozen towers (the ViT, the LLM) are left out (a Vicuna-13B tower would add 26 GB to every save) and
 always come from their recorded sources: the stage builders load them at the start of every run,
 `complete.json` names those sources (`frozen_sources`) and what the left-out tensors were (`frozen`:
@@ -39,6 +40,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from blip_train.training.momentum import has_momentum, load_momentum_state_, momentum_state
 
 COMPLETE = "complete.json"
 LATEST = "latest"
@@ -257,7 +260,10 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, data_state: 
                                exclude_frozen_parameters=True)
     rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
     tmp = rank_file.with_name(f".{rank_file.name}.tmp")
-    torch.save({"rng": capture_rng_state(), "train_state": asdict(state), "data": data_state}, tmp)
+    rank_state = {"rng": capture_rng_state(), "train_state": asdict(state), "data": data_state}
+    if has_momentum(engine.module):  # not optimised, so not in DeepSpeed's files (training/momentum.py)
+        rank_state["momentum"] = momentum_state(engine.module)
+    torch.save(rank_state, tmp)
     os.replace(tmp, rank_file)
     _barrier()  # every rank's shards and rank file are on disk past this point
     if rank == 0:
@@ -372,6 +378,8 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, load_optimizer: bool 
                                           custom_load_fn=load_module_without_frozen_)
     if path is None:
         raise RuntimeError(f"{ckpt_dir / load_tag}: DeepSpeed could not load this checkpoint")
+    if has_momentum(engine.module):
+        load_momentum_state_(engine.module, ckpt_dir / tag)
     own = ckpt_dir / tag / f"rank_{_rank():05d}.pt"
     rank_state = torch.load(own if own.is_file() else ckpt_dir / tag / "rank_00000.pt", weights_only=False)
     if own.is_file():

@@ -217,10 +217,13 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig, on_cuda: bool) -> t
 
 
 def lr_at(step: int, cfg: ExperimentConfig) -> float:
-    """Linear warmup from warmup_start_lr to lr, then cosine from lr to min_lr at train.max_steps."""
+    """Linear warmup from warmup_start_lr to lr, then cosine from lr to min_lr at train.max_steps, or
+    (optim.schedule=step) lr x decay_rate per decay_steps, floored at min_lr."""
     o, total = cfg.optim, cfg.train.max_steps
     if step < o.warmup_steps:
         return o.warmup_start_lr + (o.lr - o.warmup_start_lr) * step / max(1, o.warmup_steps)
+    if o.schedule == "step":
+        return max(o.min_lr, o.lr * o.decay_rate ** ((step - o.warmup_steps) // o.decay_steps))
     progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
 

@@ -91,6 +91,36 @@ def stage1_flops(cfg: ModelConfig, batch: int, text_len: int, itm_text_len: Opti
     return parts
 
 
+def text_forward_flops(tc, encoder_width: int, batch: int, n_text: int, layers: range, n_image: int = 0) -> float:
+    """Forward FLOPs of BERT layers `layers` of a MED / ALBEF text transformer (model.text) on `batch` texts;
+    with n_image, the layers from tc.fusion_layer on cross-attend from every text position to the image."""
+    d, t = tc.hidden_size, n_text
+    flops = 0.0
+    for layer in layers:
+        flops += 2.0 * t * (4 * d * d + 2 * d * tc.intermediate_size) + _attention(t, t, d)
+        if n_image and layer >= tc.fusion_layer:
+            flops += 2.0 * (t * 2 * d * d + n_image * 2 * encoder_width * d) + _attention(t, n_image, d)
+    return batch * flops
+
+
+def blip_flops(cfg: ModelConfig, batch: int, text_len: int) -> dict[str, float]:
+    """FLOPs of one BlipPretrain forward + backward (model.arch blip | albef), by part: the trained ViT and text
+    transformer, and the momentum copies run forward only."""
+    v, tc = cfg.vision, cfg.text
+    nimg, d, itm_len = vision_tokens(v), tc.hidden_size, cfg.max_txt_len
+    text_layers = range(tc.fusion_layer or tc.layers)
+    every = range(tc.layers)
+    head = 2.0 * batch * text_len * (d * d + d * tc.vocab_size)  # LM / MLM head: dense + tied decoder
+    trained = text_forward_flops(tc, v.width, batch, text_len, text_layers)  # ITC: unimodal text
+    trained += text_forward_flops(tc, v.width, 3 * batch, itm_len, every, nimg)  # ITM: pos, neg image, neg text
+    trained += text_forward_flops(tc, v.width, batch, text_len, every, nimg) + head  # LM decoder / MLM
+    momentum = vit_forward_flops(v, batch) + text_forward_flops(tc, v.width, batch, text_len, text_layers)
+    if cfg.arch == "albef":  # the momentum model's MLM predictions (distillation targets)
+        momentum += text_forward_flops(tc, v.width, batch, text_len, every, nimg) + head
+    return {"vision": vit_forward_flops(v, batch) * TRAINED, "text": trained * TRAINED,
+            "momentum": momentum * FROZEN_FORWARD}
+
+
 @dataclass
 class LLMShape:
     """What the FLOP count needs to know about a frozen HF LLM (read once from the module)."""
@@ -181,6 +211,11 @@ def build_flops_counter(cfg: ModelConfig, model: nn.Module) -> WorkCounter:
             b, t = batch["text_ids"].shape
             return batch_tokens(batch, n_img), sum(stage1_flops(cfg, b, t).values())
         return count
+    if cfg.arch in ("blip", "albef"):
+        def count_blip(batch: Mapping[str, torch.Tensor]) -> tuple[int, float]:
+            b, t = batch["text_ids"].shape
+            return batch_tokens(batch, n_img), sum(blip_flops(cfg, b, t).values())
+        return count_blip
     shape = llm_shape(model.llm)
 
     def count_llm(batch: Mapping[str, torch.Tensor]) -> tuple[int, float]:

@@ -33,6 +33,7 @@ from blip_train.training.engine import apply_lr_, apply_parameter_bounds_, build
 from blip_train.training.flops import build_flops_counter
 from blip_train.training.host_memory import MemoryTrace, keep_allocator_lean
 from blip_train.training.metrics import MetricLogger, start_wandb
+from blip_train.training.momentum import has_momentum, update_momentum_
 from blip_train.training.seeding import seed_everything
 from blip_train.training.stages import build_stage, describe_parameters
 
@@ -66,6 +67,9 @@ def train_step(engine, batches: Iterator[dict], cfg: ExperimentConfig, state: Tr
     """One optimizer step over grad_accum_steps micro-batches; a non-finite micro-batch is skipped on all ranks."""
     done, bad_in_row = 0, 0
     apply_lr_(engine.optimizer, state.step, cfg)  # from the step counter: exact on resume, after skipped steps
+    momentum = has_momentum(engine.module)
+    if momentum:
+        engine.module.train_step = state.step  # the distillation weight ramps with it
     timer = logger.timer  # phase laps; no device sync here (see StepTimer)
     while done < cfg.train.grad_accum_steps:
         timer.start()
@@ -93,6 +97,8 @@ def train_step(engine, batches: Iterator[dict], cfg: ExperimentConfig, state: Tr
         logger.add_losses(losses)
         done += 1
     apply_parameter_bounds_(engine.module)  # after the optimizer step: on its fp32 masters too
+    if momentum:
+        update_momentum_(engine.module, cfg.model.momentum.decay)
     state.step += 1
     state.samples_seen += cfg.train.micro_batch_size * cfg.train.grad_accum_steps * engine.world_size
 
@@ -219,7 +225,7 @@ def _train(cfg: ExperimentConfig, env, on_cuda: bool, plan: RunPlan) -> dict:
 
     # Frozen HF LLMs load straight into ZeRO-3 partitions (kept alive for the whole run on purpose).
     hf_zero3 = None
-    if cfg.model.arch != "stage1":  # in the LLM's own dtype (model.llm.dtype), not the engine's
+    if cfg.model.arch in ("stage2", "instruct"):  # in the LLM's own dtype (model.llm.dtype), not the engine's
         hf_zero3 = hf_zero3_loading(plan.ds_config, cfg.deepspeed.zero_init,  # noqa: F841
                                     dtype=llm_dtype(cfg.model.llm.dtype, "cuda" if on_cuda else "cpu"))
     stage = build_stage(cfg, build_world_info(), on_cuda, plan.ds_config)

@@ -98,15 +98,18 @@ def build_stage1_model(cfg: ExperimentConfig, world: WorldInfo | None = None, de
     return model, tokenizer
 
 
-def load_trained_stage1(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, untrained: bool = False,
-                        device_type: str | None = None):
-    """(model, tokenizer) of a finished stage-1 run for inference (eval, CapFilt): `build_stage1_model`
-    (frozen ViT from its recorded source), then the trainable weights consolidated from the ZeRO shards
-    of `ckpt_dir/tag`, loaded strictly. untrained=True gives the step-0 weights instead (same seed, then
-    model.init_from as in training)."""
+def load_trained_retrieval_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, untrained: bool = False,
+                                 device_type: str | None = None):
+    """(model, tokenizer) of a finished run with ITC/ITM heads (model.arch stage1 | blip | albef) for inference
+    (eval, CapFilt): the arch's builder (a frozen ViT from its recorded source), then the trainable weights
+    consolidated from the ZeRO shards of `ckpt_dir/tag`, loaded strictly. untrained=True gives the step-0
+    weights instead (same seed, then model.init_from as in training)."""
     from blip_train.training.weights import consolidate_trainable, load_trainable_
 
-    model, tokenizer = build_stage1_model(cfg, device_type=device_type)
+    if cfg.model.arch in ("blip", "albef"):
+        model, tokenizer = build_blip_model(cfg)
+    else:
+        model, tokenizer = build_stage1_model(cfg, device_type=device_type)
     if not untrained:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
@@ -275,10 +278,57 @@ def build_instruct(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_co
     return _llm_stage(cfg, collate, model, tok, report, "instruct")
 
 
+# ---------------------------------------------------------------------------------------- BLIP / ALBEF
+
+def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None):
+    """BlipPretrain (model.arch blip | albef) with its tokenizer: the ViT from model.vision.weights and the text
+    transformer from model.text.bert_init when given, then the momentum copies set to the online weights."""
+    from blip_train.data.tokenizers import ENC_TOKEN, load_blip_tokenizer
+    from blip_train.models.blip import BlipPretrain, TextTokens
+    from blip_train.models.eva_vit import load_vit_weights
+    from blip_train.models.qformer import load_bert_weights
+
+    m = cfg.model
+    if not m.text.tokenizer:
+        raise ConfigError(f"model.text.tokenizer: required for model.arch={m.arch} (a local BERT tokenizer folder)")
+    for key, path in (("model.text.tokenizer", m.text.tokenizer), ("model.vision.weights", m.vision.weights),
+                      ("model.text.bert_init", m.text.bert_init)):
+        _require_file(key, path)
+    tokenizer = load_blip_tokenizer(m.text.tokenizer)
+    if len(tokenizer) > m.text.vocab_size:
+        raise ConfigError(f"model.text.vocab_size: {m.text.vocab_size} is smaller than the tokenizer's "
+                          f"{len(tokenizer)} tokens ({m.text.tokenizer})")
+    tokens = TextTokens(pad=tokenizer.pad_token_id, cls=tokenizer.cls_token_id, sep=tokenizer.sep_token_id,
+                        mask=tokenizer.mask_token_id, enc=tokenizer.convert_tokens_to_ids(ENC_TOKEN),
+                        vocab_size=len(tokenizer))
+    torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
+    model = BlipPretrain(m, tokens, world)
+    if m.vision.weights:
+        load_vit_weights(model.visual_encoder, m.vision.weights)
+    if m.text.bert_init:
+        load_bert_weights(model.text, m.text.bert_init)
+    model.copy_to_momentum_()
+    return model, tokenizer
+
+
+def build_blip(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_config: dict | None = None) -> Stage:
+    from blip_train.data.collate import BlipCollator, Stage1Collator
+
+    if cfg.model.init_from:
+        raise ConfigError(f"model.init_from: not supported for model.arch={cfg.model.arch} yet (start from "
+                          "model.vision.weights and model.text.bert_init)")
+    model, tokenizer = build_blip_model(cfg, world)
+    collate_cls = BlipCollator if cfg.model.arch == "blip" else Stage1Collator
+    return Stage(model=model, tokenizer=tokenizer, collate=collate_cls(tokenizer, cfg.model.max_txt_len),
+                 data_kind="caption", cfg=cfg)
+
+
 STAGE_BUILDERS: dict[str, Callable[..., Stage]] = {
     "stage1": build_stage1,
     "stage2": build_stage2,
     "instruct": build_instruct,
+    "blip": build_blip,
+    "albef": build_blip,
 }
 
 

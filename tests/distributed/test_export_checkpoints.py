@@ -161,9 +161,9 @@ def test_init_from_takes_the_consolidated_folder(zero3_fp32, tmp_path):
     assert all(torch.equal(params[k].detach(), v) for k, v in live["trainable"].items())
 
     # `eval --untrained` of a run that started from those weights evaluates them, not a random init
-    from blip_train.training.stages import load_trained_stage1
+    from blip_train.training.stages import load_trained_retrieval_model
     cfg.model.init_from = str(tmp_path / "w")
-    step0, _ = load_trained_stage1(cfg, run / "checkpoints", "unused", untrained=True, device_type="cpu")
+    step0, _ = load_trained_retrieval_model(cfg, run / "checkpoints", "unused", untrained=True, device_type="cpu")
     params = dict(step0.named_parameters())
     assert all(torch.equal(params[k].detach(), v) for k, v in live["trainable"].items())
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from blip_train.config.schema import ModelConfig, QFormerConfig, VisionConfig
+from blip_train.config.schema import ModelConfig, QFormerConfig, TextConfig, VisionConfig
 
 
 def tiny_vision_config(**overrides) -> VisionConfig:
@@ -23,6 +23,13 @@ def tiny_qformer_config(**overrides) -> QFormerConfig:
     cfg = QFormerConfig(hidden_size=32, layers=2, heads=4, intermediate_size=64, vocab_size=120,
                         max_position_embeddings=64, cross_attention_freq=2, num_query_tokens=4,
                         layer_norm_eps=1e-12, dropout=0.0)
+    return replace(cfg, **overrides)
+
+
+def tiny_text_config(**overrides) -> TextConfig:
+    """MED: 2 layers of width 32 (4 heads), cross-attention in every layer, a decoder, vocab 120."""
+    cfg = TextConfig(hidden_size=32, layers=2, heads=4, intermediate_size=64, vocab_size=120,
+                     max_position_embeddings=64, layer_norm_eps=1e-12, dropout=0.0, fusion_layer=0, decoder=True)
     return replace(cfg, **overrides)
 
 
@@ -48,6 +55,26 @@ def hf_vision_config(cfg: VisionConfig):
                            layer_norm_eps=cfg.layer_norm_eps, attention_dropout=0.0, qkv_bias=True)
     hf._attn_implementation = "eager"
     return hf
+
+
+def hf_blip_vision_config(cfg: VisionConfig):
+    """transformers BlipVisionConfig equal to `cfg` built with `final_norm` (exact GELU, no dropout)."""
+    from transformers import BlipVisionConfig
+
+    return BlipVisionConfig(hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=vision_blocks(cfg),
+                            num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                            hidden_act="gelu", layer_norm_eps=cfg.layer_norm_eps, attention_dropout=0.0)
+
+
+def hf_blip_text_config(cfg: TextConfig, encoder_width: int):
+    """transformers BlipTextConfig equal to a BLIP MED `cfg` (cross-attention in every layer: is_decoder)."""
+    from transformers import BlipTextConfig
+
+    return BlipTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, encoder_hidden_size=encoder_width,
+                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.layers,
+                          num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_position_embeddings,
+                          hidden_act="gelu", layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=cfg.dropout,
+                          attention_probs_dropout_prob=cfg.dropout, is_decoder=True)
 
 
 def _qformer_kwargs(cfg: QFormerConfig, encoder_width: int) -> dict:
@@ -82,8 +109,8 @@ def hf_blip2_config(vision: VisionConfig, qformer: QFormerConfig, text_config=No
                        num_query_tokens=qformer.num_query_tokens)
 
 
-def tiny_bert_config(cfg: QFormerConfig, vocab_size: int | None = None):
-    """transformers BertConfig with the Q-Former's shape (vocab defaults to one less: no [DEC])."""
+def tiny_bert_config(cfg: QFormerConfig | TextConfig, vocab_size: int | None = None):
+    """transformers BertConfig with the Q-Former's / MED's shape (vocab defaults to one less: no [DEC])."""
     from transformers import BertConfig
 
     return BertConfig(vocab_size=vocab_size or cfg.vocab_size - 1, hidden_size=cfg.hidden_size,

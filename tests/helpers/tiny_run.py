@@ -63,6 +63,25 @@ def write_tiny_config(root: Path, out_dir: Path, **sections) -> Path:
     return path
 
 
+TEXT = {"hidden_size": 32, "layers": 2, "heads": 4, "intermediate_size": 64, "vocab_size": 256,
+        "max_position_embeddings": 64, "dropout": 0.1}
+
+
+def write_tiny_blip_config(root: Path, out_dir: Path, arch: str = "blip", **sections) -> Path:
+    """A BLIP (arch=blip: MED with decoder) or ALBEF (arch=albef: 1 text + 1 fusion layer) YAML on the tiny
+    assets: the ViT trains from random init with a final norm; a 32-entry queue (4 global batches of 2 x 4)."""
+    config = write_tiny_config(root, out_dir, **{k: v for k, v in sections.items() if k != "model"})
+    data = yaml.safe_load(config.read_text())
+    text = dict(TEXT, tokenizer=str(make_tiny_assets(root)["tokenizer"]),
+                **({"fusion_layer": 0, "decoder": True} if arch == "blip" else {"fusion_layer": 1, "decoder": False}))
+    data["model"] = {"arch": arch, "attention": "sdpa", "embed_dim": 16, "max_txt_len": 20,
+                     "vision": dict(VISION, frozen=False, final_norm=True), "text": text,
+                     "momentum": {"queue_size": 32, "alpha": 0.4, "alpha_ramp_steps": 2}}
+    data["model"].update(sections.get("model", {}))
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
 def read_losses(run_dir: Path) -> dict[int, float]:
     import json
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from blip_train.config import load_config
-from blip_train.demo.__main__ import FINETUNE, GENERATIVE, stripes_named
+from blip_train.demo.__main__ import FINETUNE, GENERATIVE, RETRIEVAL, stripes_named
 
 
 def test_fine_tuning_stages_train_the_vit_from_an_earlier_demo_stage_on_their_own_split():
@@ -20,6 +20,21 @@ def test_fine_tuning_stages_train_the_vit_from_an_earlier_demo_stage_on_their_ow
         before = load_config(f"demo/{start}").model
         assert (cfg.model.vision.weights, cfg.model.vision.width, cfg.model.qformer) == \
             (before.vision.weights, before.vision.width, before.qformer)
+
+
+def test_retrieval_stages_cover_blip2_stage1_blip_and_albef():
+    """Every ITC/ITM-trained family is a demo stage, on the demo's data, ZeRO-3; BLIP and ALBEF train their ViT
+    from the demo's pretrained tower with a queue the 2-rank global batch fills in whole steps."""
+    archs = {}
+    for name, (recipe, _) in RETRIEVAL.items():
+        cfg = load_config(recipe)
+        archs[name] = cfg.model.arch
+        assert cfg.run.output_dir == f"runs/demo/{name}" and cfg.deepspeed.zero_stage == 3
+        assert cfg.model.vision.weights == "runs/demo/assets/vit.safetensors"
+        if cfg.model.arch in ("blip", "albef"):
+            assert not cfg.model.vision.frozen
+            assert cfg.model.momentum.queue_size % (2 * cfg.train.micro_batch_size) == 0
+    assert archs == {"stage1": "stage1", "blip": "blip", "albef": "albef"}
 
 
 def test_stripes_named_scores_the_attribute(tmp_path):

@@ -100,6 +100,17 @@ def test_unknown_template_refused():
         build_ds_config(_cfg("deepspeed.config=zero9"), world_size=1, on_cuda=False)
 
 
+def test_warmup_then_step_decay_per_epoch():
+    """BLIP pretraining: warm up, then x0.85 every epoch (decay_steps), never below min_lr."""
+    cfg = _cfg("optim.lr=3e-4", "optim.min_lr=1e-4", "optim.warmup_steps=10", "optim.schedule=step",
+               "optim.decay_rate=0.85", "optim.decay_steps=100", "train.max_steps=2000")
+    assert lr_at(5, cfg) == pytest.approx(1.5e-4)
+    assert lr_at(10, cfg) == lr_at(109, cfg) == pytest.approx(3e-4)
+    assert lr_at(110, cfg) == pytest.approx(3e-4 * 0.85)
+    assert lr_at(310, cfg) == pytest.approx(3e-4 * 0.85 ** 3)
+    assert lr_at(1500, cfg) == pytest.approx(1e-4)  # 3e-4 x 0.85^14 would be 3.1e-5
+
+
 def test_warmup_then_cosine_to_min_lr():
     cfg = _cfg("optim.lr=1e-4", "optim.min_lr=1e-5", "optim.warmup_steps=10", "train.max_steps=110")
     assert lr_at(0, cfg) == 0.0

@@ -122,7 +122,7 @@ def test_standalone_eval_puts_the_model_on_cuda_local_rank(monkeypatch, tmp_path
         seen["max_samples"] = max_samples
         return {"r_mean": 1.0}, {}
 
-    monkeypatch.setattr(stages, "load_trained_stage1", load)
+    monkeypatch.setattr(stages, "load_trained_retrieval_model", load)
     monkeypatch.setattr(stage1_eval, "evaluate_retrieval", evaluate)
     split = tmp_path / "split"
     write_split(split, [make_sample(i, seed=0, image_size=16) for i in range(2)])

@@ -39,6 +39,23 @@ def test_qkv_has_q_and_v_bias_only():
     assert not any(n.endswith("k_bias") for n, _ in attn.named_parameters())
 
 
+def test_final_norm():
+    """BLIP/ALBEF's timm ViT: the same blocks, then a LayerNorm over all tokens, at lr scale 1 under layer decay."""
+    plain, normed = build(), build(final_norm=True)
+    assert plain.norm is None and "norm.weight" not in plain.state_dict()
+    assert torch.equal(normed.norm.weight, torch.ones(32)) and torch.equal(normed.norm.bias, torch.zeros(32))
+    assert normed.norm.eps == tiny_vision_config().layer_norm_eps
+    with torch.no_grad():
+        normed.norm.weight.normal_()
+        normed.norm.bias.normal_()
+    normed.load_state_dict({**plain.state_dict(), **{f"norm.{k}": v for k, v in normed.norm.state_dict().items()}})
+    x = images()
+    torch.testing.assert_close(normed(x), normed.norm(plain(x)), atol=0, rtol=0)
+    scales = normed.layer_decay_scales(0.5)
+    assert scales["norm.weight"] == scales["norm.bias"] == 1.0
+    assert scales["blocks.1.mlp.fc1.weight"] == 0.5 and scales["cls_token"] == 0.125
+
+
 def test_backends_agree():
     x = images()
     ref = build()(x)

@@ -1,0 +1,249 @@
+"""BLIP and ALBEF pretraining: a trained ViT and a BERT text transformer, with momentum encoders.
+
+- BLIP (Li et al. 2022, model.arch=blip): ViT-B/L + MED. Losses ITC + ITM + LM, unweighted:
+  ITC between the ViT's [CLS] and the unimodal text encoder's [CLS], against a momentum encoder and a
+  queue of its features, with momentum distillation; ITM on the image-grounded encoder ([ENC] first)
+  with one hard negative per sample and direction from the global batch; LM on the image-grounded
+  decoder ([DEC] first), label smoothing 0.1.
+- ALBEF (Li et al. 2021, model.arch=albef): ViT-B + 6 text and 6 fusion layers. ITC as BLIP's, ITM on
+  the fusion layers ([CLS] first), and MLM on the fusion output with momentum distillation in place of LM.
+
+The momentum encoders (`*_m`) are frozen fp32 copies that the trainer moves towards the online weights
+after every optimizer step (`momentum_pairs`; training/momentum.py does it on ZeRO partitions). They run
+in the model's mode (dropout on in training, as the authors' code). The feature queue enqueues the
+momentum features of the global batch in every training forward, identically on every rank.
+
+ZeRO-3 note: every forward calls the same submodules in the same order on every rank (no data-dependent
+branch), see models/stage1.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip_train.config.schema import ModelConfig
+from blip_train.models.blip_losses import (FeatureQueue, alpha_at, copy_params_, global_sims, lm_loss,
+                                           mask_tokens, mlm_loss, momentum_itc_loss)
+from blip_train.models.eva_vit import EVAViT
+from blip_train.models.med import MED
+from blip_train.models.stage1 import TEMP_MAX, TEMP_MIN
+from blip_train.models.stage1_losses import itm_loss, sample_hard_negatives
+from blip_train.models.world import WorldInfo
+
+ARCHS = ("blip", "albef")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTokens:
+    """Token ids the model needs (the tokenizer lives in data/; the builder reads them from it)."""
+    pad: int
+    cls: int
+    sep: int
+    mask: int
+    """[MASK] (ALBEF's MLM)."""
+    enc: int
+    """[ENC] (BLIP's image-grounded encoder reads it in place of [CLS]); unused by ALBEF."""
+    vocab_size: int
+    """Ids a random MLM replacement is drawn from (the tokenizer's size)."""
+
+
+class BlipPretrain(nn.Module):
+    """ViT + text transformer + ITC projections + ITM head + temperature, and their momentum copies."""
+
+    PARAMETER_BOUNDS = {"temp": (TEMP_MIN, TEMP_MAX)}
+    """Kept in range by the trainer after each step, on the fp32 master too (see models/stage1.py)."""
+
+    MOMENTUM = {"visual_encoder.": "visual_encoder_m.", "text.": "text_m.", "vision_proj.": "vision_proj_m.",
+                "text_proj.": "text_proj_m."}
+    """Online module prefix → its momentum copy's prefix."""
+
+    def __init__(self, cfg: ModelConfig, tokens: TextTokens, world: Optional[WorldInfo] = None) -> None:
+        super().__init__()
+        if cfg.arch not in ARCHS:
+            raise ValueError(f"model.arch={cfg.arch!r}: BlipPretrain builds {' | '.join(ARCHS)}")
+        self.arch = cfg.arch
+        self.world = world if world is not None else WorldInfo()
+        self.tokens = tokens
+        self.max_txt_len = cfg.max_txt_len
+        self.mom = cfg.momentum
+        self.train_step = 0
+        """Optimizer steps done; the trainer sets it before each step (the distillation weight ramps with it)."""
+        text_cfg = cfg.text
+        if cfg.arch == "blip" and not text_cfg.decoder:
+            raise ValueError("model.text.decoder: BLIP's MED needs its decoder (LM loss); set it true")
+
+        self.visual_encoder = EVAViT(cfg.vision, attention=cfg.attention)
+        self.text = MED(text_cfg, encoder_width=cfg.vision.width, attention=cfg.attention)
+        self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(text_cfg.hidden_size, cfg.embed_dim)
+        self.itm_head = nn.Linear(text_cfg.hidden_size, 2)
+        # Shape (1,): DeepSpeed broadcasts parameters as byte views, which a 0-dim tensor cannot give.
+        self.temp = nn.Parameter(torch.full((1,), 0.07))
+
+        # Momentum copies. BLIP's momentum text encoder only ever runs unimodally: built without
+        # cross-attention and decoder; ALBEF's also runs the fusion layers and the MLM head (distillation of the
+        # MLM targets).
+        self.visual_encoder_m = EVAViT(dataclasses.replace(cfg.vision, drop_path_rate=0.0), attention=cfg.attention)
+        self.text_m = MED(dataclasses.replace(text_cfg, decoder=False), encoder_width=cfg.vision.width,
+                          attention=cfg.attention, text_only=cfg.arch == "blip")
+        self.vision_proj_m = nn.Linear(cfg.vision.width, cfg.embed_dim)
+        self.text_proj_m = nn.Linear(text_cfg.hidden_size, cfg.embed_dim)
+        self.copy_to_momentum_()
+        for _, m in self.momentum_pairs():
+            m.requires_grad_(False)
+        self.queue = FeatureQueue(cfg.embed_dim, cfg.momentum.queue_size)
+
+    # ----------------------------------------------------------------------------------------------
+    # momentum copies (plain tensors here; the trainer updates ZeRO partitions, training/momentum.py)
+
+    def momentum_pairs(self) -> Iterator[tuple[nn.Parameter, nn.Parameter]]:
+        """(online parameter, its momentum copy) for every momentum parameter, in a fixed order."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        # Each momentum tensor once: a tied alias (the MLM head's decoder is the word embedding) must not be
+        # moved twice per step.
+        for name, m in self.named_parameters():
+            for online_prefix, mom_prefix in self.MOMENTUM.items():
+                if name.startswith(mom_prefix):
+                    yield params[online_prefix + name[len(mom_prefix):]], m
+
+    def copy_to_momentum_(self) -> None:
+        """Momentum copies := online weights (at build, and after loading pretrained weights)."""
+        copy_params_(self.momentum_pairs())
+
+    # ----------------------------------------------------------------------------------------------
+    # building blocks
+
+    def _temperature(self) -> torch.Tensor:
+        return self.temp.clamp(TEMP_MIN, TEMP_MAX)
+
+    def _pad_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad text to max_txt_len so that its all_gather has the same shape on every rank."""
+        extra = self.max_txt_len - ids.shape[1]
+        if extra < 0:
+            raise ValueError(f"text length {ids.shape[1]} exceeds model.max_txt_len={self.max_txt_len}")
+        return F.pad(ids, (0, extra), value=self.tokens.pad), F.pad(mask, (0, extra), value=0)
+
+    def _text_feat(self, text: MED, proj: nn.Linear, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = text(ids, mask, mode="text")  # (B, T, D)
+        return F.normalize(proj(hidden[:, 0]), dim=-1)  # (B, E)
+
+    def _itm_logits(self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N, 1+P, Dv), (N, T) → (N, 2) from the first text position of the image-grounded encoder."""
+        hidden = self.text(ids, mask, image_embeds=image_embeds, mode="multimodal")  # (N, T, D)
+        return self.itm_head(hidden[:, 0])
+
+    # ----------------------------------------------------------------------------------------------
+    # training
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch. Keys: pixel_values, text_ids ([CLS] first), text_mask, image_ids, and for
+        BLIP itm_input_ids ([ENC] first), itg_input_ids ([DEC] first), itg_labels. Returns loss (unweighted
+        sum), loss_itc, loss_itm and loss_lm (BLIP) or loss_mlm (ALBEF)."""
+        text_ids, text_mask, image_ids = batch["text_ids"], batch["text_mask"], batch["image_ids"]
+        alpha = alpha_at(self.train_step, self.mom.alpha, self.mom.alpha_ramp_steps)
+        temp = self._temperature()
+
+        image_embeds = self.visual_encoder(batch["pixel_values"])  # (B, 1+P, Dv)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
+        text_feat = self._text_feat(self.text, self.text_proj, text_ids, text_mask)  # (B, E)
+        with torch.no_grad():
+            image_embeds_m = self.visual_encoder_m(batch["pixel_values"])  # (B, 1+P, Dv) fp32
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)  # (B, E) fp32
+            text_feat_m = self._text_feat(self.text_m, self.text_proj_m, text_ids, text_mask)  # (B, E) fp32
+        itc = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.queue, temp, alpha)
+        if self.training:  # the global batch's momentum features replace the oldest queue entries
+            self.queue.enqueue_(self.world.gather(image_feat_m), self.world.gather(text_feat_m))
+
+        # ITM: one hard negative per sample and direction over the global batch (online similarities). The
+        # negative images keep their gradient (to the ViT of the rank that owns them); token ids need none.
+        sim_i2t, sim_t2i = global_sims(image_feat, text_feat, temp, self.world)  # (B, B*W)
+        neg_image_idx, neg_text_idx = sample_hard_negatives(sim_i2t, sim_t2i, self.world, image_ids=image_ids)
+        itm_ids = batch["itm_input_ids"] if self.arch == "blip" else text_ids  # [ENC] | [CLS] first
+        ids_pad, mask_pad = self._pad_text(itm_ids, text_mask)  # (B, L)
+        all_ids, all_mask = self.world.gather(ids_pad), self.world.gather(mask_pad)  # (B*W, L)
+        all_image_embeds = self.world.gather_with_grad(image_embeds)  # (B*W, 1+P, Dv)
+        pair_ids = torch.cat([ids_pad, ids_pad, all_ids[neg_text_idx]])  # (3B, L)
+        pair_mask = torch.cat([mask_pad, mask_pad, all_mask[neg_text_idx]])  # (3B, L)
+        pair_images = torch.cat([image_embeds, all_image_embeds[neg_image_idx], image_embeds])  # (3B, 1+P, Dv)
+        loss_itm = itm_loss(self._itm_logits(pair_images, pair_ids, pair_mask))
+
+        losses = {"loss_itc": itc.loss, "loss_itm": loss_itm}
+        if self.arch == "blip":
+            # LM: the [DEC]-first caption through the causal decoder, grounded on the image.
+            hidden = self.text(batch["itg_input_ids"], text_mask, image_embeds=image_embeds, mode="decoder")
+            losses["loss_lm"] = lm_loss(self.text.lm_logits(hidden), batch["itg_labels"])
+        else:
+            # MLM with BERT's masking (torch's global RNG, which the trainer checkpoints per rank); the momentum
+            # model's predictions at the same positions are the distillation targets.
+            t = self.tokens
+            masked, labels = mask_tokens(text_ids, t.vocab_size, t.mask, (t.pad, t.cls, t.sep))
+            hidden = self.text(masked, text_mask, image_embeds=image_embeds, mode="multimodal")
+            with torch.no_grad():
+                hidden_m = self.text_m(masked, text_mask, image_embeds=image_embeds_m, mode="multimodal")
+                logits_m = self.text_m.lm_logits(hidden_m)  # (B, T, V)
+            losses["loss_mlm"] = mlm_loss(self.text.lm_logits(hidden), labels, logits_m, alpha)
+        return {"loss": sum(losses.values()), **losses}
+
+    # ----------------------------------------------------------------------------------------------
+    # inference (retrieval evaluation, CapFilt); run under model.eval()
+
+    image_feat_tokens = 1
+    """ITC features per image: the [CLS] projection."""
+
+    def eval_root_parameters(self) -> list[nn.Parameter]:
+        """Parameters read outside a submodule's forward during evaluation (none: temp only scales training)."""
+        return []
+
+    @torch.no_grad()
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) → (image_embeds (B, 1+P, Dv), image_feat (B, 1, E) normalised)."""
+        image_embeds = self.visual_encoder(pixel_values)
+        return image_embeds, F.normalize(self.vision_proj(image_embeds[:, :1]), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) [CLS]-first text → text_feat (B, E) normalised."""
+        return self._text_feat(self.text, self.text_proj, text_ids, text_mask)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, prompt_ids: torch.Tensor, *, max_new_tokens: int = 30,
+                 min_new_tokens: int = 1, num_beams: int = 1, synced_gpus: bool = False,
+                 **unused: object) -> torch.Tensor:
+        """Captions from BLIP's image-grounded decoder, greedy: (B, max_new_tokens) ids after `prompt_ids`.
+
+        prompt_ids: (B, P) [DEC] then the prompt's tokens (BLIP captions after "a picture of "; none in
+        pretraining), the same length in every row. A caption ends with [SEP], then [PAD]. Every step
+        re-encodes the whole prefix (no key/value cache: captions are short), and all `max_new_tokens` steps
+        run whatever the captions do (ZeRO-3: every rank calls the same modules; `synced_gpus` is implied).
+        Other generation options (length_penalty, eos ids) do not apply to greedy decoding and are ignored.
+        """
+        if self.arch != "blip":
+            raise ValueError(f"model.arch={self.arch} has no text decoder: only BLIP generates captions")
+        if num_beams != 1:
+            raise ValueError(f"num_beams={num_beams}: BLIP captions decode greedily here; set eval.num_beams=1")
+        image_embeds = self.visual_encoder(pixel_values)  # (B, 1+P, Dv)
+        ids = prompt_ids
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for step in range(max_new_tokens):
+            hidden = self.text(ids, torch.ones_like(ids), image_embeds=image_embeds, mode="decoder")
+            logits = self.text.lm_logits(hidden[:, -1]).float()  # (B, V)
+            if step < min_new_tokens:
+                logits[:, self.tokens.sep] = float("-inf")
+            nxt = torch.where(done, torch.full_like(done, self.tokens.pad, dtype=torch.long), logits.argmax(-1))
+            done = done | (nxt == self.tokens.sep)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+        return ids[:, prompt_ids.shape[1]:]
+
+    @torch.no_grad()
+    def itm_scores(self, image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                   probability: bool = False) -> torch.Tensor:
+        """Matching score of each (image, text) pair for [CLS]-first text: the positive-class logit (B,), as BLIP
+        ranks by; probability=True gives P(match) (CapFilt's filter keeps texts it calls matched)."""
+        if self.arch == "blip":  # the image-grounded encoder reads [ENC] where the collator put [CLS]
+            text_ids = torch.cat([torch.full_like(text_ids[:, :1], self.tokens.enc), text_ids[:, 1:]], dim=1)
+        logits = self._itm_logits(image_embeds, text_ids, text_mask)  # (B, 2)
+        return logits.float().softmax(-1)[:, 1] if probability else logits[:, 1]

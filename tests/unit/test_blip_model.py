@@ -1,0 +1,169 @@
+"""BlipPretrain (BLIP / ALBEF) on one rank: losses, what trains, the momentum copies and the feature queue."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from blip_train.config.schema import MomentumConfig, TextConfig
+from blip_train.models.blip import BlipPretrain, TextTokens
+from blip_train.training.momentum import load_momentum_state_, momentum_state, update_momentum_
+from tests.helpers.tiny import tiny_model_config, tiny_vision_config
+
+TOKENS = TextTokens(pad=0, cls=2, sep=1, mask=5, enc=4, vocab_size=120)
+B, T = 4, 7
+
+
+def blip_config(arch: str = "blip", **momentum):
+    text = TextConfig(hidden_size=32, layers=2, heads=4, intermediate_size=64, vocab_size=120,
+                      max_position_embeddings=64, dropout=0.0, fusion_layer=0 if arch == "blip" else 1,
+                      decoder=arch == "blip")
+    return tiny_model_config(arch=arch, text=text, vision=tiny_vision_config(frozen=False, final_norm=True),
+                             momentum=MomentumConfig(**{"queue_size": 16, "alpha": 0.4, **momentum}))
+
+
+def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, 120, (B, T), generator=g)
+    ids[:, 0] = TOKENS.cls
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 5:] = 0
+    ids[1, 5:] = TOKENS.pad
+    ids[torch.arange(B), mask.sum(1) - 1] = TOKENS.sep
+    itm, dec = ids.clone(), ids.clone()
+    itm[:, 0], dec[:, 0] = 4, 3  # [ENC], [DEC]
+    return {"pixel_values": torch.randn(B, 3, 32, 32, generator=g), "text_ids": ids, "text_mask": mask,
+            "itm_input_ids": itm, "itg_input_ids": dec, "itg_labels": dec.masked_fill(mask == 0, -100),
+            "image_ids": torch.arange(B)}
+
+
+@pytest.mark.parametrize("arch", ["blip", "albef"])
+def test_losses_train_the_online_model_only(arch):
+    torch.manual_seed(0)
+    model = BlipPretrain(blip_config(arch), TOKENS).train()
+    out = model(make_batch())
+    text_loss = "loss_lm" if arch == "blip" else "loss_mlm"
+    assert set(out) == {"loss", "loss_itc", "loss_itm", text_loss}
+    assert torch.isfinite(out["loss"]) and out["loss"] == out["loss_itc"] + out["loss_itm"] + out[text_loss]
+    out["loss"].backward()
+    copies = {id(m) for _, m in model.momentum_pairs()}
+    for name, p in model.named_parameters():
+        if id(p) in copies:
+            assert not p.requires_grad and p.grad is None, name
+    # Every part of the online model gets a gradient: ViT, text, projections, ITM head, temperature.
+    for prefix in ("visual_encoder.blocks.0.", "text.layers.1.", "vision_proj.", "text_proj.", "itm_head.", "temp"):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
+        assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), prefix
+
+
+def test_momentum_copies_pair_every_online_tensor_once():
+    model = BlipPretrain(blip_config(), TOKENS)
+    pairs = list(model.momentum_pairs())
+    assert all(p.shape == m.shape and p is not m for p, m in pairs)
+    assert len({id(m) for _, m in pairs}) == len(pairs)  # a tied alias is moved once, not twice
+    assert all(torch.equal(p, m) for p, m in pairs)  # copies start as the online weights
+    # BLIP's momentum text encoder is unimodal: no cross-attention or decoder copies.
+    names = [n for n, _ in model.named_parameters() if n.startswith("text_m.")]
+    assert names and not any("cross_attn" in n or "self_attn_dec" in n for n in names)
+    albef = BlipPretrain(blip_config("albef"), TOKENS)
+    assert any("cross_attn" in n for n, _ in albef.named_parameters() if n.startswith("text_m."))
+
+
+def test_queue_fills_in_training_only_and_the_copies_follow_the_ema():
+    torch.manual_seed(0)
+    model = BlipPretrain(blip_config(), TOKENS)
+    before = model.queue.image_queue.clone()
+    model.eval()(make_batch())
+    assert torch.equal(model.queue.image_queue, before) and int(model.queue.ptr) == 0
+    model.train()(make_batch())
+    assert int(model.queue.ptr) == B and not torch.equal(model.queue.image_queue[:, :B], before[:, :B])
+    assert torch.equal(model.queue.image_queue[:, B:], before[:, B:])
+
+    with torch.no_grad():
+        for p, _ in model.momentum_pairs():
+            p.add_(torch.randn_like(p))
+    old = [m.detach().clone() for _, m in model.momentum_pairs()]
+    update_momentum_(model, 0.9)
+    for (p, m), m0 in zip(model.momentum_pairs(), old):
+        assert torch.allclose(m, 0.9 * m0 + 0.1 * p, rtol=0, atol=1e-6)
+
+
+def test_momentum_state_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = BlipPretrain(blip_config(), TOKENS).train()
+    model(make_batch())
+    with torch.no_grad():
+        for _, m in model.momentum_pairs():
+            m.add_(1.0)
+    torch.save({"momentum": momentum_state(model)}, tmp_path / "rank_00000.pt")
+    torch.manual_seed(1)
+    fresh = BlipPretrain(blip_config(), TOKENS)
+    load_momentum_state_(fresh, tmp_path)
+    for (_, a), (_, b) in zip(model.momentum_pairs(), fresh.momentum_pairs()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(model.queue.buffers(), fresh.queue.buffers()))
+
+
+def test_distillation_weight_ramps_with_the_step():
+    torch.manual_seed(0)
+    model = BlipPretrain(blip_config(alpha_ramp_steps=10), TOKENS).eval()
+    batch = make_batch()
+    model.train_step = 0
+    hard = model(batch)["loss_itc"]
+    model.train_step = 5
+    half = model(batch)["loss_itc"]
+    model.mom = replace(model.mom, alpha_ramp_steps=0)
+    assert not torch.equal(hard, half) and not torch.equal(half, model(batch)["loss_itc"])
+
+
+def test_blip_refuses_a_med_without_decoder():
+    cfg = blip_config()
+    with pytest.raises(ValueError, match="model.text.decoder"):
+        BlipPretrain(replace(cfg, text=replace(cfg.text, decoder=False)), TOKENS)
+
+
+def test_vit_loads_an_imagenet_timm_checkpoint(tmp_path):
+    """BLIP / ALBEF start from a timm ViT/DeiT .pth: {"model": ...}, a full qkv bias, a classifier head."""
+    from blip_train.models.eva_vit import EVAViT, load_vit_weights
+
+    cfg = tiny_vision_config(frozen=False, final_norm=True, drop_last_block=False)
+    torch.manual_seed(0)
+    source = EVAViT(cfg)
+    sd = {}
+    for k, v in source.state_dict().items():
+        if k.endswith("attn.q_bias"):
+            q, vb = v, source.state_dict()[k.replace("q_bias", "v_bias")]
+            sd[k.replace("q_bias", "qkv.bias")] = torch.cat([q, torch.randn_like(q), vb])  # any k bias
+        elif not k.endswith("attn.v_bias"):
+            sd[k] = v
+    sd.update({"head.weight": torch.randn(10, cfg.width), "head.bias": torch.randn(10)})
+    torch.save({"model": sd}, tmp_path / "deit.pth")
+    model = EVAViT(cfg)
+    load_vit_weights(model, tmp_path / "deit.pth")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), source(x))
+
+
+def test_greedy_captions_from_the_decoder():
+    """generate: max_new_tokens ids after the prompt, [SEP] ends a caption and [PAD] follows; the first token is
+    the decoder's argmax given [DEC]; ALBEF has no decoder."""
+    torch.manual_seed(0)
+    model = BlipPretrain(blip_config(), TOKENS).eval()
+    px = make_batch()["pixel_values"]
+    prompt = torch.full((B, 1), 3)  # [DEC]
+    ids = model.generate(px, prompt, max_new_tokens=6, min_new_tokens=0)
+    assert ids.shape == (B, 6)
+    embeds = model.visual_encoder(px)
+    first = model.text.lm_logits(model.text(prompt, torch.ones_like(prompt), image_embeds=embeds, mode="decoder"))
+    assert torch.equal(ids[:, 0], first[:, -1].argmax(-1))
+    # Force [SEP] as the most likely first token: everything after it is padding.
+    with torch.no_grad():
+        model.text.lm_head.decoder.bias[TOKENS.sep] = 1e4
+    ids = model.generate(px, prompt, max_new_tokens=4, min_new_tokens=0)
+    assert (ids[:, 0] == TOKENS.sep).all() and (ids[:, 1:] == TOKENS.pad).all()
+    assert (model.generate(px, prompt, max_new_tokens=4, min_new_tokens=2)[:, :2] != TOKENS.sep).all()
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(px, prompt, num_beams=3)
+    with pytest.raises(ValueError, match="no text decoder"):
+        BlipPretrain(blip_config("albef"), TOKENS).generate(px, prompt)
