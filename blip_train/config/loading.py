@@ -222,6 +222,18 @@ def _check_momentum(cfg: ExperimentConfig) -> None:
                           f"{t.micro_batch_size} (each forward enqueues micro_batch_size x ranks features)")
 
 
+def check_queue_fits_world(cfg: ExperimentConfig, world_size: int) -> None:
+    """BLIP / ALBEF: every training forward enqueues micro_batch_size x world_size momentum features, so that
+    number must divide model.momentum.queue_size (checked once the number of ranks is known, before any work)."""
+    if cfg.model.arch not in ("blip", "albef"):
+        return
+    per_forward = cfg.train.micro_batch_size * world_size
+    if cfg.model.momentum.queue_size % per_forward:
+        raise ConfigError(f"model.momentum.queue_size: {cfg.model.momentum.queue_size} is not a multiple of the "
+                          f"{per_forward} features each forward enqueues (train.micro_batch_size="
+                          f"{cfg.train.micro_batch_size} x {world_size} ranks)")
+
+
 def validate_config(cfg: ExperimentConfig) -> None:
     """Refuse impossible settings, naming the key to change. Runs before any distributed set-up."""
     r, m, d, o, t, ds = cfg.run, cfg.model, cfg.data, cfg.optim, cfg.train, cfg.deepspeed

@@ -17,6 +17,7 @@ import torch
 from blip_train.config import (ConfigError, ExperimentConfig, check_input_paths, check_output_dir, config_to_dict,
                                config_warnings)
 from blip_train.config.changes import check_resume_config, record_config
+from blip_train.config.loading import check_queue_fits_world
 from blip_train.data.datasets import check_canonical_nodes, check_local_splits, check_remote_splits, remove_job_cache
 from blip_train.data.device import finish_batch
 from blip_train.distributed.env import discover_environment, export_environment
@@ -147,6 +148,7 @@ def plan_run(cfg: ExperimentConfig, world_size: int, on_cuda: bool, allow_config
     if elastic:
         keep_global_batch(cfg, meta, world_size)
     ds_config = build_ds_config(cfg, world_size, on_cuda)
+    check_queue_fits_world(cfg, world_size)
     changes = []
     if tag is not None:
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size

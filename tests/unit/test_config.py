@@ -200,3 +200,12 @@ def test_fine_tuning_recipes_carry_the_paper_settings(recipe):
     else:
         assert cfg.model.arch == "stage2" and not cfg.model.qformer_text_input and cfg.model.llm.prompt == prompt
         assert (e.task, e.num_beams, e.min_new_tokens, e.max_new_tokens) == ("caption", 5, 8, 30)
+
+
+def test_the_queue_must_take_whole_global_micro_batches():
+    from blip_train.config.loading import check_queue_fits_world
+    cfg = load_config(None, ["model.arch=blip", "model.vision.frozen=false", "model.momentum.queue_size=96",
+                             "train.micro_batch_size=8"])
+    check_queue_fits_world(cfg, 4)  # 96 = 3 x (8 x 4)
+    with pytest.raises(ConfigError, match=r"model.momentum.queue_size: 96 is not a multiple of the 40 features"):
+        check_queue_fits_world(cfg, 5)
