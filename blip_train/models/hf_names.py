@@ -625,7 +625,7 @@ def blip_model_from_authors(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, t
     if any(k.startswith("text_encoder_m.") for k in sd):
         text_m = med_from_blip(sd, "text_encoder_m")
         out.update({"text_m." + k: v for k, v in text_m.items() if ".cross_attn." not in k})
-        out.update({"text_m." + k: v for k, v in text.items() if k.startswith("lm_head.")})
+        out.update({"text_m." + k: v.clone() for k, v in text.items() if k.startswith("lm_head.")})  # own storage
     roots = ("visual_encoder.", "visual_encoder_m.", "text_encoder.", "text_encoder_m.", "text_decoder.")
     for key, value in sd.items():
         if key.startswith(roots):

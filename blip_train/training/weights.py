@@ -168,11 +168,12 @@ def init_blip_from_(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     if not queue_loaded:
         state = {k: v for k, v in state.items() if k not in buffers}
     targets = {**params, **copies, **buffers}
+    for name, value in state.items():  # all checked before anything is overwritten
+        if targets[name].shape != value.shape:
+            raise ValueError(f"init_from {path}: {name} has shape {tuple(value.shape)}, the model "
+                             f"{tuple(targets[name].shape)}")
     with torch.no_grad():
         for name, value in state.items():
-            if targets[name].shape != value.shape:
-                raise ValueError(f"init_from {path}: {name} has shape {tuple(value.shape)}, the model "
-                                 f"{tuple(targets[name].shape)}")
             targets[name].copy_(value.to(targets[name].dtype))
         still = _copy_decoder_self_attention_(params, state, kept)
         if not held_copies:
