@@ -179,6 +179,15 @@ def test_import_of_the_exports_is_the_run_and_inits_a_model(run, ours, tmp_path)
     sizes = config_from_dict({"model": snippet["model"]}).model
     assert (sizes.text.layers, sizes.vision.width, sizes.embed_dim) == (m.text.layers, m.vision.width, m.embed_dim)
 
+    # export(import(export)) == export, tensor for tensor (the import carries its config and tokenizer).
+    from blip_train.interop.hf_export import export_hf
+    from blip_train.models.hf_names import read_hf_folder_weights
+
+    for name in ("BlipForImageTextRetrieval", "BlipForConditionalGeneration"):
+        export_hf(tmp_path / "ours", tmp_path / name, hf_class_name=name)
+        a, b = read_hf_folder_weights(exports[name]), read_hf_folder_weights(tmp_path / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
 
 def test_retrieval_import_alone_starts_the_decoder_from_the_encoder(run, ours, tmp_path):
     from blip_train.training.stages import build_blip_model

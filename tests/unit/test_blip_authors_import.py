@@ -139,3 +139,18 @@ def test_init_from_refuses_a_model_of_another_size(cfg, tmp_path):
     with pytest.raises(InteropError, match="no counterpart"):
         torch.save({**authors_checkpoint(model), "bogus.weight": torch.zeros(1)}, tmp_path / "bad.pth")
         import_lavis(tmp_path / "bad.pth", tmp_path / "bad")
+
+
+def test_a_run_starts_from_the_import(cfg, tmp_path, capsys):
+    """The trainer's builder (model.arch=blip) accepts model.init_from and says what it loaded."""
+    from blip_train.models.world import WorldInfo
+    from blip_train.training.stages import build_stage
+
+    model = distinct_model(cfg)
+    torch.save({"model": authors_checkpoint(model)}, tmp_path / "model_base.pth")
+    import_lavis(tmp_path / "model_base.pth", tmp_path / "ours")
+    stage = build_stage(replace(cfg, model=replace(cfg.model, init_from=str(tmp_path / "ours"))), WorldInfo(),
+                        on_cuda=False)
+    out = capsys.readouterr().out
+    assert "kept initial values for none" in out and "momentum copies loaded; queue loaded" in out
+    assert torch.equal(stage.model.visual_encoder_m.pos_embed, model.visual_encoder_m.pos_embed)
