@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Import a transformers BLIP-2 / InstructBLIP folder to initialise training from it.
+"""Import a transformers BLIP-2 / InstructBLIP / BLIP folder to initialise training from it.
 
     python tools/import_hf.py --hf /models/blip2-opt-2.7b --out weights/blip2-opt-2.7b
     python -m blip_train.train --config my_stage2.yaml --set model.init_from=weights/blip2-opt-2.7b

@@ -4,6 +4,9 @@ arch      transformers class                        state-dict layout (hf_names.
 stage1    Blip2ForImageTextRetrieval                blip2_retrieval
 stage2    Blip2ForConditionalGeneration             blip2_generation   (Q-Former without text input)
 instruct  InstructBlipForConditionalGeneration      instructblip_generation
+blip      BlipForImageTextRetrieval (default) /     hf_names.BLIP_LAYOUTS (BLIP_CLASSES; the user picks the
+          BlipForConditionalGeneration /            class: one BLIP run holds all three)
+          BlipForQuestionAnswering
 Our EVA ViT counts pretrained blocks and may drop the last (`drop_last_block`); transformers counts
 the blocks it builds. Both use exact GELU; the vision qkv has q and v biases only (HF: a fused bias
 with a zero k part).
@@ -236,8 +239,8 @@ def blip_hf_config_for(m: ModelConfig, tokenizer: Any, class_name: str, temp: Op
     # is_decoder=True builds the cross-attention of every layer (BLIP's MED cross-attends in all of them);
     # BlipTextModel still runs bidirectionally unless called with is_decoder=True.
     text = BlipTextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, encoder_hidden_size=v.width,
-                          intermediate_size=t.intermediate_size, num_hidden_layers=t.layers, num_attention_heads=t.heads,
-                          max_position_embeddings=t.max_position_embeddings, hidden_act="gelu",
+                          intermediate_size=t.intermediate_size, num_hidden_layers=t.layers,
+                          num_attention_heads=t.heads, max_position_embeddings=t.max_position_embeddings, hidden_act="gelu",
                           layer_norm_eps=t.layer_norm_eps, hidden_dropout_prob=t.dropout,
                           attention_probs_dropout_prob=t.dropout, is_decoder=True,
                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,

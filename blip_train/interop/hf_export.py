@@ -331,11 +331,11 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
                "lora": None if not lora else (LORA_ADAPTER_DIR if lora_adapter else "merged"),
                "image_token_index": image_token_index, "vocab_padded": padded, "left_out": sorted(left_out),
                "tensors": len(hf_sd), "source": src.meta.get("source", {"path": str(source)})}
-    write_adapter = None
-    if lora and lora_adapter:
-        def write_adapter(tmp: Path) -> None:
-            write_lora_adapter(tmp / LORA_ADAPTER_DIR, lora, m.llm.lora, llm_config, target)
-    write_hf_folder(out, model, processor, summary, max_shard_size, log, write_adapter)
+    def write_adapter(tmp: Path) -> None:
+        write_lora_adapter(tmp / LORA_ADAPTER_DIR, lora, m.llm.lora, llm_config, target)
+
+    write_hf_folder(out, model, processor, summary, max_shard_size, log,
+                    write_adapter if lora and lora_adapter else None)
     return summary
 
 

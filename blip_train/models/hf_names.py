@@ -27,11 +27,14 @@ transformers:
   BlipVisionModel (BLIP): as Blip2VisionModel, but post_layernorm is the tower's own `norm` (final_norm).
   MED (MED_VIEWS): BlipTextModel (`encoder`: embeddings.*, encoder.layer.{i}.{attention,crossattention}.*)
     and BlipTextLMHeadModel (`decoder`: bert.* with `attention` = our self_attn_dec, cls.predictions.*).
+  BLIP whole models (BLIP_LAYOUTS, blip_model_to_hf / blip_model_from_hf): BlipPretrain's visual_encoder /
+    text / heads as BlipForImageTextRetrieval, BlipForConditionalGeneration, BlipForQuestionAnswering.
 BERT / LAVIS: bert.embeddings.*, bert.encoder.layer.{i}.{attention.self,crossattention.self,...},
   intermediate(_query), output(_query), cls.predictions.* (qformer_from_bert / qformer_to_bert; the
   same names initialise a MED from BERT).
 BLIP (authors' checkpoints): visual_encoder.* timm ViT names (blip_vision_from_timm: ours but a full qkv
-  bias), text_encoder.* / text_decoder.* as the transformers text classes (med_from_blip).
+  bias), text_encoder.* / text_decoder.* as the transformers text classes (med_from_blip); whole
+  pretraining checkpoints with momentum copies and queues: blip_model_from_authors.
 LAVIS whole models (model_from_lavis): `Qformer.` + BERT names, {opt,t5,llm}_proj -> llm_proj, the rest as ours.
 """
 from __future__ import annotations
