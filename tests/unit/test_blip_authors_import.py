@@ -154,3 +154,24 @@ def test_a_run_starts_from_the_import(cfg, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "kept initial values for none" in out and "momentum copies loaded; queue loaded" in out
     assert torch.equal(stage.model.visual_encoder_m.pos_embed, model.visual_encoder_m.pos_embed)
+
+
+def test_albef_init_from_our_weights_copies_the_momentum_encoders(tiny_assets, tmp_path):
+    """ALBEF (no transformers class) starts from a weights folder of ours (what zero_to_safetensors writes): the
+    trainable weights load strictly and the momentum copies become them."""
+    from blip_train.interop.weights_io import write_weights
+
+    cfg = load_config(str(write_tiny_blip_config(tiny_assets, tmp_path / "run", arch="albef")))
+    model = distinct_model(cfg)
+    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    write_weights(trained, tmp_path / "w", {"arch": "albef", "contents": "trainable"})
+    report: dict = {}
+    built, _ = build_blip_model(replace(cfg, model=replace(cfg.model, init_from=str(tmp_path / "w"))), report=report)
+    assert report == {"kept": [], "decoder_from_encoder": [], "momentum": "copied", "queue": "initial"}
+    state = dict(built.named_parameters())
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
+    assert all(torch.equal(p, m) for p, m in built.momentum_pairs())
+    del trained["itm_head.weight"]
+    write_weights(trained, tmp_path / "w2", {"arch": "albef", "contents": "trainable"})
+    with pytest.raises(KeyError, match="itm_head.weight"):
+        build_blip_model(replace(cfg, model=replace(cfg.model, init_from=str(tmp_path / "w2"))))
