@@ -253,6 +253,16 @@ def blip_hf_config_for(m: ModelConfig, tokenizer: Any, class_name: str, temp: Op
     return cfg
 
 
+def blip_generation_config(tokenizer: Any, num_beams: int, max_new_tokens: int, min_new_tokens: int,
+                           length_penalty: float):
+    """Decoding defaults of an exported BLIP decoder (the run's eval settings): starts at [DEC], ends at [SEP]."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.sep_token_id,
+                            pad_token_id=tokenizer.pad_token_id, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, length_penalty=length_penalty)
+
+
 def model_section_from_blip_hf(hf_cfg: Any, where: str) -> dict:
     """Our `model:` section (a dict, arch=blip) equal to a transformers BlipConfig."""
     v, t = hf_cfg.vision_config, hf_cfg.text_config

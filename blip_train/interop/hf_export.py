@@ -31,7 +31,8 @@ import torch
 
 from blip_train.config import ConfigError, ExperimentConfig, config_from_dict
 from blip_train.interop.hf_config import (BLIP_CLASSES, BLIP_DEFAULT_CLASS, LAYOUTS, assign_into, blip_class,
-                                          blip_hf_config_for, build_blip_processor, build_processor,
+                                          blip_generation_config, blip_hf_config_for, build_blip_processor,
+                                          build_processor,
                                           carry_generation_defaults_, generation_config_for, hf_class, hf_config_for)
 from blip_train.interop.weights_io import (InteropError, check_output, discard, is_weights_file, is_weights_folder,
                                            dtype_name, move_into_place, parse_dtype, parse_size, read_weights,
@@ -414,18 +415,35 @@ def export_blip_hf(src: ExportSource, out: Path, where: str, class_name: str, ta
     hf_sd = {k: (t.to(target) if t.is_floating_point() else t) for k, t in hf_sd.items()}
     hf_cfg = blip_hf_config_for(m, tokenizer, class_name, temp=float(trained["temp"].reshape(())))
     hf_cfg.dtype = target
+    gen = _blip_decoding_defaults(src.cfg, tokenizer, class_name)
+    if gen is not None:
+        # generate() hands over to text_decoder.generate, whose generation config transformers builds from
+        # text_config on loading (as for BLIP-2, see hf_config.carry_generation_defaults_).
+        carry_generation_defaults_(hf_cfg.text_config, gen)
     with torch.device("meta"):
         model = cls(hf_cfg)
     result = assign_into(model, hf_sd, class_name)
     if result.missing_keys or result.unexpected_keys:
         raise InteropError(f"{class_name} state mismatch: missing {result.missing_keys[:4]}, unexpected "
                            f"{result.unexpected_keys[:4]}")
+    if gen is not None:
+        model.generation_config = gen
     left_out += [k for k in src.weights if k not in trained]
     summary = {"arch": "blip", "class": class_name, "dtype": dtype_name(target),
                "left_out": _module_names(left_out), "tensors": len(hf_sd),
                "source": src.meta.get("source", {"path": where})}
     write_hf_folder(out, model, build_blip_processor(m.vision.image_size, tokenizer), summary, max_shard_size, log)
     return summary
+
+
+def _blip_decoding_defaults(cfg: ExperimentConfig, tokenizer: Any, class_name: str) -> Any:
+    """The run's eval decoding settings for a class that generates (captioning, VQA); None for retrieval."""
+    e = cfg.eval
+    if class_name == "BlipForConditionalGeneration":
+        return blip_generation_config(tokenizer, e.num_beams, e.max_new_tokens, e.min_new_tokens, e.length_penalty)
+    if class_name == "BlipForQuestionAnswering":
+        return blip_generation_config(tokenizer, e.num_beams, e.vqa_max_new_tokens, 1, e.vqa_length_penalty)
+    return None
 
 
 def _module_names(keys: list[str]) -> list[str]:

@@ -125,6 +125,12 @@ def test_captioning_export_gives_our_lm_logits(run, ours):
     with torch.no_grad():  # transformers' own captioning entry runs on the folder as saved
         caption = hf.generate(pixel_values=pixels, max_new_tokens=4)
     assert caption.shape[0] == 2 and (caption[:, 0] == tok.bos_token_id).all()
+    # The run's decoding defaults reach the decoder that generate() hands over to.
+    e = run["cfg"].eval
+    gen = hf.text_decoder.generation_config
+    assert (gen.num_beams, gen.max_new_tokens, gen.min_new_tokens) == (e.num_beams, e.max_new_tokens, e.min_new_tokens)
+    with torch.no_grad():
+        assert hf.generate(pixel_values=pixels).shape[1] <= 1 + e.max_new_tokens
 
 
 def test_vqa_export_gives_our_answer_loss(run, ours):
