@@ -31,9 +31,10 @@ folder (default BlipForImageTextRetrieval):
   BlipForQuestionAnswering      both: text_encoder and text_decoder as above (the start of BLIP's VQA fine-tuning).
 Each folder holds a BlipProcessor (BLIP's BERT tokenizer with [DEC] as bos and [ENC]; image processor at
 model.vision.image_size with OpenAI CLIP mean/std); the captioning / VQA folders carry the run's decoding
-defaults (eval.num_beams, eval.max_new_tokens / eval.vqa_max_new_tokens, ...). Not exported for BLIP: the momentum encoders and feature
-queue (transformers' classes have no momentum parts); the ITC temperature is written as
-config.logit_scale_init_value = ln(1/temp), which tools/import_hf.py reads back. ALBEF has no transformers class.
+defaults (eval.num_beams, eval.max_new_tokens / eval.vqa_max_new_tokens, ...). Not exported for BLIP: the
+momentum encoders and feature queue (transformers' classes have no momentum parts); the ITC temperature is
+written as config.logit_scale_init_value = ln(1/temp), which tools/import_hf.py reads back. ALBEF has no
+transformers class.
 """
 from __future__ import annotations
 
