@@ -183,7 +183,10 @@ def read_blip_folder(folder: Path, class_name: str) -> tuple[Any, dict[str, torc
 
     if not (folder / "config.json").is_file():
         raise InteropError(f"{folder}: not a transformers model folder (no config.json)")
-    hf_cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise InteropError(f"{folder}: unreadable config.json ({str(e).splitlines()[0][:200]})") from None
     names = list(getattr(hf_cfg, "architectures", None) or [])
     if hf_cfg.model_type != "blip" or class_name not in names:
         raise InteropError(f"{folder}: {hf_cfg.model_type} {names or '(no architectures)'}, expected a {class_name} "

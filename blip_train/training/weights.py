@@ -150,7 +150,8 @@ def init_blip_from_(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
 
     everything = dict(model.named_parameters())
     params = {n: p for n, p in everything.items() if p.requires_grad}
-    copies = {n: p for n, p in everything.items() if not p.requires_grad}  # the momentum copies (BLIP freezes no tower)
+    momentum_ids = {id(m) for _, m in model.momentum_pairs()}
+    copies = {n: p for n, p in everything.items() if id(p) in momentum_ids}
     buffers = {n: b for n, b in model.named_buffers() if n.startswith("queue.") and b is not None}
     state = read_init_weights(path)
     if not (is_weights_folder(path) or is_weights_file(path)):

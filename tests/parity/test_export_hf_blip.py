@@ -221,3 +221,16 @@ def test_export_refuses_albef_and_unknown_classes(run, tmp_path):
     with pytest.raises(InteropError, match="ALBEF"):
         export_hf(run["run"], tmp_path / "y", overrides=["model.arch=albef", "model.text.decoder=false",
                                                          "model.text.fusion_layer=1"])
+
+
+def test_import_refuses_the_wrong_blip_folders(run, tmp_path):
+    from blip_train.interop.hf_import import import_hf
+    from blip_train.interop.weights_io import InteropError
+
+    exports = run["exports"]
+    with pytest.raises(InteropError, match="expected a BlipForImageTextRetrieval folder") as e:
+        import_hf(exports["BlipForConditionalGeneration"], tmp_path / "a")
+    assert "\n" not in str(e.value)
+    with pytest.raises(InteropError, match="expected a BlipForConditionalGeneration folder"):
+        import_hf(exports["BlipForImageTextRetrieval"], tmp_path / "b", decoder=exports["BlipForQuestionAnswering"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
