@@ -16,6 +16,25 @@ LoRA adapters (model.llm.lora) are merged into the exported LLM, or kept apart w
     python tools/export_hf.py --checkpoint runs/opt_lora --out exports/opt-lora --lora-adapter
     # model.language_model.load_adapter("exports/opt-lora/lora_adapter") after from_pretrained
 Not exported: the ITC temperature and the Q-Former LM head (transformers' classes have no place for them).
+
+model.arch blip (BLIP pretraining: ViT + MED) maps to three transformers classes; --hf-class picks one per
+folder (default BlipForImageTextRetrieval):
+    python tools/export_hf.py --checkpoint runs/blip_base --out exports/blip-itm
+    python tools/export_hf.py --checkpoint runs/blip_base --out exports/blip-cap --hf-class BlipForConditionalGeneration
+    python tools/export_hf.py --checkpoint runs/blip_base --out exports/blip-vqa --hf-class BlipForQuestionAnswering
+  BlipForImageTextRetrieval     ViT, text_encoder (the MED's encoder), vision_proj, text_proj, itm_head.
+                                use_itm_head=True: pass [ENC]-first input_ids (the processor writes [CLS]; BLIP's
+                                image-grounded encoder reads [ENC] there, transformers does not replace it);
+                                use_itm_head=False: [CLS]-first, gives the ITC cosine similarities.
+  BlipForConditionalGeneration  ViT, text_decoder (the MED's decoder: its own causal self-attention, all else
+                                shared with the encoder, written out); input_ids [DEC]-first (bos).
+  BlipForQuestionAnswering      both: text_encoder and text_decoder as above (the start of BLIP's VQA fine-tuning).
+Each folder holds a BlipProcessor (BLIP's BERT tokenizer with [DEC] as bos and [ENC]; image processor at
+model.vision.image_size with OpenAI CLIP mean/std); the captioning / VQA folders carry the run's decoding
+defaults (eval.num_beams, eval.max_new_tokens / eval.vqa_max_new_tokens, ...). Not exported for BLIP: the
+momentum encoders and feature queue (transformers' classes have no momentum parts); the ITC temperature is
+written as config.logit_scale_init_value = ln(1/temp), which tools/import_hf.py reads back. ALBEF has no
+transformers class.
 """
 from __future__ import annotations
 
@@ -42,11 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-adapter", action="store_true",
                    help="write the LLM's LoRA adapters as a peft adapter folder OUT/lora_adapter instead of merging "
                         "them into the exported LLM (the default)")
+    p.add_argument("--hf-class", default=None, metavar="CLASS",
+                   help="transformers class to write: for model.arch=blip one of BlipForImageTextRetrieval (default), "
+                        "BlipForConditionalGeneration, BlipForQuestionAnswering; BLIP-2 archs have one (implied)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
     summary = export_hf(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite,
                         max_shard_size=args.max_shard_size, config=args.config, overrides=args.overrides,
-                        lora_adapter=args.lora_adapter,
+                        lora_adapter=args.lora_adapter, hf_class_name=args.hf_class,
                         log=lambda s: print(f"export_hf: {s}", flush=True))
     print(f"export_hf: wrote {summary['class']} ({summary['tensors']} tensors, {args.dtype}) to {args.out}")
     print(json.dumps(dict(summary, out=args.out)))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Import LAVIS BLIP-2 / InstructBLIP checkpoints or EVA ViT-g weights into our names.
+"""Import LAVIS BLIP-2 / InstructBLIP checkpoints, BLIP pretraining checkpoints or EVA ViT-g weights into our names.
 
     python tools/import_lavis.py --checkpoint blip2_pretrained.pth --out weights/blip2-stage1
     python tools/import_lavis.py --checkpoint instruct_blip_vicuna7b_trimmed.pth --out weights/ib-vicuna7b
@@ -9,6 +9,10 @@
 Blip2T5Instruct); the stage is detected (override with --arch). The output folder (model.safetensors +
 blip_train_weights.json, and vision.safetensors when the file holds the ViT) is what model.init_from
 loads; the frozen LLM tensors LAVIS may hold are left out (model.llm.path supplies the LLM).
+A BLIP pretraining checkpoint (the authors' model_base.pth / model_large.pth, or LAVIS's BlipPretrain) is
+detected by its text_encoder.* keys (or --arch blip) and becomes a model.arch=blip weights folder with the
+online weights, the momentum encoders and the feature queues, which model.init_from loads as they are:
+    python tools/import_lavis.py --checkpoint model_base.pth --out weights/blip-base
 --eva: EVA ViT weights (as LAVIS downloads them) -> one .safetensors for model.vision.weights.
 """
 from __future__ import annotations

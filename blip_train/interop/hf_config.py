@@ -4,6 +4,9 @@ arch      transformers class                        state-dict layout (hf_names.
 stage1    Blip2ForImageTextRetrieval                blip2_retrieval
 stage2    Blip2ForConditionalGeneration             blip2_generation   (Q-Former without text input)
 instruct  InstructBlipForConditionalGeneration      instructblip_generation
+blip      BlipForImageTextRetrieval (default) /     hf_names.BLIP_LAYOUTS (BLIP_CLASSES; the user picks the
+          BlipForConditionalGeneration /            class: one BLIP run holds all three)
+          BlipForQuestionAnswering
 Our EVA ViT counts pretrained blocks and may drop the last (`drop_last_block`); transformers counts
 the blocks it builds. Both use exact GELU; the vision qkv has q and v biases only (HF: a fused bias
 with a zero k part).
@@ -200,3 +203,90 @@ def assign_into(model: Any, sd: dict, where: str) -> Any:
     result = model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()  # assignment replaced tied parameters by separate (equal) tensors
     return result
+
+
+# ----------------------------------------------------------------------------------- BLIP (ViT + MED)
+
+BLIP_CLASSES = {"BlipForImageTextRetrieval": "blip_retrieval", "BlipForConditionalGeneration": "blip_captioning",
+                "BlipForQuestionAnswering": "blip_vqa"}
+"""transformers class -> state-dict layout (hf_names.BLIP_LAYOUTS) for model.arch=blip."""
+BLIP_DEFAULT_CLASS = "BlipForImageTextRetrieval"
+
+
+def blip_class(name: str) -> type:
+    import transformers
+
+    if name not in BLIP_CLASSES:
+        raise InteropError(f"--hf-class {name!r}: model.arch=blip exports to one of {', '.join(BLIP_CLASSES)}")
+    return getattr(transformers, name)
+
+
+def blip_hf_config_for(m: ModelConfig, tokenizer: Any, class_name: str, temp: Optional[float] = None):
+    """BlipConfig over our ViT + MED sizes. Token ids from the BLIP tokenizer: bos = [DEC] (the decoder's first
+    token), eos = sep = [SEP] (where a caption ends). `temp`, the ITC temperature, is stored as
+    `logit_scale_init_value` = ln(1/temp), BlipModel's CLIP-style logit scale: no BLIP class has a parameter
+    for it, and import_hf reads it back."""
+    import math
+
+    from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig
+
+    from blip_train.models.blip_losses import LM_LABEL_SMOOTHING
+
+    v, t = m.vision, m.text
+    vision = BlipVisionConfig(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=built_blocks(m),
+                              num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                              hidden_act="gelu", layer_norm_eps=v.layer_norm_eps, attention_dropout=0.0)
+    # is_decoder=True builds the cross-attention of every layer (BLIP's MED cross-attends in all of them);
+    # BlipTextModel still runs bidirectionally unless called with is_decoder=True.
+    text = BlipTextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, encoder_hidden_size=v.width,
+                          intermediate_size=t.intermediate_size, num_hidden_layers=t.layers,
+                          num_attention_heads=t.heads, max_position_embeddings=t.max_position_embeddings, hidden_act="gelu",
+                          layer_norm_eps=t.layer_norm_eps, hidden_dropout_prob=t.dropout,
+                          attention_probs_dropout_prob=t.dropout, is_decoder=True,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.sep_token_id, sep_token_id=tokenizer.sep_token_id,
+                          label_smoothing=LM_LABEL_SMOOTHING)
+    extra = {} if temp is None else {"logit_scale_init_value": math.log(1.0 / temp)}
+    cfg = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=m.embed_dim,
+                     image_text_hidden_size=m.embed_dim, label_smoothing=LM_LABEL_SMOOTHING, **extra)
+    cfg.architectures = [class_name]
+    return cfg
+
+
+def blip_generation_config(tokenizer: Any, num_beams: int, max_new_tokens: int, min_new_tokens: int,
+                           length_penalty: float):
+    """Decoding defaults of an exported BLIP decoder (the run's eval settings): starts at [DEC], ends at [SEP]."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.sep_token_id,
+                            pad_token_id=tokenizer.pad_token_id, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, length_penalty=length_penalty)
+
+
+def model_section_from_blip_hf(hf_cfg: Any, where: str) -> dict:
+    """Our `model:` section (a dict, arch=blip) equal to a transformers BlipConfig."""
+    v, t = hf_cfg.vision_config, hf_cfg.text_config
+    for name, act in (("vision_config", v.hidden_act), ("text_config", t.hidden_act)):
+        if act != "gelu":
+            raise InteropError(f"{where}: {name}.hidden_act={act!r}; our towers use exact GELU ('gelu')")
+    if not t.is_decoder:
+        raise InteropError(f"{where}: text_config.is_decoder=False builds no cross-attention; BLIP's MED has it")
+    return {
+        "arch": "blip",
+        "embed_dim": int(hf_cfg.image_text_hidden_size),
+        "vision": {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.hidden_size,
+                   "layers": v.num_hidden_layers, "drop_last_block": False, "heads": v.num_attention_heads,
+                   "mlp_dim": v.intermediate_size, "layer_norm_eps": v.layer_norm_eps, "frozen": False,
+                   "final_norm": True},
+        "text": {"hidden_size": t.hidden_size, "layers": t.num_hidden_layers, "heads": t.num_attention_heads,
+                 "intermediate_size": t.intermediate_size, "vocab_size": t.vocab_size,
+                 "max_position_embeddings": t.max_position_embeddings, "layer_norm_eps": t.layer_norm_eps,
+                 "dropout": t.hidden_dropout_prob, "fusion_layer": 0, "decoder": True},
+    }
+
+
+def build_blip_processor(image_size: int, tokenizer: Any):
+    """BlipProcessor: the image processor our EvalTransform matches, and the BLIP tokenizer ([DEC] bos, [ENC])."""
+    from transformers import BlipProcessor
+
+    return BlipProcessor(image_processor_for(image_size), tokenizer)

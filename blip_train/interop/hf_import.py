@@ -9,6 +9,12 @@
     OUT/config_snippet.yaml        that `model:` section with absolute paths, to paste into a recipe
 transformers' fused vision qkv bias keeps a k part that EVA does not have; it is dropped (softmax is
 invariant to it), and a non-zero one is reported.
+
+BLIP (model_type "blip", see `import_blip_hf`): a BlipForImageTextRetrieval folder, optionally with a
+BlipForConditionalGeneration folder for the MED's decoder parts, becomes a model.arch=blip weights folder:
+    OUT/model.safetensors          the trainable BlipPretrain weights (ViT, text.*, heads, temp)
+    OUT/tokenizer/                 the BLIP tokenizer                    -> model.text.tokenizer
+    OUT/blip_train_weights.json, OUT/config_snippet.yaml   as above
 """
 from __future__ import annotations
 
@@ -19,11 +25,11 @@ from typing import Any, Callable, Optional, Union
 import torch
 import yaml
 
-from blip_train.interop.hf_config import (LAYOUTS, arch_of_hf_config, assign_into, hf_class, model_section_from_hf,
-                                          without_decoding_defaults)
+from blip_train.interop.hf_config import (LAYOUTS, arch_of_hf_config, assign_into, blip_class, hf_class,
+                                          model_section_from_blip_hf, model_section_from_hf, without_decoding_defaults)
 from blip_train.interop.weights_io import (InteropError, check_output, discard, move_into_place, temp_path,
                                            write_weights)
-from blip_train.models.hf_names import model_from_hf, read_hf_folder_weights
+from blip_train.models.hf_names import blip_model_from_hf, model_from_hf, read_hf_folder_weights
 
 VISION_FILE = "vision.safetensors"
 LLM_DIR = "llm"
@@ -91,12 +97,17 @@ def _load_tokenizer(src: Path) -> Optional[Any]:
 
 
 def import_hf(hf_dir: Union[str, Path], out: Union[str, Path], *, overwrite: bool = False,
-              log: Callable[[str], None] = lambda s: None) -> dict:
-    """Convert a transformers BLIP-2 / InstructBLIP folder into a weights folder of ours (see module doc)."""
+              decoder: Optional[Union[str, Path]] = None, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Convert a transformers BLIP-2 / InstructBLIP / BLIP folder into a weights folder of ours (see module doc).
+    `decoder`: a BlipForConditionalGeneration folder that supplies a BLIP retrieval folder's decoder parts."""
     from safetensors.torch import save_file
 
     hf_dir, out = Path(hf_dir), Path(out)
     check_output(out, overwrite)
+    if _model_type(hf_dir) == "blip":
+        return import_blip_hf(hf_dir, out, None if decoder is None else Path(decoder), log)
+    if decoder is not None:
+        raise InteropError(f"--decoder applies to BLIP (model_type blip) folders; {hf_dir} is not one")
     hf_cfg, arch, sd = read_hf_model(hf_dir)
     log(f"{hf_dir}: {hf_class(arch).__name__} -> model.arch={arch}")
     notes = [f"dropped a non-zero k bias in {len(ks)} vision layers (softmax-invariant)"
@@ -151,3 +162,107 @@ def import_hf(hf_dir: Union[str, Path], out: Union[str, Path], *, overwrite: boo
         raise
     return {"arch": arch, "class": hf_class(arch).__name__, "trained_tensors": len(trained),
             "vision_tensors": len(vision), "llm_tensors": len(llm), "notes": notes, "out": str(out)}
+
+
+# ----------------------------------------------------------------------------------- BLIP (ViT + MED)
+
+BLIP_TOKENIZER_DIR = "tokenizer"
+
+
+def _model_type(hf_dir: Path) -> Optional[str]:
+    try:
+        return json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None  # read_hf_model names the problem
+
+
+def read_blip_folder(folder: Path, class_name: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(BlipConfig, complete state dict) of a local transformers BLIP folder of `class_name`, checked against
+    the class itself (tied weights saved once come back under every name)."""
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise InteropError(f"{folder}: not a transformers model folder (no config.json)")
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise InteropError(f"{folder}: unreadable config.json ({str(e).splitlines()[0][:200]})") from None
+    names = list(getattr(hf_cfg, "architectures", None) or [])
+    if hf_cfg.model_type != "blip" or class_name not in names:
+        raise InteropError(f"{folder}: {hf_cfg.model_type} {names or '(no architectures)'}, expected a {class_name} "
+                           "folder")
+    try:
+        sd = read_hf_folder_weights(folder)
+    except FileNotFoundError as e:
+        raise InteropError(str(e)) from None
+    with torch.device("meta"):
+        model = blip_class(class_name)(hf_cfg)
+    result = assign_into(model, sd, str(folder))
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta or result.unexpected_keys:
+        raise InteropError(f"{folder}: weights do not match {class_name}: missing {still_meta[:4]}, unexpected "
+                           f"{result.unexpected_keys[:4]}")
+    return hf_cfg, {k: t for k, t in model.state_dict().items() if not t.is_meta}
+
+
+def _decoder_parts(folder: Path, section: dict, encoder: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """The decoder's own MED parts (causal self-attention, LM head) from a BlipForConditionalGeneration folder of
+    the same sizes, and notes: shared parts that differ from the retrieval folder's (kept from the latter)."""
+    dec_cfg, sd = read_blip_folder(folder, "BlipForConditionalGeneration")
+    if model_section_from_blip_hf(dec_cfg, str(folder)) | {"embed_dim": 0} != section | {"embed_dim": 0}:
+        raise InteropError(f"{folder}: its vision / text sizes differ from the retrieval folder's")
+    decoder = blip_model_from_hf(sd, "blip_captioning")
+    own = {k: v for k, v in decoder.items() if ".self_attn_dec." in k or k.startswith("text.lm_head.")}
+    differ = [k for k, v in decoder.items() if k not in own and not torch.equal(encoder[k], v)]
+    notes = [f"{len(differ)} shared tensors of {folder} differ from the retrieval folder's (kept the retrieval "
+             "folder's: MED shares them between encoder and decoder)"] if differ else []
+    return own, notes
+
+
+def import_blip_hf(hf_dir: Path, out: Path, decoder: Optional[Path], log: Callable[[str], None]) -> dict:
+    """BlipForImageTextRetrieval (+ optional BlipForConditionalGeneration for the decoder) -> model.arch=blip
+    weights. The temperature comes from config.logit_scale_init_value (= ln(1/temp), as export_hf writes it)."""
+    import math
+
+    hf_cfg, sd = read_blip_folder(hf_dir, "BlipForImageTextRetrieval")
+    notes = [f"dropped a non-zero k bias in {len(ks)} vision layers (softmax-invariant)"
+             for ks in [nonzero_k_bias(sd)] if ks]
+    try:
+        ours = blip_model_from_hf(sd, "blip_retrieval")
+    except ValueError as e:
+        raise InteropError(f"{hf_dir}: {e}") from None
+    model = model_section_from_blip_hf(hf_cfg, str(hf_dir))
+    if decoder is not None:
+        own, more = _decoder_parts(decoder, model, ours)
+        ours.update(own)
+        notes += more
+    else:
+        notes.append("no --decoder folder: the decoder self-attention and LM head are not in the weights "
+                     "(model.init_from starts the decoder self-attention as a copy of the encoder's)")
+    ours["temp"] = torch.tensor([math.exp(-hf_cfg.logit_scale_init_value)], dtype=torch.float32)
+    log(f"{hf_dir}: BlipForImageTextRetrieval{' + ' + str(decoder) if decoder else ''} -> model.arch=blip")
+    tokenizer = _load_tokenizer(hf_dir)
+    if tokenizer is None:
+        notes.append(f"no tokenizer in {hf_dir}: set model.text.tokenizer yourself")
+    else:
+        model["text"]["tokenizer"] = BLIP_TOKENIZER_DIR
+    meta = {"arch": "blip", "contents": "trainable", "names": "blip_train", "paths_relative_to_folder": True,
+            "source": {"hf": str(hf_dir.resolve()), "class": "BlipForImageTextRetrieval",
+                       "decoder": None if decoder is None else str(decoder.resolve())},
+            "notes": notes, "config": {"model": model}}
+    tmp = temp_path(out)
+    try:
+        write_weights(ours, tmp, meta)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / BLIP_TOKENIZER_DIR))
+        snippet = json.loads(json.dumps(model))
+        if tokenizer is not None:
+            snippet["text"]["tokenizer"] = str((out / BLIP_TOKENIZER_DIR).resolve())
+        snippet["init_from"] = str(out.resolve())
+        (tmp / SNIPPET).write_text(yaml.safe_dump({"model": snippet}, sort_keys=False))
+        move_into_place(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
+    return {"arch": "blip", "class": "BlipForImageTextRetrieval", "trained_tensors": len(ours), "notes": notes,
+            "out": str(out)}

@@ -6,6 +6,11 @@ frozen LLM under `opt_model.` / `t5_model.` / `llm_model.` at most; those tensor
 LLM comes from `model.llm.path`). It stores no model sizes that could be trusted to rebuild the
 model (head counts are not in the shapes), so the folder carries no config: the recipe names it.
 
+BLIP pretraining checkpoints (the authors' model_base*.pth / model_large*.pth, and LAVIS's BlipPretrain, which
+uses the same names) become a model.arch=blip weights folder: the trained ViT stays in model.safetensors with
+the MED, heads and temperature, and the momentum copies and feature queues come along (model.init_from loads
+them instead of copying the online weights); see `hf_names.blip_model_from_authors`.
+
 EVA ViT-g (`eva_vit_g.pth` as LAVIS downloads it) already uses our names; the importer strips a
 `visual.` / `visual_encoder.` prefix, drops heads that BLIP-2 never uses (`norm`, `fc_norm`, `head`)
 and refuses EVA variants our tower does not implement (layer scale, relative position bias).
@@ -20,10 +25,10 @@ import torch
 
 from blip_train.interop.weights_io import (InteropError, check_output, discard, group_prefixes, move_into_place,
                                            parse_dtype, temp_path, write_weights)
-from blip_train.models.hf_names import model_from_lavis
+from blip_train.models.hf_names import blip_model_from_authors, model_from_lavis
 
 VISION_FILE = "vision.safetensors"
-ARCHS = ("stage1", "stage2", "instruct")
+ARCHS = ("stage1", "stage2", "instruct", "blip")
 _REQUIRED = {"stage1": ("ln_vision.", "query_tokens", "qformer.", "vision_proj.", "text_proj.", "itm_head.", "temp"),
              "stage2": ("ln_vision.", "query_tokens", "qformer.", "llm_proj."),
              "instruct": ("ln_vision.", "query_tokens", "qformer.embeddings.word_embeddings.", "llm_proj.")}
@@ -64,12 +69,14 @@ def import_lavis(path: Union[str, Path], out: Union[str, Path], *, arch: Optiona
     out = Path(out)
     check_output(out, overwrite)
     sd = read_torch_state(path)
+    if arch is not None and arch not in ARCHS:
+        raise InteropError(f"--arch {arch!r}: one of {', '.join(ARCHS)}")
+    if arch == "blip" or (arch is None and any(k.startswith("text_encoder.") for k in sd)):
+        return import_blip_checkpoint(sd, path, out, log)
     try:
         ours, left_out = model_from_lavis(sd)
     except ValueError as e:
         raise InteropError(f"{path}: {e}") from None
-    if arch is not None and arch not in ARCHS:
-        raise InteropError(f"--arch {arch!r}: one of {', '.join(ARCHS)}")
     arch = arch or detect_arch(ours)
     missing = [r for r in _REQUIRED[arch] if not any(k.startswith(r) for k in ours)]
     if missing:
@@ -94,6 +101,39 @@ def import_lavis(path: Union[str, Path], out: Union[str, Path], *, arch: Optiona
         raise
     return {"arch": arch, "trained_tensors": len(trained), "vision_tensors": len(vision),
             "left_out": len(left_out), "out": str(out)}
+
+
+BLIP_REQUIRED = ("visual_encoder.", "text.", "vision_proj.", "text_proj.", "itm_head.", "temp")
+
+
+def import_blip_checkpoint(sd: dict[str, torch.Tensor], path: Union[str, Path], out: Path,
+                           log: Callable[[str], None]) -> dict:
+    """An authors' / LAVIS BLIP pretraining state dict -> a model.arch=blip weights folder (no config: the
+    recipe names the sizes, as for LAVIS's BLIP-2 files)."""
+    try:
+        ours, differ = blip_model_from_authors(sd)
+    except ValueError as e:
+        raise InteropError(f"{path}: {e}") from None
+    missing = [r for r in BLIP_REQUIRED if not any(k.startswith(r) for k in ours)]
+    if missing:
+        raise InteropError(f"{path}: not a BLIP pretraining checkpoint: nothing under {missing}")
+    momentum = [k for k in ours if k.split(".", 1)[0].endswith("_m")]
+    queue = [k for k in ours if k.startswith("queue.")]
+    notes = [f"{len(differ)} text_decoder tensors differ from text_encoder's (kept the encoder's: MED shares all "
+             "but the self-attention; a fine-tuned, untied checkpoint?)"] if differ else []
+    log(f"{path}: BLIP pretraining: {len(ours) - len(momentum) - len(queue)} trained tensors, {len(momentum)} "
+        f"momentum, {len(queue)} queue; {'; '.join(notes) or 'decoder tied to the encoder'}")
+    meta = {"arch": "blip", "contents": "trainable+momentum" if momentum else "trainable", "names": "blip_train",
+            "config": None, "source": {"blip": str(Path(path).resolve())}, "notes": notes}
+    tmp = temp_path(out)
+    try:
+        write_weights(ours, tmp, meta)
+        move_into_place(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
+    return {"arch": "blip", "trained_tensors": len(ours) - len(momentum) - len(queue),
+            "momentum_tensors": len(momentum), "queue_tensors": len(queue), "notes": notes, "out": str(out)}
 
 
 def eva_from_checkpoint(sd: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -27,11 +27,14 @@ transformers:
   BlipVisionModel (BLIP): as Blip2VisionModel, but post_layernorm is the tower's own `norm` (final_norm).
   MED (MED_VIEWS): BlipTextModel (`encoder`: embeddings.*, encoder.layer.{i}.{attention,crossattention}.*)
     and BlipTextLMHeadModel (`decoder`: bert.* with `attention` = our self_attn_dec, cls.predictions.*).
+  BLIP whole models (BLIP_LAYOUTS, blip_model_to_hf / blip_model_from_hf): BlipPretrain's visual_encoder /
+    text / heads as BlipForImageTextRetrieval, BlipForConditionalGeneration, BlipForQuestionAnswering.
 BERT / LAVIS: bert.embeddings.*, bert.encoder.layer.{i}.{attention.self,crossattention.self,...},
   intermediate(_query), output(_query), cls.predictions.* (qformer_from_bert / qformer_to_bert; the
   same names initialise a MED from BERT).
 BLIP (authors' checkpoints): visual_encoder.* timm ViT names (blip_vision_from_timm: ours but a full qkv
-  bias), text_encoder.* / text_decoder.* as the transformers text classes (med_from_blip).
+  bias), text_encoder.* / text_decoder.* as the transformers text classes (med_from_blip); whole
+  pretraining checkpoints with momentum copies and queues: blip_model_from_authors.
 LAVIS whole models (model_from_lavis): `Qformer.` + BERT names, {opt,t5,llm}_proj -> llm_proj, the rest as ours.
 """
 from __future__ import annotations
@@ -520,3 +523,122 @@ def model_from_lavis(sd: Mapping[str, torch.Tensor],
         raise ValueError("Qformer.cls.predictions.decoder.weight differs from the word embeddings (ours are tied)")
     out.update({names["qformer"] + k: v for k, v in q.items()})
     return out, left_out
+
+
+# ------------------------------------------------------------------------------------ BLIP (ViT + MED)
+
+BLIP_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "blip_retrieval": (("text_encoder.", "encoder"),),
+    "blip_captioning": (("text_decoder.", "decoder"),),
+    "blip_vqa": (("text_encoder.", "encoder"), ("text_decoder.", "decoder")),
+}
+"""transformers' BLIP classes as (prefix, MED view) of their text parts: BlipForImageTextRetrieval,
+BlipForConditionalGeneration, BlipForQuestionAnswering. Our BlipPretrain holds `visual_encoder.` (EVAViT with
+final norm), `text.` (one MED), `vision_proj.`, `text_proj.`, `itm_head.`, `temp` and the momentum parts."""
+BLIP_HEADS = ("vision_proj.", "text_proj.", "itm_head.")
+"""Same names in ours and BlipForImageTextRetrieval (the other classes have none)."""
+
+
+def _with_tied_lm_decoder(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Consolidated weights name the tied LM decoder once (as the word embeddings); the decoder view needs it."""
+    if "embeddings.word_embeddings.weight" in text and "lm_head.dense.weight" in text:
+        text.setdefault("lm_head.decoder.weight", text["embeddings.word_embeddings.weight"])
+    return text
+
+
+def blip_model_to_hf(sd: Mapping[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """BlipPretrain state dict -> (HF keys of the `layout` class, our keys left out: momentum parts, temp, what
+    the class's MED views have no place for, heads outside retrieval)."""
+    if layout not in BLIP_LAYOUTS:
+        raise ValueError(f"BLIP layout must be one of {', '.join(BLIP_LAYOUTS)}, got {layout!r}")
+    vision = {k[len("visual_encoder."):]: v for k, v in sd.items() if k.startswith("visual_encoder.")}
+    text = _with_tied_lm_decoder({k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")})
+    out = {"vision_model." + k: v for k, v in blip_vision_to_hf(vision).items()}
+    placed = set()
+    for n, (prefix, view) in enumerate(BLIP_LAYOUTS[layout]):
+        part = med_to_hf(text, view)
+        # BlipForQuestionAnswering holds two separate text models: the second gets its own copies of the shared
+        # tensors (one storage under two untied names cannot be saved as safetensors).
+        out.update({prefix + k: (v.clone() if n else v) for k, v in part.items()})
+        placed |= set(text) - set(med_keys_without_hf(list(text), view))
+    heads = BLIP_HEADS if layout == "blip_retrieval" else ()
+    if heads:
+        out.update({k: v for k, v in sd.items() if k.startswith(heads)})
+    left_out = [k for k in sd if not k.startswith(("visual_encoder.",) + heads)
+                and not (k.startswith("text.") and k[len("text."):] in placed)]
+    return out, left_out
+
+
+def blip_model_from_hf(sd: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """HF state dict of BlipForImageTextRetrieval / BlipForConditionalGeneration -> our keys (unknown keys raise).
+    BlipForQuestionAnswering's encoder and decoder are two separate models after VQA fine-tuning: refused."""
+    if layout not in ("blip_retrieval", "blip_captioning"):
+        raise ValueError(f"BLIP layout {layout!r} cannot be read into one MED (one of blip_retrieval, blip_captioning)")
+    (prefix, view), = BLIP_LAYOUTS[layout]
+    heads = BLIP_HEADS if layout == "blip_retrieval" else ()
+    vision = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
+    text = {k[len(prefix):]: v for k, v in sd.items()
+            if k.startswith(prefix) and not k.endswith("embeddings.position_ids")}
+    out = {"visual_encoder." + k: v for k, v in blip_vision_from_hf(vision).items()}
+    out.update({"text." + k: v for k, v in med_from_hf(text, view).items()})
+    for key, value in sd.items():
+        if key.startswith(("vision_model.", prefix)):
+            continue
+        if not heads or not key.startswith(heads):
+            raise ValueError(f"{layout} key {key!r} has no counterpart in our BLIP model")
+        out[key] = value
+    out.pop("text.lm_head.decoder.weight", None)  # the word embeddings (tied; checked by med_from_hf)
+    return out
+
+
+BLIP_AUTHORS_MOMENTUM = {"visual_encoder_m.": "visual_encoder_m.", "vision_proj_m.": "vision_proj_m.",
+                         "text_proj_m.": "text_proj_m."}
+BLIP_AUTHORS_QUEUE = {"image_queue": "queue.image_queue", "text_queue": "queue.text_queue", "queue_ptr": "queue.ptr"}
+
+
+def _merge_decoder(encoder: dict[str, torch.Tensor], decoder: dict[str, torch.Tensor]) -> list[str]:
+    """Add the decoder view's own parts (causal self-attention, LM head) to the encoder's MED keys; returns the
+    shared keys whose two copies differ (a pretraining checkpoint ties them: none)."""
+    differ = []
+    for k, v in decoder.items():
+        if ".self_attn_dec." in k or k.startswith("lm_head."):
+            encoder[k] = v
+        elif k in encoder and not torch.equal(encoder[k], v):
+            differ.append(k)
+    return differ
+
+
+def blip_model_from_authors(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The authors' BLIP pretraining checkpoint (model_base*.pth / model_large*.pth: timm ViT, BertModel text
+    encoder, BertLMHeadModel decoder tied to it except the self-attention, heads, temp, momentum copies `*_m` and
+    the feature queues) -> (our BlipPretrain keys, decoder keys that differ from the encoder's).
+
+    Our momentum text encoder is unimodal: the authors' text_encoder_m cross-attention is not kept; its LM head
+    (which BLIP's momentum model never runs) starts as the online one. Unknown keys raise."""
+    out: dict[str, torch.Tensor] = {}
+    vision = {k[len("visual_encoder."):]: v for k, v in sd.items() if k.startswith("visual_encoder.")}
+    out.update({"visual_encoder." + k: v for k, v in blip_vision_from_timm(vision).items()})
+    text = med_from_blip(sd, "text_encoder")
+    differ = _merge_decoder(text, med_from_blip(sd, "text_decoder")) if any(
+        k.startswith("text_decoder.") for k in sd) else []
+    text.pop("lm_head.decoder.weight", None)  # tied to the word embeddings (checked by med_from_hf)
+    out.update({"text." + k: v for k, v in text.items()})
+    vision_m = {k[len("visual_encoder_m."):]: v for k, v in sd.items() if k.startswith("visual_encoder_m.")}
+    out.update({"visual_encoder_m." + k: v for k, v in blip_vision_from_timm(vision_m).items()})
+    if any(k.startswith("text_encoder_m.") for k in sd):
+        text_m = med_from_blip(sd, "text_encoder_m")
+        out.update({"text_m." + k: v for k, v in text_m.items() if ".cross_attn." not in k})
+        out.update({"text_m." + k: v.clone() for k, v in text.items() if k.startswith("lm_head.")})  # own storage
+    roots = ("visual_encoder.", "visual_encoder_m.", "text_encoder.", "text_encoder_m.", "text_decoder.")
+    for key, value in sd.items():
+        if key.startswith(roots):
+            continue
+        if key == "temp":
+            out["temp"] = value.reshape(1)
+        elif key in BLIP_AUTHORS_QUEUE:
+            out[BLIP_AUTHORS_QUEUE[key]] = value.reshape(1) if key == "queue_ptr" else value
+        elif key.startswith(BLIP_HEADS + tuple(BLIP_AUTHORS_MOMENTUM)):
+            out[key] = value
+        else:
+            raise ValueError(f"BLIP checkpoint key {key!r} has no counterpart in our BLIP model")
+    return out, differ

@@ -6,7 +6,7 @@ everywhere), loads frozen towers from their recorded sources, and says how to bu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -107,13 +107,15 @@ def load_trained_retrieval_model(cfg: ExperimentConfig, ckpt_dir: Path, tag: str
     from blip_train.training.weights import consolidate_trainable, load_trainable_
 
     if cfg.model.arch in ("blip", "albef"):
-        model, tokenizer = build_blip_model(cfg)
+        # build_blip_model applies model.init_from itself: only wanted for the step-0 weights.
+        keep = cfg if untrained else replace(cfg, model=replace(cfg.model, init_from=""))
+        model, tokenizer = build_blip_model(keep)
     else:
         model, tokenizer = build_stage1_model(cfg, device_type=device_type)
     if not untrained:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         load_trainable_(model, consolidate_trainable(ckpt_dir, tag, names))
-    elif cfg.model.init_from:  # step 0 of such a run started from the earlier weights, as training did
+    elif cfg.model.init_from and cfg.model.arch == "stage1":  # step 0 started from the earlier weights, as training
         from blip_train.training.weights import init_stage1_from_
         init_stage1_from_(model, cfg.model.init_from)
     return model, tokenizer
@@ -280,9 +282,11 @@ def build_instruct(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_co
 
 # ---------------------------------------------------------------------------------------- BLIP / ALBEF
 
-def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None):
+def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None, report: dict | None = None):
     """BlipPretrain (model.arch blip | albef) with its tokenizer: the ViT from model.vision.weights and the text
-    transformer from model.text.bert_init when given, then the momentum copies set to the online weights."""
+    transformer from model.text.bert_init when given, then the momentum copies set to the online weights; with
+    model.init_from, those weights are then overwritten from it (`training.weights.init_blip_from_`, whose
+    report fills `report` when given: what stayed at init, where the momentum copies came from)."""
     from blip_train.data.tokenizers import ENC_TOKEN, load_blip_tokenizer
     from blip_train.models.blip import BlipPretrain, TextTokens
     from blip_train.models.eva_vit import load_vit_weights
@@ -292,7 +296,7 @@ def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None):
     if not m.text.tokenizer:
         raise ConfigError(f"model.text.tokenizer: required for model.arch={m.arch} (a local BERT tokenizer folder)")
     for key, path in (("model.text.tokenizer", m.text.tokenizer), ("model.vision.weights", m.vision.weights),
-                      ("model.text.bert_init", m.text.bert_init)):
+                      ("model.text.bert_init", m.text.bert_init), ("model.init_from", m.init_from)):
         _require_file(key, path)
     tokenizer = load_blip_tokenizer(m.text.tokenizer)
     if len(tokenizer) > m.text.vocab_size:
@@ -308,16 +312,25 @@ def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None):
     if m.text.bert_init:
         load_bert_weights(model.text, m.text.bert_init)
     model.copy_to_momentum_()
+    if m.init_from:
+        from blip_train.training.weights import init_blip_from_
+        result = init_blip_from_(model, m.init_from)  # sets the momentum copies itself (loaded or copied)
+        if report is not None:
+            report.update(result)
     return model, tokenizer
 
 
 def build_blip(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_config: dict | None = None) -> Stage:
     from blip_train.data.collate import BlipCollator, Stage1Collator
 
+    from blip_train.distributed.process_group import print0
+
+    report: dict = {}
+    model, tokenizer = build_blip_model(cfg, world, report)
     if cfg.model.init_from:
-        raise ConfigError(f"model.init_from: not supported for model.arch={cfg.model.arch} yet (start from "
-                          "model.vision.weights and model.text.bert_init)")
-    model, tokenizer = build_blip_model(cfg, world)
+        print0(f"init_from {cfg.model.init_from}: loaded; kept initial values for {_prefixes(report['kept'])}; "
+               f"decoder self-attention from the encoder's: {_prefixes(report['decoder_from_encoder'])}; momentum "
+               f"copies {report['momentum']}; queue {report['queue']}")
     collate_cls = BlipCollator if cfg.model.arch == "blip" else Stage1Collator
     return Stage(model=model, tokenizer=tokenizer, collate=collate_cls(tokenizer, cfg.model.max_txt_len),
                  data_kind="caption", cfg=cfg)

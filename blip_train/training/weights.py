@@ -7,6 +7,7 @@ elastic resume honest.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -112,3 +113,71 @@ def init_stage1_from_(model: nn.Module, path: str | Path) -> list[str]:
                                  f"{tuple(params[name].shape)}")
             params[name].copy_(value.to(params[name].dtype))
     return kept
+
+
+BLIP_INIT_OPTIONAL = ("temp", "text.lm_head.", "text.layers.{i}.self_attn_dec.")
+"""BLIP / ALBEF parameters an imported retrieval model may lack (a transformers BlipForImageTextRetrieval without
+its captioning decoder): the temperature keeps 0.07, the LM head its init, and the decoder self-attention starts
+as a copy of the encoder's (MED.BERT_INIT_COPIES, as from BERT)."""
+
+
+def _is_optional_blip(key: str) -> bool:
+    return any(re.match(re.escape(p).replace(r"\{i\}", r"\d+"), key) for p in BLIP_INIT_OPTIONAL)
+
+
+def _copy_decoder_self_attention_(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor],
+                                  kept: list[str]) -> list[str]:
+    """Fill missing `self_attn_dec` tensors from the loaded `self_attn` ones; returns the keys still at init."""
+    still = []
+    for name in kept:
+        source = name.replace(".self_attn_dec.", ".self_attn.")
+        if ".self_attn_dec." in name and source in state:
+            params[name].copy_(state[source].to(params[name].dtype))
+        else:
+            still.append(name)
+    return still
+
+
+def init_blip_from_(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """BLIP / ALBEF `model.init_from`: the trainable weights of a weights folder / file (tools/import_hf.py,
+    import_lavis.py, zero_to_safetensors.py) or of a ZeRO checkpoint of ours, loaded strictly (only
+    BLIP_INIT_OPTIONAL keys may be absent). The momentum copies and the feature queue load too when the file has
+    them all (the authors' checkpoints do); otherwise the copies start as the loaded online weights (the queue
+    keeps its random unit columns, replaced in the first steps). Returns {"kept": trainable keys left at init,
+    "decoder_from_encoder": decoder self-attention copied from the encoder's, "momentum": "loaded" | "copied",
+    "queue": "loaded" | "initial"}."""
+    from blip_train.interop.weights_io import is_weights_file, is_weights_folder
+
+    everything = dict(model.named_parameters())
+    params = {n: p for n, p in everything.items() if p.requires_grad}
+    momentum_ids = {id(m) for _, m in model.momentum_pairs()}
+    copies = {n: p for n, p in everything.items() if id(p) in momentum_ids}
+    buffers = {n: b for n, b in model.named_buffers() if n.startswith("queue.") and b is not None}
+    state = read_init_weights(path)
+    if not (is_weights_folder(path) or is_weights_file(path)):
+        state = {k: v for k, v in state.items() if k in params}  # zero_to_fp32 also names tied aliases
+    state.pop("text.lm_head.decoder.weight", None)  # the word embeddings (tied), when a writer lists it
+    unexpected = sorted(set(state) - set(params) - set(copies) - set(buffers))
+    kept = sorted(set(params) - set(state))
+    missing = [k for k in kept if not _is_optional_blip(k)]
+    held_copies = [k for k in state if k in copies]
+    if unexpected or missing or (held_copies and len(held_copies) != len(copies)):
+        raise KeyError(f"init_from {path}: missing trainable keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
+                       f"momentum copies {len(held_copies)} of {len(copies)} (a BLIP model of another size or arch?)")
+    # The queue loads whole or not at all (another model.momentum.queue_size: it starts afresh).
+    queue_loaded = bool(buffers) and all(k in state and state[k].shape == b.shape for k, b in buffers.items())
+    if not queue_loaded:
+        state = {k: v for k, v in state.items() if k not in buffers}
+    targets = {**params, **copies, **buffers}
+    for name, value in state.items():  # all checked before anything is overwritten
+        if targets[name].shape != value.shape:
+            raise ValueError(f"init_from {path}: {name} has shape {tuple(value.shape)}, the model "
+                             f"{tuple(targets[name].shape)}")
+    with torch.no_grad():
+        for name, value in state.items():
+            targets[name].copy_(value.to(targets[name].dtype))
+        still = _copy_decoder_self_attention_(params, state, kept)
+        if not held_copies:
+            model.copy_to_momentum_()
+    return {"kept": still, "decoder_from_encoder": sorted(set(kept) - set(still)),
+            "momentum": "loaded" if held_copies else "copied", "queue": "loaded" if queue_loaded else "initial"}
