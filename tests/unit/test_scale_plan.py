@@ -1,4 +1,4 @@
-"""bench/scale.py's arithmetic: the recipes it covers, the parameter counts it reads off the real configs, the
+"""bench/scale/'s arithmetic: the recipes it covers, the parameter counts it reads off the real configs, the
 analytic ZeRO-3 minimum, and how it shrinks a recipe that cannot fit."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.scale import (BYTES_PER_TRAINABLE, GIB, RECIPES, Footprint, count_footprint, plan, target_gib)
+from bench.scale.model import (BYTES_PER_TRAINABLE, GIB, RECIPES, Footprint, count_footprint, plan, target_gib)
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "blip_train" / "recipes"
 
