@@ -38,10 +38,12 @@ LAYER_KEYS = {"opt": ("num_hidden_layers",), "llama": ("num_hidden_layers",), "t
 class Recipe:
     name: str
     vit: str
-    """g | l"""
+    """g | l: EVA ViT-g/14, CLIP ViT-L/14 (BLIP-2, frozen); b16 | l16: timm ViT-B/16, ViT-L/16 (BLIP / ALBEF,
+    trained from an ImageNet checkpoint)."""
     llm: Optional[str] = None
     paper_trainable: float = 188e6
-    """Trainable parameters the paper reports (the Q-Former with its queries, 188M; + ViT-g when fine-tuning)."""
+    """Trainable parameters the paper reports (the Q-Former with its queries, 188M; + ViT-g when fine-tuning), or
+    our exact count where the paper gives none to compare (see RECIPES)."""
     llm_layers: Optional[int] = None
     """LLM layers built here (None: all); set when the full size cannot fit this machine."""
 
@@ -63,7 +65,18 @@ RECIPES = [
     Recipe("blip2_ft_caption_coco_flant5xl", "g", "flan-t5-xl", paper_trainable=1.1e9),
     Recipe("blip2_ft_vqav2_opt2.7b", "g", "opt-2.7b", paper_trainable=1.1e9),
     Recipe("blip2_ft_vqav2_flant5xl", "g", "flan-t5-xl", paper_trainable=1.1e9),
+    # BLIP / ALBEF pretraining trains the ViT and the text transformer; their momentum copies are frozen fp32.
+    # BLIP ViT-B: the paper's 224M (our MED, as the authors' code, counts 252.4M: the encoder's BERT-base, its
+    # cross-attention and the decoder's own self-attention). BLIP ViT-L and ALBEF: our exact count (474.7M,
+    # 209.9M), not a paper figure.
+    Recipe("blip_pretrain_vitb_14m", "b16", paper_trainable=224e6),
+    Recipe("blip_pretrain_vitb_129m", "b16", paper_trainable=224e6),
+    Recipe("blip_pretrain_vitl_14m", "l16", paper_trainable=474_704_447),
+    Recipe("albef_pretrain_4m", "b16", paper_trainable=209_928_511),
+    Recipe("albef_pretrain_14m", "b16", paper_trainable=209_928_511),
 ]
+BLIP_ARCHS = ("blip", "albef")
+"""model.arch values built by BlipPretrain (ViT + text transformer + momentum copies + feature queue)."""
 
 
 # ----------------------------------------------------------------------------------------- memory model
@@ -72,11 +85,26 @@ RECIPES = [
 class Footprint:
     trainable: int
     frozen_bytes: int
+    """Frozen parameters in the dtype training holds them in (BLIP / ALBEF's momentum copies: fp32)."""
     frozen: int = 0
+    momentum: int = 0
+    """Of the frozen parameters, the momentum copies (BLIP / ALBEF)."""
+    buffer_bytes: int = 0
+    """Buffers, whole on every rank at any ZeRO stage (BLIP / ALBEF's feature queue: 2 x embed_dim x queue_size
+    fp32)."""
+    zero_stage: int = 3
+    """The recipe's deepspeed.zero_stage (the bench runs each recipe's own)."""
 
     def minimum_per_rank(self, world: int = WORLD) -> float:
-        """Bytes per rank ZeRO-3 cannot avoid: everything partitioned, nothing gathered."""
-        return (self.frozen_bytes + BYTES_PER_TRAINABLE * self.trainable) / world
+        """Bytes per rank the recipe's ZeRO stage cannot avoid. ZeRO-3: parameters (frozen ones too), gradients
+        and optimizer state partitioned, nothing gathered. ZeRO-2: the 16-bit weights and the frozen parameters
+        whole on every rank, the rest (16-bit gradient, fp32 master and gradient, Adam's moments: 18 bytes)
+        partitioned; ZeRO-1 also keeps the 16-bit gradient whole, ZeRO-0 everything."""
+        whole_per_trainable = {0: BYTES_PER_TRAINABLE, 1: 4, 2: 2, 3: 0}[self.zero_stage]
+        whole = self.buffer_bytes + whole_per_trainable * self.trainable
+        if self.zero_stage >= 3:
+            return whole + (self.frozen_bytes + BYTES_PER_TRAINABLE * self.trainable) / world
+        return whole + self.frozen_bytes + (BYTES_PER_TRAINABLE - whole_per_trainable) * self.trainable / world
 
 
 def analytic_minimum_gib(trainable: int, frozen_bytes: int, world: int = WORLD) -> float:
@@ -96,9 +124,13 @@ def layers_that_fit(per_layer_bytes: int, fixed_bytes: float, layers: int, budge
 
 # ----------------------------------------------------------------------------------------- towers
 
-def model_config(recipe: str):
+def recipe_config(recipe: str):
     from blip_train.config import load_config
-    return load_config(recipe).model
+    return load_config(recipe)
+
+
+def model_config(recipe: str):
+    return recipe_config(recipe).model
 
 
 def count_footprint(recipe: Recipe, llm_layers: Optional[int] = None) -> tuple[Footprint, dict]:
@@ -106,19 +138,27 @@ def count_footprint(recipe: Recipe, llm_layers: Optional[int] = None) -> tuple[F
     import torch
 
     from bench.scale.towers import build_hf_llm
+    from blip_train.models.blip import BlipPretrain, TextTokens
     from blip_train.models.llm_bridge import Blip2LLM
     from blip_train.models.stage1 import Blip2Stage1
 
-    m = model_config(recipe.name)
-    m.vision.weights = m.qformer.bert_init = m.init_from = ""
+    cfg = recipe_config(recipe.name)
+    m = cfg.model
+    m.vision.weights = m.qformer.bert_init = m.text.bert_init = m.init_from = ""
+    momentum_ids: set[int] = set()
     with torch.device("meta"):
-        if recipe.llm is None:
+        if m.arch in BLIP_ARCHS:
+            # The token ids only pick tokens in forward; the sizes come from model.text.vocab_size.
+            v = m.text.vocab_size
+            model = BlipPretrain(m, TextTokens(pad=0, cls=101, sep=102, mask=103, enc=v - 1, vocab_size=v))
+            momentum_ids = {id(copy) for _, copy in model.momentum_pairs()}
+        elif recipe.llm is None:
             model = Blip2Stage1(m, device_type="cpu")
         else:
             llm = build_hf_llm(recipe.llm, llm_layers, meta=True)
             model = Blip2LLM(m, llm, device_type="cpu")
     parts: dict = {}
-    trainable = frozen = frozen_bytes = 0
+    trainable = frozen = frozen_bytes = momentum = 0
     for name, p in model.named_parameters():
         top = name.split(".")[0]
         if p.requires_grad:
@@ -128,10 +168,15 @@ def count_footprint(recipe: Recipe, llm_layers: Optional[int] = None) -> tuple[F
             frozen += p.numel()
             parts.setdefault(top, [0, 0])[1] += p.numel()
             # The dtypes training holds the towers in: the ViT in model.vision.precision (fp16 -> bf16 on a
-            # CPU), the LLM in model.llm.dtype.
-            dtype = m.vision.precision if top == "visual_encoder" else m.llm.dtype
+            # CPU), the LLM in model.llm.dtype; BLIP / ALBEF's momentum copies in fp32 (training/momentum.py).
+            if id(p) in momentum_ids:
+                momentum += p.numel()
+                dtype = "fp32"
+            else:
+                dtype = m.vision.precision if top == "visual_encoder" else m.llm.dtype
             frozen_bytes += p.numel() * DTYPE_BYTES[dtype]
-    return Footprint(trainable, frozen_bytes, frozen), parts
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    return Footprint(trainable, frozen_bytes, frozen, momentum, buffer_bytes, cfg.deepspeed.zero_stage), parts
 
 
 

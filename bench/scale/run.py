@@ -15,7 +15,8 @@ from typing import Optional
 
 import bench.scale
 from bench.common import print_markdown_table
-from bench.scale.model import GIB, RECIPES, WORLD, Recipe, count_footprint, plan, target_gib
+from bench.scale.model import (BLIP_ARCHS, GIB, RECIPES, WORLD, Recipe, count_footprint, model_config, plan,
+                               target_gib)
 from bench.scale.towers import make_data, make_towers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,7 +130,8 @@ def du_gib(path: Path) -> float:
 
 def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: list[str], res: dict,
                nvme: Optional[Path] = None) -> None:
-    """Train + save, consolidate, resume one step, export; fills `res` as it goes (kept when a step fails).
+    """Train + save, consolidate, resume one step, export (BLIP-2 archs only, for now); fills `res` as it goes
+    (kept when a step fails).
     nvme: every ZeRO-3 partition swapped to files in this directory, one step of micro-batch 1 and no tools
     (the point is the step of a recipe whose towers do not fit in memory)."""
     run_dir = root / "runs" / recipe.name
@@ -142,10 +144,15 @@ def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: 
     stage1 = root / "runs" / "blip2_stage1_vitg"
     if recipe.llm is not None and (stage1 / "checkpoints").is_dir() and recipe.vit == "g":
         init_from = str(stage1)  # a stage-1 checkpoint at real size, as the recipes chain them
+    arch = model_config(recipe.name).arch
+    if arch in BLIP_ARCHS:  # BERT-base is the text transformer; no init_from (the trainer refuses it for these)
+        text = [f"model.text.tokenizer={towers['bert']}", f"model.text.bert_init={towers['bert']}"]
+    else:
+        text = [f"model.qformer.tokenizer={towers['bert']}", f"model.qformer.bert_init={towers['bert']}",
+                f"model.init_from={init_from}"]
     overrides = [
         f"run.output_dir={run_dir}", "run.device=cpu", "run.tensorboard=false", "run.memory_trace=true",
-        f"model.vision.weights={towers['vit']}", f"model.qformer.tokenizer={towers['bert']}",
-        f"model.qformer.bert_init={towers['bert']}", f"model.init_from={init_from}",
+        f"model.vision.weights={towers['vit']}", *text,
         f"data.train=[{{local: {data / 'train'}, name: synthetic}}]", f"data.val={data / 'val'}",
         "data.num_workers=1", "train.micro_batch_size=2", "train.grad_accum_steps=1", "train.global_batch_size=0",
         "train.max_steps=2", "train.save_interval=2", "train.log_interval=1", "eval.interval=0",
@@ -167,7 +174,7 @@ def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: 
     for s in overrides:
         cmd += ["--set", s]
     env = child_env()
-    res.update(llm_layers=recipe.llm_layers, init_from=init_from or None)
+    res.update(arch=arch, llm_layers=recipe.llm_layers, init_from=init_from or None)
     log(f"{recipe.name}: training 2 steps on {WORLD} ranks")
     launched: list = []
     res["train_s"], _ = run_logged(cmd, logf, env, timeout=3600, started=launched)
@@ -195,6 +202,10 @@ def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: 
     res["resume_s"], _ = run_logged(cmd_resume, logf, env, timeout=3600)
     res["resume"] = summarise_trace(run_dir)
     res["resumed_to"] = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[-1]
+    if arch in BLIP_ARCHS:  # tools/export_hf.py maps stage1 / stage2 / instruct to transformers classes only
+        res["export_skipped"] = f"no HF export for arch {arch} in this bench yet"
+        shutil.rmtree(weights, ignore_errors=True)
+        return
     log(f"{recipe.name}: export_hf")
     export = root / "exports" / recipe.name
     shutil.rmtree(export, ignore_errors=True)
@@ -246,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         planned = plan(chosen, args.baseline_gib, args.budget_gib * GIB or machine_budget_bytes())
     for r, fp, why in planned:
-        log(f"{r.name:<24} trainable {fp.trainable / 1e6:7.1f}M frozen {fp.frozen / 1e6:8.1f}M "
-            f"minimum {fp.minimum_per_rank() / GIB:5.2f} GiB/rank — {why}")
+        extra = (f" (momentum fp32 {fp.momentum / 1e6:.1f}M, buffers {fp.buffer_bytes / GIB:.2f} GiB)"
+                 if fp.momentum else "")
+        log(f"{r.name:<24} trainable {fp.trainable / 1e6:7.1f}M frozen {fp.frozen / 1e6:8.1f}M{extra} "
+            f"ZeRO-{fp.zero_stage} minimum {fp.minimum_per_rank() / GIB:5.2f} GiB/rank — {why}")
     if args.list:
         return 0
     data = make_data(root)
@@ -268,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         # its gradient and Adam's moments (16 bytes per trainable parameter).
         minimum = (16 * fp.trainable / WORLD) if args.nvme else fp.minimum_per_rank()
         res.update(plan=why, trainable=fp.trainable, frozen=fp.frozen, frozen_bytes=fp.frozen_bytes,
+                   momentum=fp.momentum, buffer_bytes=fp.buffer_bytes, zero_stage=3 if args.nvme else fp.zero_stage,
                    paper_trainable=r.paper_trainable, minimum_gib=round(minimum / GIB, 3))
         if "train" in res:
             base = res["train"]["baseline_gib"]
@@ -289,7 +303,8 @@ def report(results: dict) -> None:
         t = r["train"]
         phases = t["high_water_gib"]
         tools = (f"z2s {r['z2s_s']:.0f}s, resume→{r['resumed_to']}, export {r['export_s']:.0f}s" if "export_s" in r
-                 else f"{r['nvme_gib']:.1f} GiB swapped to disk" if "nvme_gib" in r else "-")
+                 else f"z2s {r['z2s_s']:.0f}s, resume→{r['resumed_to']}, {r['export_skipped']}"
+                 if "export_skipped" in r else f"{r['nvme_gib']:.1f} GiB swapped to disk" if "nvme_gib" in r else "-")
         rows.append([
             name + (f" ({r['llm_layers']} LLM layers)" if r.get("llm_layers") else ""),
             f"{r['trainable'] / 1e6:.1f}M / {r['frozen'] / 1e6:.0f}M",

@@ -9,6 +9,39 @@ from typing import Optional
 
 from bench.scale.model import GIB, LAYER_KEYS, LLMS, Recipe, model_config
 
+TIMM_VITS = {"b16": "deit_base_patch16_224.pth", "l16": "vit_large_patch16_224_in21k.pth"}
+"""The ImageNet checkpoints BLIP / ALBEF start from (the recipes' model.vision.weights), by Recipe.vit."""
+TIMM_CLASSES = 1000
+"""The classifier head written with them (ImageNet-1k; an in21k checkpoint has 21,843: dropped on load either way)."""
+
+
+def timm_vit_state_dict(vision) -> dict:
+    """Random weights of an ImageNet timm ViT/DeiT at 224 px, in the layout timm saves (fp32, a full
+    `attn.qkv.bias` per block, a `head.*` classifier), shaped from EVAViT(`vision`): load_vit_weights drops the
+    head, splits the bias and interpolates the position embeddings to the recipe's image size."""
+    import dataclasses
+
+    import torch
+
+    from blip_train.models.eva_vit import EVAViT
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in EVAViT(dataclasses.replace(vision, image_size=224)).state_dict().items()}
+    sd = {}
+    for k, shape in shapes.items():
+        if k.endswith(".attn.v_bias"):
+            continue  # the last third of qkv.bias
+        if k.endswith(".attn.q_bias"):
+            sd[k[: -len("q_bias")] + "qkv.bias"] = torch.zeros(3 * shape[0])  # (3D,): q, k, v
+            continue
+        t = torch.empty(shape)
+        t.normal_(0.0, 0.02) if len(shape) >= 2 or k in ("cls_token", "pos_embed") else (
+            t.zero_() if "bias" in k else t.fill_(1.0))
+        sd[k] = t
+    sd["head.weight"] = torch.empty(TIMM_CLASSES, vision.width).normal_(0.0, 0.02)
+    sd["head.bias"] = torch.zeros(TIMM_CLASSES)
+    return sd
+
 
 def build_hf_llm(name: str, layers: Optional[int], meta: bool = False, dtype=None):
     import torch
@@ -102,8 +135,17 @@ def make_towers(towers: Path, recipe: Recipe, log) -> dict:
 
     out: dict = {}
     m = model_config(recipe.name)
-    vit_file = towers / ("eva_vit_g.pth" if recipe.vit == "g" else "vit_l.safetensors")
-    if not vit_file.exists():
+    vit_file = towers / TIMM_VITS.get(recipe.vit, "eva_vit_g.pth" if recipe.vit == "g" else "vit_l.safetensors")
+    if recipe.vit in TIMM_VITS and not vit_file.exists():
+        t0 = time.time()
+        sd = timm_vit_state_dict(m.vision)
+        vit_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = vit_file.with_suffix(".tmp")
+        torch.save({"model": sd}, tmp)  # as timm / DeiT release them
+        tmp.replace(vit_file)
+        log(f"towers: {vit_file.name} ({vit_file.stat().st_size / GIB:.2f} GiB) in {time.time() - t0:.0f}s")
+        del sd
+    elif not vit_file.exists():
         t0 = time.time()
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in EVAViT(m.vision).state_dict().items()}
