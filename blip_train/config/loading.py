@@ -213,6 +213,9 @@ def _check_momentum(cfg: ExperimentConfig) -> None:
     if not 0 <= mom.alpha <= 1:
         raise ConfigError(f"model.momentum.alpha: must be in [0, 1], got {mom.alpha}")
     _positive("model.momentum.alpha_ramp_steps", mom.alpha_ramp_steps, allow_zero=True)
+    if cfg.deepspeed.offload_frozen:
+        raise ConfigError(f"deepspeed.offload_frozen: model.arch={m.arch} has no frozen tower to offload; its frozen "
+                          "parameters are the momentum encoders, which every step updates on the device")
     _positive("model.momentum.queue_size", mom.queue_size)
     t = cfg.train
     # The queue takes the whole global micro-batch (every rank's samples) per forward: it must divide the queue.

@@ -100,6 +100,8 @@ def test_design_contract_keys_exist():
     (["model.arch=albef", "model.vision.frozen=false", "model.momentum.queue_size=10", "train.micro_batch_size=4"],
      "model.momentum.queue_size: 10 is not a multiple of train.micro_batch_size=4"),
     (["model.arch=blip", "model.vision.frozen=false", "model.momentum.decay=1"], "model.momentum.decay: must be in [0, 1)"),
+    (["model.arch=blip", "model.vision.frozen=false", "deepspeed.offload_frozen=true"],
+     "deepspeed.offload_frozen: model.arch=blip has no frozen tower to offload"),
     (["model.vision.frozen=false", "optim.layer_decay=0"], "optim.layer_decay: must be in (0, 1]"),
     (["model.vision.frozen=false", "optim.layer_decay=1.5"], "optim.layer_decay: must be in (0, 1]"),
     (["optim.layer_decay=0.9"], "optim.layer_decay: 0.9 decays the lr of a training ViT, but model.vision.frozen"),
