@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""CapFilt: bootstrap cleaner caption data with a trained BLIP-2 stage-1 model (captioner + filter).
+"""CapFilt: bootstrap cleaner caption data with a trained BLIP-2 stage-1 or BLIP model (captioner + filter).
 
-For every image of --data the model's ITG pass samples --num-captions synthetic captions (nucleus,
-top-p 0.9, as BLIP); its ITM head scores the web caption and each synthetic one (P(match), softmax of
+For every image of --data the model's ITG pass (BLIP: its image-grounded decoder) samples --num-captions
+synthetic captions (nucleus, top-p 0.9, as BLIP); its ITM head scores the web caption and each synthetic one (P(match), softmax of
 the 2-way head) and its ITC head their similarity. A caption passes when both scores reach their
 thresholds; the web caption is kept when it passes, and the --keep-top synthetic captions with the
 highest ITC when they pass. Thresholds (printed, and kept in the report):
@@ -107,8 +107,9 @@ def main() -> int:
     from blip_train.training.stages import load_trained_retrieval_model
 
     cfg, ckpt_dir, tag = load_run_config(args.checkpoint, args.overrides)
-    if cfg.model.arch != "stage1":
-        raise ValueError(f"--checkpoint {ckpt_dir / tag}: model.arch={cfg.model.arch}, CapFilt needs a stage-1 run")
+    if cfg.model.arch not in ("stage1", "blip"):
+        raise ValueError(f"--checkpoint {ckpt_dir / tag}: model.arch={cfg.model.arch}, CapFilt needs a BLIP-2 stage-1 "
+                         "or a BLIP run (a captioner and ITC/ITM heads)")
     if args.calibrate_on and not Path(args.calibrate_on).is_dir():
         raise ValueError(f"--calibrate-on {args.calibrate_on}: not a directory")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -30,7 +30,7 @@ from blip_train.models.blip_losses import (FeatureQueue, alpha_at, copy_params_,
                                            mask_tokens, mlm_loss, momentum_itc_loss)
 from blip_train.models.eva_vit import EVAViT
 from blip_train.models.med import MED
-from blip_train.models.stage1 import TEMP_MAX, TEMP_MIN
+from blip_train.models.stage1 import TEMP_MAX, TEMP_MIN, nucleus_sample
 from blip_train.models.stage1_losses import itm_loss, sample_hard_negatives
 from blip_train.models.world import WorldInfo
 
@@ -216,27 +216,52 @@ class BlipPretrain(nn.Module):
         """Captions from BLIP's image-grounded decoder, greedy: (B, max_new_tokens) ids after `prompt_ids`.
 
         prompt_ids: (B, P) [DEC] then the prompt's tokens (BLIP captions after "a picture of "; none in
-        pretraining), the same length in every row. A caption ends with [SEP], then [PAD]. Every step
-        re-encodes the whole prefix (no key/value cache: captions are short), and all `max_new_tokens` steps
-        run whatever the captions do (ZeRO-3: every rank calls the same modules; `synced_gpus` is implied).
-        Other generation options (length_penalty, eos ids) do not apply to greedy decoding and are ignored.
+        pretraining), the same length in every row. A caption ends with [SEP], then [PAD]; all steps run on
+        every rank (`synced_gpus` is implied, see `_decode`). Other generation options (length_penalty, eos
+        ids) do not apply to greedy decoding and are ignored.
         """
-        if self.arch != "blip":
-            raise ValueError(f"model.arch={self.arch} has no text decoder: only BLIP generates captions")
         if num_beams != 1:
             raise ValueError(f"num_beams={num_beams}: BLIP captions decode greedily here; set eval.num_beams=1")
-        image_embeds = self.visual_encoder(pixel_values)  # (B, 1+P, Dv)
-        ids = prompt_ids
+        image_embeds = self._decoder_image_embeds(pixel_values)  # (B, 1+P, Dv)
+        ids = self._decode(image_embeds, prompt_ids, max_new_tokens, min_new_tokens)
+        return ids[:, prompt_ids.shape[1]:]
+
+    @torch.no_grad()
+    def generate_captions(self, pixel_values: torch.Tensor, bos_id: int, sep_id: int, pad_id: int,
+                          max_len: int = 30, num_beams: int = 1, top_p: Optional[float] = None,
+                          num_captions: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """CapFilt's captioner: (B * num_captions, max_len) ids, column 0 `bos_id` ([DEC]), image 0's captions
+        first; greedy (top_p None) or nucleus sampling (BLIP: top_p 0.9) from `generator` (or torch's global
+        RNG). The same contract as Blip2Stage1.generate_captions, so tools/capfilt.py takes either model."""
+        if num_beams != 1:
+            raise ValueError(f"num_beams={num_beams}: only greedy/nucleus decoding (num_beams=1) is implemented")
+        if (sep_id, pad_id) != (self.tokens.sep, self.tokens.pad):
+            raise ValueError(f"sep/pad ids {sep_id}/{pad_id} are not the model's {self.tokens.sep}/{self.tokens.pad}")
+        image_embeds = self._decoder_image_embeds(pixel_values).repeat_interleave(num_captions, dim=0)
+        start = torch.full((image_embeds.shape[0], 1), bos_id, dtype=torch.long, device=image_embeds.device)
+        return self._decode(image_embeds, start, max_len - 1, 1, top_p, generator)
+
+    def _decoder_image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.arch != "blip":
+            raise ValueError(f"model.arch={self.arch} has no text decoder: only BLIP generates captions")
+        return self.visual_encoder(pixel_values)  # (B, 1+P, Dv)
+
+    def _decode(self, image_embeds: torch.Tensor, ids: torch.Tensor, steps: int, min_new_tokens: int,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """`steps` tokens appended to `ids` (N, P): argmax, or nucleus sampling with top_p; after [SEP], [PAD].
+        Every step re-encodes the whole prefix (no key/value cache: captions are short), and all steps run
+        whatever the captions do (ZeRO-3: every rank calls the same modules)."""
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for step in range(max_new_tokens):
+        for step in range(steps):
             hidden = self.text(ids, torch.ones_like(ids), image_embeds=image_embeds, mode="decoder")
-            logits = self.text.lm_logits(hidden[:, -1]).float()  # (B, V)
+            logits = self.text.lm_logits(hidden[:, -1]).float()  # (N, V)
             if step < min_new_tokens:
                 logits[:, self.tokens.sep] = float("-inf")
-            nxt = torch.where(done, torch.full_like(done, self.tokens.pad, dtype=torch.long), logits.argmax(-1))
+            nxt = logits.argmax(-1) if top_p is None else nucleus_sample(logits, top_p, generator)  # (N,)
+            nxt = torch.where(done, torch.full_like(nxt, self.tokens.pad), nxt)
             done = done | (nxt == self.tokens.sep)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
-        return ids[:, prompt_ids.shape[1]:]
+        return ids
 
     @torch.no_grad()
     def itm_scores(self, image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,

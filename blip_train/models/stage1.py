@@ -240,14 +240,14 @@ class Blip2Stage1(nn.Module):
             out = self.qformer(input_ids=ids, attention_mask=torch.ones_like(ids),
                                past_key_values=query_out.past_key_values, mask="causal")
             logits = self.qformer.lm_logits(out.last_hidden_state[:, -1:])[:, 0].float()  # (N, V)
-            nxt = logits.argmax(-1) if top_p is None else _nucleus_sample(logits, top_p, generator)  # (N,)
+            nxt = logits.argmax(-1) if top_p is None else nucleus_sample(logits, top_p, generator)  # (N,)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             done = done | (nxt == sep_id)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
         return ids
 
 
-def _nucleus_sample(logits: torch.Tensor, top_p: float,
+def nucleus_sample(logits: torch.Tensor, top_p: float,
                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One token per row from the smallest set of top tokens whose probability reaches top_p."""
     probs = logits.softmax(-1)  # (N, V)

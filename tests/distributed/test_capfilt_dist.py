@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, clean_env, torchrun
-from tests.helpers.tiny_run import run_train, write_tiny_config
+from tests.helpers.tiny_run import run_train, write_tiny_blip_config, write_tiny_config
 
 pytestmark = pytest.mark.dist
 ARGS = ["--num-captions", "3", "--keep-top", "2", "--max-len", "8", "--chunk-size", "8", "--batch-size", "4"]
@@ -81,3 +81,14 @@ def test_cli_refuses_to_overwrite_in_one_line(setup) -> None:
     r = capfilt(setup, setup["root"] / "o3", "--itm-threshold", "1.0", "--num-captions", "0")
     assert r.returncode == 2 and "only 0 of 36 images kept a caption" in r.stderr.strip().splitlines()[-1]
     assert not (setup["root"] / "o3" / "index.json").exists()
+
+
+def test_a_blip_run_is_captioner_and_filter(setup, tiny_assets) -> None:
+    """A BLIP checkpoint serves CapFilt as the paper defines it: its decoder samples, its ITM and ITC filter."""
+    run = setup["root"] / "blip_run"
+    run_train(write_tiny_blip_config(tiny_assets, run, train={"max_steps": 2, "save_interval": 2}))
+    report = ok(capfilt(dict(setup, ckpt=run), setup["root"] / "blip_out"))
+    assert report["images_seen"] == 36 and report["noise"]["noisy_web"] == 11
+    kept = rows(setup["root"] / "blip_out")
+    assert kept and all(r["captions"] for r in kept)
+    assert any("synthetic" in r["caption_sources"] for r in kept)  # the decoder's captions made it through

@@ -167,3 +167,20 @@ def test_greedy_captions_from_the_decoder():
         model.generate(px, prompt, num_beams=3)
     with pytest.raises(ValueError, match="no text decoder"):
         BlipPretrain(blip_config("albef"), TOKENS).generate(px, prompt)
+
+
+def test_capfilt_captions_from_the_decoder():
+    """generate_captions (CapFilt's contract): [DEC] then max_len - 1 tokens per caption, image-major; greedy
+    equals `generate`; nucleus sampling is a function of the generator; a tiny top_p is greedy."""
+    torch.manual_seed(0)
+    model = BlipPretrain(blip_config(), TOKENS).eval()
+    px = make_batch()["pixel_values"]
+    greedy = model.generate_captions(px, 3, TOKENS.sep, TOKENS.pad, max_len=6, num_captions=2)
+    assert greedy.shape == (2 * B, 6) and (greedy[:, 0] == 3).all()
+    assert torch.equal(greedy[0::2], greedy[1::2])
+    assert torch.equal(greedy[0::2, 1:], model.generate(px, torch.full((B, 1), 3), max_new_tokens=5))
+    g = [torch.Generator().manual_seed(7) for _ in range(2)]
+    a, b = (model.generate_captions(px, 3, TOKENS.sep, TOKENS.pad, max_len=6, top_p=0.9, generator=x) for x in g)
+    assert torch.equal(a, b)
+    tiny = model.generate_captions(px, 3, TOKENS.sep, TOKENS.pad, max_len=6, top_p=1e-9, generator=g[0])
+    assert torch.equal(tiny, greedy[0::2])
