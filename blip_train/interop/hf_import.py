@@ -50,20 +50,25 @@ def read_hf_model(hf_dir: Path) -> tuple[Any, str, dict[str, torch.Tensor]]:
     if hf_cfg.model_type not in ("blip-2", "instructblip"):
         raise InteropError(f"{hf_dir}: model_type {hf_cfg.model_type!r} is not BLIP-2 / InstructBLIP")
     arch = arch_of_hf_config(hf_cfg, str(hf_dir))
+    return hf_cfg, arch, read_through_class(hf_dir, hf_class(arch), hf_cfg)
+
+
+def read_through_class(folder, cls, hf_cfg) -> dict[str, torch.Tensor]:
+    """The folder's weights as `cls` (built on the meta device from `hf_cfg`) names them: tied weights saved once
+    come back under every name, and anything missing or extra is caught against transformers' own parameter
+    list (InteropError)."""
     try:
-        sd = read_hf_folder_weights(hf_dir)
+        sd = read_hf_folder_weights(folder)
     except FileNotFoundError as e:
         raise InteropError(str(e)) from None
-    # Through the class itself: tied weights saved once come back under every name, and anything
-    # missing or extra is caught against transformers' own parameter list.
     with torch.device("meta"):
-        model = hf_class(arch)(hf_cfg)
-    result = assign_into(model, sd, str(hf_dir))
+        model = cls(hf_cfg)
+    result = assign_into(model, sd, str(folder))
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta or result.unexpected_keys:
-        raise InteropError(f"{hf_dir}: weights do not match {hf_class(arch).__name__}: missing {still_meta[:4]}, "
+        raise InteropError(f"{folder}: weights do not match {cls.__name__}: missing {still_meta[:4]}, "
                            f"unexpected {result.unexpected_keys[:4]}")
-    return hf_cfg, arch, {k: t for k, t in model.state_dict().items() if not t.is_meta}
+    return {k: t for k, t in model.state_dict().items() if not t.is_meta}
 
 
 def nonzero_k_bias(sd: dict[str, torch.Tensor]) -> list[str]:
@@ -191,18 +196,7 @@ def read_blip_folder(folder: Path, class_name: str) -> tuple[Any, dict[str, torc
     if hf_cfg.model_type != "blip" or class_name not in names:
         raise InteropError(f"{folder}: {hf_cfg.model_type} {names or '(no architectures)'}, expected a {class_name} "
                            "folder")
-    try:
-        sd = read_hf_folder_weights(folder)
-    except FileNotFoundError as e:
-        raise InteropError(str(e)) from None
-    with torch.device("meta"):
-        model = blip_class(class_name)(hf_cfg)
-    result = assign_into(model, sd, str(folder))
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta or result.unexpected_keys:
-        raise InteropError(f"{folder}: weights do not match {class_name}: missing {still_meta[:4]}, unexpected "
-                           f"{result.unexpected_keys[:4]}")
-    return hf_cfg, {k: t for k, t in model.state_dict().items() if not t.is_meta}
+    return hf_cfg, read_through_class(folder, blip_class(class_name), hf_cfg)
 
 
 def _decoder_parts(folder: Path, section: dict, encoder: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:

@@ -30,7 +30,7 @@ from blip_train.models.blip_losses import (FeatureQueue, alpha_at, copy_params_,
                                            mask_tokens, mlm_loss, momentum_itc_loss)
 from blip_train.models.eva_vit import EVAViT
 from blip_train.models.med import MED
-from blip_train.models.stage1 import TEMP_MAX, TEMP_MIN, nucleus_sample
+from blip_train.models.stage1 import TEMP_MAX, TEMP_MIN, nucleus_sample, pad_text_for_gather
 from blip_train.models.stage1_losses import itm_loss, sample_hard_negatives
 from blip_train.models.world import WorldInfo
 
@@ -120,13 +120,6 @@ class BlipPretrain(nn.Module):
     def _temperature(self) -> torch.Tensor:
         return self.temp.clamp(TEMP_MIN, TEMP_MAX)
 
-    def _pad_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad text to max_txt_len so that its all_gather has the same shape on every rank."""
-        extra = self.max_txt_len - ids.shape[1]
-        if extra < 0:
-            raise ValueError(f"text length {ids.shape[1]} exceeds model.max_txt_len={self.max_txt_len}")
-        return F.pad(ids, (0, extra), value=self.tokens.pad), F.pad(mask, (0, extra), value=0)
-
     def _text_feat(self, text: MED, proj: nn.Linear, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = text(ids, mask, mode="text")  # (B, T, D)
         return F.normalize(proj(hidden[:, 0]), dim=-1)  # (B, E)
@@ -163,7 +156,7 @@ class BlipPretrain(nn.Module):
         sim_i2t, sim_t2i = global_sims(image_feat, text_feat, temp, self.world)  # (B, B*W)
         neg_image_idx, neg_text_idx = sample_hard_negatives(sim_i2t, sim_t2i, self.world, image_ids=image_ids)
         itm_ids = batch["itm_input_ids"] if self.arch == "blip" else text_ids  # [ENC] | [CLS] first
-        ids_pad, mask_pad = self._pad_text(itm_ids, text_mask)  # (B, L)
+        ids_pad, mask_pad = pad_text_for_gather(itm_ids, text_mask, self.max_txt_len, self.tokens.pad)  # (B, L)
         all_ids, all_mask = self.world.gather(ids_pad), self.world.gather(mask_pad)  # (B*W, L)
         all_image_embeds = self.world.gather_with_grad(image_embeds)  # (B*W, 1+P, Dv)
         pair_ids = torch.cat([ids_pad, ids_pad, all_ids[neg_text_idx]])  # (3B, L)

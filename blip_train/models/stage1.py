@@ -30,6 +30,16 @@ TEMP_MIN, TEMP_MAX = 0.001, 0.5
 """Range of the ITC temperature (BLIP-2 clamps it before each use)."""
 
 
+def pad_text_for_gather(ids: torch.Tensor, mask: torch.Tensor, max_len: int,
+                        pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad text to max_len (model.max_txt_len) so that its all_gather has the same shape on every rank. The
+    padded positions are masked out, so their id matters only as a valid embedding index."""
+    extra = max_len - ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"text length {ids.shape[1]} exceeds model.max_txt_len={max_len}")
+    return F.pad(ids, (0, extra), value=pad_id), F.pad(mask, (0, extra), value=0)
+
+
 def frozen_vision_dtype(precision: str, device_type: str) -> torch.dtype:
     """Dtype of the frozen ViT: fp16 on CUDA, bf16 in its place on CPU (fp16 CPU kernels are incomplete)."""
     if precision == "fp32":
@@ -119,14 +129,6 @@ class Blip2Stage1(nn.Module):
         # gradient passes unchanged, as with BLIP-2's in-place clamp.
         return self.temp.clamp(TEMP_MIN, TEMP_MAX)
 
-    def _pad_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad text to max_txt_len so that its all_gather has the same shape on every rank."""
-        extra = self.max_txt_len - ids.shape[1]
-        if extra < 0:
-            raise ValueError(f"text length {ids.shape[1]} exceeds model.max_txt_len={self.max_txt_len}")
-        # The padded id never matters: its mask is 0 and ITM reads only query positions.
-        return F.pad(ids, (0, extra), value=0), F.pad(mask, (0, extra), value=0)
-
     def _itm_logits(self, image_embeds: torch.Tensor, text_ids: torch.Tensor,
                     text_mask: torch.Tensor) -> torch.Tensor:
         """(N, Nimg, W), (N, T) → (N, 2): mean over query positions of the ITM head."""
@@ -160,7 +162,7 @@ class Blip2Stage1(nn.Module):
         neg_image_idx, neg_text_idx = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, self.world,
                                                             image_ids=image_ids)
         all_image_embeds = self.world.gather_with_grad(image_embeds)  # (B*W, Nimg, W)
-        ids_pad, mask_pad = self._pad_text(text_ids, text_mask)  # (B, L)
+        ids_pad, mask_pad = pad_text_for_gather(text_ids, text_mask, self.max_txt_len)  # (B, L)
         all_ids, all_mask = self.world.gather(ids_pad), self.world.gather(mask_pad)  # (B*W, L)
         itm_ids = torch.cat([ids_pad, ids_pad, all_ids[neg_text_idx]])  # (3B, L)
         itm_mask = torch.cat([mask_pad, mask_pad, all_mask[neg_text_idx]])  # (3B, L)
