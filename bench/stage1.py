@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_train.models.hf_names import model_from_hf
-from blip_train.models.stage1 import Blip2Stage1
+from blip_train.models.stage1 import Blip2Stage1, pad_text_for_gather
 from blip_train.models.stage1_losses import itc_loss, itm_loss, sample_hard_negatives
 from blip_train.models.world import WorldInfo
 from bench.common import Preset, freeze_except_
@@ -100,7 +100,7 @@ def ours_itc_itm(model: Blip2Stage1, batch: dict[str, torch.Tensor]) -> torch.Te
     text_feat = F.normalize(model.text_proj(text_out.last_hidden_state[:, 0]), dim=-1)  # (B, E)
     itc = itc_loss(image_feats, text_feat, model._temperature(), model.world, image_ids=image_ids)
     neg_img, neg_txt = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, model.world, image_ids=image_ids)
-    ids_pad, mask_pad = model._pad_text(ids, mask)  # (B, L)
+    ids_pad, mask_pad = pad_text_for_gather(ids, mask, model.max_txt_len)  # (B, L)
     itm_ids = torch.cat([ids_pad, ids_pad, ids_pad[neg_txt]])  # (3B, L)
     itm_mask = torch.cat([mask_pad, mask_pad, mask_pad[neg_txt]])
     itm_images = torch.cat([image_embeds, image_embeds[neg_img], image_embeds])  # (3B, Nimg, W)
