@@ -72,7 +72,7 @@ per-node)
          --cpus-per-task=$((CPUS_PER_TASK * GPUS_PER_NODE))
          "${IGNORE_USR1[@]}"
          "$TORCHRUN" --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" --rdzv_backend c10d
-         --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID"
+         --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" --rdzv_conf is_host=0
          -m blip_train.train "${TRAIN_ARGS[@]}")
     ;;
 deepspeed)
@@ -110,6 +110,27 @@ forward_signal() {
 }
 trap 'forward_signal USR1' USR1
 trap 'forward_signal TERM' TERM
+
+# ---------------------------------------------------------------- per-node: the rendezvous store
+# Every torchrun agent joins as a client of a store this shell hosts for the whole step: an agent-hosted
+# store leaves with the first agent to finish and the others log tracebacks while closing the rendezvous
+# (see blip_train/distributed/rendezvous_store.py). This shell runs on the first node, MASTER_ADDR.
+STORE_PID=""
+if [[ $MODE == per-node ]]; then
+    STORE_READY=$(mktemp -u "${TMPDIR:-/tmp}/blip-rdzv-$SLURM_JOB_ID.XXXXXX")
+    "$PYTHON" -m blip_train.distributed.rendezvous_store "$MASTER_PORT" "$STORE_READY" &
+    STORE_PID=$!
+    trap 'kill -9 "$STORE_PID" 2>/dev/null || true; rm -f "$STORE_READY"' EXIT
+    for _ in $(seq 600); do
+        [[ -e $STORE_READY ]] && break
+        if ! kill -0 "$STORE_PID" 2>/dev/null; then
+            echo "launch.sh: the rendezvous store did not start on $MASTER_ADDR:$MASTER_PORT (see above)" >&2
+            exit 2
+        fi
+        sleep 0.1
+    done
+    [[ -e $STORE_READY ]] || { echo "launch.sh: the rendezvous store took over 60 s to start" >&2; exit 2; }
+fi
 
 # SLURM_RESTART_COUNT tells the attempts of a requeued job apart in its appended log.
 echo "launch.sh: MODE=$MODE NNODES=$NNODES GPUS_PER_NODE=$GPUS_PER_NODE MASTER=$MASTER_ADDR:$MASTER_PORT" \
