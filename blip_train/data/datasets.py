@@ -8,12 +8,10 @@ the same stream and counted in `dataset.num_corrupt` (shared by all workers of t
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import multiprocessing as mp
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,20 +21,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from streaming import Stream, StreamingDataLoader, StreamingDataset
-from streaming.base.constant import SHM_TO_CLEAN
 
 from blip_train.config.loading import ConfigError, parse_cache_limit
 from blip_train.config.schema import DataConfig, StreamConfig
 from blip_train.data.collate import collate_samples
 from blip_train.data.device import build_train_transform, check_gpu_decode
 from blip_train.data.images import CorruptImageError
+from blip_train.data.shared_memory import build_streaming_dataset
 from blip_train.data.schema import SCHEMA_FILE, SchemaError, draw_caption, verify_split
 from blip_train.data.transforms import build_transform
 
 logger = logging.getLogger(__name__)
 
 BALANCES = ("size", "sqrt", "uniform")
-_shm_cleaned = False
 
 
 class SchemaDataset(StreamingDataset):
@@ -153,85 +150,6 @@ def ensure_local_world_size() -> int:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ.get("WORLD_SIZE", "1")
         logger.info("LOCAL_WORLD_SIZE unset; assuming a single node: %s", os.environ["LOCAL_WORLD_SIZE"])
     return int(os.environ["LOCAL_WORLD_SIZE"])
-
-
-SHM_DIR = Path("/dev/shm")
-_STREAMING_SHM = re.compile(r"^(\d{6,})_(%s)$" % "|".join(SHM_TO_CLEAN))
-"""Streaming's segments: `<prefix>_<name>`, one prefix per live dataset of a node (streaming/base/shared)."""
-
-
-def _shm_in_use() -> set[str]:
-    """Names under /dev/shm that a live process maps or holds open, among the processes visible here."""
-    names: set[str] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for line in (proc / "maps").read_text().splitlines():
-                if "/dev/shm/" in line:
-                    names.add(line.split("/dev/shm/", 1)[1].split(" ", 1)[0])
-            for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("/dev/shm/"):
-                    names.add(target[len("/dev/shm/"):].split(" ", 1)[0])
-        except OSError:  # the process ended meanwhile, or belongs to another user
-            continue
-    return names
-
-
-def stale_streaming_segments(shm_dir: Path = SHM_DIR) -> list[Path]:
-    """Streaming segments that no live process uses: a prefix is stale when none of its segments is mapped or
-    open by any process, and every one of them is ours.
-
-    Streaming names segments by a node-wide counter, not by job, and creates them readable by their owner
-    only: a segment of ours can only be held by our own processes, all of which /proc shows us (a job in
-    another PID namespace that shares /dev/shm would not be seen). Another user's segments are never ours
-    to remove.
-    """
-    by_prefix: dict[str, list[Path]] = {}
-    for path in shm_dir.iterdir() if shm_dir.is_dir() else ():
-        m = _STREAMING_SHM.match(path.name)
-        if m:
-            by_prefix.setdefault(m.group(1), []).append(path)
-    if not by_prefix:
-        return []
-    in_use, uid = _shm_in_use(), os.geteuid()
-    stale = []
-    for paths in by_prefix.values():
-        try:
-            ours = all(p.stat().st_uid == uid for p in paths)
-        except FileNotFoundError:  # its job is cleaning up right now
-            continue
-        if ours and not any(p.name in in_use for p in paths):
-            stale += paths
-    return sorted(stale)
-
-
-def maybe_clean_stale_shared_memory() -> None:
-    """Remove streaming's shared memory that killed runs left behind, once per process (later calls do nothing).
-
-    Replaces streaming's `clean_stale_shared_memory()`, which unlinks every streaming segment on the node,
-    a live neighbour's included (its readers then attach to the next job's segments by name). Only stale
-    segments go (`stale_streaming_segments`). One process per node cleans (streaming's local leader), and
-    all ranks wait for it, so no rank picks its prefix from a view that is about to change.
-    """
-    global _shm_cleaned
-    if _shm_cleaned:
-        return
-    from streaming.base.distributed import get_local_world_size, get_rank, maybe_init_dist
-
-    destroy = maybe_init_dist()
-    try:
-        if get_rank() % get_local_world_size() == 0:
-            for path in stale_streaming_segments():
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-    finally:
-        if destroy:
-            dist.destroy_process_group()
-    _shm_cleaned = True
 
 
 def job_cache_dir(cache_root: str, name: str) -> str:
@@ -457,15 +375,14 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optio
     if cfg.decode == "gpu":
         check_gpu_decode(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                          else torch.device("cpu"))
-    maybe_clean_stale_shared_memory()
     streams, info = build_streams(cfg.train, cfg.balance, cfg.cache_dir)
     cache_limit = parse_cache_limit(cfg.cache_limit)
     transform = build_train_transform(cfg.image_size, cfg.crop_scale_min, cfg.hflip, cfg.decode)
     try:
-        dataset = _dataset_class(kind)(
+        dataset = build_streaming_dataset(lambda: _dataset_class(kind)(
             streams=streams, transform=transform,
             batch_size=micro_batch_size, shuffle=True, shuffle_seed=cfg.shuffle_seed,
-            num_canonical_nodes=cfg.num_canonical_nodes, cache_limit=cache_limit or None)
+            num_canonical_nodes=cfg.num_canonical_nodes, cache_limit=cache_limit or None))
     except ValueError as e:  # streaming checks the limit against the shard sizes it just read
         if cache_limit and "cache limit" in str(e).lower():
             raise ConfigError(f"data.cache_limit: {e}") from None
@@ -497,10 +414,9 @@ def build_eval_loader(cfg: DataConfig, batch_size: int, collate_fn: Optional[Cal
     if not split:
         raise ValueError("data.val is empty: set it to the held-out MDS split directory")
     local_world_size = ensure_local_world_size()
-    maybe_clean_stale_shared_memory()
     n = verify_split(split)
-    dataset = _dataset_class(kind)(local=split, transform=build_transform(cfg.image_size, False),
-                                   batch_size=batch_size, shuffle=False)
+    dataset = build_streaming_dataset(lambda: _dataset_class(kind)(
+        local=split, transform=build_transform(cfg.image_size, False), batch_size=batch_size, shuffle=False))
     dataset.stream_info = [{"name": Path(split).name, "local": split, "remote": None, "samples": n,
                             "proportion": 1.0, "per_epoch": n}]
     return StreamingDataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn or collate_samples,

@@ -19,6 +19,7 @@ from streaming import StreamingDataset
 from blip_train.config import ExperimentConfig
 from blip_train.data.collate import pre_caption
 from blip_train.data.schema import verify_split
+from blip_train.data.shared_memory import build_streaming_dataset
 from blip_train.data.transforms import build_transform
 from blip_train.evaluation.caption_metrics import caption_metrics
 from blip_train.evaluation.distributed import all_gather_objects, plan_batches, progress_bar, rank_world
@@ -55,7 +56,7 @@ def open_split(split: str, image_size: int, max_samples: int = 0, keep: Callable
     images are read again, per batch, by the rank that evaluates them).
     """
     verify_split(split)
-    ds = StreamingDataset(local=split, shuffle=False, batch_size=1)
+    ds = build_streaming_dataset(lambda: StreamingDataset(local=split, shuffle=False, batch_size=1))
     indices = []
     for i in range(ds.num_samples):  # len(ds) would be this rank's share only
         row = ds[i]

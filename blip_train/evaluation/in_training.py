@@ -66,6 +66,7 @@ def check_eval_split(cfg: ExperimentConfig) -> None:
     from streaming import StreamingDataset
 
     from blip_train.config import ConfigError
+    from blip_train.data.shared_memory import build_streaming_dataset
     from blip_train.data.schema import SchemaError, verify_split
     from blip_train.evaluation.generative_eval import is_vqa_row
 
@@ -87,7 +88,7 @@ def check_eval_split(cfg: ExperimentConfig) -> None:
         if grouping:
             print0(grouping)
     if eval_task(cfg) == "vqa":
-        ds = StreamingDataset(local=cfg.data.val, shuffle=False, batch_size=1)
+        ds = build_streaming_dataset(lambda: StreamingDataset(local=cfg.data.val, shuffle=False, batch_size=1))
         if not any(is_vqa_row(ds[i]) for i in range(ds.num_samples)):
             raise ConfigError(f"data.val: {cfg.data.val} has no VQA rows (task 'vqa' with a question and answers) "
                               f"for eval.task={cfg.eval.task}; set eval.task=caption or point data.val at a VQA split")

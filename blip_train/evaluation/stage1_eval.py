@@ -20,6 +20,7 @@ from streaming import StreamingDataset
 
 from blip_train.data.collate import pre_caption
 from blip_train.data.schema import verify_split
+from blip_train.data.shared_memory import build_streaming_dataset
 from blip_train.data.transforms import build_transform
 from blip_train.evaluation.distributed import (all_gather_rows, in_rank_order, plan_batches, progress_bar,
                                                rank_world)
@@ -73,7 +74,7 @@ def load_retrieval_split(split: str, max_samples: int = 0) -> RetrievalSplit:
     reads those it encodes, one batch at a time.
     """
     verify_split(split)
-    ds = StreamingDataset(local=split, shuffle=False, batch_size=1)
+    ds = build_streaming_dataset(lambda: StreamingDataset(local=split, shuffle=False, batch_size=1))
     seen: dict[int, int] = {}  # image_id -> position in the image list
     out = RetrievalSplit(ds, [], [], [], 0)
     for r in range(ds.num_samples):  # len(ds) is only this rank's share when a process group exists

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -101,3 +102,29 @@ def test_training_under_a_cache_limit_and_the_job_cache_clean_up(tiny_assets, tm
     r = run_train(write_tiny_config(tiny_assets, removed, data=data, train={"max_steps": 2, "save_interval": 2}))
     assert "removed the job's remote-stream cache" in r.stdout
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [job.name]  # this run's own folder is gone
+
+
+def test_jobs_that_start_together_on_one_machine_each_register_their_own_shared_memory(tmp_path):
+    """Three 2-rank jobs build six loaders each at the same moment on one machine. Streaming picks a dataset's
+    shared-memory names by scanning /dev/shm for the first free prefix, so two jobs scanning together chose
+    the same one and a rank died with FileExistsError ('/002648_locals', seen when a Slurm cluster started
+    requeued jobs together); under the node's registration lock (data/shared_memory.py) every job builds
+    all of its loaders."""
+    jobs, rounds = ("a", "b", "c"), 6
+    for job in jobs:
+        write_split(tmp_path / job / "train", (make_sample(i, seed=0, image_size=16) for i in range(8)))
+    go = tmp_path / "go"
+    procs = {job: subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "tests/distributed/_shm_race_script.py", "--data", str(tmp_path / job / "train"), "--rounds", str(rounds),
+         "--go", str(go)], cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for job in jobs}
+    try:
+        time.sleep(8)  # every rank has joined its process group and waits for the go
+        go.write_text("go")
+        outs = {job: proc.communicate(timeout=300)[0] for job, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    for job, proc in procs.items():
+        assert proc.returncode == 0 and f"built {rounds} loaders" in outs[job], f"job {job}:\n" + outs[job][-3000:]

@@ -200,7 +200,7 @@ def test_only_segments_no_process_holds_are_stale():
     files that are not streaming's are never touched. Prefixes far above any a real run reaches."""
     from multiprocessing import shared_memory
 
-    from blip_train.data.datasets import SHM_DIR, stale_streaming_segments
+    from blip_train.data.shared_memory import SHM_DIR, stale_streaming_segments
 
     live = [shared_memory.SharedMemory(f"987650_{n}", create=True, size=8) for n in ("locals", "barrier")]
     dead = [shared_memory.SharedMemory(f"987651_{n}", create=True, size=8) for n in ("locals", "next_epoch")]
