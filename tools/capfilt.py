@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""CapFilt: bootstrap cleaner caption data with a trained BLIP-2 stage-1 or BLIP model (captioner + filter).
+"""CapFilt: bootstrap cleaner caption data with a trained BLIP-2 stage-1 or BLIP model (captioner + filter),
+or with a separate captioner run (--captioner) and filter run (--checkpoint), as BLIP fine-tuned them.
 
 For every image of --data the model's ITG pass (BLIP: its image-grounded decoder) samples --num-captions
 synthetic captions (nucleus, top-p 0.9, as BLIP); its ITM head scores the web caption and each synthetic one (P(match), softmax of
@@ -17,6 +18,8 @@ kept/dropped, synthetic kept, rates per `noisy` flag, score histograms) is print
 OUT/capfilt_report.json; the last stdout line is the report as JSON.
 
     python tools/capfilt.py --checkpoint runs/stage1 --data data/laion/train --out data/laion_capfilt/train
+    python tools/capfilt.py --captioner runs/blip_ft_caption_coco_vitb --checkpoint runs/blip_ft_retrieval_coco_vitb \\
+        --data data/mds/web --out data/mds/web_capfilt --num-captions 1 --keep-top 1 --itm-threshold 0.5
     torchrun --nproc_per_node 8 tools/capfilt.py --checkpoint runs/stage1 --data D --out O --num-captions 10
 
 Sharded and resumable: the input is cut into chunks of --chunk-size samples; ranks share them, each
@@ -40,13 +43,18 @@ from pathlib import Path
 from _common import run_tool
 from tqdm import tqdm
 
-from blip_train.capfilt import CapFiltSettings, format_report, run_capfilt
+from blip_train.capfilt import Captioner, CapFiltSettings, format_report, run_capfilt
 from blip_train.capfilt.calibrate import ThresholdRule, calibrate
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="stage-1 run dir, its checkpoints/ dir, or a step_* dir")
+    p.add_argument("--checkpoint", required=True,
+                   help="run dir, its checkpoints/ dir, or a step_* dir: the filter (ITM/ITC), and the captioner "
+                        "unless --captioner is given")
+    p.add_argument("--captioner", default=None, metavar="RUN",
+                   help="a separate captioner (BLIP's CapFilt: a BLIP run fine-tuned on captions, or a BLIP-2 stage-1 "
+                        "run): it samples the synthetic captions with its own tokenizer and image size")
     p.add_argument("--data", required=True, help="input MDS split (web image-caption pairs)")
     p.add_argument("--out", required=True, help="output MDS split directory")
     p.add_argument("--num-captions", type=int, default=10, help="synthetic captions sampled per image (0: filter only)")
@@ -69,7 +77,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sampling", choices=("nucleus", "greedy"), default="nucleus")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     p.add_argument("--max-len", type=int, default=0,
-                   help="generated tokens per caption incl. [DEC] (default: the run's model.max_txt_len, at most 30)")
+                   help="generated tokens per caption incl. [DEC] (default: the captioner run's model.max_txt_len, "
+                        "at most 30)")
     p.add_argument("--seed", type=int, default=0, help="caption sampling seed")
     p.add_argument("--chunk-size", type=int, default=256, help="samples per resumable work unit")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -78,7 +87,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--timeout-minutes", type=int, default=60, help="collective timeout (the final barrier)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the run's config (e.g. model.vision.weights=...)")
+                   help="override a key of the --checkpoint run's config (e.g. model.vision.weights=...)")
+    p.add_argument("--captioner-set", dest="captioner_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the --captioner run's config")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (or an unfinished run with other settings)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -95,6 +106,33 @@ def choose_thresholds(args: argparse.Namespace, model, tokenizer, cfg) -> Thresh
                      cfg.model.vision.image_size, cfg.model.max_txt_len, args.batch_size)
 
 
+CAPTIONING_ARCHS = ("stage1", "blip")
+"""Runs whose model can caption (generate_captions): BLIP-2 stage-1's ITG pass, BLIP's decoder; ALBEF has none."""
+FILTERING_ARCHS = ("stage1", "blip", "albef")
+"""Runs with ITC and ITM heads."""
+
+
+def load_captioner_config(args: argparse.Namespace, filter_step: Path):
+    """(config, checkpoints dir, tag) of --captioner, or None without one or when it is the --checkpoint step
+    (one model then does both, as without --captioner: it is loaded once)."""
+    from blip_train.eval import load_run_config
+
+    if args.captioner is None:
+        return None
+    if not Path(args.captioner).exists():
+        raise ValueError(f"--captioner {args.captioner}: no such run, checkpoints or step directory")
+    try:
+        cfg, ckpt_dir, tag = load_run_config(args.captioner, args.captioner_overrides)
+    except (OSError, ValueError) as e:  # its messages name the path, not the flag
+        raise ValueError(f"--captioner: {e}") from e
+    if cfg.model.arch not in CAPTIONING_ARCHS:
+        raise ValueError(f"--captioner {ckpt_dir / tag}: model.arch={cfg.model.arch} has no text decoder and cannot "
+                         "caption; give a BLIP run (e.g. fine-tuned on COCO captions) or a BLIP-2 stage-1 run")
+    if (ckpt_dir / tag).resolve() == filter_step.resolve() and args.captioner_overrides == args.overrides:
+        return None
+    return cfg, ckpt_dir, tag
+
+
 def main() -> int:
     args = parse_args()
     if not Path(args.data).is_dir():
@@ -107,9 +145,13 @@ def main() -> int:
     from blip_train.training.stages import load_trained_retrieval_model
 
     cfg, ckpt_dir, tag = load_run_config(args.checkpoint, args.overrides)
-    if cfg.model.arch not in ("stage1", "blip"):
+    captioner_run = load_captioner_config(args, ckpt_dir / tag)
+    if captioner_run is None and cfg.model.arch not in CAPTIONING_ARCHS:
         raise ValueError(f"--checkpoint {ckpt_dir / tag}: model.arch={cfg.model.arch}, CapFilt needs a BLIP-2 stage-1 "
-                         "or a BLIP run (a captioner and ITC/ITM heads)")
+                         "or a BLIP run (a captioner and ITC/ITM heads), or a captioner given with --captioner")
+    if cfg.model.arch not in FILTERING_ARCHS:
+        raise ValueError(f"--checkpoint {ckpt_dir / tag}: model.arch={cfg.model.arch} has no ITC/ITM heads to filter "
+                         f"with (one of {', '.join(FILTERING_ARCHS)})")
     if args.calibrate_on and not Path(args.calibrate_on).is_dir():
         raise ValueError(f"--calibrate-on {args.calibrate_on}: not a directory")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -126,14 +168,24 @@ def main() -> int:
                                                         os.environ.get("CUDA_VISIBLE_DEVICES")))
     model, tokenizer = load_trained_retrieval_model(cfg, ckpt_dir, tag, device_type=device.type)
     model.to(device).eval()
+    captioner, cap_cfg = None, cfg
+    if captioner_run is not None:  # on the same device as the filter: the captions go straight on to it
+        cap_cfg, cap_dir, cap_tag = captioner_run
+        cap_model, cap_tokenizer = load_trained_retrieval_model(cap_cfg, cap_dir, cap_tag, device_type=device.type)
+        captioner = Captioner(cap_model.to(device).eval(), cap_tokenizer, cap_cfg.model.vision.image_size,
+                              run=str((cap_dir / cap_tag).resolve()))
     rule = choose_thresholds(args, model, tokenizer, cfg)  # every rank finds the same ones
     if env.rank == 0:
+        if captioner is not None:
+            print(f"capfilt: captions by {captioner.run} ({cap_cfg.model.arch}, {captioner.image_size} px), "
+                  f"filtered by {(ckpt_dir / tag).resolve()} ({cfg.model.arch}, {cfg.model.vision.image_size} px)",
+                  flush=True)
         print(f"capfilt: {rule.describe()}", flush=True)
     settings = CapFiltSettings(
         image_size=cfg.model.vision.image_size, max_txt_len=cfg.model.max_txt_len, num_captions=args.num_captions,
         keep_top=args.keep_top, itm_threshold=rule.itm_threshold, itc_threshold=rule.itc_threshold,
         sampling=args.sampling, top_p=args.top_p,
-        max_len=args.max_len or min(30, cfg.model.max_txt_len), seed=args.seed, chunk_size=args.chunk_size,
+        max_len=args.max_len or min(30, cap_cfg.model.max_txt_len), seed=args.seed, chunk_size=args.chunk_size,
         batch_size=args.batch_size, min_keep=args.min_keep)
 
     bar = None
@@ -149,7 +201,7 @@ def main() -> int:
     try:
         report = run_capfilt(model, tokenizer, args.data, args.out, settings, identity=identity, rank=env.rank,
                              world=env.world_size, overwrite=args.overwrite, max_chunks=args.max_chunks,
-                             progress=progress)
+                             progress=progress, captioner=captioner)
     finally:
         if bar is not None:
             bar.close()  # before any error line: that must be the last one

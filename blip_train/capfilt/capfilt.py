@@ -1,4 +1,5 @@
-"""CapFilt with one BLIP-2 stage-1 model: its ITG pass captions, its ITM/ITC heads filter.
+"""CapFilt with one BLIP-2 stage-1 / BLIP model (its ITG pass or decoder captions, its ITM/ITC heads filter), or
+with a separate captioner (BLIP's CapFilt: a decoder fine-tuned on captions, a filter fine-tuned on retrieval).
 
 For each image (BLIP; BLIP-2 §3.4):
 1. caption: `num_captions` synthetic captions by nucleus sampling (or greedy) through ITG;
@@ -28,9 +29,9 @@ from transformers import PreTrainedTokenizerBase
 
 from blip_train.capfilt.report import CapFiltStats
 from blip_train.data.collate import pre_caption
-from blip_train.data.images import CorruptImageError
+from blip_train.data.images import EVAL_DCT_SCALES, CorruptImageError, decode_rgb_array
 from blip_train.data.schema import COLUMNS, DRAW_CAPTION_SOURCE
-from blip_train.data.transforms import build_transform
+from blip_train.data.transforms import EVAL_REDUCING_GAP, build_transform, normalize_pixels, resize_box
 
 SAMPLING = ("nucleus", "greedy")
 CAPFILT_SOURCE = DRAW_CAPTION_SOURCE
@@ -93,6 +94,22 @@ class CapFiltSettings:
 
 
 @dataclass(frozen=True)
+class Captioner:
+    """The model that writes the synthetic captions when it is not the filter (BLIP's CapFilt). Its ids are
+    decoded with its own tokenizer and the text re-tokenised by the filter's: the two may be different families."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    image_size: int
+    """Pixels of the captioner's input (its run's model.vision.image_size)."""
+    run: str = ""
+    """Its checkpoint (resolved step dir): recorded in the report and in the identity a resumed run must match."""
+
+    def identity(self) -> dict[str, Any]:
+        return {"checkpoint": self.run, "image_size": self.image_size}
+
+
+@dataclass(frozen=True)
 class Candidate:
     """One caption of one image with its scores."""
 
@@ -130,6 +147,20 @@ def score_captions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, i
     text_feat = model.encode_text(ids, mask).float()  # (N, E)
     itc = torch.einsum("nqe,ne->nq", image_feats[idx].float(), text_feat).amax(-1)  # (N, Nq) → (N,)
     return itm.float().cpu().tolist(), itc.cpu().tolist()
+
+
+def eval_pixels_at_sizes(data: bytes, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Evaluation pixels (3, S, S) of one stored image for each S in `sizes`, from a single decode.
+
+    The decode is EvalTransform's for the largest size (a DCT reduction down to twice it), so that size's
+    pixels equal `build_transform(S, train=False)(data)` and the smaller ones are resized from at least as
+    many pixels as their own decode would keep. CorruptImageError when the bytes do not decode.
+    """
+    largest = max(sizes)
+    pixels = decode_rgb_array(data, min_width=EVAL_REDUCING_GAP * largest, min_height=EVAL_REDUCING_GAP * largest,
+                              scales=EVAL_DCT_SCALES)  # (H, W, 3) uint8
+    box = (0, 0, pixels.shape[1], pixels.shape[0])
+    return [normalize_pixels(resize_box(pixels, box, s)).contiguous() for s in sizes]
 
 
 def passes(cand: Candidate, itm_threshold: float, itc_threshold: Optional[float] = None) -> bool:
@@ -173,23 +204,33 @@ def output_row(row: dict[str, Any], index: int, kept: Sequence[Candidate]) -> di
 @torch.no_grad()
 def process_chunk(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                   samples: Sequence[tuple[int, dict[str, Any]]], settings: CapFiltSettings,
-                  generator: Optional[torch.Generator] = None) -> tuple[list[dict[str, Any]], CapFiltStats]:
+                  generator: Optional[torch.Generator] = None,
+                  captioner: Optional[Captioner] = None) -> tuple[list[dict[str, Any]], CapFiltStats]:
     """Caption, score and select for (input index, row) samples; returns output rows (input order) and stats.
 
-    `generator` (on the model's device) drives nucleus sampling; seed it from the chunk, not the rank.
+    `model` (with `tokenizer`) is the filter, and the captioner too unless `captioner` is given. `generator`
+    (on the models' device) drives nucleus sampling; seed it from the chunk, not the rank.
     """
     stats = CapFiltStats()
     rows: list[dict[str, Any]] = []
+    captioner = captioner or Captioner(model, tokenizer, settings.image_size)
+    one_size = captioner.image_size == settings.image_size
     transform = build_transform(settings.image_size, train=False)
     device = next(model.parameters()).device
     top_p = settings.top_p if settings.sampling == "nucleus" else None
     k = settings.num_captions
     for start in range(0, len(samples), settings.batch_size):
-        batch, pixels = [], []
+        batch, pixels, cap_pixels = [], [], []
         for index, row in samples[start:start + settings.batch_size]:
             stats.add("images")
-            try:
-                pixels.append(transform(row["image"]))  # decodes; only bad bytes raise CorruptImageError
+            try:  # decodes; only bad bytes raise CorruptImageError
+                if one_size:
+                    pixels.append(transform(row["image"]))
+                else:
+                    for_filter, for_captioner = eval_pixels_at_sizes(row["image"],
+                                                                     (settings.image_size, captioner.image_size))
+                    pixels.append(for_filter)
+                    cap_pixels.append(for_captioner)
             except CorruptImageError:  # one bad image must not stop the run; a transform bug must
                 stats.add("undecodable")
                 continue
@@ -200,10 +241,13 @@ def process_chunk(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         image_embeds, image_feats = model.encode_image(px)  # (B, Nimg, W), (B, Nq, E)
         sampled: list[str] = []
         if k:
-            ids = model.generate_captions(px, tokenizer.bos_token_id, tokenizer.sep_token_id,
-                                          tokenizer.pad_token_id, max_len=settings.max_len, top_p=top_p,
-                                          num_captions=k, generator=generator)  # (B*k, max_len), image-major
-            sampled = decode_captions(tokenizer, ids)
+            cap_px = px if one_size else torch.stack(cap_pixels).to(device)  # (B, 3, Hc, Wc)
+            cap_tok = captioner.tokenizer
+            ids = captioner.model.generate_captions(cap_px, cap_tok.bos_token_id, cap_tok.sep_token_id,
+                                                    cap_tok.pad_token_id, max_len=settings.max_len, top_p=top_p,
+                                                    num_captions=k, generator=generator)  # (B*k, max_len), image-major
+            # Text, not ids, crosses to the filter: score_captions re-tokenises with the filter's tokenizer.
+            sampled = decode_captions(cap_tok, ids)
 
         # Candidates per image: the web caption (if any) and the distinct non-empty sampled ones.
         texts, owner, per_image = [], [], []

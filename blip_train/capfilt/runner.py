@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from blip_train.capfilt.capfilt import EXTRA_COLUMNS, CapFiltSettings, process_chunk
+from blip_train.capfilt.capfilt import EXTRA_COLUMNS, Captioner, CapFiltSettings, process_chunk
 from blip_train.capfilt.report import CapFiltStats, build_report
 from blip_train.data.schema import split_num_samples, verify_split, write_split
 
@@ -115,10 +115,12 @@ def _read_part(path: Path) -> Iterator[dict[str, Any]]:
 def run_capfilt(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: str | Path, out: str | Path,
                 settings: CapFiltSettings, *, identity: Optional[dict[str, Any]] = None, rank: int = 0,
                 world: int = 1, overwrite: bool = False, max_chunks: int = 0,
-                progress: Optional[Callable[[int, int], None]] = None) -> Optional[dict[str, Any]]:
+                progress: Optional[Callable[[int, int], None]] = None,
+                captioner: Optional[Captioner] = None) -> Optional[dict[str, Any]]:
     """Run CapFilt on this rank's share of `data` into `out`; all ranks call it together.
 
-    identity: what must match for a restart to resume (settings, checkpoint, input), default the settings.
+    `model` filters, and captions too unless a separate `captioner` is given (its run joins `identity`).
+    identity: what must match for a restart to resume (settings, checkpoint(s), input), default the settings.
     max_chunks > 0 stops each rank after that many chunks without merging (time-boxed jobs; run again to
     continue). progress(n, total) is called after each chunk with its images and this rank's total.
     Returns the report on rank 0 once the output is complete, else None.
@@ -130,6 +132,8 @@ def run_capfilt(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data
     # min_keep only judges the merged result: a run refused for it can be merged again with another value.
     kept_settings = {k: v for k, v in settings.as_dict().items() if k != "min_keep"}
     identity = dict(identity or {}, settings=kept_settings, num_samples=num_samples)
+    if captioner is not None:  # absent for one model, so runs started before --captioner existed still resume
+        identity["captioner"] = captioner.identity()
     total = num_chunks(num_samples, settings.chunk_size)
 
     def plan() -> list[int]:
@@ -155,7 +159,7 @@ def run_capfilt(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data
         indices = chunk_indices(k)
         samples = [(i, dict(ds[i])) for i in indices]
         generator = torch.Generator(device=device).manual_seed(chunk_seed(settings.seed, k))
-        rows, stats = process_chunk(model, tokenizer, samples, settings, generator)
+        rows, stats = process_chunk(model, tokenizer, samples, settings, generator, captioner)
         write_split(part_dir(out, k), rows, overwrite=True, extra_columns=EXTRA_COLUMNS)
         _write_json_atomic(marker_file(out, k), stats.to_json())  # after the part: marks it complete
         if progress is not None:

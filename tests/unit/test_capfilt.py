@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from blip_train.capfilt import (EXTRA_COLUMNS, REPORT_FILE, Candidate, CapFiltSettings, CapFiltStats, Histogram,
-                                build_report, decode_captions, format_report, output_row, process_chunk,
-                                run_capfilt, select_captions)
+from blip_train.capfilt import (EXTRA_COLUMNS, REPORT_FILE, Candidate, Captioner, CapFiltSettings, CapFiltStats,
+                                Histogram, build_report, decode_captions, eval_pixels_at_sizes, format_report,
+                                output_row, process_chunk, run_capfilt, select_captions)
 from blip_train.capfilt import runner
 from blip_train.data.schema import COLUMNS, SCHEMA_FILE, verify_split, write_split
 from blip_train.data.synthetic import write_synthetic_dataset
 from blip_train.data.tokenizers import load_qformer_tokenizer
 from blip_train.models.stage1 import Blip2Stage1
-from tests.helpers.tiny import tiny_model_config, tiny_qformer_config
+from tests.helpers.tiny import tiny_model_config, tiny_qformer_config, tiny_vision_config
 
 MAX_TXT_LEN = 16
 
@@ -184,6 +184,61 @@ def test_process_chunk_is_deterministic_and_counts_add_up(model_and_tokenizer, n
     assert {s for r in rows for s in r["caption_sources"]} == {"web", "synthetic"}
 
 
+def test_eval_pixels_at_sizes_are_one_decode_resized(noisy_split) -> None:
+    """The largest size is EvalTransform's own pixels; a smaller one is the same image at its size."""
+    from streaming import LocalDataset
+
+    from blip_train.data.transforms import build_transform
+    image = LocalDataset(str(noisy_split))[0]["image"]
+    small, large = eval_pixels_at_sizes(image, (32, 48))
+    assert small.shape == (3, 32, 32) and large.shape == (3, 48, 48)
+    assert torch.equal(large, build_transform(48, train=False)(image))
+    torch.testing.assert_close(small, build_transform(32, train=False)(image), atol=0.05, rtol=0)
+
+
+def test_a_separate_captioner_writes_the_synthetic_captions(model_and_tokenizer, noisy_split, tmp_path) -> None:
+    """process_chunk with `captioner`: the synthetic captions are exactly what that model samples at its own image
+    size from the chunk's generator (not the filter's), and the filter's scores are unchanged by it."""
+    from streaming import LocalDataset
+    model, tok = model_and_tokenizer
+    torch.manual_seed(1)  # other weights and another input size than the filter's
+    cap_cfg = tiny_model_config(max_txt_len=MAX_TXT_LEN, vision=tiny_vision_config(image_size=48),
+                                qformer=tiny_qformer_config(vocab_size=256))
+    cap_model = Blip2Stage1(cap_cfg, device_type="cpu").eval()
+    captioner = Captioner(cap_model, tok, 48, run="captioner-run")
+    ds = LocalDataset(str(noisy_split))
+    samples = [(i, dict(ds[i])) for i in range(4)]
+    s = settings(itm_threshold=0.0, keep_top=3, batch_size=4)  # everything passes: every distinct sample is kept
+    rows, stats = process_chunk(model, tok, samples, s, torch.Generator().manual_seed(1), captioner)
+
+    px = torch.stack([eval_pixels_at_sizes(r["image"], (48,))[0] for _, r in samples])  # (4, 3, 48, 48)
+    ids = cap_model.generate_captions(px, tok.bos_token_id, tok.sep_token_id, tok.pad_token_id, max_len=s.max_len,
+                                      top_p=s.top_p, num_captions=3, generator=torch.Generator().manual_seed(1))
+    sampled = decode_captions(tok, ids)
+    for b, row in enumerate(rows):
+        synthetic = {c for c, src in zip(row["captions"], row["caption_sources"]) if src == "synthetic"}
+        expected = {t for t in sampled[3 * b:3 * b + 3] if t}
+        assert synthetic == expected - {row["captions"][0]}
+    assert stats.counts["synthetic_kept"] > 0
+
+    own, _ = process_chunk(model, tok, samples, s, torch.Generator().manual_seed(1))  # the filter captions
+    assert [r["captions"] for r in own] != [r["captions"] for r in rows]
+    assert [(r["captions"][0], r["itm_scores"][0], r["itc_scores"][0]) for r in own] == \
+        [(r["captions"][0], r["itm_scores"][0], r["itc_scores"][0]) for r in rows]  # the web caption, same filter
+
+    # The captioner's run is part of the resume identity and the report's settings.
+    out = tmp_path / "out"
+    report = run_capfilt(model, tok, noisy_split, out, settings(itm_threshold=0.0, chunk_size=10),
+                         captioner=captioner, max_chunks=1)
+    assert report is None and json.loads((out / ".parts" / runner.SETTINGS_FILE).read_text())["captioner"] == \
+        {"checkpoint": "captioner-run", "image_size": 48}
+    with pytest.raises(ValueError, match="other settings \\(captioner\\)"):
+        run_capfilt(model, tok, noisy_split, out, settings(itm_threshold=0.0, chunk_size=10))
+    report = run_capfilt(model, tok, noisy_split, out, settings(itm_threshold=0.0, chunk_size=10),
+                         captioner=captioner)
+    assert report["settings"]["captioner"]["checkpoint"] == "captioner-run"
+
+
 def test_process_chunk_raises_on_a_transform_bug_and_counts_only_bad_bytes(model_and_tokenizer, noisy_split,
                                                                            monkeypatch) -> None:
     from streaming import LocalDataset
@@ -236,11 +291,11 @@ def test_crash_then_rerun_skips_finished_chunks_and_matches_one_run(model_and_to
     calls: list[int] = []
     real = runner.process_chunk
 
-    def crash_on_third(m, t, samples, st, generator):
+    def crash_on_third(m, t, samples, st, generator, captioner=None):
         if len(calls) == 2:
             raise RuntimeError("simulated crash")
         calls.append(samples[0][0])
-        return real(m, t, samples, st, generator)
+        return real(m, t, samples, st, generator, captioner)
 
     monkeypatch.setattr(runner, "process_chunk", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
