@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -86,7 +87,8 @@ def build_generative_eval(cfg, ckpt_dir: Path, tag: str, task: str, untrained: b
 
     if cfg.model.arch == "blip":
         from blip_train.training.stages import build_blip_model
-        model, tok = build_blip_model(cfg)
+        # Trained weights replace model.init_from's, so it is not read (nor needed) unless untrained.
+        model, tok = build_blip_model(cfg if untrained else replace(cfg, model=replace(cfg.model, init_from="")))
     else:
         model, tok, _ = build_llm_stage_model(cfg, device_type=device.type)  # frozen dtypes for that device
     if not untrained:
@@ -133,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.arch not in EVAL_TASK_ARCHS[args.task]:
         print(f"eval error: --task {args.task} needs a run with model.arch in {EVAL_TASK_ARCHS[args.task]}; "
               f"{ckpt_dir.parent} is model.arch={cfg.model.arch}", file=sys.stderr)
+        return 2
+    untrained_part = {("retrieval", "caption"): "a captioning run (model.objective=caption) does not train the ITC / "
+                      "ITM heads: use --task caption", ("caption", "retrieval"): "a retrieval fine-tuning run "
+                      "(model.objective=retrieval) does not train the decoder: use --task retrieval"}
+    if cfg.model.arch == "blip" and (args.task, cfg.model.objective) in untrained_part:
+        print(f"eval error: --task {args.task}: {ckpt_dir.parent}: {untrained_part[args.task, cfg.model.objective]}",
+              file=sys.stderr)
         return 2
     if args.task == "caption" and cfg.model.arch == "stage2" and cfg.model.qformer_text_input:
         print(f"eval error: --task caption: {ckpt_dir.parent} is fine-tuned to answer questions "

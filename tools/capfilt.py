@@ -128,6 +128,9 @@ def load_captioner_config(args: argparse.Namespace, filter_step: Path):
     if cfg.model.arch not in CAPTIONING_ARCHS:
         raise ValueError(f"--captioner {ckpt_dir / tag}: model.arch={cfg.model.arch} has no text decoder and cannot "
                          "caption; give a BLIP run (e.g. fine-tuned on COCO captions) or a BLIP-2 stage-1 run")
+    if cfg.model.objective == "retrieval":
+        raise ValueError(f"--captioner {ckpt_dir / tag}: a retrieval fine-tuning run (model.objective=retrieval) does "
+                         "not train the decoder; give a BLIP pretraining or captioning run")
     if (ckpt_dir / tag).resolve() == filter_step.resolve() and args.captioner_overrides == args.overrides:
         return None
     return cfg, ckpt_dir, tag
@@ -152,6 +155,12 @@ def main() -> int:
     if cfg.model.arch not in FILTERING_ARCHS:
         raise ValueError(f"--checkpoint {ckpt_dir / tag}: model.arch={cfg.model.arch} has no ITC/ITM heads to filter "
                          f"with (one of {', '.join(FILTERING_ARCHS)})")
+    if cfg.model.objective == "caption":
+        raise ValueError(f"--checkpoint {ckpt_dir / tag}: a captioning run (model.objective=caption) does not train "
+                         "the ITC/ITM heads; filter with a BLIP pretraining or retrieval run (give it as --captioner)")
+    if captioner_run is None and cfg.model.objective == "retrieval":
+        raise ValueError(f"--checkpoint {ckpt_dir / tag}: a retrieval fine-tuning run does not train the decoder; give "
+                         "the captioner with --captioner (a BLIP captioning or pretraining run)")
     if args.calibrate_on and not Path(args.calibrate_on).is_dir():
         raise ValueError(f"--calibrate-on {args.calibrate_on}: not a directory")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -172,6 +172,8 @@ EVAL_TASK_ARCHS = {"retrieval": ("stage1", "blip", "albef"), "caption": ("stage2
                    "vqa": ("stage2", "instruct")}
 """Which model.arch can run each evaluation task (retrieval needs the ITC/ITM heads; captions an LLM or BLIP's
 decoder; VQA an LLM: stage 2 answers questions zero-shot, or question-aware after VQA fine-tuning)."""
+OBJECTIVES = {"blip": ("pretrain", "retrieval", "caption"), "albef": ("pretrain", "retrieval")}
+"""model.objective by model.arch (the BLIP-2 archs have their objectives in the arch itself)."""
 _DEFAULT_EVAL_TASK = {"stage1": "retrieval", "stage2": "caption", "instruct": "vqa", "blip": "retrieval",
                       "albef": "retrieval"}
 _ON_OFF_KEYS = {"optim.fused"}
@@ -200,6 +202,8 @@ def eval_task(cfg: ExperimentConfig) -> str:
     """The in-training evaluation task: eval.task, or the architecture's own when 'auto'."""
     if cfg.eval.task != "auto":
         return cfg.eval.task
+    if cfg.model.arch == "blip" and cfg.model.objective == "caption":
+        return "caption"
     return "vqa" if cfg.model.arch == "stage2" and cfg.model.qformer_text_input else _DEFAULT_EVAL_TASK[cfg.model.arch]
 
 
@@ -208,6 +212,8 @@ def _check_momentum(cfg: ExperimentConfig) -> None:
     m, mom = cfg.model, cfg.model.momentum
     if m.vision.frozen:
         raise ConfigError(f"model.vision.frozen: model.arch={m.arch} trains its ViT end to end; set it false")
+    if m.objective == "caption":
+        return  # no momentum model
     if not 0 <= mom.decay < 1:
         raise ConfigError(f"model.momentum.decay: must be in [0, 1), got {mom.decay}")
     if not 0 <= mom.alpha <= 1:
@@ -228,7 +234,7 @@ def _check_momentum(cfg: ExperimentConfig) -> None:
 def check_queue_fits_world(cfg: ExperimentConfig, world_size: int) -> None:
     """BLIP / ALBEF: every training forward enqueues micro_batch_size x world_size momentum features, so that
     number must divide model.momentum.queue_size (checked once the number of ranks is known, before any work)."""
-    if cfg.model.arch not in ("blip", "albef"):
+    if cfg.model.arch not in ("blip", "albef") or cfg.model.objective == "caption":
         return
     per_forward = cfg.train.micro_batch_size * world_size
     if cfg.model.momentum.queue_size % per_forward:
@@ -300,6 +306,12 @@ def validate_config(cfg: ExperimentConfig) -> None:
     if m.vision.drop_path_rate and m.vision.frozen:
         raise ConfigError(f"model.vision.drop_path_rate: {m.vision.drop_path_rate} needs a training ViT (a frozen "
                           "one runs in eval mode); set model.vision.frozen=false or model.vision.drop_path_rate=0")
+    if m.objective not in OBJECTIVES.get(m.arch, ("pretrain",)):
+        raise ConfigError(f"model.objective: {m.objective!r} is not one of "
+                          f"{', '.join(OBJECTIVES.get(m.arch, ('pretrain',)))} for model.arch={m.arch}")
+    if m.text.prompt and m.objective != "caption":
+        raise ConfigError(f"model.text.prompt: {m.text.prompt!r} is read by BLIP's captioning objective only; set "
+                          "model.objective=caption (model.arch=blip) or leave the prompt empty")
     if m.arch in ("blip", "albef"):
         _check_momentum(cfg)
     lora = m.llm.lora

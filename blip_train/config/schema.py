@@ -118,6 +118,9 @@ class TextConfig:
     attention random). Empty: random."""
     grad_checkpointing: bool = False
     """Recompute each layer's activations in backward."""
+    prompt: str = ""
+    """BLIP captioning (model.objective=caption): text the decoder reads before every caption, in training
+    (not a target) and in generation (not part of the output). BLIP's COCO captioner: "a picture of "."""
 
 
 @dataclass
@@ -189,6 +192,11 @@ class ModelConfig:
     model.qformer_text_input)."""
     init_from: str = ""
     """Checkpoint to initialise trainable parts from (our ZeRO checkpoint dir or consolidated safetensors)."""
+    objective: str = "pretrain"
+    """model.arch blip | albef: pretrain (ITC + ITM + LM / MLM) | retrieval (ITC + ITM with every caption of the
+    same image a positive, in the batch and the queue: BLIP's COCO / Flickr30K fine-tuning) | caption (BLIP: the
+    decoder's LM loss after model.text.prompt, no momentum model: BLIP's COCO captioner). Parts an objective does
+    not use stay in the model, frozen, so every run keeps one layout for init_from, export and evaluation."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     text: TextConfig = field(default_factory=TextConfig)

@@ -52,8 +52,11 @@ class Stage1Collator:
         self.max_words = max_words
         self.dec_id = dec_id
 
+    def texts(self, samples: Sequence[dict[str, Any]]) -> list[str]:
+        return [pre_caption(s["caption"], self.max_words) for s in samples]
+
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        texts = [pre_caption(s["caption"], self.max_words) for s in samples]
+        texts = self.texts(samples)
         tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_txt_len,
                              return_tensors="pt")
         text_ids = tok["input_ids"].long()  # (B, T)
@@ -72,22 +75,31 @@ class Stage1Collator:
 
 
 class BlipCollator(Stage1Collator):
-    """BLIP pretraining batches: `Stage1Collator`'s keys plus
+    """BLIP batches: `Stage1Collator`'s keys plus
         itm_input_ids long (B, T)  text_ids with the first token ([CLS]) replaced by [ENC] (the MED's
                                    image-grounded encoder; the unimodal one reads [CLS], the decoder [DEC])
+    With a `prompt` (captioning fine-tuning, model.text.prompt) every text is the prompt then the caption, and
+    the prompt's positions are -100 in itg_labels: the decoder reads the prompt but is not trained to write it.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_txt_len: int = 32, max_words: int = 50) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_txt_len: int = 32, max_words: int = 50,
+                 prompt: str = "") -> None:
         super().__init__(tokenizer, max_txt_len, max_words)
         enc_id = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
         if enc_id is None or enc_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {ENC_TOKEN} token: load it with load_blip_tokenizer()")
         self.enc_id = enc_id
+        self.prompt = prompt
+        self.prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def texts(self, samples: Sequence[dict[str, Any]]) -> list[str]:
+        return [self.prompt + t for t in super().texts(samples)]
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = super().__call__(samples)
         batch["itm_input_ids"] = batch["text_ids"].clone()
         batch["itm_input_ids"][:, 0] = self.enc_id
+        batch["itg_labels"][:, :1 + self.prompt_len] = IGNORE_INDEX  # [DEC] and the prompt
         return batch
 
 

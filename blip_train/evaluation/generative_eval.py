@@ -207,8 +207,9 @@ def generation_setup(cfg: ExperimentConfig, model, tok, task: str) -> tuple[Call
         from blip_train.data.collate import BlipCaptionCollator
         if task != "caption":
             raise ValueError(f"--task {task}: a BLIP pretraining run generates captions only (--task caption)")
-        return BlipCaptionCollator(tok), {"max_new_tokens": e.max_new_tokens, "min_new_tokens": e.min_new_tokens,
-                                          "num_beams": e.num_beams}
+        return BlipCaptionCollator(tok, m.text.prompt), {
+            "max_new_tokens": e.max_new_tokens, "min_new_tokens": e.min_new_tokens, "num_beams": e.num_beams,
+            "length_penalty": e.length_penalty}
     if task == "vqa":
         gen: dict[str, Any] = {"num_beams": e.num_beams, "max_new_tokens": e.vqa_max_new_tokens,
                                "min_new_tokens": 1, "length_penalty": e.vqa_length_penalty}

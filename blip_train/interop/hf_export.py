@@ -366,6 +366,10 @@ queue (training state of the ITC loss; transformers' classes have no momentum pa
 (written as config.logit_scale_init_value instead, see hf_config.blip_hf_config_for)."""
 
 
+BLIP_OBJECTIVE_CLASSES = {"retrieval": ("BlipForImageTextRetrieval",), "caption": ("BlipForConditionalGeneration",)}
+"""The one class a fine-tuning run exports to (a pretraining run: any of the three)."""
+
+
 def expected_blip_trained(cfg: ExperimentConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of BlipPretrain's trainable parameters (built on the meta device: no memory)."""
     from blip_train.models.blip import BlipPretrain, TextTokens
@@ -405,6 +409,10 @@ def export_blip_hf(src: ExportSource, out: Path, where: str, class_name: str, ta
         raise InteropError(f"{where}: model.arch={m.arch} (ALBEF) has no transformers class (its text transformer "
                            "splits into text and fusion layers); only model.arch=blip exports")
     cls = blip_class(class_name)
+    allowed = BLIP_OBJECTIVE_CLASSES.get(m.objective)
+    if allowed is not None and class_name not in allowed:
+        raise InteropError(f"{where}: a model.objective={m.objective} run trains the parts of {allowed[0]} only (the "
+                           f"rest stayed frozen at its model.init_from); export it with --hf-class {allowed[0]}")
     if not m.text.tokenizer or not Path(m.text.tokenizer).is_dir():
         raise InteropError(f"model.text.tokenizer: {m.text.tokenizer or '(empty)'} is not a tokenizer folder (the "
                            "exported processor needs it)")

@@ -8,6 +8,14 @@
 - ALBEF (Li et al. 2021, model.arch=albef): ViT-B + 6 text and 6 fusion layers. ITC as BLIP's, ITM on
   the fusion layers ([CLS] first), and MLM on the fusion output with momentum distillation in place of LM.
 
+Fine-tuning (model.objective), on the same model so that checkpoints, export and evaluation stay one:
+- retrieval (BLIP's and ALBEF's COCO / Flickr30K fine-tuning): ITC + ITM as above, with every caption of the
+  same image a positive (ITC targets spread over the same-id columns of the batch and the queue, which then
+  also holds image ids; ITM never draws them as negatives). No LM / MLM.
+- caption (BLIP's COCO captioner): the decoder's LM loss alone, after model.text.prompt ("a picture of "),
+  which is read but never a target. No momentum model is built.
+Parameters the objective never reads are frozen (`unused_by_objective`).
+
 The momentum encoders (`*_m`) are frozen fp32 copies that the trainer moves towards the online weights
 after every optimizer step (`momentum_pairs`; training/momentum.py does it on ZeRO partitions). They run
 in the model's mode (dropout on in training, as the authors' code). The feature queue enqueues the
@@ -26,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_train.config.schema import ModelConfig
+from blip_train.models.beam_search import beam_search
 from blip_train.models.blip_losses import (FeatureQueue, alpha_at, copy_params_, global_sims, lm_loss,
                                            mask_tokens, mlm_loss, momentum_itc_loss)
 from blip_train.models.eva_vit import EVAViT
@@ -66,6 +75,10 @@ class BlipPretrain(nn.Module):
         if cfg.arch not in ARCHS:
             raise ValueError(f"model.arch={cfg.arch!r}: BlipPretrain builds {' | '.join(ARCHS)}")
         self.arch = cfg.arch
+        self.objective = cfg.objective
+        if (cfg.arch, cfg.objective) not in {("blip", "pretrain"), ("blip", "retrieval"), ("blip", "caption"),
+                                             ("albef", "pretrain"), ("albef", "retrieval")}:
+            raise ValueError(f"model.objective={cfg.objective!r} does not apply to model.arch={cfg.arch}")
         self.world = world if world is not None else WorldInfo()
         self.tokens = tokens
         self.max_txt_len = cfg.max_txt_len
@@ -84,18 +97,28 @@ class BlipPretrain(nn.Module):
         # Shape (1,): DeepSpeed broadcasts parameters as byte views, which a 0-dim tensor cannot give.
         self.temp = nn.Parameter(torch.full((1,), 0.07))
 
-        # Momentum copies. BLIP's momentum text encoder only ever runs unimodally: built without
-        # cross-attention and decoder; ALBEF's also runs the fusion layers and the MLM head (distillation of the
-        # MLM targets).
-        self.visual_encoder_m = EVAViT(dataclasses.replace(cfg.vision, drop_path_rate=0.0), attention=cfg.attention)
-        self.text_m = MED(dataclasses.replace(text_cfg, decoder=False), encoder_width=cfg.vision.width,
-                          attention=cfg.attention, text_only=cfg.arch == "blip")
-        self.vision_proj_m = nn.Linear(cfg.vision.width, cfg.embed_dim)
-        self.text_proj_m = nn.Linear(text_cfg.hidden_size, cfg.embed_dim)
-        self.copy_to_momentum_()
-        for _, m in self.momentum_pairs():
-            m.requires_grad_(False)
-        self.queue = FeatureQueue(cfg.embed_dim, cfg.momentum.queue_size)
+        self.prompt_ids: list[int] = []
+        """Tokens of model.text.prompt (no special tokens), read before every caption; the builder sets them."""
+
+        # Momentum copies (not for captioning, which has no contrastive loss). BLIP's momentum text encoder only
+        # ever runs unimodally: built without cross-attention and decoder; ALBEF's also runs the fusion layers and
+        # the MLM head (distillation of the MLM targets).
+        self.queue: Optional[FeatureQueue] = None
+        if self.objective != "caption":
+            self.visual_encoder_m = EVAViT(dataclasses.replace(cfg.vision, drop_path_rate=0.0),
+                                           attention=cfg.attention)
+            self.text_m = MED(dataclasses.replace(text_cfg, decoder=False), encoder_width=cfg.vision.width,
+                              attention=cfg.attention, text_only=cfg.arch == "blip")
+            self.vision_proj_m = nn.Linear(cfg.vision.width, cfg.embed_dim)
+            self.text_proj_m = nn.Linear(text_cfg.hidden_size, cfg.embed_dim)
+            self.copy_to_momentum_()
+            for _, m in self.momentum_pairs():
+                m.requires_grad_(False)
+            # Retrieval fine-tuning also queues the image ids: every caption of an image is a positive.
+            self.queue = FeatureQueue(cfg.embed_dim, cfg.momentum.queue_size, with_idx=self.objective == "retrieval")
+        for name, p in self.named_parameters():
+            if self.unused_by_objective(name):
+                p.requires_grad_(False)
 
     # ----------------------------------------------------------------------------------------------
     # momentum copies (plain tensors here; the trainer updates ZeRO partitions, training/momentum.py)
@@ -109,6 +132,19 @@ class BlipPretrain(nn.Module):
             for online_prefix, mom_prefix in self.MOMENTUM.items():
                 if name.startswith(mom_prefix):
                     yield params[online_prefix + name[len(mom_prefix):]], m
+
+    def unused_by_objective(self, name: str) -> bool:
+        """Whether the objective never reads the online parameter `name` (frozen at build, so the optimizer's weight
+        decay cannot erode what another objective needs): captioning reads neither the encoder's self-attention nor
+        the ITC / ITM heads; retrieval reads neither the decoder's self-attention nor the LM / MLM head (its
+        decoder weight is the word embedding, which the encoders read, so it trains)."""
+        if self.objective == "caption":
+            return (".self_attn." in name or name.startswith(("vision_proj.", "text_proj.", "itm_head."))
+                    or name == "temp")
+        if self.objective == "retrieval":
+            lm_head_own = name.startswith("text.lm_head.") and name != "text.lm_head.decoder.weight"
+            return ".self_attn_dec." in name or lm_head_own
+        return False
 
     def copy_to_momentum_(self) -> None:
         """Momentum copies := online weights (at build, and after loading pretrained weights)."""
@@ -135,10 +171,15 @@ class BlipPretrain(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Losses of one micro-batch. Keys: pixel_values, text_ids ([CLS] first), text_mask, image_ids, and for
         BLIP itm_input_ids ([ENC] first), itg_input_ids ([DEC] first), itg_labels. Returns loss (unweighted
-        sum), loss_itc, loss_itm and loss_lm (BLIP) or loss_mlm (ALBEF)."""
+        sum), loss_itc, loss_itm and, in pretraining, loss_lm (BLIP) or loss_mlm (ALBEF); captioning returns
+        loss_lm alone."""
+        if self.objective == "caption":
+            return self._caption_losses(batch)
         text_ids, text_mask, image_ids = batch["text_ids"], batch["text_mask"], batch["image_ids"]
         alpha = alpha_at(self.train_step, self.mom.alpha, self.mom.alpha_ramp_steps)
         temp = self._temperature()
+        # Retrieval fine-tuning: captions of the same image are ITC positives, here and in the queue.
+        itc_idx = image_ids if self.objective == "retrieval" else None
 
         image_embeds = self.visual_encoder(batch["pixel_values"])  # (B, 1+P, Dv)
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
@@ -147,9 +188,10 @@ class BlipPretrain(nn.Module):
             image_embeds_m = self.visual_encoder_m(batch["pixel_values"])  # (B, 1+P, Dv) fp32
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)  # (B, E) fp32
             text_feat_m = self._text_feat(self.text_m, self.text_proj_m, text_ids, text_mask)  # (B, E) fp32
-        itc = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.queue, temp, alpha)
+        itc = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.queue, temp, alpha, itc_idx)
         if self.training:  # the global batch's momentum features replace the oldest queue entries
-            self.queue.enqueue_(self.world.gather(image_feat_m), self.world.gather(text_feat_m))
+            self.queue.enqueue_(self.world.gather(image_feat_m), self.world.gather(text_feat_m),
+                                None if itc_idx is None else self.world.gather(itc_idx))
 
         # ITM: one hard negative per sample and direction over the global batch (online similarities). The
         # negative images keep their gradient (to the ViT of the rank that owns them); token ids need none.
@@ -165,11 +207,11 @@ class BlipPretrain(nn.Module):
         loss_itm = itm_loss(self._itm_logits(pair_images, pair_ids, pair_mask))
 
         losses = {"loss_itc": itc.loss, "loss_itm": loss_itm}
-        if self.arch == "blip":
+        if self.objective == "pretrain" and self.arch == "blip":
             # LM: the [DEC]-first caption through the causal decoder, grounded on the image.
             hidden = self.text(batch["itg_input_ids"], text_mask, image_embeds=image_embeds, mode="decoder")
             losses["loss_lm"] = lm_loss(self.text.lm_logits(hidden), batch["itg_labels"])
-        else:
+        elif self.objective == "pretrain":
             # MLM with BERT's masking (torch's global RNG, which the trainer checkpoints per rank); the momentum
             # model's predictions at the same positions are the distillation targets.
             t = self.tokens
@@ -180,6 +222,14 @@ class BlipPretrain(nn.Module):
                 logits_m = self.text_m.lm_logits(hidden_m)  # (B, T, V)
             losses["loss_mlm"] = mlm_loss(self.text.lm_logits(hidden), labels, logits_m, alpha)
         return {"loss": sum(losses.values()), **losses}
+
+    def _caption_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """BLIP's captioning fine-tuning: the LM loss of the image-grounded decoder alone. itg_input_ids hold
+        [DEC] prompt caption [SEP]; the collator set the prompt's labels to -100 (read, never a target)."""
+        image_embeds = self.visual_encoder(batch["pixel_values"])  # (B, 1+P, Dv)
+        hidden = self.text(batch["itg_input_ids"], batch["text_mask"], image_embeds=image_embeds, mode="decoder")
+        loss_lm = lm_loss(self.text.lm_logits(hidden), batch["itg_labels"])
+        return {"loss": loss_lm, "loss_lm": loss_lm}
 
     # ----------------------------------------------------------------------------------------------
     # inference (retrieval evaluation, CapFilt); run under model.eval()
@@ -194,30 +244,38 @@ class BlipPretrain(nn.Module):
     @torch.no_grad()
     def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) → (image_embeds (B, 1+P, Dv), image_feat (B, 1, E) normalised)."""
+        self._check_matching_heads()
         image_embeds = self.visual_encoder(pixel_values)
         return image_embeds, F.normalize(self.vision_proj(image_embeds[:, :1]), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) [CLS]-first text → text_feat (B, E) normalised."""
+        self._check_matching_heads()
         return self._text_feat(self.text, self.text_proj, text_ids, text_mask)
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, prompt_ids: torch.Tensor, *, max_new_tokens: int = 30,
-                 min_new_tokens: int = 1, num_beams: int = 1, synced_gpus: bool = False,
+                 min_new_tokens: int = 1, num_beams: int = 1, length_penalty: float = 1.0, synced_gpus: bool = False,
                  **unused: object) -> torch.Tensor:
-        """Captions from BLIP's image-grounded decoder, greedy: (B, max_new_tokens) ids after `prompt_ids`.
+        """Captions from BLIP's image-grounded decoder: (B, max_new_tokens) ids after `prompt_ids`, greedy or by
+        beam search (num_beams > 1: `models.beam_search`, transformers' rules; BLIP captions with 3 beams).
 
         prompt_ids: (B, P) [DEC] then the prompt's tokens (BLIP captions after "a picture of "; none in
         pretraining), the same length in every row. A caption ends with [SEP], then [PAD]; all steps run on
-        every rank (`synced_gpus` is implied, see `_decode`). Other generation options (length_penalty, eos
-        ids) do not apply to greedy decoding and are ignored.
+        every rank (`synced_gpus` is implied). Other generation options (eos ids) do not apply: [SEP] ends.
         """
-        if num_beams != 1:
-            raise ValueError(f"num_beams={num_beams}: BLIP captions decode greedily here; set eval.num_beams=1")
         image_embeds = self._decoder_image_embeds(pixel_values)  # (B, 1+P, Dv)
-        ids = self._decode(image_embeds, prompt_ids, max_new_tokens, min_new_tokens)
-        return ids[:, prompt_ids.shape[1]:]
+        if num_beams == 1:
+            return self._decode(image_embeds, prompt_ids, max_new_tokens, min_new_tokens)[:, prompt_ids.shape[1]:]
+        beams = image_embeds.repeat_interleave(num_beams, dim=0)  # (B*K, 1+P, Dv), image-major as the beams
+
+        def next_logits(ids: torch.Tensor) -> torch.Tensor:
+            hidden = self.text(ids, torch.ones_like(ids), image_embeds=beams, mode="decoder")
+            return self.text.lm_logits(hidden[:, -1])  # (B*K, V)
+
+        return beam_search(next_logits, prompt_ids, max_new_tokens, num_beams, self.tokens.sep, self.tokens.pad,
+                           min_new_tokens, length_penalty)
 
     @torch.no_grad()
     def generate_captions(self, pixel_values: torch.Tensor, bos_id: int, sep_id: int, pad_id: int,
@@ -225,19 +283,29 @@ class BlipPretrain(nn.Module):
                           num_captions: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """CapFilt's captioner: (B * num_captions, max_len) ids, column 0 `bos_id` ([DEC]), image 0's captions
         first; greedy (top_p None) or nucleus sampling (BLIP: top_p 0.9) from `generator` (or torch's global
-        RNG). The same contract as Blip2Stage1.generate_captions, so tools/capfilt.py takes either model."""
+        RNG). A captioner fine-tuned after a prompt reads it after `bos_id`; the ids returned leave it out. The
+        same contract as Blip2Stage1.generate_captions, so tools/capfilt.py takes either model."""
         if num_beams != 1:
             raise ValueError(f"num_beams={num_beams}: only greedy/nucleus decoding (num_beams=1) is implemented")
         if (sep_id, pad_id) != (self.tokens.sep, self.tokens.pad):
             raise ValueError(f"sep/pad ids {sep_id}/{pad_id} are not the model's {self.tokens.sep}/{self.tokens.pad}")
         image_embeds = self._decoder_image_embeds(pixel_values).repeat_interleave(num_captions, dim=0)
-        start = torch.full((image_embeds.shape[0], 1), bos_id, dtype=torch.long, device=image_embeds.device)
-        return self._decode(image_embeds, start, max_len - 1, 1, top_p, generator)
+        start = torch.tensor([bos_id, *self.prompt_ids], dtype=torch.long, device=image_embeds.device)
+        ids = self._decode(image_embeds, start.expand(image_embeds.shape[0], -1), max_len - 1, 1, top_p, generator)
+        return torch.cat([ids[:, :1], ids[:, start.numel():]], dim=1)  # the prompt is not the caption's
 
     def _decoder_image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.arch != "blip":
             raise ValueError(f"model.arch={self.arch} has no text decoder: only BLIP generates captions")
+        if self.objective == "retrieval":
+            raise ValueError("a retrieval fine-tuning run (model.objective=retrieval) does not train the decoder: "
+                             "caption with a pretraining or captioning run")
         return self.visual_encoder(pixel_values)  # (B, 1+P, Dv)
+
+    def _check_matching_heads(self) -> None:
+        if self.objective == "caption":
+            raise ValueError("a captioning run (model.objective=caption) does not train the ITC / ITM heads: match or "
+                             "retrieve with a pretraining or retrieval run")
 
     def _decode(self, image_embeds: torch.Tensor, ids: torch.Tensor, steps: int, min_new_tokens: int,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -261,6 +329,7 @@ class BlipPretrain(nn.Module):
                    probability: bool = False) -> torch.Tensor:
         """Matching score of each (image, text) pair for [CLS]-first text: the positive-class logit (B,), as BLIP
         ranks by; probability=True gives P(match) (CapFilt's filter keeps texts it calls matched)."""
+        self._check_matching_heads()
         if self.arch == "blip":  # the image-grounded encoder reads [ENC] where the collator put [CLS]
             text_ids = torch.cat([torch.full_like(text_ids[:, :1], self.tokens.enc), text_ids[:, 1:]], dim=1)
         logits = self._itm_logits(image_embeds, text_ids, text_mask)  # (B, 2)

@@ -67,7 +67,9 @@ def update_momentum_(model: nn.Module, decay: float) -> None:
     pairs, whole_copies = [], []
     for p, m in model.momentum_pairs():
         if is_zero3_param(m):
-            online = safe_get_local_fp32_param(p) if hasattr(p, "_z3_optimizer") else p.ds_tensor
+            # A frozen online parameter (one the fine-tuning objective does not read) has no fp32 master: its
+            # partition is the value.
+            online = safe_get_local_fp32_param(p) if p.requires_grad and hasattr(p, "_z3_optimizer") else p.ds_tensor
             mine = _local(m)
             pairs.append((online.view(-1)[: mine.numel()], mine))
             if m.data.numel():

@@ -307,6 +307,7 @@ def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None, repo
                         vocab_size=len(tokenizer))
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
     model = BlipPretrain(m, tokens, world)
+    model.prompt_ids = tokenizer(m.text.prompt, add_special_tokens=False)["input_ids"]
     if m.vision.weights:
         load_vit_weights(model.visual_encoder, m.vision.weights)
     if m.text.bert_init:
@@ -331,9 +332,10 @@ def build_blip(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_config
         print0(f"init_from {cfg.model.init_from}: loaded; kept initial values for {_prefixes(report['kept'])}; "
                f"decoder self-attention from the encoder's: {_prefixes(report['decoder_from_encoder'])}; momentum "
                f"copies {report['momentum']}; queue {report['queue']}")
-    collate_cls = BlipCollator if cfg.model.arch == "blip" else Stage1Collator
-    return Stage(model=model, tokenizer=tokenizer, collate=collate_cls(tokenizer, cfg.model.max_txt_len),
-                 data_kind="caption", cfg=cfg)
+    m = cfg.model
+    collate = BlipCollator(tokenizer, m.max_txt_len, prompt=m.text.prompt) if m.arch == "blip" else \
+        Stage1Collator(tokenizer, m.max_txt_len)
+    return Stage(model=model, tokenizer=tokenizer, collate=collate, data_kind="caption", cfg=cfg)
 
 
 STAGE_BUILDERS: dict[str, Callable[..., Stage]] = {

@@ -148,18 +148,27 @@ def init_blip_from_(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     "queue": "loaded" | "initial"}."""
     from blip_train.interop.weights_io import is_weights_file, is_weights_folder
 
+    from blip_train.models.eva_vit import interpolate_pos_embed
+
     everything = dict(model.named_parameters())
-    params = {n: p for n, p in everything.items() if p.requires_grad}
     momentum_ids = {id(m) for _, m in model.momentum_pairs()}
     copies = {n: p for n, p in everything.items() if id(p) in momentum_ids}
+    # Online parameters, trained or frozen because the objective never reads them (those load too: a later run
+    # with another objective, and export, find them as the earlier run left them).
+    params = {n: p for n, p in everything.items() if id(p) not in momentum_ids}
     buffers = {n: b for n, b in model.named_buffers() if n.startswith("queue.") and b is not None}
     state = read_init_weights(path)
     if not (is_weights_folder(path) or is_weights_file(path)):
         state = {k: v for k, v in state.items() if k in params}  # zero_to_fp32 also names tied aliases
     state.pop("text.lm_head.decoder.weight", None)  # the word embeddings (tied), when a writer lists it
+    if not copies:  # a captioning model has no momentum encoders or queue: the file's are not for it
+        state = {k: v for k, v in state.items() if not k.startswith((*model.MOMENTUM.values(), "queue."))}
+    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):  # fine-tuning at 384 px from 224 px
+        if key in state and key in everything and state[key].shape != everything[key].shape:
+            state[key] = interpolate_pos_embed(state[key], model.visual_encoder.grid)
     unexpected = sorted(set(state) - set(params) - set(copies) - set(buffers))
     kept = sorted(set(params) - set(state))
-    missing = [k for k in kept if not _is_optional_blip(k)]
+    missing = [k for k in kept if params[k].requires_grad and not _is_optional_blip(k)]
     held_copies = [k for k in state if k in copies]
     if unexpected or missing or (held_copies and len(held_copies) != len(copies)):
         raise KeyError(f"init_from {path}: missing trainable keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
@@ -180,4 +189,5 @@ def init_blip_from_(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
         if not held_copies:
             model.copy_to_momentum_()
     return {"kept": still, "decoder_from_encoder": sorted(set(kept) - set(still)),
-            "momentum": "loaded" if held_copies else "copied", "queue": "loaded" if queue_loaded else "initial"}
+            "momentum": "loaded" if held_copies else "copied" if copies else "none",
+            "queue": "loaded" if queue_loaded else "initial" if buffers else "none"}

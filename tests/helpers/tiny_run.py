@@ -77,7 +77,11 @@ def write_tiny_blip_config(root: Path, out_dir: Path, arch: str = "blip", **sect
     data["model"] = {"arch": arch, "attention": "sdpa", "embed_dim": 16, "max_txt_len": 20,
                      "vision": dict(VISION, frozen=False, final_norm=True), "text": text,
                      "momentum": {"queue_size": 32, "alpha": 0.4, "alpha_ramp_steps": 2}}
-    data["model"].update(sections.get("model", {}))
+    for key, value in sections.get("model", {}).items():  # nested sections (vision, text) are merged
+        if isinstance(value, dict):
+            data["model"][key] = {**data["model"].get(key, {}), **value}
+        else:
+            data["model"][key] = value
     config.write_text(yaml.safe_dump(data))
     return config
 

@@ -133,6 +133,32 @@ def test_captioning_export_gives_our_lm_logits(run, ours):
         assert hf.generate(pixel_values=pixels).shape[1] <= 1 + e.max_new_tokens
 
 
+@pytest.mark.parametrize("beams,length_penalty,sep_bias", [(1, 1.0, 0.0), (3, 1.0, 0.0), (4, 0.0, 0.0), (3, 1.0, 2.5),
+                                                           (3, 2.0, 2.5)])
+def test_captions_decode_as_transformers_generate_does(run, ours, beams, length_penalty, sep_bias):
+    """Greedy and beam-search captions after [DEC] + a prompt: the tokens transformers' generate() writes with the
+    exported BlipForConditionalGeneration (its beam rules: length penalty, min_new_tokens, finished hypotheses).
+    sep_bias raises [SEP]'s logit in both models, so hypotheses also end before the last step."""
+    import copy
+
+    model, tok = ours
+    folder = run["exports"]["BlipForConditionalGeneration"]
+    hf, pixels = load_hf(folder), processed(folder)["pixel_values"]
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.text.lm_head.decoder.bias[tok.sep_token_id] += sep_bias
+        hf.text_decoder.cls.predictions.bias[tok.sep_token_id] += sep_bias
+    prompt = torch.tensor([[tok.bos_token_id, *tok("a picture of", add_special_tokens=False).input_ids]] * 2)
+    kw = {"max_new_tokens": 8, "min_new_tokens": 3, "num_beams": beams, "length_penalty": length_penalty}
+    with torch.no_grad():
+        ours_ids = model.generate(pixels, prompt, **kw)  # (2, 8)
+        # transformers' BLIP drops the last token of input_ids (the processor's [SEP]) and returns the prompt too.
+        sep = torch.full((2, 1), tok.sep_token_id)
+        theirs = hf.generate(pixel_values=pixels, input_ids=torch.cat([prompt, sep], 1), **kw)[:, prompt.shape[1]:]
+    theirs = torch.cat([theirs, torch.full((2, 8 - theirs.shape[1]), tok.pad_token_id)], 1)
+    assert torch.equal(ours_ids, theirs), (ours_ids, theirs)
+
+
 def test_vqa_export_gives_our_answer_loss(run, ours):
     """The question through the image-grounded encoder ([ENC] first), the answer through the decoder attending to
     it: transformers returns no logits here, so the LM loss (label smoothing 0.1, as ours) is compared."""

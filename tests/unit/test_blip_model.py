@@ -163,8 +163,6 @@ def test_greedy_captions_from_the_decoder():
     ids = model.generate(px, prompt, max_new_tokens=4, min_new_tokens=0)
     assert (ids[:, 0] == TOKENS.sep).all() and (ids[:, 1:] == TOKENS.pad).all()
     assert (model.generate(px, prompt, max_new_tokens=4, min_new_tokens=2)[:, :2] != TOKENS.sep).all()
-    with pytest.raises(ValueError, match="num_beams"):
-        model.generate(px, prompt, num_beams=3)
     with pytest.raises(ValueError, match="no text decoder"):
         BlipPretrain(blip_config("albef"), TOKENS).generate(px, prompt)
 
@@ -184,3 +182,100 @@ def test_capfilt_captions_from_the_decoder():
     assert torch.equal(a, b)
     tiny = model.generate_captions(px, 3, TOKENS.sep, TOKENS.pad, max_len=6, top_p=1e-9, generator=g[0])
     assert torch.equal(tiny, greedy[0::2])
+
+
+def test_retrieval_objective_makes_every_caption_of_an_image_a_positive(monkeypatch):
+    """model.objective=retrieval: ITC + ITM only; the ITC targets spread over the same-image columns of the batch
+    and the queue (exactly `momentum_itc_loss` with the image ids: the copies equal the online model at build);
+    the queue keeps the ids; the decoder's self-attention and the LM head's transform are frozen (unused), the
+    tied word embeddings still train."""
+    import blip_train.models.blip as blip_module
+    from blip_train.models.blip_losses import momentum_itc_loss
+
+    seen = []  # the ids the model hands the loss (its definition with ids is tested in test_blip_losses.py)
+    monkeypatch.setattr(blip_module, "momentum_itc_loss", lambda *a: seen.append(a[7]) or momentum_itc_loss(*a))
+    torch.manual_seed(0)
+    cfg = replace(blip_config(), objective="retrieval")
+    model = BlipPretrain(cfg, TOKENS).train()
+    batch = make_batch()
+    batch["image_ids"] = torch.tensor([5, 5, 6, 7])  # two captions of image 5
+    with torch.no_grad():
+        model.eval()  # the same features as the training forward (no dropout in this config)
+        img = model.encode_image(batch["pixel_values"])[1][:, 0]
+        txt = model.encode_text(batch["text_ids"], batch["text_mask"])
+        queue = type(model.queue)(cfg.embed_dim, cfg.momentum.queue_size, with_idx=True)
+        queue.load_state_dict(model.queue.state_dict())
+        model.train()
+    expected = momentum_itc_loss(img, txt, img, txt, queue, model._temperature(), 0.4, batch["image_ids"]).loss
+    out = model(batch)
+    assert set(out) == {"loss", "loss_itc", "loss_itm"} and out["loss"] == out["loss_itc"] + out["loss_itm"]
+    torch.testing.assert_close(out["loss_itc"], expected, rtol=1e-5, atol=1e-6)
+    assert len(seen) == 1 and torch.equal(seen[0], batch["image_ids"])
+    assert model.queue.idx_queue[0, :B].tolist() == [5, 5, 6, 7]
+    frozen = {n for n, p in model.named_parameters()
+              if not p.requires_grad and not n.startswith(tuple(model.MOMENTUM.values()))}
+    assert frozen and all(".self_attn_dec." in n or n.startswith("text.lm_head.") for n in frozen), frozen
+    assert "text.lm_head.decoder.bias" in frozen
+    assert model.text.lm_head.decoder.weight.requires_grad
+    out["loss"].backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lm_head" not in n)
+
+
+def test_caption_objective_trains_the_decoder_after_the_prompt():
+    """model.objective=caption: no momentum model or queue; the loss is the decoder's LM loss alone (labels as the
+    collator gives them); the encoder's self-attention and the ITC / ITM heads are frozen and refuse to score;
+    captions are generated after [DEC] + the prompt, which the returned ids leave out."""
+    from blip_train.models.blip_losses import lm_loss
+
+    torch.manual_seed(0)
+    model = BlipPretrain(replace(blip_config(), objective="caption"), TOKENS).train()
+    assert list(model.momentum_pairs()) == [] and model.queue is None
+    batch = make_batch()
+    out = model(batch)
+    assert set(out) == {"loss", "loss_lm"}
+    image_embeds = model.visual_encoder(batch["pixel_values"])
+    hidden = model.text(batch["itg_input_ids"], batch["text_mask"], image_embeds=image_embeds, mode="decoder")
+    torch.testing.assert_close(out["loss"], lm_loss(model.text.lm_logits(hidden), batch["itg_labels"]))
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        unused = ".self_attn." in name or name.startswith(("vision_proj.", "text_proj.", "itm_head.")) or name == "temp"
+        assert p.requires_grad != unused, name
+        if p.requires_grad:
+            assert p.grad is not None, name
+    with pytest.raises(ValueError, match="does not train the ITC / ITM heads"):
+        model.itm_scores(torch.zeros(1, 5, 48), batch["text_ids"][:1], batch["text_mask"][:1])
+
+    model.eval()
+    model.prompt_ids = [40, 41]
+    px = batch["pixel_values"]
+    ids = model.generate_captions(px, 3, TOKENS.sep, TOKENS.pad, max_len=5)
+    start = torch.tensor([[3, 40, 41]] * B)
+    full = model._decode(model.visual_encoder(px), start, 4, 1)
+    assert ids.shape == (B, 5) and torch.equal(ids[:, 0], torch.full((B,), 3)) and torch.equal(ids[:, 1:], full[:, 3:])
+
+
+def test_a_retrieval_run_does_not_caption():
+    model = BlipPretrain(replace(blip_config(), objective="retrieval"), TOKENS).eval()
+    with pytest.raises(ValueError, match="does not train the decoder"):
+        model.generate_captions(make_batch()["pixel_values"], 3, TOKENS.sep, TOKENS.pad, max_len=4)
+
+
+def test_beam_search_keeps_the_likelier_caption_greedy_decoding_misses():
+    """A 4-token language (0 = end): greedy takes token 1 (p 0.6) then can only end badly; two beams find
+    2 -> 3 -> end, the likelier whole sequence. One beam is greedy; min_new_tokens forbids an early end."""
+    from blip_train.models.beam_search import beam_search
+
+    table = torch.log(torch.tensor([[0.1, 0.6, 0.3, 0.0],     # after the prompt (token 3 as the start)
+                                    [0.34, 0.33, 0.0, 0.33],  # after 1: nothing good
+                                    [0.0, 0.0, 0.0, 1.0],     # after 2: 3 for sure
+                                    [1.0, 0.0, 0.0, 0.0]]).clamp_min(1e-9))
+    start = torch.tensor([[3], [3]])
+
+    def next_logits(ids):  # the prompt alone reads row 0; after that, the row of the last token
+        return table[0].expand(ids.shape[0], -1) if ids.shape[1] == 1 else table[ids[:, -1]]
+
+    greedy = beam_search(next_logits, start, 3, 1, eos_id=0, pad_id=9, length_penalty=0.0)
+    beams = beam_search(next_logits, start, 3, 2, eos_id=0, pad_id=9, length_penalty=0.0)
+    assert greedy.tolist() == [[1, 0, 9]] * 2 and beams.tolist() == [[2, 3, 0]] * 2
+    later = beam_search(next_logits, start, 3, 2, eos_id=0, pad_id=9, min_new_tokens=3, length_penalty=0.0)
+    assert (later[:, :2] != 0).all()

@@ -30,6 +30,7 @@ def test_key_snapshot():
     assert _keys(ExperimentConfig) == [
         "run.output_dir", "run.seed", "run.device", "run.tensorboard", "run.wandb", "run.wandb_project", "run.memory_trace",
         "model.arch", "model.qformer_text_input", "model.attention", "model.embed_dim", "model.max_txt_len", "model.init_from",
+        "model.objective",
         "model.vision.image_size", "model.vision.patch_size", "model.vision.width", "model.vision.layers",
         "model.vision.drop_last_block", "model.vision.final_norm", "model.vision.heads", "model.vision.mlp_dim", "model.vision.layer_norm_eps",
         "model.vision.weights", "model.vision.frozen", "model.vision.precision", "model.vision.grad_checkpointing",
@@ -41,7 +42,7 @@ def test_key_snapshot():
         "model.text.hidden_size", "model.text.layers", "model.text.heads", "model.text.intermediate_size",
         "model.text.vocab_size", "model.text.max_position_embeddings", "model.text.layer_norm_eps", "model.text.dropout",
         "model.text.fusion_layer", "model.text.decoder", "model.text.tokenizer", "model.text.bert_init",
-        "model.text.grad_checkpointing",
+        "model.text.grad_checkpointing", "model.text.prompt",
         "model.llm.path", "model.llm.dtype", "model.llm.prompt", "model.llm.max_txt_len", "model.llm.max_prompt_len",
         "model.llm.lora.r", "model.llm.lora.alpha", "model.llm.lora.dropout", "model.llm.lora.target_modules",
         "model.momentum.decay", "model.momentum.queue_size", "model.momentum.alpha", "model.momentum.alpha_ramp_steps",

@@ -69,3 +69,27 @@ def _samples():
              "answer": "a blue square"}]
 
 
+
+
+def test_blip_collator_with_a_caption_prompt(tmp_path):
+    """BLIP's captioning fine-tuning: every text is prompt + caption; the decoder reads [DEC] and the prompt
+    but its labels start after them (-100), so only the caption is a target. [ENC] opens the ITM input."""
+    from blip_train.data.collate import BlipCollator
+    from blip_train.data.tokenizers import DEC_TOKEN, ENC_TOKEN, load_blip_tokenizer
+    train_wordpiece_tokenizer(["a picture of a red circle on the left", "a small blue square"] * 5, 100, tmp_path)
+    tok = load_blip_tokenizer(tmp_path)
+    dec, enc = tok.convert_tokens_to_ids(DEC_TOKEN), tok.convert_tokens_to_ids(ENC_TOKEN)
+    samples = [{"pixel_values": torch.zeros(3, 8, 8), "caption": "A red circle.", "image_id": 1},
+               {"pixel_values": torch.zeros(3, 8, 8), "caption": "A square", "image_id": 2}]
+    plain = BlipCollator(tok, max_txt_len=12)(samples)
+    batch = BlipCollator(tok, max_txt_len=12, prompt="a picture of ")(samples)
+    prompt = tok("a picture of", add_special_tokens=False).input_ids
+    caption = tok("a red circle", add_special_tokens=False).input_ids
+    assert batch["text_ids"][0].tolist()[:len(prompt) + len(caption) + 2] == \
+        [tok.cls_token_id, *prompt, *caption, tok.sep_token_id]
+    assert batch["itg_input_ids"][0, 0] == dec and batch["itm_input_ids"][0, 0] == enc
+    n = 1 + len(prompt)
+    assert (batch["itg_labels"][:, :n] == IGNORE_INDEX).all()
+    assert batch["itg_labels"][0, n:n + len(caption) + 1].tolist() == [*caption, tok.sep_token_id]
+    # Without a prompt only [DEC]'s label would be ignored by the shift, and nothing is masked.
+    assert plain["itg_labels"][0, 1:1 + len(caption)].tolist() == caption
