@@ -4,9 +4,9 @@ A model with momentum copies (ALBEF / BLIP, `model.momentum_pairs()`) keeps them
 no optimizer state, partitioned by ZeRO-3 like the online model (the same shapes give the same element
 ranges to every rank). So the update needs no gather:
 - ZeRO-3: each rank moves its own partition of each copy towards the optimizer's fp32 master partition
-  of the online parameter (`safe_get_local_fp32_param`). A copy kept whole on every rank (DeepSpeed's
-  persistence threshold) is then re-assembled from the updated partitions (one all-gather per such,
-  small, tensor), so that the copy's whole data and its partition never disagree.
+  of the online parameter (`safe_get_local_fp32_param`). Copies kept whole on every rank (DeepSpeed's
+  persistence threshold) are then re-assembled from the updated partitions (one all-gather for all of
+  them), so that a copy's whole data and its partition never disagree.
 - ZeRO-0/1/2: parameters are whole on every rank; the copy moves towards the working weights (16-bit
   under bf16: the copy then averages the rounded weights, within one bf16 rounding of the average of the
   masters; reading the fp32 masters would cost an all-reduce of the whole model per step).
@@ -47,12 +47,22 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.ds_tensor.view(-1)[:valid]
 
 
-def _regather_whole_(m: torch.Tensor) -> None:
-    """A persistent ZeRO-3 parameter is also whole on every rank: rebuild that copy from the partitions."""
+def _regather_whole_(copies: list[torch.Tensor]) -> None:
+    """Persistent ZeRO-3 parameters are also whole on every rank: rebuild those copies from the partitions, all
+    in one all-gather (hundreds of small tensors at the default persistence threshold: one collective each
+    would cost more in latency than in bytes)."""
+    if not copies:
+        return
     _, world = _rank_world()
-    parts = torch.empty(world * m.ds_tensor.numel(), dtype=m.ds_tensor.dtype, device=m.ds_tensor.device)
-    dist.all_gather_into_tensor(parts, m.ds_tensor.view(-1).contiguous())
-    m.data.view(-1).copy_(parts[: m.data.numel()])
+    sizes = [m.ds_tensor.numel() for m in copies]  # each copy's padded partition, the same on every rank
+    mine = torch.cat([m.ds_tensor.view(-1) for m in copies])  # (S,) fp32: every copy's partition, in order
+    parts = torch.empty(world * mine.numel(), dtype=mine.dtype, device=mine.device)
+    dist.all_gather_into_tensor(parts, mine)
+    parts = parts.view(world, -1)  # (W, S): row r is rank r's partitions
+    offset = 0
+    for m, size in zip(copies, sizes):
+        m.data.view(-1).copy_(parts[:, offset:offset + size].reshape(-1)[: m.data.numel()])
+        offset += size
 
 
 @torch.no_grad()
@@ -77,8 +87,7 @@ def update_momentum_(model: nn.Module, decay: float) -> None:
         else:
             pairs.append((p.data, m.data))
     momentum_update_(pairs, decay)
-    for m in whole_copies:
-        _regather_whole_(m)
+    _regather_whole_(whole_copies)
 
 
 def _slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
