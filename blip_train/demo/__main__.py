@@ -263,8 +263,10 @@ def run_stages(out: Path, data: Path, path_sets: list[str], assets: Path, entrie
     """Every stage into `out/<stage>` (the retrieval-trained ones: stage 1, BLIP, ALBEF; then the generative stages
     from stage 1, then the fine-tuning stages from stage 1 and stage2_opt on `data`'s sibling data_ft); `entries` gets each
     stage's summary record as it finishes, and `checkpoint()` is called after each."""
+    from blip_train.config import load_config
+
     for name in RETRIEVAL:
-        log(f"{name}: {RETRIEVAL[name][1]}, 2 ranks, ZeRO-3")
+        log(f"{name}: {RETRIEVAL[name][1]}, 2 ranks, ZeRO-{load_config(RETRIEVAL[name][0]).deepspeed.zero_stage}")
         entries[name] = stage_entry(retrieval_stage(name, out, data, path_sets))
         checkpoint()
     for name in GENERATIVE:
