@@ -364,7 +364,9 @@ class DeepSpeedConfig:
     """cpu | nvme: where offloaded parameter partitions live, for offload_frozen and for a template's own
     offload_param (which must agree). nvme: DeepSpeed swaps them to files under deepspeed.nvme_path through
     its async-I/O op, which needs libaio (checked before any work); ZeRO-3 only. Without offload, nvme is
-    refused (it would do nothing)."""
+    refused (it would do nothing). With nvme the frozen towers share one pool of at least 16 swap buffers and
+    parameters are fetched on use (stage3_prefetch_bucket_size 0: DeepSpeed's NVMe prefetch fails on a
+    parameter read twice per forward)."""
     nvme_path: str = ""
     """Directory on a node-local NVMe drive for offload_device=nvme (DeepSpeed's swap files go there)."""
     param_persistence_threshold: int = -1

@@ -51,7 +51,7 @@ def zero_stage(ds_config: Dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def maybe_zero_init(enabled: bool, ds_config: Dict[str, Any]) -> ContextManager[Any]:
+def maybe_zero_init(enabled: bool, ds_config: Dict[str, Any], param_swapper: Any = None) -> ContextManager[Any]:
     """`deepspeed.zero.Init` when asked for and the config is ZeRO-3, else a no-op context.
 
     Modules built inside are partitioned at construction, so a model larger than one GPU never
@@ -62,7 +62,18 @@ def maybe_zero_init(enabled: bool, ds_config: Dict[str, Any]) -> ContextManager[
         return nullcontext()
     import deepspeed
 
-    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, param_swapper=param_swapper)
+
+
+def nvme_swapper_of(module: nn.Module) -> Any:
+    """The NVMe parameter swapper a partitioned module's parameters use, or None.
+
+    A zero.Init context with NVMe offload starts a swapper that empties its swap folder, and DeepSpeed swaps
+    a fetched group of parameters in through the first one's swapper: a second tower (the ViT after
+    transformers has loaded the LLM) must be built with the first tower's swapper (`maybe_zero_init`'s
+    param_swapper), or it deletes the first tower's swap files and the forward fails reading them.
+    """
+    return next((p.nvme_swapper for p in module.parameters() if getattr(p, "nvme_swapper", None) is not None), None)
 
 
 def with_precision(ds_config: dict, dtype: torch.dtype) -> dict:

@@ -140,6 +140,10 @@ def async_io_available() -> bool:
         return bool(AsyncIOBuilder().is_compatible(verbose=False))
 
 
+NVME_MIN_BUFFERS = 16
+"""Swap buffers of the NVMe parameter pool at least (each as large as the template's buffer_size)."""
+
+
 def apply_param_offload_(zero: dict, cfg: ExperimentConfig, on_cuda: bool) -> None:
     """ZeRO-3 parameter offload from deepspeed.offload_frozen / offload_device / nvme_path, on top of the
     template's offload_param tuning (buffers, pinning); a template offloading elsewhere is refused, and
@@ -168,6 +172,15 @@ def apply_param_offload_(zero: dict, cfg: ExperimentConfig, on_cuda: bool) -> No
         raise ConfigError("deepspeed.offload_device: nvme needs DeepSpeed's async-I/O op, which cannot be built "
                           "here (it compiles against libaio: apt install libaio-dev); use cpu")
     param["nvme_path"] = str(path)
+    # DeepSpeed's NVMe prefetch asserts on a parameter a forward fetches twice (FlanT5's shared embedding, read
+    # by its encoder and its decoder: "param N already assigned swap buffer id"); fetch on use instead.
+    if d.prefetch_bucket_size > 0:
+        raise ConfigError(f"deepspeed.prefetch_bucket_size: {d.prefetch_bucket_size} with NVMe offload; DeepSpeed's "
+                          "NVMe prefetch fails on parameters read twice per forward: leave it at -1 (then 0)")
+    zero["stage3_prefetch_bucket_size"] = 0
+    # Both frozen towers swap through one pool of buffers (see distributed.zero.nvme_swapper_of); DeepSpeed's
+    # default of 5 is fewer than the swappable tensors a reused, still-live LLM layer holds at once.
+    param["buffer_count"] = max(int(param.get("buffer_count", 5)), NVME_MIN_BUFFERS)
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:

@@ -45,13 +45,15 @@ def _require_file(key: str, path: str) -> None:
         raise ConfigError(f"{key}: {path} does not exist")
 
 
-def build_partitioned_vision(cfg: ExperimentConfig, device_type: str | None, ds_config: dict | None):
+def build_partitioned_vision(cfg: ExperimentConfig, device_type: str | None, ds_config: dict | None,
+                             param_swapper: Any = None):
     """The frozen ViT built as ZeRO-3 partitions in its final dtype and loaded partition by partition, when
     the run is ZeRO-3 with deepspeed.zero_init; None otherwise (the model builds it whole, as inference
     tools do). Built whole, ViT-g is 4 GB of fp32 on every rank before it is cast and partitioned.
 
     Call right after seeding the model's init: the tower's initialisation draws the same random numbers
     as a whole build (see EVAViT.reset_parameters), so the trainable parts that follow get the same init.
+    param_swapper: with NVMe offload, the swapper of a tower already built (see zero.nvme_swapper_of).
     """
     from blip_train.distributed.zero import maybe_zero_init, with_precision, zero_stage
     from blip_train.models.eva_vit import EVAViT, load_vit_weights_partitioned
@@ -62,7 +64,7 @@ def build_partitioned_vision(cfg: ExperimentConfig, device_type: str | None, ds_
     if ds_config is None or not cfg.deepspeed.zero_init or zero_stage(ds_config) != 3 or not v.frozen:
         return None
     dtype = frozen_vision_dtype(v.precision, device_type or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with maybe_zero_init(True, with_precision(ds_config, dtype)):
+    with maybe_zero_init(True, with_precision(ds_config, dtype), param_swapper):
         vit = EVAViT(v, attention=cfg.model.attention)
     if v.weights:
         load_vit_weights_partitioned(vit, v.weights)
@@ -155,6 +157,7 @@ def build_llm_stage_model(cfg: ExperimentConfig, device_type: str | None = None,
     parts initialised from model.init_from. Returns (model, llm tokenizer, init report or None).
     ds_config: the run's DeepSpeed config when training (ZeRO-3 builds the ViT partitioned)."""
     from blip_train.data.llm_collate import load_llm_tokenizer
+    from blip_train.distributed.zero import nvme_swapper_of
     from blip_train.models.eva_vit import load_vit_weights
     from blip_train.models.llm_bridge import Blip2LLM, init_from_earlier_stage_, load_llm
 
@@ -165,7 +168,7 @@ def build_llm_stage_model(cfg: ExperimentConfig, device_type: str | None = None,
     llm_tokenizer = load_llm_tokenizer(m.llm.path)
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
     llm = load_llm(m.llm, device_type)
-    vit = build_partitioned_vision(cfg, device_type, ds_config)
+    vit = build_partitioned_vision(cfg, device_type, ds_config, param_swapper=nvme_swapper_of(llm))
     model = Blip2LLM(m, llm, device_type=device_type, visual_encoder=vit)
     if m.vision.weights and vit is None:
         load_vit_weights(model.visual_encoder, m.vision.weights)

@@ -157,14 +157,19 @@ def test_nvme_offload_json(async_io, tmp_path):
 
     nvme = [f"deepspeed.nvme_path={tmp_path}", "deepspeed.offload_device=nvme"]
     ds = build_ds_config(_cfg("deepspeed.offload_frozen=true", *nvme), world_size=1, on_cuda=False)
+    # Both frozen towers share one pool of swap buffers: at least 16; no NVMe prefetch (see engine.py).
     assert ds["zero_optimization"]["offload_param"] == {"device": "nvme", "pin_memory": False,
-                                                        "nvme_path": str(tmp_path)}
+                                                        "nvme_path": str(tmp_path), "buffer_count": 16}
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 0
     assert ds["zero_force_ds_cpu_optimizer"] is False
+    with pytest.raises(ConfigError, match="deepspeed.prefetch_bucket_size: 1000 with NVMe offload"):
+        build_ds_config(_cfg("deepspeed.offload_frozen=true", "deepspeed.prefetch_bucket_size=1000", *nvme),
+                        world_size=1, on_cuda=False)
     # The template carries the swap buffers and aio tuning; offload_frozen adds nothing it lacks.
     for extra in ([], ["deepspeed.offload_frozen=true"]):
         ds = build_ds_config(_cfg("deepspeed.config=zero3_offload_nvme", *nvme, *extra), world_size=1, on_cuda=True)
         assert ds["zero_optimization"]["offload_param"] == {
-            "device": "nvme", "pin_memory": True, "buffer_count": 5, "buffer_size": 100_000_000,
+            "device": "nvme", "pin_memory": True, "buffer_count": 16, "buffer_size": 100_000_000,
             "max_in_cpu": 1_000_000_000, "nvme_path": str(tmp_path)}
         assert ds["aio"]["block_size"] == 1 << 20 and ds["zero_force_ds_cpu_optimizer"] is False
         parsed = DeepSpeedZeroConfig(**ds["zero_optimization"])  # DeepSpeed's own schema accepts it

@@ -179,6 +179,49 @@ def test_nvme_offload_trains_like_no_offload(tiny_assets, tmp_path):
     assert len(swapped) >= 3 and all(f.stat().st_size >= 2**20 for f in swapped)
 
 
+def _wide_t5(folder):
+    """A T5 whose embedding and LM head (2048 x 512, 2 MiB in bf16) pass the NVMe swapping minimum."""
+    from transformers import AutoModelForSeq2SeqLM, T5Config
+
+    from blip_train.data.tokenizers import train_bpe_tokenizer
+    from tests.parity.test_export_hf_models import TEXTS
+
+    tok = train_bpe_tokenizer(TEXTS, vocab_size=90, out_dir=folder, style="t5")
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=2048, d_model=512, d_kv=64, d_ff=1024, num_layers=1, num_decoder_layers=1, num_heads=8,
+                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    AutoModelForSeq2SeqLM.from_config(cfg).save_pretrained(str(folder))
+    return folder
+
+
+def test_nvme_offload_of_a_frozen_llm_and_vit_trains_like_no_offload(tiny_assets, tmp_path):
+    """Stage 2 with both frozen towers on NVMe (the LLM loaded by transformers under zero.Init, then the ViT
+    under ours): the losses of a run without offload, and both towers' swap files are there. Failed before:
+    the ViT's zero.Init started a second swapper, which emptied the swap folder (the LLM's files gone: the
+    first forward's async_pread assertion), and DeepSpeed's NVMe prefetch asserted on FlanT5's embedding,
+    which a forward reads twice ("already assigned swap buffer id")."""
+    from tests.helpers.tiny_run import VISION, read_losses, run_train
+
+    if not _async_io():
+        pytest.skip("DeepSpeed's async-I/O op cannot be built here (no libaio); the refusal is tested instead")
+    t5, nvme = _wide_t5(tmp_path / "t5"), tmp_path / "nvme"
+    nvme.mkdir()
+    model = {"arch": "stage2", "vision": dict(VISION, **WIDE_VISION),
+             "llm": {"path": str(t5), "dtype": "bf16", "max_txt_len": 12, "max_prompt_len": 16}}
+    losses = {}
+    for name, ds in (("plain", {}), ("nvme", {"offload_frozen": True, "offload_device": "nvme",
+                                              "nvme_path": str(nvme)})):
+        run = tmp_path / name
+        run_train(write_tiny_config(tiny_assets, run, model=model, deepspeed=ds,
+                                    train={"max_steps": 2, "save_interval": 2}), nproc=1, timeout=900)
+        losses[name] = read_losses(run)
+    assert sorted(losses["nvme"]) == [1, 2] and losses["nvme"] == losses["plain"]
+    sizes = sorted(f.stat().st_size for f in nvme.rglob("*.swp"))
+    assert len(sizes) >= 4 and sizes[-1] >= 2 * 2**20  # the ViT's big tensors and the T5's 2 MiB ones
+
+
 def test_nvme_offload_refused_in_one_line_before_any_work(tiny_assets, tmp_path):
     """Where the async-I/O op cannot be built (no libaio), `python -m blip_train.train` refuses NVMe offload
     with one line naming the key, before creating anything."""
