@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .schema import ExperimentConfig
+from .schema import OBJECTIVES, ExperimentConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -172,8 +172,6 @@ EVAL_TASK_ARCHS = {"retrieval": ("stage1", "blip", "albef"), "caption": ("stage2
                    "vqa": ("stage2", "instruct")}
 """Which model.arch can run each evaluation task (retrieval needs the ITC/ITM heads; captions an LLM or BLIP's
 decoder; VQA an LLM: stage 2 answers questions zero-shot, or question-aware after VQA fine-tuning)."""
-OBJECTIVES = {"blip": ("pretrain", "retrieval", "caption"), "albef": ("pretrain", "retrieval")}
-"""model.objective by model.arch (the BLIP-2 archs have their objectives in the arch itself)."""
 _DEFAULT_EVAL_TASK = {"stage1": "retrieval", "stage2": "caption", "instruct": "vqa", "blip": "retrieval",
                       "albef": "retrieval"}
 _ON_OFF_KEYS = {"optim.fused"}

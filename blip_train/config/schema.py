@@ -173,6 +173,10 @@ class MomentumConfig:
     epoch); 0 uses alpha from the first step."""
 
 
+OBJECTIVES = {"blip": ("pretrain", "retrieval", "caption"), "albef": ("pretrain", "retrieval")}
+"""model.objective by model.arch (the BLIP-2 archs have their objectives in the arch itself)."""
+
+
 @dataclass
 class ModelConfig:
     arch: str = "stage1"

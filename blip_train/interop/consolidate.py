@@ -45,7 +45,7 @@ def locate_checkpoint(path: Union[str, Path], tag: Optional[str] = None) -> tupl
     The checkpoint's files are verified (sizes and CRC-32): a damaged one is refused, naming the file."""
     from blip_train.training.checkpoint import CheckpointError, require_whole_checkpoint
 
-    ckpt_dir, tag = _find_checkpoint(path, tag)
+    ckpt_dir, tag = find_checkpoint(path, tag)
     try:
         require_whole_checkpoint(ckpt_dir / tag)
     except CheckpointError as e:
@@ -53,7 +53,8 @@ def locate_checkpoint(path: Union[str, Path], tag: Optional[str] = None) -> tupl
     return ckpt_dir, tag
 
 
-def _find_checkpoint(path: Union[str, Path], tag: Optional[str]) -> tuple[Path, str]:
+def find_checkpoint(path: Union[str, Path], tag: Optional[str]) -> tuple[Path, str]:
+    """`locate_checkpoint` without reading the files: where a tag is, for a look at its recorded config."""
     p = Path(path)
     if not p.exists():
         raise InteropError(f"{p}: no such file or folder")

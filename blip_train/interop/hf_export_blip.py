@@ -30,13 +30,13 @@ BLIP_OBJECTIVE_CLASSES = {"retrieval": ("BlipForImageTextRetrieval",), "caption"
 def recorded_model(source: Union[str, Path], tag: Optional[str]) -> dict:
     """The `model` section a run / checkpoint recorded, read without merging or verifying its shards ({} when
     there is none to read here: load_export_source then says what is wrong)."""
-    from blip_train.interop.consolidate import _find_checkpoint, run_config
+    from blip_train.interop.consolidate import find_checkpoint, run_config
 
     p = Path(source)
     if is_weights_folder(p) or is_weights_file(p):
         return {}
     try:
-        ckpt_dir, tag = _find_checkpoint(p, tag)
+        ckpt_dir, tag = find_checkpoint(p, tag)
     except (InteropError, OSError):
         return {}
     return (run_config(ckpt_dir, tag) or {}).get("model") or {}

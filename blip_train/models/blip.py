@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip_train.config.schema import ModelConfig
+from blip_train.config.schema import OBJECTIVES, ModelConfig
 from blip_train.models.beam_search import beam_search
 from blip_train.models.blip_losses import (FeatureQueue, alpha_at, copy_params_, global_sims, lm_loss,
                                            mask_tokens, mlm_loss, momentum_itc_loss)
@@ -76,8 +76,7 @@ class BlipPretrain(nn.Module):
             raise ValueError(f"model.arch={cfg.arch!r}: BlipPretrain builds {' | '.join(ARCHS)}")
         self.arch = cfg.arch
         self.objective = cfg.objective
-        if (cfg.arch, cfg.objective) not in {("blip", "pretrain"), ("blip", "retrieval"), ("blip", "caption"),
-                                             ("albef", "pretrain"), ("albef", "retrieval")}:
+        if cfg.objective not in OBJECTIVES[cfg.arch]:
             raise ValueError(f"model.objective={cfg.objective!r} does not apply to model.arch={cfg.arch}")
         self.world = world if world is not None else WorldInfo()
         self.tokens = tokens
