@@ -74,6 +74,14 @@ RECIPES = [
     Recipe("blip_pretrain_vitl_14m", "l16", paper_trainable=474_704_447),
     Recipe("albef_pretrain_4m", "b16", paper_trainable=209_928_511),
     Recipe("albef_pretrain_14m", "b16", paper_trainable=209_928_511),
+    Recipe("blip_pretrain_vitb_14m_bootstrapped", "b16", paper_trainable=224e6),
+    # BLIP fine-tuning (model.objective): what the objective does not read is frozen. Retrieval ViT-B: 223.7M
+    # trainable (the paper's 224M), its momentum copies frozen; captioning: no momentum model. Our exact counts.
+    Recipe("blip_ft_retrieval_coco_vitb", "b16", paper_trainable=223_735_043),
+    Recipe("blip_ft_retrieval_flickr_vitb", "b16", paper_trainable=223_735_043),
+    Recipe("blip_ft_retrieval_coco_vitl", "l16", paper_trainable=446_104_067),
+    Recipe("blip_ft_caption_coco_vitb", "b16", paper_trainable=223_962_428),
+    Recipe("blip_ft_caption_coco_vitl", "l16", paper_trainable=446_265_916),
 ]
 BLIP_ARCHS = ("blip", "albef")
 """model.arch values built by BlipPretrain (ViT + text transformer + momentum copies + feature queue)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, clean_env
+from tests.conftest import REPO, clean_env, free_port
 
 SLURM_DIR = REPO / "slurm"
 LAUNCH = SLURM_DIR / "launch.sh"
@@ -127,14 +127,17 @@ def test_sbatch_script_calls_launch_helper(fake_job: tuple, tmp_path: Path) -> N
 
 def test_per_node_torchrun_mode(fake_job: tuple, tmp_path: Path) -> None:
     env, log = fake_job
-    proc = _run([LAUNCH], dict(env, CONFIG="c.yaml", MODE="per-node", MASTER_PORT="29400"), tmp_path)
+    # The batch shell hosts the rendezvous store (a real one, on a free port of this host) for the step.
+    port = str(free_port())
+    proc = _run([LAUNCH], dict(env, CONFIG="c.yaml", MODE="per-node", MASTER_PORT=port, PYTHON=sys.executable,
+                               PYTHONPATH=str(REPO)), tmp_path)
     assert proc.returncode == 0, proc.stderr
     argv, _ = _recorded(log)
     assert argv[:5] == ["--kill-on-bad-exit=1", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
                         "--cpus-per-task=96"]
     assert argv[5:9] == ["bash", "-c", 'trap "" USR1; exec "$@"', "ignore-usr1"]
     assert argv[9:] == ["torchrun", "--nnodes", "2", "--nproc_per_node", "8", "--rdzv_backend", "c10d",
-                        "--rdzv_endpoint", "node1:29400", "--rdzv_id", str(JOB_ID),
+                        "--rdzv_endpoint", f"node1:{port}", "--rdzv_id", str(JOB_ID), "--rdzv_conf", "is_host=0",
                         "-m", "blip_train.train", "--config", "c.yaml"]
 
 
