@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from blip_train.config import EVAL_TASK_ARCHS, ConfigError, config_from_dict, validate_config
+from blip_train.config import EVAL_TASK_ARCHS, ConfigError, blip_task_refusal, config_from_dict, validate_config
 
 TASKS = ("retrieval", "caption", "vqa")
 
@@ -136,13 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval error: --task {args.task} needs a run with model.arch in {EVAL_TASK_ARCHS[args.task]}; "
               f"{ckpt_dir.parent} is model.arch={cfg.model.arch}", file=sys.stderr)
         return 2
-    untrained_part = {("retrieval", "caption"): "a captioning run (model.objective=caption) does not train the ITC / "
-                      "ITM heads: use --task caption", ("caption", "retrieval"): "a retrieval fine-tuning run "
-                      "(model.objective=retrieval) does not train the decoder: use --task retrieval"}
-    if cfg.model.arch == "blip" and (args.task, cfg.model.objective) in untrained_part:
-        print(f"eval error: --task {args.task}: {ckpt_dir.parent}: {untrained_part[args.task, cfg.model.objective]}",
-              file=sys.stderr)
+    refusal = blip_task_refusal(cfg.model.objective, args.task) if cfg.model.arch == "blip" else ""
+    if refusal:
+        print(f"eval error: --task {args.task}: {ckpt_dir.parent}: {refusal}", file=sys.stderr)
         return 2
+    if cfg.eval.answer_list:
+        from blip_train.evaluation.generative_eval import read_answer_list
+        try:
+            read_answer_list(cfg.eval.answer_list)
+        except ConfigError as e:
+            print(f"eval error: {e}", file=sys.stderr)
+            return 2
     if args.task == "caption" and cfg.model.arch == "stage2" and cfg.model.qformer_text_input:
         print(f"eval error: --task caption: {ckpt_dir.parent} is fine-tuned to answer questions "
               "(model.qformer_text_input=true); use --task vqa", file=sys.stderr)

@@ -128,9 +128,9 @@ def load_captioner_config(args: argparse.Namespace, filter_step: Path):
     if cfg.model.arch not in CAPTIONING_ARCHS:
         raise ValueError(f"--captioner {ckpt_dir / tag}: model.arch={cfg.model.arch} has no text decoder and cannot "
                          "caption; give a BLIP run (e.g. fine-tuned on COCO captions) or a BLIP-2 stage-1 run")
-    if cfg.model.objective == "retrieval":
-        raise ValueError(f"--captioner {ckpt_dir / tag}: a retrieval fine-tuning run (model.objective=retrieval) does "
-                         "not train the decoder; give a BLIP pretraining or captioning run")
+    if cfg.model.objective in ("retrieval", "vqa"):
+        raise ValueError(f"--captioner {ckpt_dir / tag}: a {cfg.model.objective} fine-tuning run (model.objective="
+                         f"{cfg.model.objective}) does not train the decoder; give a BLIP pretraining or captioning run")
     if (ckpt_dir / tag).resolve() == filter_step.resolve() and args.captioner_overrides == args.overrides:
         return None
     return cfg, ckpt_dir, tag
@@ -155,9 +155,10 @@ def main() -> int:
     if cfg.model.arch not in FILTERING_ARCHS:
         raise ValueError(f"--checkpoint {ckpt_dir / tag}: model.arch={cfg.model.arch} has no ITC/ITM heads to filter "
                          f"with (one of {', '.join(FILTERING_ARCHS)})")
-    if cfg.model.objective == "caption":
-        raise ValueError(f"--checkpoint {ckpt_dir / tag}: a captioning run (model.objective=caption) does not train "
-                         "the ITC/ITM heads; filter with a BLIP pretraining or retrieval run (give it as --captioner)")
+    if cfg.model.objective in ("caption", "vqa"):
+        raise ValueError(f"--checkpoint {ckpt_dir / tag}: a {cfg.model.objective} run (model.objective="
+                         f"{cfg.model.objective}) does not train the ITC/ITM heads; filter with a BLIP pretraining or "
+                         "retrieval run (a captioner goes with --captioner)")
     if captioner_run is None and cfg.model.objective == "retrieval":
         raise ValueError(f"--checkpoint {ckpt_dir / tag}: a retrieval fine-tuning run does not train the decoder; give "
                          "the captioner with --captioner (a BLIP captioning or pretraining run)")

@@ -1,5 +1,5 @@
 """Typed experiment config: schema (dataclasses), YAML loading, overrides, validation."""
-from .loading import (EVAL_TASK_ARCHS, ConfigError, check_input_paths, check_output_dir, config_from_dict,
+from .loading import (EVAL_TASK_ARCHS, ConfigError, blip_task_refusal, check_input_paths, check_output_dir, config_from_dict,
                       config_to_dict, config_warnings, eval_task, load_config, resolve_recipe, save_resolved_config,
                       validate_config)
 from .schema import (DataConfig, DeepSpeedConfig, EvalConfig, ExperimentConfig, LLMConfig, LoRAConfig,
@@ -7,7 +7,7 @@ from .schema import (DataConfig, DeepSpeedConfig, EvalConfig, ExperimentConfig, 
                      VisionConfig)
 
 __all__ = [
-    "EVAL_TASK_ARCHS", "ConfigError", "check_input_paths", "check_output_dir", "config_from_dict",
+    "EVAL_TASK_ARCHS", "ConfigError", "blip_task_refusal", "check_input_paths", "check_output_dir", "config_from_dict",
     "config_to_dict", "config_warnings", "eval_task", "load_config",
     "resolve_recipe", "save_resolved_config",
     "validate_config", "DataConfig", "DeepSpeedConfig", "EvalConfig", "ExperimentConfig", "LLMConfig", "LoRAConfig",

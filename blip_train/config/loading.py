@@ -169,9 +169,28 @@ def cuda_available() -> bool:
 
 
 EVAL_TASK_ARCHS = {"retrieval": ("stage1", "blip", "albef"), "caption": ("stage2", "instruct", "blip"),
-                   "vqa": ("stage2", "instruct")}
+                   "vqa": ("stage2", "instruct", "blip")}
 """Which model.arch can run each evaluation task (retrieval needs the ITC/ITM heads; captions an LLM or BLIP's
-decoder; VQA an LLM: stage 2 answers questions zero-shot, or question-aware after VQA fine-tuning)."""
+decoder; VQA an LLM (stage 2 answers questions zero-shot, or question-aware after VQA fine-tuning) or BLIP's
+VQA model (model.objective=vqa)).
+"""
+NO_MOMENTUM_OBJECTIVES = ("caption", "vqa")
+"""BLIP objectives without a contrastive loss, so without momentum encoders and queue."""
+BLIP_OBJECTIVE_TASKS = {"pretrain": ("retrieval", "caption"), "retrieval": ("retrieval",), "caption": ("caption",),
+                        "vqa": ("vqa",)}
+"""The evaluation tasks a model.arch=blip run can do: a fine-tuning objective trains the parts of its own task only
+(the others stay frozen at model.init_from)."""
+_BLIP_TASK_PARTS = {"retrieval": "the ITC / ITM heads", "caption": "the caption decoder",
+                    "vqa": "a VQA answer decoder (model.objective=vqa)"}
+
+
+def blip_task_refusal(objective: str, task: str) -> str:
+    """Why a model.arch=blip run of `objective` cannot be evaluated on `task` ('' when it can)."""
+    can = BLIP_OBJECTIVE_TASKS.get(objective, ())
+    if task in can:
+        return ""
+    return (f"a model.objective={objective} run does not train {_BLIP_TASK_PARTS[task]}: use "
+            f"{' or '.join('--task ' + t for t in can)}")
 _DEFAULT_EVAL_TASK = {"stage1": "retrieval", "stage2": "caption", "instruct": "vqa", "blip": "retrieval",
                       "albef": "retrieval"}
 _ON_OFF_KEYS = {"optim.fused"}
@@ -200,8 +219,8 @@ def eval_task(cfg: ExperimentConfig) -> str:
     """The in-training evaluation task: eval.task, or the architecture's own when 'auto'."""
     if cfg.eval.task != "auto":
         return cfg.eval.task
-    if cfg.model.arch == "blip" and cfg.model.objective == "caption":
-        return "caption"
+    if cfg.model.arch == "blip" and cfg.model.objective in ("caption", "vqa"):
+        return cfg.model.objective
     return "vqa" if cfg.model.arch == "stage2" and cfg.model.qformer_text_input else _DEFAULT_EVAL_TASK[cfg.model.arch]
 
 
@@ -210,8 +229,8 @@ def _check_momentum(cfg: ExperimentConfig) -> None:
     m, mom = cfg.model, cfg.model.momentum
     if m.vision.frozen:
         raise ConfigError(f"model.vision.frozen: model.arch={m.arch} trains its ViT end to end; set it false")
-    if m.objective == "caption":
-        return  # no momentum model
+    if m.objective in NO_MOMENTUM_OBJECTIVES:
+        return
     if not 0 <= mom.decay < 1:
         raise ConfigError(f"model.momentum.decay: must be in [0, 1), got {mom.decay}")
     if not 0 <= mom.alpha <= 1:
@@ -232,7 +251,7 @@ def _check_momentum(cfg: ExperimentConfig) -> None:
 def check_queue_fits_world(cfg: ExperimentConfig, world_size: int) -> None:
     """BLIP / ALBEF: every training forward enqueues micro_batch_size x world_size momentum features, so that
     number must divide model.momentum.queue_size (checked once the number of ranks is known, before any work)."""
-    if cfg.model.arch not in ("blip", "albef") or cfg.model.objective == "caption":
+    if cfg.model.arch not in ("blip", "albef") or cfg.model.objective in NO_MOMENTUM_OBJECTIVES:
         return
     per_forward = cfg.train.micro_batch_size * world_size
     if cfg.model.momentum.queue_size % per_forward:
@@ -312,6 +331,9 @@ def validate_config(cfg: ExperimentConfig) -> None:
                           "model.objective=caption (model.arch=blip) or leave the prompt empty")
     if m.arch in ("blip", "albef"):
         _check_momentum(cfg)
+    if cfg.eval.answer_list and (m.arch, m.objective) != ("blip", "vqa"):
+        raise ConfigError(f"eval.answer_list: ranks candidate answers with BLIP's VQA decoder (model.arch=blip, "
+                          f"model.objective=vqa); this run is model.arch={m.arch}, model.objective={m.objective}")
     lora = m.llm.lora
     _positive("model.llm.lora.r", lora.r, allow_zero=True)
     if lora.r:
@@ -363,6 +385,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
     if cfg.eval.task != "auto" and m.arch not in EVAL_TASK_ARCHS[cfg.eval.task]:
         raise ConfigError(f"eval.task: {cfg.eval.task} needs model.arch in {', '.join(EVAL_TASK_ARCHS[cfg.eval.task])}, "
                           f"this run is model.arch={m.arch}")
+    if m.arch == "blip" and blip_task_refusal(m.objective, eval_task(cfg)):
+        raise ConfigError(f"eval.task: {eval_task(cfg)}: {blip_task_refusal(m.objective, eval_task(cfg))}")
     if m.arch == "stage2" and m.qformer_text_input and eval_task(cfg) == "caption":
         raise ConfigError("eval.task: caption needs a captioning model; this one is fine-tuned to answer questions "
                           "(model.qformer_text_input): use eval.task=vqa (or auto) with a VQA data.val")

@@ -173,7 +173,7 @@ class MomentumConfig:
     epoch); 0 uses alpha from the first step."""
 
 
-OBJECTIVES = {"blip": ("pretrain", "retrieval", "caption"), "albef": ("pretrain", "retrieval")}
+OBJECTIVES = {"blip": ("pretrain", "retrieval", "caption", "vqa"), "albef": ("pretrain", "retrieval")}
 """model.objective by model.arch (the BLIP-2 archs have their objectives in the arch itself)."""
 
 
@@ -199,8 +199,11 @@ class ModelConfig:
     objective: str = "pretrain"
     """model.arch blip | albef: pretrain (ITC + ITM + LM / MLM) | retrieval (ITC + ITM with every caption of the
     same image a positive, in the batch and the queue: BLIP's COCO / Flickr30K fine-tuning) | caption (BLIP: the
-    decoder's LM loss after model.text.prompt, no momentum model: BLIP's COCO captioner). Parts an objective does
-    not use stay in the model, frozen, so every run keeps one layout for init_from, export and evaluation."""
+    decoder's LM loss after model.text.prompt, no momentum model: BLIP's COCO captioner) | vqa (BLIP: the
+    image-grounded encoder reads the question, a second, untied MED decodes each human answer from its states, the
+    answers' LM losses weighted by their share of the annotators; no momentum model: BLIP's VQAv2 model). Parts an
+    objective does not use stay in the model, frozen, so every run keeps one layout for init_from, export and
+    evaluation."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -328,7 +331,13 @@ class EvalConfig:
     """In-training task: auto (stage1 retrieval, stage2 caption, instruct vqa) | retrieval | caption | vqa.
     InstructBLIP validated on a captions-only split (COCO) needs caption."""
     k_test: int = 128
-    """Retrieval: candidates re-ranked with ITM."""
+    """Retrieval: candidates re-ranked with ITM. BLIP VQA with eval.answer_list: candidate answers (the most likely
+    first tokens) scored in full."""
+    answer_list: str = ""
+    """BLIP VQA (model.objective=vqa): a JSON list of candidate answers (VQAv2: the 3,128 most frequent training
+    answers; tools/answer_list.py writes one from a split). Set: each question takes the candidate its decoder
+    scores most likely (BLIP's ranking inference); empty: the answer is generated (eval.num_beams,
+    eval.vqa_max_new_tokens)."""
     batch_size: int = 32
     max_samples: int = 0
     """Cap on evaluated samples (0: all)."""

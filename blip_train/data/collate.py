@@ -5,6 +5,7 @@ Models receive ready tensors and never tokenise (unlike LAVIS, which tokenises i
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any, Sequence
 
 import torch
@@ -117,6 +118,86 @@ class BlipCaptionCollator:
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {**collate_images(samples),
                 "prompt_ids": torch.tensor([self.prompt_ids] * len(samples), dtype=torch.long)}
+
+
+def pre_question(question: str, max_words: int = 50) -> str:
+    """BLIP's question cleaning: lowercase, decorative punctuation removed (the question mark stays), words capped."""
+    words = _PUNCT.sub("", question.lower()).rstrip(" ").split(" ")
+    return " ".join(words[:max_words])
+
+
+SINGLE_ANSWER_WEIGHT = 0.2
+"""BLIP's loss weight for a question with one human answer (Visual Genome QA); VQAv2's ten annotators' answers
+weigh their share instead (a question's weights then sum to 1)."""
+
+
+def weighted_answers(sample: dict[str, Any]) -> list[tuple[str, float]]:
+    """(distinct answer, weight) of a VQA sample, BLIP's way: each distinct human answer weighs the share of the
+    answers that gave it; a sample with one answer weighs SINGLE_ANSWER_WEIGHT."""
+    answers = [a.strip() for a in sample.get("answers") or [] if a.strip()]
+    if len(answers) > 1:
+        return [(a, n / len(answers)) for a, n in Counter(answers).items()]
+    answer = (sample.get("answer") or "").strip() or (answers[0] if answers else "")
+    if not answer:
+        raise ValueError(f"VQA fine-tuning trains on answers: a question of dataset {sample.get('dataset') or '?'!r} "
+                         "has none (train on VQA splits with answers from tools/convert_vqa.py)")
+    return [(answer, SINGLE_ANSWER_WEIGHT)]
+
+
+class BlipVQACollator:
+    """BLIP VQA batches (model.objective=vqa) from `VQADataset` samples:
+        pixel_values   uint8 (B, 3, H, W)
+        question_ids   long  (B, Tq)  [ENC] question [SEP] (BLIP's `pre_question`), right-padded
+        question_mask  long  (B, Tq)
+    and unless generation=True, one row per (question, distinct answer), N rows in all:
+        answer_ids     long  (N, Ta)  [DEC] answer [SEP], right-padded
+        answer_mask    long  (N, Ta)
+        answer_labels  long  (N, Ta)  answer_ids with padding -100 ([DEC] is never a target after the shift)
+        answer_owner   long  (N,)     the question's row
+        answer_weight  float (N,)     `weighted_answers`
+    A row without a question (a caption row) is refused, naming its dataset.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_question_len: int = 35, max_answer_len: int = 10,
+                 generation: bool = False) -> None:
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (ENC_TOKEN, DEC_TOKEN)}
+        for token, i in ids.items():
+            if i is None or i == tokenizer.unk_token_id:
+                raise ValueError(f"tokenizer has no {token} token: load it with load_blip_tokenizer()")
+        self.tokenizer, self.enc_id, self.dec_id = tokenizer, ids[ENC_TOKEN], ids[DEC_TOKEN]
+        self.max_question_len, self.max_answer_len, self.generation = max_question_len, max_answer_len, generation
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        for s in samples:
+            if not (s.get("question") or "").strip():
+                raise ValueError(f"model.objective=vqa trains on questions: a {s.get('task') or 'caption'!r} row of "
+                                 f"dataset {s.get('dataset') or '?'!r} has none (use VQA splits from "
+                                 "tools/convert_vqa.py)")
+        q = self.tokenizer([pre_question(s["question"]) for s in samples], padding="longest", truncation=True,
+                           max_length=self.max_question_len, return_tensors="pt")
+        question_ids = q["input_ids"].long()  # (B, Tq)
+        question_ids[:, 0] = self.enc_id
+        out = {**collate_images(samples), "question_ids": question_ids, "question_mask": q["attention_mask"].long()}
+        if self.generation:
+            return out
+        owned = [(row, a, w) for row, s in enumerate(samples) for a, w in weighted_answers(s)]
+        a = self.tokenizer([a for _, a, _ in owned], padding="longest", truncation=True,
+                           max_length=self.max_answer_len, return_tensors="pt")
+        answer_ids, answer_mask = a["input_ids"].long(), a["attention_mask"].long()  # (N, Ta)
+        answer_ids[:, 0] = self.dec_id
+        return {**out, "answer_ids": answer_ids, "answer_mask": answer_mask,
+                "answer_labels": answer_ids.masked_fill(answer_mask == 0, IGNORE_INDEX),
+                "answer_owner": torch.tensor([row for row, _, _ in owned], dtype=torch.long),
+                "answer_weight": torch.tensor([w for _, _, w in owned], dtype=torch.float32)}
+
+
+def tokenize_answer_candidates(tokenizer: PreTrainedTokenizerBase, answers: Sequence[str],
+                               max_answer_len: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer_ids, answer_mask) (C, Ta) of candidate answers as the VQA decoder reads them: [DEC] answer [SEP]."""
+    a = tokenizer(list(answers), padding="longest", truncation=True, max_length=max_answer_len, return_tensors="pt")
+    ids = a["input_ids"].long()
+    ids[:, 0] = tokenizer.convert_tokens_to_ids(DEC_TOKEN)
+    return ids, a["attention_mask"].long()
 
 
 IMAGE_ID_BITS = 40

@@ -22,7 +22,7 @@ from torch import nn
 from blip_train.distributed.zero import gathered, is_zero3_param
 
 GENERATE_KEYS = ("pixel_values", "llm_input_ids", "llm_attention_mask", "qformer_input_ids", "qformer_attention_mask",
-                 "prompt_ids")
+                 "prompt_ids", "question_ids", "question_mask")
 """Batch keys (from a collator built with generation=True) that `Blip2LLM.generate` / `BlipPretrain.generate`
 take."""
 

@@ -143,6 +143,14 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, g
         qid = int(row["question_id"])
         questions[i] = (qid if qid >= 0 else i, int(row["image_id"]), row["question"], list(row["answers"]))
 
+    def answer(rows: EvalSplit) -> dict[int, str]:
+        preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
+                               "vqa" if progress else "")
+        if "answer_ids" in gen_kwargs:  # ranked over eval.answer_list: report the listed texts
+            listed = ranked_answer_texts(tokenizer, cfg.eval.answer_list, cfg.model.max_txt_len)
+            preds = {i: listed.get(p, p) for i, p in preds.items()}
+        return preds
+
     rows = open_split(split, cfg.model.vision.image_size, max_samples, keep=is_vqa_row, note=note)
     if not rows.indices:
         # A split without human answers (VQAv2 test-dev): answer its questions, to submit for scoring.
@@ -150,13 +158,11 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, g
                           keep=lambda row: row["task"] == "vqa" and bool(row["question"]))
         if not rows.indices:
             raise ValueError(f"{split}: no VQA samples (task 'vqa' with a question)")
-        preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
-                               "vqa" if progress else "")
+        preds = answer(rows)
         out = [{"question_id": questions[i][0], "image_id": questions[i][1], "question": questions[i][2],
                 "prediction": preds[i], "answers": []} for i in rows.indices]
         return {"num_questions": len(rows.indices), "num_images": len({q[1] for q in questions.values()})}, out
-    preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
-                           "vqa" if progress else "")
+    preds = answer(rows)
     # VQA accuracy leaves one human answer out, so it needs two: a single answer is counted twice.
     answers = {q[0]: q[3] if len(q[3]) >= 2 else q[3] * 2 for q in questions.values()}
     predictions = {questions[i][0]: preds[i] for i in rows.indices}
@@ -171,6 +177,34 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, g
             "prediction": preds[i],
             "answers": questions[i][3]} for i in rows.indices]
     return metrics, out
+
+
+def read_answer_list(path: str) -> list[str]:
+    """eval.answer_list: a JSON list of distinct, non-empty answer strings (ConfigError naming the file otherwise)."""
+    import json
+
+    from blip_train.config import ConfigError
+    try:
+        answers = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"eval.answer_list: {path}: not a readable JSON file ({e.__class__.__name__})") from None
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise ConfigError(f"eval.answer_list: {path}: expected a JSON list of non-empty answer strings")
+    if len(set(answers)) != len(answers):
+        raise ConfigError(f"eval.answer_list: {path}: {len(answers) - len(set(answers))} answers are listed twice")
+    return answers
+
+
+def ranked_answer_texts(tokenizer, path: str, max_len: int) -> dict[str, str]:
+    """{decoded candidate: its text in eval.answer_list}: a ranked prediction is decoded from the candidate's
+    token ids, which BERT's tokenizer does not always turn back into the listed text ("t-shirt" decodes as
+    "t - shirt"); predictions then report the listed answer."""
+    from blip_train.data.collate import tokenize_answer_candidates
+
+    answers = read_answer_list(path)
+    ids, _ = tokenize_answer_candidates(tokenizer, answers, max_len)
+    decoded = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return {d: a for d, a in reversed(list(zip(decoded, answers)))}  # the first listed wins a collision
 
 
 VQA_PROMPTS = {"decoder_only": "Question: {} Answer:", "encoder_decoder": "Question: {} Short answer:"}
@@ -203,10 +237,18 @@ def generation_setup(cfg: ExperimentConfig, model, tok, task: str) -> tuple[Call
     from blip_train.training.stages import END_OF_TEXT, build_question_collator
 
     m, e = cfg.model, cfg.eval
-    if m.arch == "blip":  # BLIP's own decoder: greedy captions (no VQA head in pretraining)
-        from blip_train.data.collate import BlipCaptionCollator
-        if task != "caption":
-            raise ValueError(f"--task {task}: a BLIP pretraining run generates captions only (--task caption)")
+    if m.arch == "blip":  # BLIP's own decoders: captions, or a VQA model's answers (generated or ranked)
+        from blip_train.config import blip_task_refusal
+        from blip_train.data.collate import BlipCaptionCollator, BlipVQACollator, tokenize_answer_candidates
+        if blip_task_refusal(m.objective, task):
+            raise ValueError(f"--task {task}: {blip_task_refusal(m.objective, task)}")
+        if task == "vqa":
+            gen = {"num_beams": e.num_beams, "max_new_tokens": e.vqa_max_new_tokens, "min_new_tokens": 1,
+                   "length_penalty": e.vqa_length_penalty}
+            if e.answer_list:
+                ids, mask = tokenize_answer_candidates(tok, read_answer_list(e.answer_list), m.max_txt_len)
+                gen = {"answer_ids": ids, "answer_mask": mask, "k_test": e.k_test}
+            return BlipVQACollator(tok, m.max_txt_len, m.max_txt_len, generation=True), gen
         return BlipCaptionCollator(tok, m.text.prompt), {
             "max_new_tokens": e.max_new_tokens, "min_new_tokens": e.min_new_tokens, "num_beams": e.num_beams,
             "length_penalty": e.length_penalty}

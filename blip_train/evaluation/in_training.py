@@ -88,6 +88,9 @@ def check_eval_split(cfg: ExperimentConfig) -> None:
         if grouping:
             print0(grouping)
     if eval_task(cfg) == "vqa":
+        if cfg.eval.answer_list:
+            from blip_train.evaluation.generative_eval import read_answer_list
+            read_answer_list(cfg.eval.answer_list)
         ds = build_streaming_dataset(lambda: StreamingDataset(local=cfg.data.val, shuffle=False, batch_size=1))
         if not any(is_vqa_row(ds[i]) for i in range(ds.num_samples)):
             raise ConfigError(f"data.val: {cfg.data.val} has no VQA rows (task 'vqa' with a question and answers) "

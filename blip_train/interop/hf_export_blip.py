@@ -1,6 +1,6 @@
 """tools/export_hf.py for model.arch=blip: a BLIP run (ViT + MED) as transformers' BlipForImageTextRetrieval,
 BlipForConditionalGeneration or BlipForQuestionAnswering (`export_blip_hf`); hf_export.export_hf dispatches
-here. A fine-tuning run (model.objective retrieval | caption) exports to the class of what it trained only."""
+here. A fine-tuning run (model.objective retrieval | caption | vqa) exports to the class of what it trained only."""
 from __future__ import annotations
 
 import re
@@ -23,7 +23,8 @@ queue (training state of the ITC loss; transformers' classes have no momentum pa
 (written as config.logit_scale_init_value instead, see hf_config.blip_hf_config_for)."""
 
 
-BLIP_OBJECTIVE_CLASSES = {"retrieval": ("BlipForImageTextRetrieval",), "caption": ("BlipForConditionalGeneration",)}
+BLIP_OBJECTIVE_CLASSES = {"retrieval": ("BlipForImageTextRetrieval",), "caption": ("BlipForConditionalGeneration",),
+                          "vqa": ("BlipForQuestionAnswering",)}
 """The one class a fine-tuning run exports to (a pretraining run: any of the three)."""
 
 
@@ -56,14 +57,14 @@ def expected_blip_trained(cfg: ExperimentConfig) -> dict[str, tuple[int, ...]]:
     from blip_train.models.blip import BlipPretrain, TextTokens
 
     with torch.device("meta"):
-        model = BlipPretrain(cfg.model, TextTokens(pad=0, cls=0, sep=0, mask=0, enc=0, vocab_size=1))
+        model = BlipPretrain(cfg.model, TextTokens(pad=0, cls=0, sep=0, mask=0, enc=0, dec=0, vocab_size=1))
     return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _check_blip_trained(weights: dict, expected: dict, where: str) -> dict[str, torch.Tensor]:
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected and not any(re.match(p, k) for p in BLIP_NOT_EXPORTED)
-                  and k != "text.lm_head.decoder.weight"]  # a tied alias some writers list
+                  and k not in ("text.lm_head.decoder.weight", "text_decoder.lm_head.decoder.weight")]  # tied aliases
     if missing or unexpected:
         raise InteropError(f"{where}: weights do not match a model.arch=blip model of this config: missing "
                            f"{missing[:4]}, unexpected {unexpected[:4]}")
@@ -79,8 +80,9 @@ def export_blip_hf(src: ExportSource, out: Path, where: str, class_name: str, ta
     """A BLIP pretraining model (ViT + MED) as one transformers class:
     BlipForImageTextRetrieval        vision_model, text_encoder (MED encoder view), vision_proj, text_proj, itm_head
     BlipForConditionalGeneration     vision_model, text_decoder (MED decoder view, LM head tied to its embeddings)
-    BlipForQuestionAnswering         vision_model, text_encoder and text_decoder (both views of the one MED: the
-                                     start of the authors' VQA fine-tuning, which then unties them)
+    BlipForQuestionAnswering         vision_model, text_encoder and text_decoder (a VQA run's MED and its own
+                                     answer decoder; a pretraining run's one MED in both views, the start of the
+                                     authors' VQA fine-tuning, which then unties them)
     with a BlipProcessor (BLIP's tokenizer, the image processor of our eval transform). Left out: the momentum
     copies and queue (no BLIP class has them) and the temperature (config.logit_scale_init_value = ln(1/temp))."""
     from blip_train.data.tokenizers import load_blip_tokenizer
@@ -99,7 +101,9 @@ def export_blip_hf(src: ExportSource, out: Path, where: str, class_name: str, ta
     log(f"source: model.arch=blip, {len(src.weights)} tensors -> {class_name}")
     hf_sd, left_out = blip_model_to_hf(trained, BLIP_CLASSES[class_name])
     hf_sd = {k: (t.to(target) if t.is_floating_point() else t) for k, t in hf_sd.items()}
-    hf_cfg = blip_hf_config_for(m, tokenizer, class_name, temp=float(trained["temp"].reshape(())))
+    # A captioning or VQA run does not train the temperature (read by retrieval only): the config keeps BLIP's 0.07.
+    temp = float(trained["temp"].reshape(())) if "temp" in trained else 0.07
+    hf_cfg = blip_hf_config_for(m, tokenizer, class_name, temp=temp)
     hf_cfg.dtype = target
     gen = _blip_decoding_defaults(src.cfg, tokenizer, class_name)
     if gen is not None:

@@ -14,6 +14,12 @@ Fine-tuning (model.objective), on the same model so that checkpoints, export and
   also holds image ids; ITM never draws them as negatives). No LM / MLM.
 - caption (BLIP's COCO captioner): the decoder's LM loss alone, after model.text.prompt ("a picture of "),
   which is read but never a target. No momentum model is built.
+- vqa (BLIP's VQAv2 model, the authors' blip_vqa): the image-grounded encoder (`text`, [ENC] first) reads the
+  question; a second MED, `text_decoder`, untied from the first (both start from the pretrained MED), decodes
+  every human answer ([DEC] answer [SEP]) cross-attending to the question's states. Loss: each answer's summed
+  token CE (label smoothing 0.1) times its weight (its share of the annotators), summed over the batch's answers,
+  divided by the number of questions. No momentum model. Answers are generated (beam search) or ranked over a
+  candidate list (`rank_answers`).
 Parameters the objective never reads are frozen (`unused_by_objective`).
 
 The momentum encoders (`*_m`) are frozen fp32 copies that the trainer moves towards the online weights
@@ -35,8 +41,8 @@ from torch import nn
 
 from blip_train.config.schema import OBJECTIVES, ModelConfig
 from blip_train.models.beam_search import beam_search
-from blip_train.models.blip_losses import (FeatureQueue, alpha_at, copy_params_, global_sims, lm_loss,
-                                           mask_tokens, mlm_loss, momentum_itc_loss)
+from blip_train.models.blip_losses import (FeatureQueue, alpha_at, answer_log_likelihood, copy_params_, global_sims,
+                                           lm_loss, mask_tokens, mlm_loss, momentum_itc_loss, weighted_answer_loss)
 from blip_train.models.eva_vit import EVAViT
 from blip_train.models.med import MED
 from blip_train.models.stage1 import TEMP_MAX, TEMP_MIN, nucleus_sample, pad_text_for_gather
@@ -56,6 +62,8 @@ class TextTokens:
     """[MASK] (ALBEF's MLM)."""
     enc: int
     """[ENC] (BLIP's image-grounded encoder reads it in place of [CLS]); unused by ALBEF."""
+    dec: int
+    """[DEC] (BLIP's decoder starts from it); unused by ALBEF."""
     vocab_size: int
     """Ids a random MLM replacement is drawn from (the tokenizer's size)."""
 
@@ -96,6 +104,11 @@ class BlipPretrain(nn.Module):
         # Shape (1,): DeepSpeed broadcasts parameters as byte views, which a 0-dim tensor cannot give.
         self.temp = nn.Parameter(torch.full((1,), 0.07))
 
+        # VQA: the answer decoder, a second MED cross-attending to the question encoder's states (hidden_size wide).
+        self.text_decoder: Optional[MED] = None
+        if self.objective == "vqa":
+            self.text_decoder = MED(text_cfg, encoder_width=text_cfg.hidden_size, attention=cfg.attention)
+
         self.prompt_ids: list[int] = []
         """Tokens of model.text.prompt (no special tokens), read before every caption; the builder sets them."""
 
@@ -103,7 +116,7 @@ class BlipPretrain(nn.Module):
         # ever runs unimodally: built without cross-attention and decoder; ALBEF's also runs the fusion layers and
         # the MLM head (distillation of the MLM targets).
         self.queue: Optional[FeatureQueue] = None
-        if self.objective != "caption":
+        if self.objective in ("pretrain", "retrieval"):
             self.visual_encoder_m = EVAViT(dataclasses.replace(cfg.vision, drop_path_rate=0.0),
                                            attention=cfg.attention)
             self.text_m = MED(dataclasses.replace(text_cfg, decoder=False), encoder_width=cfg.vision.width,
@@ -136,7 +149,14 @@ class BlipPretrain(nn.Module):
         """Whether the objective never reads the online parameter `name` (frozen at build, so the optimizer's weight
         decay cannot erode what another objective needs): captioning reads neither the encoder's self-attention nor
         the ITC / ITM heads; retrieval reads neither the decoder's self-attention nor the LM / MLM head (its
-        decoder weight is the word embedding, which the encoders read, so it trains)."""
+        decoder weight is the word embedding, which the encoders read, so it trains); VQA reads the first MED as the
+        image-grounded encoder only and the answer decoder's causal self-attention, not its encoder self-attention."""
+        if self.objective == "vqa":
+            if name.startswith("text_decoder."):
+                return ".self_attn." in name
+            lm_head_own = name.startswith("text.lm_head.") and name != "text.lm_head.decoder.weight"
+            return (".self_attn_dec." in name or lm_head_own or name == "temp"
+                    or name.startswith(("vision_proj.", "text_proj.", "itm_head.")))
         if self.objective == "caption":
             return (".self_attn." in name or name.startswith(("vision_proj.", "text_proj.", "itm_head."))
                     or name == "temp")
@@ -174,6 +194,8 @@ class BlipPretrain(nn.Module):
         loss_lm alone."""
         if self.objective == "caption":
             return self._caption_losses(batch)
+        if self.objective == "vqa":
+            return self._vqa_losses(batch)
         text_ids, text_mask, image_ids = batch["text_ids"], batch["text_mask"], batch["image_ids"]
         alpha = alpha_at(self.train_step, self.mom.alpha, self.mom.alpha_ramp_steps)
         temp = self._temperature()
@@ -230,6 +252,24 @@ class BlipPretrain(nn.Module):
         loss_lm = lm_loss(self.text.lm_logits(hidden), batch["itg_labels"])
         return {"loss": loss_lm, "loss_lm": loss_lm}
 
+    def _vqa_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """BLIP's VQA fine-tuning. Keys: pixel_values, question_ids ([ENC] first), question_mask (B, Tq); one row per
+        (question, distinct answer): answer_ids ([DEC] answer [SEP]), answer_mask, answer_labels (N, Ta),
+        answer_owner (N,) the question's row, answer_weight (N,)."""
+        image_embeds = self.visual_encoder(batch["pixel_values"])  # (B, 1+P, Dv)
+        states, mask = self._question_states(image_embeds, batch["question_ids"], batch["question_mask"])
+        owner = batch["answer_owner"]
+        hidden = self.text_decoder(batch["answer_ids"], batch["answer_mask"], image_embeds=states[owner],
+                                   image_mask=mask[owner], mode="decoder")  # (N, Ta, D)
+        loss = weighted_answer_loss(self.text_decoder.lm_logits(hidden), batch["answer_labels"],
+                                    batch["answer_weight"], num_questions=states.shape[0])
+        return {"loss": loss, "loss_vqa": loss}
+
+    def _question_states(self, image_embeds: torch.Tensor, question_ids: torch.Tensor,
+                         question_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image-grounded encoder's states of the question (B, Tq, D) and its mask: the answer decoder's memory."""
+        return self.text(question_ids, question_mask, image_embeds=image_embeds, mode="multimodal"), question_mask
+
     # ----------------------------------------------------------------------------------------------
     # inference (retrieval evaluation, CapFilt); run under model.eval()
 
@@ -254,27 +294,90 @@ class BlipPretrain(nn.Module):
         return self._text_feat(self.text, self.text_proj, text_ids, text_mask)
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, prompt_ids: torch.Tensor, *, max_new_tokens: int = 30,
-                 min_new_tokens: int = 1, num_beams: int = 1, length_penalty: float = 1.0, synced_gpus: bool = False,
-                 **unused: object) -> torch.Tensor:
+    def generate(self, pixel_values: torch.Tensor, prompt_ids: Optional[torch.Tensor] = None, *,
+                 question_ids: Optional[torch.Tensor] = None, question_mask: Optional[torch.Tensor] = None,
+                 answer_ids: Optional[torch.Tensor] = None, answer_mask: Optional[torch.Tensor] = None,
+                 k_test: int = 128, max_new_tokens: int = 30, min_new_tokens: int = 1, num_beams: int = 1,
+                 length_penalty: float = 1.0, synced_gpus: bool = False, **unused: object) -> torch.Tensor:
         """Captions from BLIP's image-grounded decoder: (B, max_new_tokens) ids after `prompt_ids`, greedy or by
         beam search (num_beams > 1: `models.beam_search`, transformers' rules; BLIP captions with 3 beams).
 
         prompt_ids: (B, P) [DEC] then the prompt's tokens (BLIP captions after "a picture of "; none in
         pretraining), the same length in every row. A caption ends with [SEP], then [PAD]; all steps run on
         every rank (`synced_gpus` is implied). Other generation options (eos ids) do not apply: [SEP] ends.
+
+        A VQA model (model.objective=vqa) answers question_ids ([ENC] first) / question_mask (B, Tq) instead: with
+        answer_ids / answer_mask (C, Ta), candidates [DEC] answer [SEP], it returns the best candidate's ids after
+        [DEC] (`rank_answers`, k_test of them scored in full); without, it decodes after [DEC] as captions are.
         """
+        if self.objective == "vqa":
+            return self._answer(pixel_values, question_ids, question_mask, answer_ids, answer_mask, k_test,
+                                max_new_tokens, min_new_tokens, num_beams, length_penalty)
+        if prompt_ids is None:
+            raise ValueError("prompt_ids: a captioning model generates after [DEC] and its prompt")
         image_embeds = self._decoder_image_embeds(pixel_values)  # (B, 1+P, Dv)
+        return self._generate_after(self.text, image_embeds, None, prompt_ids, max_new_tokens, min_new_tokens,
+                                    num_beams, length_penalty)
+
+    def _generate_after(self, decoder: MED, memory: torch.Tensor, memory_mask: Optional[torch.Tensor],
+                        start_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int, num_beams: int,
+                        length_penalty: float) -> torch.Tensor:
+        """(B, max_new_tokens) ids that `decoder`, cross-attending to memory (B, M, W) (mask (B, M)), writes after
+        start_ids (B, S): greedy, or beam search with transformers' rules."""
         if num_beams == 1:
-            return self._decode(image_embeds, prompt_ids, max_new_tokens, min_new_tokens)[:, prompt_ids.shape[1]:]
-        beams = image_embeds.repeat_interleave(num_beams, dim=0)  # (B*K, 1+P, Dv), image-major as the beams
+            ids = self._decode(memory, start_ids, max_new_tokens, min_new_tokens, decoder=decoder,
+                               memory_mask=memory_mask)
+            return ids[:, start_ids.shape[1]:]
+        beams = memory.repeat_interleave(num_beams, dim=0)  # (B*K, M, W), image-major as the beams
+        beams_mask = None if memory_mask is None else memory_mask.repeat_interleave(num_beams, dim=0)
 
         def next_logits(ids: torch.Tensor) -> torch.Tensor:
-            hidden = self.text(ids, torch.ones_like(ids), image_embeds=beams, mode="decoder")
-            return self.text.lm_logits(hidden[:, -1])  # (B*K, V)
+            hidden = decoder(ids, torch.ones_like(ids), image_embeds=beams, image_mask=beams_mask, mode="decoder")
+            return decoder.lm_logits(hidden[:, -1])  # (B*K, V)
 
-        return beam_search(next_logits, prompt_ids, max_new_tokens, num_beams, self.tokens.sep, self.tokens.pad,
+        return beam_search(next_logits, start_ids, max_new_tokens, num_beams, self.tokens.sep, self.tokens.pad,
                            min_new_tokens, length_penalty)
+
+    def _answer(self, pixel_values: torch.Tensor, question_ids: Optional[torch.Tensor],
+                question_mask: Optional[torch.Tensor], answer_ids: Optional[torch.Tensor],
+                answer_mask: Optional[torch.Tensor], k_test: int, max_new_tokens: int, min_new_tokens: int,
+                num_beams: int, length_penalty: float) -> torch.Tensor:
+        if question_ids is None or question_mask is None:
+            raise ValueError("question_ids / question_mask: a VQA model answers questions (BlipVQACollator)")
+        if answer_ids is not None:
+            best = self.rank_answers(pixel_values, question_ids, question_mask, answer_ids, answer_mask, k_test)
+            return answer_ids.to(best.device)[best, 1:]  # (B, Ta-1)
+        image_embeds = self.visual_encoder(pixel_values)  # (B, 1+P, Dv)
+        states, mask = self._question_states(image_embeds, question_ids, question_mask)
+        start = torch.full_like(question_ids[:, :1], self.tokens.dec)  # (B, 1) [DEC]
+        return self._generate_after(self.text_decoder, states, mask, start, max_new_tokens, min_new_tokens,
+                                    num_beams, length_penalty)
+
+    @torch.no_grad()
+    def rank_answers(self, pixel_values: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int = 128) -> torch.Tensor:
+        """BLIP's ranking inference over C candidate answers (answer_ids / answer_mask (C, Ta): [DEC] answer [SEP],
+        right-padded): the k candidates whose first token the decoder finds likeliest after [DEC] are scored by
+        their whole log-likelihood (every token and [SEP]); returns each question's best candidate (B,). (The
+        authors score with their label-smoothed loss; this is the plain log-likelihood.) Every rank runs the same
+        two decoder calls whatever the questions are (ZeRO-3)."""
+        if self.objective != "vqa":
+            raise ValueError(f"model.objective={self.objective}: only a VQA model (model.objective=vqa) ranks answers")
+        device = pixel_values.device
+        answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
+        image_embeds = self.visual_encoder(pixel_values)  # (B, 1+P, Dv)
+        states, mask = self._question_states(image_embeds, question_ids, question_mask)  # (B, Tq, D)
+        b, k = states.shape[0], min(k, answer_ids.shape[0])
+        start = answer_ids[:1, :1].expand(b, 1)  # (B, 1) [DEC]
+        first = self.text_decoder(start, torch.ones_like(start), image_embeds=states, image_mask=mask, mode="decoder")
+        first_logp = self.text_decoder.lm_logits(first[:, 0]).float().log_softmax(-1)  # (B, V)
+        top = first_logp[:, answer_ids[:, 1]].topk(k, dim=1).indices  # (B, k) candidate rows
+        ids, ids_mask = answer_ids[top].flatten(0, 1), answer_mask[top].flatten(0, 1)  # (B*k, Ta)
+        hidden = self.text_decoder(ids, ids_mask, image_embeds=states.repeat_interleave(k, dim=0),
+                                   image_mask=mask.repeat_interleave(k, dim=0), mode="decoder")  # (B*k, Ta, D)
+        labels = ids.masked_fill(ids_mask == 0, -100)
+        scores = answer_log_likelihood(self.text_decoder.lm_logits(hidden), labels).view(b, k)  # (B, k)
+        return top.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)  # (B,)
 
     @torch.no_grad()
     def generate_captions(self, pixel_values: torch.Tensor, bos_id: int, sep_id: int, pad_id: int,
@@ -296,25 +399,30 @@ class BlipPretrain(nn.Module):
     def _decoder_image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.arch != "blip":
             raise ValueError(f"model.arch={self.arch} has no text decoder: only BLIP generates captions")
-        if self.objective == "retrieval":
-            raise ValueError("a retrieval fine-tuning run (model.objective=retrieval) does not train the decoder: "
-                             "caption with a pretraining or captioning run")
+        if self.objective in ("retrieval", "vqa"):
+            raise ValueError(f"a {self.objective} fine-tuning run (model.objective={self.objective}) does not train the "
+                             "decoder: caption with a pretraining or captioning run")
         return self.visual_encoder(pixel_values)  # (B, 1+P, Dv)
 
     def _check_matching_heads(self) -> None:
-        if self.objective == "caption":
-            raise ValueError("a captioning run (model.objective=caption) does not train the ITC / ITM heads: match or "
-                             "retrieve with a pretraining or retrieval run")
+        if self.objective in ("caption", "vqa"):
+            raise ValueError(f"a {'captioning' if self.objective == 'caption' else 'VQA'} run (model.objective="
+                             f"{self.objective}) does not train the ITC / ITM heads: match or retrieve with a "
+                             "pretraining or retrieval run")
 
     def _decode(self, image_embeds: torch.Tensor, ids: torch.Tensor, steps: int, min_new_tokens: int,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """`steps` tokens appended to `ids` (N, P): argmax, or nucleus sampling with top_p; after [SEP], [PAD].
-        Every step re-encodes the whole prefix (no key/value cache: captions are short), and all steps run
-        whatever the captions do (ZeRO-3: every rank calls the same modules)."""
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                decoder: Optional[MED] = None, memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`steps` tokens appended to `ids` (N, P) by `decoder` (default the MED's own) cross-attending to
+        image_embeds (or the question's states, masked by memory_mask): argmax, or nucleus sampling with top_p;
+        after [SEP], [PAD]. Every step re-encodes the whole prefix (no key/value cache: captions are short), and
+        all steps run whatever the captions do (ZeRO-3: every rank calls the same modules)."""
+        decoder = self.text if decoder is None else decoder
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for step in range(steps):
-            hidden = self.text(ids, torch.ones_like(ids), image_embeds=image_embeds, mode="decoder")
-            logits = self.text.lm_logits(hidden[:, -1]).float()  # (N, V)
+            hidden = decoder(ids, torch.ones_like(ids), image_embeds=image_embeds, image_mask=memory_mask,
+                             mode="decoder")
+            logits = decoder.lm_logits(hidden[:, -1]).float()  # (N, V)
             if step < min_new_tokens:
                 logits[:, self.tokens.sep] = float("-inf")
             nxt = logits.argmax(-1) if top_p is None else nucleus_sample(logits, top_p, generator)  # (N,)

@@ -27,9 +27,9 @@ from blip_train.models.stage1_losses import (_at_least_fp32, itg_loss, itm_loss,
                                               sample_hard_negatives, soft_cross_entropy)
 from blip_train.models.world import WorldInfo
 
-__all__ = ["FeatureQueue", "MomentumItcOutput", "alpha_at", "copy_params_", "global_sims", "itm_loss",
-           "lm_loss", "mask_tokens", "mlm_loss", "momentum_itc_loss", "momentum_update_", "positive_mask",
-           "sample_hard_negatives"]
+__all__ = ["FeatureQueue", "MomentumItcOutput", "alpha_at", "answer_log_likelihood", "copy_params_", "global_sims",
+           "itm_loss", "lm_loss", "mask_tokens", "mlm_loss", "momentum_itc_loss", "momentum_update_", "positive_mask",
+           "sample_hard_negatives", "weighted_answer_loss"]
 
 LM_LABEL_SMOOTHING = 0.1
 """Label smoothing of BLIP's LM loss."""
@@ -195,6 +195,31 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     padding (and on the [DEC] position, which is never a target after the shift anyway).
     """
     return itg_loss(logits, labels, label_smoothing=LM_LABEL_SMOOTHING)
+
+
+def _token_nll(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Shifted per-token CE (N, T-1), 0 where the target is -100: position t predicts token t+1."""
+    shifted = _at_least_fp32(logits[:, :-1])  # (N, T-1, V)
+    return F.cross_entropy(shifted.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none",
+                           label_smoothing=label_smoothing)
+
+
+def weighted_answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                         num_questions: int) -> torch.Tensor:
+    """BLIP's VQA loss: each answer sequence's summed token CE (label smoothing 0.1, as the LM loss) times the
+    answer's weight, summed over the N answers of the batch and divided by its number of questions.
+
+    logits (N, Ta, V) of the answer decoder; labels (N, Ta): [DEC] answer [SEP] with padding -100; weights (N,):
+    VQAv2 gives each distinct answer its share of the 10 annotators (a question's weights sum to 1).
+    """
+    per_answer = _token_nll(logits, labels, LM_LABEL_SMOOTHING).sum(1)  # (N,)
+    return (weights.to(per_answer.dtype) * per_answer).sum() / num_questions
+
+
+def answer_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(answer | question) (N,) of each candidate sequence: the summed log-probabilities of its target
+    tokens (labels as in `weighted_answer_loss`, no smoothing)."""
+    return -_token_nll(logits, labels, 0.0).sum(1)
 
 
 def mask_tokens(input_ids: torch.Tensor, vocab_size: int, mask_token_id: int,

@@ -552,20 +552,23 @@ def blip_model_to_hf(sd: Mapping[str, torch.Tensor], layout: str) -> tuple[dict[
     if layout not in BLIP_LAYOUTS:
         raise ValueError(f"BLIP layout must be one of {', '.join(BLIP_LAYOUTS)}, got {layout!r}")
     vision = {k[len("visual_encoder."):]: v for k, v in sd.items() if k.startswith("visual_encoder.")}
-    text = _with_tied_lm_decoder({k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")})
     out = {"vision_model." + k: v for k, v in blip_vision_to_hf(vision).items()}
+    # The MEDs: `text`, and a VQA model's own answer decoder `text_decoder` (untied), which then fills the
+    # decoder view.
+    meds = {root: _with_tied_lm_decoder({k[len(root) + 1:]: v for k, v in sd.items() if k.startswith(root + ".")})
+            for root in ("text", "text_decoder")}
     placed = set()
     for n, (prefix, view) in enumerate(BLIP_LAYOUTS[layout]):
-        part = med_to_hf(text, view)
-        # BlipForQuestionAnswering holds two separate text models: the second gets its own copies of the shared
-        # tensors (one storage under two untied names cannot be saved as safetensors).
-        out.update({prefix + k: (v.clone() if n else v) for k, v in part.items()})
-        placed |= set(text) - set(med_keys_without_hf(list(text), view))
+        root = "text_decoder" if view == "decoder" and meds["text_decoder"] else "text"
+        part = med_to_hf(meds[root], view)
+        # BlipForQuestionAnswering holds two separate text models: the second view of one MED gets its own copies
+        # of the shared tensors (one storage under two untied names cannot be saved as safetensors).
+        out.update({prefix + k: (v.clone() if n and root == "text" else v) for k, v in part.items()})
+        placed |= {f"{root}.{k}" for k in set(meds[root]) - set(med_keys_without_hf(list(meds[root]), view))}
     heads = BLIP_HEADS if layout == "blip_retrieval" else ()
     if heads:
         out.update({k: v for k, v in sd.items() if k.startswith(heads)})
-    left_out = [k for k in sd if not k.startswith(("visual_encoder.",) + heads)
-                and not (k.startswith("text.") and k[len("text."):] in placed)]
+    left_out = [k for k in sd if not k.startswith(("visual_encoder.",) + heads) and k not in placed]
     return out, left_out
 
 

@@ -15,7 +15,7 @@ the non-padding text tokens. Everything here is arithmetic on shapes and configs
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -103,22 +103,33 @@ def text_forward_flops(tc, encoder_width: int, batch: int, n_text: int, layers: 
     return batch * flops
 
 
-def blip_flops(cfg: ModelConfig, batch: int, text_len: int) -> dict[str, float]:
+def blip_flops(cfg: ModelConfig, batch: int, text_len: int, answers: int = 0, answer_len: int = 0) -> dict[str, float]:
     """FLOPs of one BlipPretrain forward + backward (model.arch blip | albef), by part: the trained ViT and text
-    transformer, and the momentum copies run forward only."""
+    transformer, and the momentum copies run forward only. By model.objective: pretraining runs ITC + ITM + LM /
+    MLM, retrieval ITC + ITM, captioning the decoder alone; VQA the image-grounded encoder on the question
+    (text_len tokens) and the answer decoder on `answers` rows of answer_len tokens, cross-attending to it."""
     v, tc = cfg.vision, cfg.text
     nimg, d, itm_len = vision_tokens(v), tc.hidden_size, cfg.max_txt_len
     text_layers = range(tc.fusion_layer or tc.layers)
     every = range(tc.layers)
+    vision = {"vision": vit_forward_flops(v, batch) * TRAINED}
     head = 2.0 * batch * text_len * (d * d + d * tc.vocab_size)  # LM / MLM head: dense + tied decoder
+    decoder = text_forward_flops(tc, v.width, batch, text_len, every, nimg) + head  # LM decoder / MLM
+    if cfg.objective == "caption":
+        return {**vision, "text": decoder * TRAINED}
+    if cfg.objective == "vqa":
+        question = text_forward_flops(tc, v.width, batch, text_len, every, nimg)
+        answer = (text_forward_flops(replace(tc, fusion_layer=0), d, answers, answer_len, every, text_len)
+                  + 2.0 * answers * answer_len * (d * d + d * tc.vocab_size))
+        return {**vision, "text": (question + answer) * TRAINED}
     trained = text_forward_flops(tc, v.width, batch, text_len, text_layers)  # ITC: unimodal text
     trained += text_forward_flops(tc, v.width, 3 * batch, itm_len, every, nimg)  # ITM: pos, neg image, neg text
-    trained += text_forward_flops(tc, v.width, batch, text_len, every, nimg) + head  # LM decoder / MLM
+    if cfg.objective == "pretrain":
+        trained += decoder
     momentum = vit_forward_flops(v, batch) + text_forward_flops(tc, v.width, batch, text_len, text_layers)
-    if cfg.arch == "albef":  # the momentum model's MLM predictions (distillation targets)
+    if cfg.arch == "albef" and cfg.objective == "pretrain":  # the momentum model's MLM predictions (distillation)
         momentum += text_forward_flops(tc, v.width, batch, text_len, every, nimg) + head
-    return {"vision": vit_forward_flops(v, batch) * TRAINED, "text": trained * TRAINED,
-            "momentum": momentum * FROZEN_FORWARD}
+    return {**vision, "text": trained * TRAINED, "momentum": momentum * FROZEN_FORWARD}
 
 
 @dataclass
@@ -191,8 +202,8 @@ def batch_tokens(batch: Mapping[str, torch.Tensor], n_image_tokens: int, decoder
 
     decoder_targets: also count the decoder's target tokens (encoder-decoder LLMs).
     """
-    text = sum(int(batch[k].sum()) for k in ("text_mask", "llm_attention_mask", "qformer_attention_mask")
-               if k in batch)
+    text = sum(int(batch[k].sum()) for k in ("text_mask", "llm_attention_mask", "qformer_attention_mask",
+                                             "question_mask", "answer_mask") if k in batch)
     if decoder_targets:
         text += int((batch["llm_labels"] != -100).sum())
     return batch["pixel_values"].shape[0] * n_image_tokens + text
@@ -213,6 +224,9 @@ def build_flops_counter(cfg: ModelConfig, model: nn.Module) -> WorkCounter:
         return count
     if cfg.arch in ("blip", "albef"):
         def count_blip(batch: Mapping[str, torch.Tensor]) -> tuple[int, float]:
+            if "question_ids" in batch:  # VQA
+                (b, t), (n, ta) = batch["question_ids"].shape, batch["answer_ids"].shape
+                return batch_tokens(batch, n_img), sum(blip_flops(cfg, b, t, n, ta).values())
             b, t = batch["text_ids"].shape
             return batch_tokens(batch, n_img), sum(blip_flops(cfg, b, t).values())
         return count_blip

@@ -290,7 +290,7 @@ def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None, repo
     transformer from model.text.bert_init when given, then the momentum copies set to the online weights; with
     model.init_from, those weights are then overwritten from it (`training.weights.init_blip_from_`, whose
     report fills `report` when given: what stayed at init, where the momentum copies came from)."""
-    from blip_train.data.tokenizers import ENC_TOKEN, load_blip_tokenizer
+    from blip_train.data.tokenizers import DEC_TOKEN, ENC_TOKEN, load_blip_tokenizer
     from blip_train.models.blip import BlipPretrain, TextTokens
     from blip_train.models.eva_vit import load_vit_weights
     from blip_train.models.qformer import load_bert_weights
@@ -307,6 +307,7 @@ def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None, repo
                           f"{len(tokenizer)} tokens ({m.text.tokenizer})")
     tokens = TextTokens(pad=tokenizer.pad_token_id, cls=tokenizer.cls_token_id, sep=tokenizer.sep_token_id,
                         mask=tokenizer.mask_token_id, enc=tokenizer.convert_tokens_to_ids(ENC_TOKEN),
+                        dec=tokenizer.convert_tokens_to_ids(DEC_TOKEN),
                         vocab_size=len(tokenizer))
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
     model = BlipPretrain(m, tokens, world)
@@ -325,17 +326,22 @@ def build_blip_model(cfg: ExperimentConfig, world: WorldInfo | None = None, repo
 
 
 def build_blip(cfg: ExperimentConfig, world: WorldInfo, on_cuda: bool, ds_config: dict | None = None) -> Stage:
-    from blip_train.data.collate import BlipCollator, Stage1Collator
+    from blip_train.data.collate import BlipCollator, BlipVQACollator, Stage1Collator
 
     from blip_train.distributed.process_group import print0
 
     report: dict = {}
     model, tokenizer = build_blip_model(cfg, world, report)
     if cfg.model.init_from:
+        answer_decoder = (f"VQA answer decoder from the MED: {_prefixes(report['answer_decoder'])}; "
+                          if report.get("answer_decoder") else "")
         print0(f"init_from {cfg.model.init_from}: loaded; kept initial values for {_prefixes(report['kept'])}; "
-               f"decoder self-attention from the encoder's: {_prefixes(report['decoder_from_encoder'])}; momentum "
-               f"copies {report['momentum']}; queue {report['queue']}")
+               f"decoder self-attention from the encoder's: {_prefixes(report['decoder_from_encoder'])}; "
+               f"{answer_decoder}momentum copies {report['momentum']}; queue {report['queue']}")
     m = cfg.model
+    if m.objective == "vqa":  # questions with their human answers
+        return Stage(model=model, tokenizer=tokenizer, collate=BlipVQACollator(tokenizer, m.max_txt_len, m.max_txt_len),
+                     data_kind="vqa", cfg=cfg)
     collate = BlipCollator(tokenizer, m.max_txt_len, prompt=m.text.prompt) if m.arch == "blip" else \
         Stage1Collator(tokenizer, m.max_txt_len)
     return Stage(model=model, tokenizer=tokenizer, collate=collate, data_kind="caption", cfg=cfg)

@@ -138,14 +138,35 @@ def _copy_decoder_self_attention_(params: dict[str, nn.Parameter], state: dict[s
     return still
 
 
+def _answer_decoder_from_med(params: dict[str, nn.Parameter],
+                             state: dict[str, torch.Tensor]) -> tuple[list[str], set[str]]:
+    """A VQA model's answer decoder (`text_decoder.*`) from a run without one (pretraining, captioning): each tensor
+    starts as the MED's (`text.*`), the authors' start of VQA fine-tuning; added to `state` in place. Returns (the
+    keys copied, the keys left at init because their shape differs: the cross-attention's keys and values when
+    the ViT is wider than the MED, as ViT-L's 1024 against 768)."""
+    if not any(k.startswith("text_decoder.") for k in params) or any(k.startswith("text_decoder.") for k in state):
+        return [], set()
+    copied, fresh = [], set()
+    for name in params:
+        source = "text." + name[len("text_decoder."):]
+        if not name.startswith("text_decoder.") or source not in state:
+            continue
+        if state[source].shape == params[name].shape:
+            state[name] = state[source]
+            copied.append(name)
+        else:
+            fresh.add(name)
+    return sorted(copied), fresh
+
+
 def init_blip_from_(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     """BLIP / ALBEF `model.init_from`: the trainable weights of a weights folder / file (tools/import_hf.py,
     import_lavis.py, zero_to_safetensors.py) or of a ZeRO checkpoint of ours, loaded strictly (only
     BLIP_INIT_OPTIONAL keys may be absent). The momentum copies and the feature queue load too when the file has
     them all (the authors' checkpoints do); otherwise the copies start as the loaded online weights (the queue
     keeps its random unit columns, replaced in the first steps). Returns {"kept": trainable keys left at init,
-    "decoder_from_encoder": decoder self-attention copied from the encoder's, "momentum": "loaded" | "copied",
-    "queue": "loaded" | "initial"}."""
+    "decoder_from_encoder": decoder self-attention copied from the encoder's, "answer_decoder": the VQA answer
+    decoder's keys copied from the MED, "momentum": "loaded" | "copied", "queue": "loaded" | "initial"}."""
     from blip_train.interop.weights_io import is_weights_file, is_weights_folder
 
     from blip_train.models.eva_vit import interpolate_pos_embed
@@ -166,9 +187,10 @@ def init_blip_from_(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):  # fine-tuning at 384 px from 224 px
         if key in state and key in everything and state[key].shape != everything[key].shape:
             state[key] = interpolate_pos_embed(state[key], model.visual_encoder.grid)
+    answer_decoder, fresh = _answer_decoder_from_med(params, state)
     unexpected = sorted(set(state) - set(params) - set(copies) - set(buffers))
     kept = sorted(set(params) - set(state))
-    missing = [k for k in kept if params[k].requires_grad and not _is_optional_blip(k)]
+    missing = [k for k in kept if params[k].requires_grad and not _is_optional_blip(k) and k not in fresh]
     held_copies = [k for k in state if k in copies]
     if unexpected or missing or (held_copies and len(held_copies) != len(copies)):
         raise KeyError(f"init_from {path}: missing trainable keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
@@ -188,6 +210,6 @@ def init_blip_from_(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
         still = _copy_decoder_self_attention_(params, state, kept)
         if not held_copies:
             model.copy_to_momentum_()
-    return {"kept": still, "decoder_from_encoder": sorted(set(kept) - set(still)),
+    return {"kept": still, "decoder_from_encoder": sorted(set(kept) - set(still)), "answer_decoder": answer_decoder,
             "momentum": "loaded" if held_copies else "copied" if copies else "none",
             "queue": "loaded" if queue_loaded else "initial" if buffers else "none"}

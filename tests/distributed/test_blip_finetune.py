@@ -1,6 +1,7 @@
 """BLIP fine-tuning through the real trainer, from a BLIP pretraining checkpoint (model.init_from): the captioner
 (model.objective=caption, prompt "a picture of ", at a larger image size than pretraining: the position
-embeddings are interpolated) and the retrieval model (model.objective=retrieval). What each objective does not
+embeddings are interpolated), the retrieval model (model.objective=retrieval) and the VQA model
+(model.objective=vqa, its answer decoder untied from the MED). What each objective does not
 read stays frozen at the pretraining run's values; evaluation and export accept what the run trained and refuse
 the rest in one line."""
 from __future__ import annotations
@@ -33,10 +34,10 @@ def _finetune_config(tiny_assets, run, pretrained, objective: str, image_size: i
                "text": text})
 
 
-def _eval(tiny_assets, run, task: str) -> subprocess.CompletedProcess:
+def _eval(tiny_assets, run, task: str, *sets: str) -> subprocess.CompletedProcess:
     from tests.helpers.tiny_run import make_tiny_assets
     return _cli("-m", "blip_train.eval", "--task", task, "--checkpoint", str(run), "--data",
-                str(make_tiny_assets(tiny_assets)["data"] / "val"))
+                str(make_tiny_assets(tiny_assets)["data"] / "val"), *[a for s in sets for a in ("--set", s)])
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -79,6 +80,10 @@ def test_caption_finetuning_from_pretraining(tiny_assets, tmp_path, pretrained):
              "--hf-class", "BlipForImageTextRetrieval")
     assert x.returncode == 2 and len(x.stderr.strip().splitlines()) == 1, x.stderr[-2000:]  # refused before merging
     assert "export it with --hf-class BlipForConditionalGeneration" in x.stderr
+    x = _cli(str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(run), "--out", str(tmp_path / "hf"),
+             "--hf-class", "BlipForConditionalGeneration")  # the temperature did not train: the config keeps 0.07
+    assert x.returncode == 0 and json.loads(x.stdout.strip().splitlines()[-1])["class"] == \
+        "BlipForConditionalGeneration", x.stderr[-2000:]
     c = _capfilt(tiny_assets, tmp_path, "--checkpoint", str(run))  # a captioner cannot be the filter
     assert c.returncode == 2 and "does not train the ITC/ITM heads" in c.stderr, c.stderr[-2000:]
 
@@ -98,7 +103,51 @@ def test_retrieval_finetuning_from_pretraining(tiny_assets, tmp_path, pretrained
     assert e.returncode == 0, e.stdout[-2000:] + e.stderr[-3000:]
     assert "txt_r1" in json.loads(e.stdout.strip().splitlines()[-1])
     refused = _eval(tiny_assets, run, "caption")
-    assert refused.returncode == 2 and "does not train the decoder" in refused.stderr, refused.stderr[-2000:]
+    assert refused.returncode == 2 and "does not train the caption decoder" in refused.stderr, refused.stderr[-2000:]
     for args in (("--checkpoint", str(run)), ("--checkpoint", str(pretrained), "--captioner", str(run))):
         c = _capfilt(tiny_assets, tmp_path, *args)  # a retrieval run is a filter, never the captioner
         assert c.returncode == 2 and "does not train the decoder" in c.stderr, c.stderr[-2000:]
+
+
+def test_vqa_finetuning_from_pretraining(tiny_assets, tmp_path, pretrained):
+    run = tmp_path / "vqa"
+    config = _finetune_config(tiny_assets, run, pretrained, "vqa")
+    r = train_and_dump(config, tmp_path / "vqa.pt", "deepspeed.zero_stage=3")
+    assert "VQA answer decoder from the MED: text_decoder" in r.stdout, r.stdout[-3000:]
+    assert _loss_keys(run) == {"train/loss", "train/loss_vqa"}
+    live, before = torch.load(tmp_path / "vqa.pt"), trainable_weights(pretrained, "step_0000002")
+    # The answer decoder started as the pretrained MED and trained apart from it (untied).
+    dec, enc = "text_decoder.layers.0.cross_attn.query.weight", "text.layers.0.cross_attn.query.weight"
+    assert dec in live["trainable"] and enc in live["trainable"]
+    assert not torch.equal(live["trainable"][dec], live["trainable"][enc])
+    frozen = set(live["frozen"])
+    assert "text_decoder.layers.0.self_attn.query.weight" in frozen and "text.layers.0.self_attn_dec.query.weight" in frozen
+    assert torch.equal(live["frozen"]["text_decoder.layers.0.self_attn.query.weight"],
+                       before["text.layers.0.self_attn.query.weight"].to(torch.float32))
+    assert not any("_m." in k for k in frozen)
+
+    generated = _eval(tiny_assets, run, "vqa")
+    assert generated.returncode == 0, generated.stdout[-2000:] + generated.stderr[-3000:]
+    metrics = json.loads(generated.stdout.strip().splitlines()[-1])
+    assert metrics["num_questions"] > 0 and 0 <= metrics["vqa_accuracy"] <= 100
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["red", "blue", "two", "t-shirt", "a circle"]))
+    ranked = _eval(tiny_assets, run, "vqa", f"eval.answer_list={answers}", "eval.k_test=3")
+    assert ranked.returncode == 0, ranked.stdout[-2000:] + ranked.stderr[-3000:]
+    predictions = json.loads((run / "eval" / "vqa_val.json").read_text())["predictions"]
+    assert {p["prediction"] for p in predictions} <= {"red", "blue", "two", "t-shirt", "a circle"}
+    answers.write_text(json.dumps({"red": 1}))
+    bad = _eval(tiny_assets, run, "vqa", f"eval.answer_list={answers}")
+    assert bad.returncode == 2 and "eval.answer_list" in bad.stderr and "JSON list" in bad.stderr, bad.stderr[-2000:]
+    for task in ("caption", "retrieval"):
+        refused = _eval(tiny_assets, run, task)
+        assert refused.returncode == 2 and "model.objective=vqa run does not train" in refused.stderr, \
+            refused.stderr[-2000:]
+    x = _cli(str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(run), "--out", str(tmp_path / "hf"),
+             "--hf-class", "BlipForConditionalGeneration")
+    assert x.returncode == 2 and "export it with --hf-class BlipForQuestionAnswering" in x.stderr, x.stderr[-2000:]
+    x = _cli(str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(run), "--out", str(tmp_path / "hf"),
+             "--hf-class", "BlipForQuestionAnswering")
+    assert x.returncode == 0, x.stderr[-2000:]
+    c = _capfilt(tiny_assets, tmp_path, "--checkpoint", str(run))
+    assert c.returncode == 2 and "does not train the ITC/ITM heads" in c.stderr, c.stderr[-2000:]

@@ -3,7 +3,9 @@
 BlipForQuestionAnswering load each exported folder with no missing or unexpected keys and give our outputs
 (fp32, <= 1e-5): ITM logits ([ENC]-first text), ITC cosine similarities ([CLS]-first), the decoder's LM logits
 ([DEC]-first) and the VQA answer loss; import(export(run)) gives back the run's trainable weights bit for bit,
-and model.init_from loads the import through build_blip_model.
+and model.init_from loads the import through build_blip_model. A VQA fine-tuning run (model.objective=vqa, its own
+answer decoder) exports to BlipForQuestionAnswering with the same answer loss and the answers transformers'
+generate() writes.
 """
 from __future__ import annotations
 
@@ -204,7 +206,8 @@ def test_import_of_the_exports_is_the_run_and_inits_a_model(run, ours, tmp_path)
     m = replace(cfg.model, init_from=str(tmp_path / "ours"))
     report: dict = {}
     built, _ = build_blip_model(replace(cfg, model=m), report=report)
-    assert report == {"kept": [], "decoder_from_encoder": [], "momentum": "copied", "queue": "initial"}
+    assert report == {"kept": [], "decoder_from_encoder": [], "answer_decoder": [], "momentum": "copied",
+                      "queue": "initial"}
     state = dict(built.named_parameters())
     assert all(torch.equal(state[k], v) for k, v in trainable.items())
     assert all(torch.equal(p, mom) for p, mom in built.momentum_pairs())
@@ -260,3 +263,50 @@ def test_import_refuses_the_wrong_blip_folders(run, tmp_path):
     with pytest.raises(InteropError, match="expected a BlipForConditionalGeneration folder"):
         import_hf(exports["BlipForImageTextRetrieval"], tmp_path / "b", decoder=exports["BlipForQuestionAnswering"])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def vqa_run(run, tiny_assets):
+    """A one-step VQA fine-tuning of the pretraining run (2 ranks, ZeRO-3) and its BlipForQuestionAnswering export."""
+    from blip_train.config import load_config
+    from blip_train.training.stages import build_blip_model
+    from blip_train.training.weights import consolidate_trainable, load_trainable_
+
+    root = run["root"]
+    config = write_tiny_blip_config(tiny_assets, root / "vqa", train={"max_steps": 1, "save_interval": 1},
+                                    model={"objective": "vqa", "init_from": str(run["run"])})
+    run_train(config)
+    tool("export_hf.py", "--checkpoint", str(root / "vqa"), "--out", str(root / "vqa_hf"),
+         "--hf-class", "BlipForQuestionAnswering")
+    cfg = load_config(str(config))
+    model, tok = build_blip_model(replace(cfg, model=replace(cfg.model, init_from="")))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    load_trainable_(model, consolidate_trainable(root / "vqa" / "checkpoints", "step_0000001", names))
+    return model.eval(), tok, load_hf(root / "vqa_hf"), processed(root / "vqa_hf")
+
+
+def test_vqa_run_export_gives_its_answer_loss_and_answers(vqa_run):
+    model, tok, hf, inputs = vqa_run
+    question = with_first(inputs["input_ids"][:, :4], tok.convert_tokens_to_ids("[ENC]"))  # unpadded (see above)
+    qmask = torch.ones_like(question)
+    answer, amask = with_first(inputs["input_ids"], tok.bos_token_id), inputs["attention_mask"]
+    labels, pixels = answer.masked_fill(amask == 0, -100), inputs["pixel_values"]
+    from blip_train.models.blip_losses import lm_loss
+
+    with torch.no_grad():
+        q = model.text(question, qmask, image_embeds=model.visual_encoder(pixels), mode="multimodal")
+        hidden = model.text_decoder(answer, amask, image_embeds=q, image_mask=qmask, mode="decoder")
+        want = lm_loss(model.text_decoder.lm_logits(hidden), labels)
+        got = hf(input_ids=question, attention_mask=qmask, pixel_values=pixels, decoder_input_ids=answer,
+                 decoder_attention_mask=amask, labels=labels).loss
+    assert (got - want).abs() <= ATOL
+    # Not the pretraining MED's decoder view: the run's own answer decoder went to text_decoder.
+    assert torch.equal(hf.text_decoder.bert.encoder.layer[0].attention.self.query.weight,
+                       model.text_decoder.layers[0].self_attn_dec.query.weight)
+    for beams in (1, 3):
+        kw = {"max_new_tokens": 5, "min_new_tokens": 1, "num_beams": beams, "length_penalty": 1.0}
+        with torch.no_grad():
+            ours_ids = model.generate(pixels, question_ids=question, question_mask=qmask, **kw)  # (2, 5)
+            theirs = hf.generate(input_ids=question, attention_mask=qmask, pixel_values=pixels, **kw)[:, 1:]
+        theirs = torch.cat([theirs, torch.full((2, 5 - theirs.shape[1]), tok.pad_token_id)], 1)
+        assert torch.equal(ours_ids, theirs), (beams, ours_ids, theirs)

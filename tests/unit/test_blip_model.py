@@ -11,7 +11,7 @@ from blip_train.models.blip import BlipPretrain, TextTokens
 from blip_train.training.momentum import load_momentum_state_, momentum_state, update_momentum_
 from tests.helpers.tiny import tiny_model_config, tiny_vision_config
 
-TOKENS = TextTokens(pad=0, cls=2, sep=1, mask=5, enc=4, vocab_size=120)
+TOKENS = TextTokens(pad=0, cls=2, sep=1, mask=5, enc=4, dec=3, vocab_size=120)
 B, T = 4, 7
 
 

@@ -165,3 +165,22 @@ def test_rates_count_optimizer_steps_not_micro_batches(tmp_path):
     phase_sum = sum(s[f"perf/time_{p}_s"] for p in PHASES)
     # per optimizer step (three 10 ms micro-batches), not per micro-batch, and within the step's time
     assert 0.03 <= phase_sum <= s["perf/step_time_s"] * 1.001
+
+
+def test_blip_vqa_step_matches_flop_counter():
+    """BLIP's VQA objective: the trained ViT, the image-grounded encoder on the questions and the answer decoder
+    on every answer row (cross-attending to the question), all 6N; the counter reads the shapes from the batch."""
+    from dataclasses import replace
+
+    from blip_train.models.blip import BlipPretrain
+    from tests.unit.test_blip_model import TOKENS, blip_config
+    from tests.unit.test_blip_vqa import vqa_batch
+
+    cfg = replace(blip_config(), objective="vqa", attention="math")
+    model = BlipPretrain(cfg, TOKENS).train()
+    batch = vqa_batch()
+    measured = _measured(lambda: model(batch)["loss"].backward())
+    tokens, flops = build_flops_counter(cfg, model)(batch)
+    conv_input_grad = 2 * 3 * (vision_tokens(cfg.vision) - 1) * 3 * 8 ** 2 * 32  # see the stage-1 test
+    assert flops - conv_input_grad == pytest.approx(measured, rel=1e-3)
+    assert tokens == 3 * vision_tokens(cfg.vision) + int(batch["question_mask"].sum() + batch["answer_mask"].sum())
