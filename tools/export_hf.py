@@ -18,7 +18,8 @@ LoRA adapters (model.llm.lora) are merged into the exported LLM, or kept apart w
 Not exported: the ITC temperature and the Q-Former LM head (transformers' classes have no place for them).
 
 model.arch blip (BLIP pretraining: ViT + MED) maps to three transformers classes; --hf-class picks one per
-folder (default BlipForImageTextRetrieval):
+folder (default BlipForImageTextRetrieval; a fine-tuning run exports to the class of its model.objective only,
+which is then the default):
     python tools/export_hf.py --checkpoint runs/blip_base --out exports/blip-itm
     python tools/export_hf.py --checkpoint runs/blip_base --out exports/blip-cap --hf-class BlipForConditionalGeneration
     python tools/export_hf.py --checkpoint runs/blip_base --out exports/blip-vqa --hf-class BlipForQuestionAnswering
@@ -28,7 +29,9 @@ folder (default BlipForImageTextRetrieval):
                                 use_itm_head=False: [CLS]-first, gives the ITC cosine similarities.
   BlipForConditionalGeneration  ViT, text_decoder (the MED's decoder: its own causal self-attention, all else
                                 shared with the encoder, written out); input_ids [DEC]-first (bos).
-  BlipForQuestionAnswering      both: text_encoder and text_decoder as above (the start of BLIP's VQA fine-tuning).
+  BlipForQuestionAnswering      both: text_encoder and text_decoder as above (the start of BLIP's VQA fine-tuning);
+                                a VQA run (model.objective=vqa) writes its question encoder and its own answer
+                                decoder.
 Each folder holds a BlipProcessor (BLIP's BERT tokenizer with [DEC] as bos and [ENC]; image processor at
 model.vision.image_size with OpenAI CLIP mean/std); the captioning / VQA folders carry the run's decoding
 defaults (eval.num_beams, eval.max_new_tokens / eval.vqa_max_new_tokens, ...). Not exported for BLIP: the
@@ -62,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="write the LLM's LoRA adapters as a peft adapter folder OUT/lora_adapter instead of merging "
                         "them into the exported LLM (the default)")
     p.add_argument("--hf-class", default=None, metavar="CLASS",
-                   help="transformers class to write: for model.arch=blip one of BlipForImageTextRetrieval (default), "
-                        "BlipForConditionalGeneration, BlipForQuestionAnswering; BLIP-2 archs have one (implied)")
+                   help="transformers class to write: for model.arch=blip one of BlipForImageTextRetrieval (default; "
+                        "a fine-tuning run: its objective's), BlipForConditionalGeneration, BlipForQuestionAnswering; "
+                        "BLIP-2 archs have one (implied)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
     summary = export_hf(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite,

@@ -82,6 +82,8 @@ RECIPES = [
     Recipe("blip_ft_retrieval_coco_vitl", "l16", paper_trainable=446_104_067),
     Recipe("blip_ft_caption_coco_vitb", "b16", paper_trainable=223_962_428),
     Recipe("blip_ft_caption_coco_vitl", "l16", paper_trainable=446_265_916),
+    # VQA: the MED as question encoder plus its untied answer decoder (361.5M, as the authors' blip_vqa counts).
+    Recipe("blip_ft_vqav2_vitb", "b16", paper_trainable=361_469_756),
 ]
 BLIP_ARCHS = ("blip", "albef")
 """model.arch values built by BlipPretrain (ViT + text transformer + momentum copies + feature queue)."""
@@ -158,7 +160,7 @@ def count_footprint(recipe: Recipe, llm_layers: Optional[int] = None) -> tuple[F
         if m.arch in BLIP_ARCHS:
             # The token ids only pick tokens in forward; the sizes come from model.text.vocab_size.
             v = m.text.vocab_size
-            model = BlipPretrain(m, TextTokens(pad=0, cls=101, sep=102, mask=103, enc=v - 1, vocab_size=v))
+            model = BlipPretrain(m, TextTokens(pad=0, cls=101, sep=102, mask=103, enc=v - 1, dec=v - 2, vocab_size=v))
             momentum_ids = {id(copy) for _, copy in model.momentum_pairs()}
         elif recipe.llm is None:
             model = Blip2Stage1(m, device_type="cpu")

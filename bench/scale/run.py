@@ -145,8 +145,11 @@ def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: 
     if recipe.llm is not None and (stage1 / "checkpoints").is_dir() and recipe.vit == "g":
         init_from = str(stage1)  # a stage-1 checkpoint at real size, as the recipes chain them
     arch = model_config(recipe.name).arch
-    if arch in BLIP_ARCHS:  # BERT-base is the text transformer; no init_from (the trainer refuses it for these)
-        text = [f"model.text.tokenizer={towers['bert']}", f"model.text.bert_init={towers['bert']}"]
+    if arch in BLIP_ARCHS:
+        # BERT-base is the text transformer. The fine-tuning recipes start from a pretraining run, which does not
+        # exist here: they start from the ImageNet ViT and BERT instead (the same shapes).
+        text = [f"model.text.tokenizer={towers['bert']}", f"model.text.bert_init={towers['bert']}",
+                "model.init_from="]
     else:
         text = [f"model.qformer.tokenizer={towers['bert']}", f"model.qformer.bert_init={towers['bert']}",
                 f"model.init_from={init_from}"]

@@ -250,16 +250,18 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
     check_output(out, overwrite)
     target = parse_dtype(dtype)
     parse_size(max_shard_size)  # fail before the (long) loading
-    from blip_train.interop.hf_export_blip import (BLIP_ARCHS, check_blip_objective_class, export_blip_hf,
-                                                   recorded_model)
+    from blip_train.interop.hf_export_blip import (BLIP_ARCHS, BLIP_OBJECTIVE_CLASSES, check_blip_objective_class,
+                                                   export_blip_hf, recorded_model)
 
     if hf_class_name is not None and config is None and not overrides:
         check_blip_objective_class(recorded_model(source, tag), hf_class_name, str(source))  # before merging
     src = load_export_source(source, tag, config, overrides)
     cfg, arch = src.cfg, src.cfg.model.arch
     if arch in BLIP_ARCHS:
-        return export_blip_hf(src, out, str(source), hf_class_name or BLIP_DEFAULT_CLASS, target, max_shard_size,
-                              log)
+        # Without --hf-class a fine-tuning run exports to the class of what it trained, a pretraining run to
+        # retrieval (the class that holds the most of it).
+        default = BLIP_OBJECTIVE_CLASSES.get(cfg.model.objective, (BLIP_DEFAULT_CLASS,))[0]
+        return export_blip_hf(src, out, str(source), hf_class_name or default, target, max_shard_size, log)
     if arch not in LAYOUTS:
         raise InteropError(f"{source}: model.arch={arch!r} cannot be exported (one of {', '.join(LAYOUTS)}, blip)")
     if hf_class_name is not None and hf_class_name != hf_class(arch).__name__:

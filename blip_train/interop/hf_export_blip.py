@@ -93,6 +93,11 @@ def export_blip_hf(src: ExportSource, out: Path, where: str, class_name: str, ta
                            "splits into text and fusion layers); only model.arch=blip exports")
     cls = blip_class(class_name)
     check_blip_objective_class({"arch": m.arch, "objective": m.objective}, class_name, where)
+    if m.objective == "vqa" and m.vision.width != m.text.hidden_size:
+        raise InteropError(f"{where}: transformers' BlipForQuestionAnswering builds its answer decoder's "
+                           f"cross-attention as wide as the ViT ({m.vision.width}), ours reads the question's "
+                           f"{m.text.hidden_size}-wide states (as the authors' blip_vqa): a ViT-B run exports, this "
+                           "one does not")
     if not m.text.tokenizer or not Path(m.text.tokenizer).is_dir():
         raise InteropError(f"model.text.tokenizer: {m.text.tokenizer or '(empty)'} is not a tokenizer folder (the "
                            "exported processor needs it)")

@@ -11,7 +11,8 @@ transformers' fused vision qkv bias keeps a k part that EVA does not have; it is
 invariant to it), and a non-zero one is reported.
 
 BLIP (model_type "blip", see `import_blip_hf`): a BlipForImageTextRetrieval folder, optionally with a
-BlipForConditionalGeneration folder for the MED's decoder parts, becomes a model.arch=blip weights folder:
+BlipForConditionalGeneration folder for the MED's decoder parts, or a BlipForQuestionAnswering folder (a VQA
+model, model.objective=vqa), becomes a model.arch=blip weights folder:
     OUT/model.safetensors          the trainable BlipPretrain weights (ViT, text.*, heads, temp)
     OUT/tokenizer/                 the BLIP tokenizer                    -> model.text.tokenizer
     OUT/blip_train_weights.json, OUT/config_snippet.yaml   as above
@@ -215,33 +216,42 @@ def _decoder_parts(folder: Path, section: dict, encoder: dict[str, torch.Tensor]
 
 def import_blip_hf(hf_dir: Path, out: Path, decoder: Optional[Path], log: Callable[[str], None]) -> dict:
     """BlipForImageTextRetrieval (+ optional BlipForConditionalGeneration for the decoder) -> model.arch=blip
-    weights. The temperature comes from config.logit_scale_init_value (= ln(1/temp), as export_hf writes it)."""
+    weights; the temperature comes from config.logit_scale_init_value (= ln(1/temp), as export_hf writes it).
+    BlipForQuestionAnswering -> a VQA model's weights (model.objective=vqa: the question encoder and the answer
+    decoder)."""
     import math
 
-    hf_cfg, sd = read_blip_folder(hf_dir, "BlipForImageTextRetrieval")
+    class_name = "BlipForQuestionAnswering" if _is_vqa_folder(hf_dir) else "BlipForImageTextRetrieval"
+    if class_name == "BlipForQuestionAnswering" and decoder is not None:
+        raise InteropError(f"--decoder: {hf_dir} is a BlipForQuestionAnswering folder, which holds its own decoder")
+    hf_cfg, sd = read_blip_folder(hf_dir, class_name)
     notes = [f"dropped a non-zero k bias in {len(ks)} vision layers (softmax-invariant)"
              for ks in [nonzero_k_bias(sd)] if ks]
     try:
-        ours = blip_model_from_hf(sd, "blip_retrieval")
+        ours = blip_model_from_hf(sd, "blip_vqa" if class_name == "BlipForQuestionAnswering" else "blip_retrieval")
     except ValueError as e:
         raise InteropError(f"{hf_dir}: {e}") from None
     model = model_section_from_blip_hf(hf_cfg, str(hf_dir))
-    if decoder is not None:
+    if class_name == "BlipForQuestionAnswering":
+        # A VQA model: the question encoder and its own answer decoder (model.objective=vqa); no ITC / ITM heads.
+        model["objective"] = "vqa"
+    elif decoder is not None:
         own, more = _decoder_parts(decoder, model, ours)
         ours.update(own)
         notes += more
     else:
         notes.append("no --decoder folder: the decoder self-attention and LM head are not in the weights "
                      "(model.init_from starts the decoder self-attention as a copy of the encoder's)")
-    ours["temp"] = torch.tensor([math.exp(-hf_cfg.logit_scale_init_value)], dtype=torch.float32)
-    log(f"{hf_dir}: BlipForImageTextRetrieval{' + ' + str(decoder) if decoder else ''} -> model.arch=blip")
+    if class_name == "BlipForImageTextRetrieval":
+        ours["temp"] = torch.tensor([math.exp(-hf_cfg.logit_scale_init_value)], dtype=torch.float32)
+    log(f"{hf_dir}: {class_name}{' + ' + str(decoder) if decoder else ''} -> model.arch=blip")
     tokenizer = _load_tokenizer(hf_dir)
     if tokenizer is None:
         notes.append(f"no tokenizer in {hf_dir}: set model.text.tokenizer yourself")
     else:
         model["text"]["tokenizer"] = BLIP_TOKENIZER_DIR
     meta = {"arch": "blip", "contents": "trainable", "names": "blip_train", "paths_relative_to_folder": True,
-            "source": {"hf": str(hf_dir.resolve()), "class": "BlipForImageTextRetrieval",
+            "source": {"hf": str(hf_dir.resolve()), "class": class_name,
                        "decoder": None if decoder is None else str(decoder.resolve())},
             "notes": notes, "config": {"model": model}}
     tmp = temp_path(out)
@@ -258,5 +268,13 @@ def import_blip_hf(hf_dir: Path, out: Path, decoder: Optional[Path], log: Callab
     except BaseException:
         discard(tmp)
         raise
-    return {"arch": "blip", "class": "BlipForImageTextRetrieval", "trained_tensors": len(ours), "notes": notes,
-            "out": str(out)}
+    return {"arch": "blip", "class": class_name, "trained_tensors": len(ours), "notes": notes, "out": str(out)}
+
+
+def _is_vqa_folder(folder: Path) -> bool:
+    """Whether a BLIP folder's config.json names BlipForQuestionAnswering (read_blip_folder checks the rest)."""
+    try:
+        return "BlipForQuestionAnswering" in (json.loads((folder / "config.json").read_text()).get("architectures")
+                                              or [])
+    except (OSError, ValueError):
+        return False

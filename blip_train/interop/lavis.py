@@ -9,7 +9,9 @@ model (head counts are not in the shapes), so the folder carries no config: the 
 BLIP pretraining checkpoints (the authors' model_base*.pth / model_large*.pth, and LAVIS's BlipPretrain, which
 uses the same names) become a model.arch=blip weights folder: the trained ViT stays in model.safetensors with
 the MED, heads and temperature, and the momentum copies and feature queues come along (model.init_from loads
-them instead of copying the online weights); see `hf_names.blip_model_from_authors`.
+them instead of copying the online weights); see `hf_names.blip_model_from_authors`. The authors' VQA
+checkpoints (ViT, text_encoder and an untied text_decoder, no heads) become the weights of a model.objective=vqa
+model (`hf_names.blip_vqa_model_from_authors`).
 
 EVA ViT-g (`eva_vit_g.pth` as LAVIS downloads it) already uses our names; the importer strips a
 `visual.` / `visual_encoder.` prefix, drops heads that BLIP-2 never uses (`norm`, `fc_norm`, `head`)
@@ -25,7 +27,8 @@ import torch
 
 from blip_train.interop.weights_io import (InteropError, check_output, discard, group_prefixes, move_into_place,
                                            parse_dtype, temp_path, write_weights)
-from blip_train.models.hf_names import blip_model_from_authors, model_from_lavis
+from blip_train.models.hf_names import (blip_model_from_authors, blip_vqa_model_from_authors, is_blip_vqa_checkpoint,
+                                       model_from_lavis)
 
 VISION_FILE = "vision.safetensors"
 ARCHS = ("stage1", "stage2", "instruct", "blip")
@@ -110,6 +113,8 @@ def import_blip_checkpoint(sd: dict[str, torch.Tensor], path: Union[str, Path], 
                            log: Callable[[str], None]) -> dict:
     """An authors' / LAVIS BLIP pretraining state dict -> a model.arch=blip weights folder (no config: the
     recipe names the sizes, as for LAVIS's BLIP-2 files)."""
+    if is_blip_vqa_checkpoint(sd):
+        return import_blip_vqa_checkpoint(sd, path, out, log)
     try:
         ours, differ = blip_model_from_authors(sd)
     except ValueError as e:
@@ -134,6 +139,28 @@ def import_blip_checkpoint(sd: dict[str, torch.Tensor], path: Union[str, Path], 
         raise
     return {"arch": "blip", "trained_tensors": len(ours) - len(momentum) - len(queue),
             "momentum_tensors": len(momentum), "queue_tensors": len(queue), "notes": notes, "out": str(out)}
+
+
+def import_blip_vqa_checkpoint(sd: dict[str, torch.Tensor], path: Union[str, Path], out: Path,
+                               log: Callable[[str], None]) -> dict:
+    """The authors' BLIP VQA state dict (ViT, text_encoder, untied text_decoder) -> the weights of a model.arch=blip,
+    model.objective=vqa run (evaluate it, or fine-tune it further, with model.init_from)."""
+    try:
+        ours = blip_vqa_model_from_authors(sd)
+    except ValueError as e:
+        raise InteropError(f"{path}: {e}") from None
+    log(f"{path}: BLIP VQA: {len(ours)} tensors (question encoder and answer decoder)")
+    meta = {"arch": "blip", "objective": "vqa", "contents": "trainable", "names": "blip_train", "config": None,
+            "source": {"blip": str(Path(path).resolve())}, "notes": []}
+    tmp = temp_path(out)
+    try:
+        write_weights(ours, tmp, meta)
+        move_into_place(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
+    return {"arch": "blip", "objective": "vqa", "trained_tensors": len(ours), "momentum_tensors": 0,
+            "queue_tensors": 0, "notes": [], "out": str(out)}
 
 
 def eva_from_checkpoint(sd: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], list[str]]:

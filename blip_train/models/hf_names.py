@@ -573,24 +573,27 @@ def blip_model_to_hf(sd: Mapping[str, torch.Tensor], layout: str) -> tuple[dict[
 
 
 def blip_model_from_hf(sd: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
-    """HF state dict of BlipForImageTextRetrieval / BlipForConditionalGeneration -> our keys (unknown keys raise).
-    BlipForQuestionAnswering's encoder and decoder are two separate models after VQA fine-tuning: refused."""
-    if layout not in ("blip_retrieval", "blip_captioning"):
-        raise ValueError(f"BLIP layout {layout!r} cannot be read into one MED (one of blip_retrieval, blip_captioning)")
-    (prefix, view), = BLIP_LAYOUTS[layout]
+    """HF state dict of BlipForImageTextRetrieval / BlipForConditionalGeneration -> our keys of one MED;
+    BlipForQuestionAnswering (blip_vqa) -> a VQA model's keys: its text_encoder as `text` (encoder view), its
+    text_decoder as the answer decoder `text_decoder` (decoder view), two MEDs. Unknown keys raise."""
+    if layout not in BLIP_LAYOUTS:
+        raise ValueError(f"BLIP layout must be one of {', '.join(BLIP_LAYOUTS)}, got {layout!r}")
     heads = BLIP_HEADS if layout == "blip_retrieval" else ()
     vision = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
-    text = {k[len(prefix):]: v for k, v in sd.items()
-            if k.startswith(prefix) and not k.endswith("embeddings.position_ids")}
     out = {"visual_encoder." + k: v for k, v in blip_vision_from_hf(vision).items()}
-    out.update({"text." + k: v for k, v in med_from_hf(text, view).items()})
+    parts = BLIP_LAYOUTS[layout]
+    for prefix, view in parts:
+        root = "text_decoder" if len(parts) > 1 and view == "decoder" else "text"
+        text = {k[len(prefix):]: v for k, v in sd.items()
+                if k.startswith(prefix) and not k.endswith("embeddings.position_ids")}
+        out.update({f"{root}.{k}": v for k, v in med_from_hf(text, view).items()})
+        out.pop(f"{root}.lm_head.decoder.weight", None)  # the word embeddings (tied; checked by med_from_hf)
     for key, value in sd.items():
-        if key.startswith(("vision_model.", prefix)):
+        if key.startswith(("vision_model.",) + tuple(prefix for prefix, _ in parts)):
             continue
         if not heads or not key.startswith(heads):
             raise ValueError(f"{layout} key {key!r} has no counterpart in our BLIP model")
         out[key] = value
-    out.pop("text.lm_head.decoder.weight", None)  # the word embeddings (tied; checked by med_from_hf)
     return out
 
 
@@ -609,6 +612,28 @@ def _merge_decoder(encoder: dict[str, torch.Tensor], decoder: dict[str, torch.Te
         elif k in encoder and not torch.equal(encoder[k], v):
             differ.append(k)
     return differ
+
+
+def is_blip_vqa_checkpoint(sd: Mapping[str, torch.Tensor]) -> bool:
+    """The authors' BLIP VQA layout (model_*_vqa*.pth: ViT, text_encoder, an untied text_decoder; no ITC / ITM
+    heads, no momentum model)."""
+    return (any(k.startswith("text_decoder.") for k in sd) and not any(k.startswith("itm_head.") for k in sd)
+            and not any(k.startswith("text_encoder_m.") for k in sd))
+
+
+def blip_vqa_model_from_authors(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The authors' BLIP VQA checkpoint -> a model.objective=vqa model's keys: text_encoder as `text`, the untied
+    text_decoder as the answer decoder `text_decoder`. Unknown keys raise."""
+    vision = {k[len("visual_encoder."):]: v for k, v in sd.items() if k.startswith("visual_encoder.")}
+    out = {"visual_encoder." + k: v for k, v in blip_vision_from_timm(vision).items()}
+    for part, root in (("text_encoder", "text"), ("text_decoder", "text_decoder")):
+        med = med_from_blip(sd, part)
+        med.pop("lm_head.decoder.weight", None)  # tied to the word embeddings (checked by med_from_hf)
+        out.update({f"{root}.{k}": v for k, v in med.items()})
+    unknown = [k for k in sd if not k.startswith(("visual_encoder.", "text_encoder.", "text_decoder."))]
+    if unknown:
+        raise ValueError(f"BLIP VQA checkpoint key {unknown[0]!r} has no counterpart in our BLIP model")
+    return out
 
 
 def blip_model_from_authors(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:

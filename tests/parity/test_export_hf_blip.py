@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import REPO, clean_env
 from tests.helpers.tiny_run import run_train, write_tiny_blip_config
@@ -282,11 +283,12 @@ def vqa_run(run, tiny_assets):
     model, tok = build_blip_model(replace(cfg, model=replace(cfg.model, init_from="")))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     load_trainable_(model, consolidate_trainable(root / "vqa" / "checkpoints", "step_0000001", names))
-    return model.eval(), tok, load_hf(root / "vqa_hf"), processed(root / "vqa_hf")
+    return {"model": model.eval(), "tok": tok, "hf": load_hf(root / "vqa_hf"), "inputs": processed(root / "vqa_hf"),
+            "cfg": cfg, "folder": root / "vqa_hf"}
 
 
 def test_vqa_run_export_gives_its_answer_loss_and_answers(vqa_run):
-    model, tok, hf, inputs = vqa_run
+    model, tok, hf, inputs = (vqa_run[k] for k in ("model", "tok", "hf", "inputs"))
     question = with_first(inputs["input_ids"][:, :4], tok.convert_tokens_to_ids("[ENC]"))  # unpadded (see above)
     qmask = torch.ones_like(question)
     answer, amask = with_first(inputs["input_ids"], tok.bos_token_id), inputs["attention_mask"]
@@ -310,3 +312,23 @@ def test_vqa_run_export_gives_its_answer_loss_and_answers(vqa_run):
             theirs = hf.generate(input_ids=question, attention_mask=qmask, pixel_values=pixels, **kw)[:, 1:]
         theirs = torch.cat([theirs, torch.full((2, 5 - theirs.shape[1]), tok.pad_token_id)], 1)
         assert torch.equal(ours_ids, theirs), (beams, ours_ids, theirs)
+
+
+def test_vqa_import_is_the_run_and_inits_a_vqa_model(vqa_run, tmp_path):
+    """tools/import_hf.py on a BlipForQuestionAnswering folder: the question encoder and answer decoder of a
+    model.objective=vqa run, which model.init_from loads (no copy of the MED into the answer decoder)."""
+    from blip_train.training.stages import build_blip_model
+
+    summary = tool("import_hf.py", "--hf", str(vqa_run["folder"]), "--out", str(tmp_path / "ours"))
+    assert summary["class"] == "BlipForQuestionAnswering"
+    snippet = yaml.safe_load((tmp_path / "ours" / "config_snippet.yaml").read_text())["model"]
+    assert snippet["objective"] == "vqa"
+    cfg = vqa_run["cfg"]
+    report: dict = {}
+    built, _ = build_blip_model(replace(cfg, model=replace(cfg.model, init_from=str(tmp_path / "ours"))),
+                                report=report)
+    got = dict(built.named_parameters())
+    assert report["answer_decoder"] == [] and all(not got[k].requires_grad for k in report["kept"])
+    for k, p in vqa_run["model"].named_parameters():
+        if p.requires_grad:
+            assert torch.equal(got[k], p), k

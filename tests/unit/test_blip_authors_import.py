@@ -121,7 +121,8 @@ def test_authors_checkpoint_imports_with_momentum_and_queue(cfg, tmp_path):
 
     report: dict = {}
     built, _ = build_blip_model(replace(cfg, model=replace(cfg.model, init_from=str(tmp_path / "ours"))), report=report)
-    assert report == {"kept": [], "decoder_from_encoder": [], "momentum": "loaded", "queue": "loaded"}
+    assert report == {"kept": [], "decoder_from_encoder": [], "answer_decoder": [], "momentum": "loaded",
+                      "queue": "loaded"}
     want, got = model.state_dict(), built.state_dict()
     assert want.keys() == got.keys()
     for k in want:
@@ -167,7 +168,8 @@ def test_albef_init_from_our_weights_copies_the_momentum_encoders(tiny_assets, t
     write_weights(trained, tmp_path / "w", {"arch": "albef", "contents": "trainable"})
     report: dict = {}
     built, _ = build_blip_model(replace(cfg, model=replace(cfg.model, init_from=str(tmp_path / "w"))), report=report)
-    assert report == {"kept": [], "decoder_from_encoder": [], "momentum": "copied", "queue": "initial"}
+    assert report == {"kept": [], "decoder_from_encoder": [], "answer_decoder": [], "momentum": "copied",
+                      "queue": "initial"}
     state = dict(built.named_parameters())
     assert all(torch.equal(state[k], v) for k, v in trained.items())
     assert all(torch.equal(p, m) for p, m in built.momentum_pairs())
@@ -175,3 +177,27 @@ def test_albef_init_from_our_weights_copies_the_momentum_encoders(tiny_assets, t
     write_weights(trained, tmp_path / "w2", {"arch": "albef", "contents": "trainable"})
     with pytest.raises(KeyError, match="itm_head.weight"):
         build_blip_model(replace(cfg, model=replace(cfg.model, init_from=str(tmp_path / "w2"))))
+
+
+def test_authors_vqa_checkpoint_imports_as_a_vqa_model(tiny_assets, tmp_path):
+    """model_base_vqa_capfilt_large.pth's layout: timm ViT, text_encoder and an untied text_decoder, no heads. It
+    becomes a model.objective=vqa model's question encoder and answer decoder, tensor for tensor."""
+    cfg = load_config(str(write_tiny_blip_config(tiny_assets, tmp_path / "run", model={"objective": "vqa"})))
+    model, _ = build_blip_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = {**timm_vit(sd, "visual_encoder.", g), **med_part(sd, "text.", "text_encoder", decoder=False),
+            **med_part(sd, "text_decoder.", "text_decoder", decoder=True)}
+    torch.save({"model": ckpt}, tmp_path / "model_vqa.pth")
+    summary = import_lavis(tmp_path / "model_vqa.pth", tmp_path / "ours")
+    assert summary["objective"] == "vqa"
+    report: dict = {}
+    built, _ = build_blip_model(replace(cfg, model=replace(cfg.model, init_from=str(tmp_path / "ours"))), report=report)
+    assert report["answer_decoder"] == [] and report["momentum"] == "none"
+    got = dict(built.named_parameters())
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(got[k], p), k
