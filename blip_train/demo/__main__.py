@@ -5,10 +5,11 @@
 
 1. synthetic shapes dataset → runs/demo/data/{train,val} (MDS shards, tools/make_synthetic_dataset.py), and
    the fine-tuning split → runs/demo/data_ft/{train,val}: its own scenes, shapes plain or "striped"
-2. assets: Q-Former tokenizer trained on the train captions; tiny ViT pretrained on the train split
-3. each stage on 2 ranks, DeepSpeed ZeRO-3 bf16 over gloo (`torchrun -m blip_train.train`); last, two
-   fine-tuning stages (trainable ViT with layer decay) on data_ft, from stage2_opt (captioning) and stage1
-   (retrieval)
+2. assets: Q-Former tokenizer trained on the train captions; tiny ViT pretrained on the train split; the
+   training answers as BLIP's VQA candidates (tools/answer_list.py)
+3. each stage on 2 ranks, DeepSpeed ZeRO-3 bf16 over gloo (`torchrun -m blip_train.train`; BLIP, ALBEF and
+   BLIP's VQA fine-tuning from the BLIP stage under ZeRO-2); last, two fine-tuning stages (trainable ViT with
+   layer decay) on data_ft, from stage2_opt (captioning) and stage1 (retrieval)
 4. held-out evaluation of every stage, trained vs untrained (`python -m blip_train.eval`), plus chance
 5. summary.json as DESIGN.md §3 specifies
 Steps whose outputs exist are reused, so a re-run after an interruption continues where it stopped.
@@ -109,6 +110,10 @@ def make_assets(out: Path, data: Path, image_size: int) -> dict:
         texts = [r["caption"] for r in rows] + [r["question"] for r in rows]
         train_wordpiece_tokenizer(texts, vocab_size=400, out_dir=tok_dir)
         log(f"assets: Q-Former tokenizer trained on {len(texts)} train texts → {tok_dir}")
+    answers = assets / "answer_list.json"
+    if not answers.is_file():  # BLIP's VQA stage ranks over the training answers
+        run([sys.executable, "tools/answer_list.py", "--data", str(data / "train"), "--top", "300", "--out",
+             str(answers)])
     from blip_train.demo.llms import build_demo_llms
     info["llm_pretraining"] = build_demo_llms(str(data / "train"), assets, log=log)
     vit_file = assets / "vit.safetensors"
@@ -139,9 +144,9 @@ def train_stage(recipe: str, out: Path, name: str, extra: list[str]) -> dict:
             "world_size": read_meta(ckpt / tag)["world_size"], "zero_stage": resolved["deepspeed"]["zero_stage"]}
 
 
-def evaluate(task: str, run_dir: str, data: Path, untrained: bool = False) -> dict:
+def evaluate(task: str, run_dir: str, data: Path, untrained: bool = False, sets: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "blip_train.eval", "--task", task, "--checkpoint", run_dir,
-           "--data", str(data / "val")]
+           "--data", str(data / "val")] + [a for s in sets for a in ("--set", s)]
     if untrained:
         cmd.append("--untrained")
     return last_json_line(run(cmd))
@@ -219,6 +224,29 @@ def finetune_stage(name: str, out: Path, data_ft: Path, path_sets: list[str], as
     return res
 
 
+VQA_FINETUNE = {  # demo stage → (recipe, stage it starts from)
+    "blip_vqa": ("demo/blip_vqa", "blip"),
+}
+
+
+def vqa_finetune_stage(name: str, out: Path, data: Path, path_sets: list[str], assets: Path) -> dict:
+    """BLIP's VQA fine-tuning from the run's own BLIP pretraining stage. Answers are ranked over the training
+    answers (assets/answer_list.json, the primary metric) and, as a second reading, generated. Untrained = the
+    starting checkpoint (the pretrained MED copied into the answer decoder, which has never answered)."""
+    recipe, start = VQA_FINETUNE[name]
+    sets = path_sets + [f"model.init_from={out / start}"]
+    if path_sets:
+        sets.append(f"eval.answer_list={assets / 'answer_list.json'}")
+    res = train_stage(recipe, out, name, sets)
+    # Generated first: the ranked evaluation's predictions file (the same name) is the one kept.
+    generated = evaluate("vqa", res["run_dir"], data, sets=("eval.answer_list=",))
+    res["metrics"] = evaluate_primary("vqa", res["run_dir"], data, "vqa_accuracy", "VQA accuracy (%), ranked")
+    res["metrics"]["secondary"] = {"name": "VQA accuracy (%), generated", "trained": generated["vqa_accuracy"],
+                                   "untrained": res["metrics"]["primary"]["untrained"],
+                                   "chance": generated["chance_vqa_accuracy"]}
+    return res
+
+
 def stripes_named(predictions_file: Path) -> dict:
     """Share (%) of held-out images whose generated caption says "striped" exactly when the references do
     (every reference names a striped shape's stripes), and the share of images that have stripes."""
@@ -268,6 +296,11 @@ def run_stages(out: Path, data: Path, path_sets: list[str], assets: Path, entrie
     for name in RETRIEVAL:
         log(f"{name}: {RETRIEVAL[name][1]}, 2 ranks, ZeRO-{load_config(RETRIEVAL[name][0]).deepspeed.zero_stage}")
         entries[name] = stage_entry(retrieval_stage(name, out, data, path_sets))
+        checkpoint()
+    for name in VQA_FINETUNE:
+        log(f"{name}: {VQA_FINETUNE[name][0]}, 2 ranks, ZeRO-2, from {VQA_FINETUNE[name][1]}: question encoder + "
+            "answer decoder")
+        entries[name] = stage_entry(vqa_finetune_stage(name, out, data, path_sets, assets))
         checkpoint()
     for name in GENERATIVE:
         log(f"{name}: {GENERATIVE[name][0]}, 2 ranks, ZeRO-3, Q-Former from stage 1, frozen LLM")

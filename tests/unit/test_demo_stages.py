@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from blip_train.config import load_config
-from blip_train.demo.__main__ import FINETUNE, GENERATIVE, RETRIEVAL, stripes_named
+from blip_train.demo.__main__ import FINETUNE, GENERATIVE, RETRIEVAL, VQA_FINETUNE, stripes_named
 
 
 def test_fine_tuning_stages_train_the_vit_from_an_earlier_demo_stage_on_their_own_split():
@@ -37,6 +37,17 @@ def test_retrieval_stages_cover_blip2_stage1_blip_and_albef():
             assert not cfg.model.vision.frozen
             assert cfg.model.momentum.queue_size % (2 * cfg.train.micro_batch_size) == 0
     assert archs == {"stage1": "stage1", "blip": "blip", "albef": "albef"}
+
+
+def test_blip_vqa_stage_fine_tunes_the_demo_blip_run():
+    """BLIP's VQA objective from the demo's BLIP stage: the same ViT and MED sizes (init_from loads them
+    strictly), ranked over the answer list the demo writes."""
+    for name, (recipe, start) in VQA_FINETUNE.items():
+        cfg, before = load_config(recipe), load_config(f"demo/{start}")
+        assert start in RETRIEVAL and cfg.model.init_from == f"runs/demo/{start}"
+        assert (cfg.model.arch, cfg.model.objective) == ("blip", "vqa") and cfg.run.output_dir == f"runs/demo/{name}"
+        assert (cfg.model.vision, cfg.model.text) == (before.model.vision, before.model.text)
+        assert cfg.eval.answer_list == "runs/demo/assets/answer_list.json" and cfg.data.val == before.data.val
 
 
 def test_stripes_named_scores_the_attribute(tmp_path):
