@@ -1,7 +1,7 @@
 """The experiment config: one typed tree, defaults live only here.
 
 Every field carries a docstring-style comment (meaning, unit). YAML recipes set values; `--set a.b=c`
-overrides are parsed to the field's type (see `loading.py`); `validate_config` refuses impossible
+overrides are parsed to the field's type (see `loading.py`); `validate_config` (validate.py) refuses impossible
 combinations before any process group exists. Adding a field is a reviewed change: the key snapshot
 test (`tests/unit/test_config.py`) lists every key.
 """

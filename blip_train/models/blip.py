@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_train.config.schema import OBJECTIVES, ModelConfig
-from blip_train.models.beam_search import beam_search
-from blip_train.models.blip_losses import (FeatureQueue, alpha_at, answer_log_likelihood, copy_params_, global_sims,
-                                           lm_loss, mask_tokens, mlm_loss, momentum_itc_loss, weighted_answer_loss)
+from blip_train.models.blip_losses import (FeatureQueue, alpha_at, copy_params_, global_sims, lm_loss, mask_tokens,
+                                           mlm_loss, momentum_itc_loss, weighted_answer_loss)
 from blip_train.models.eva_vit import EVAViT
 from blip_train.models.med import MED
-from blip_train.models.stage1 import TEMP_MAX, TEMP_MIN, nucleus_sample, pad_text_for_gather
+from blip_train.models.med_decoding import decode, generate_after, rank_candidates
+from blip_train.models.stage1 import TEMP_MAX, TEMP_MIN, pad_text_for_gather
 from blip_train.models.stage1_losses import itm_loss, sample_hard_negatives
 from blip_train.models.world import WorldInfo
 
@@ -316,27 +316,8 @@ class BlipPretrain(nn.Module):
         if prompt_ids is None:
             raise ValueError("prompt_ids: a captioning model generates after [DEC] and its prompt")
         image_embeds = self._decoder_image_embeds(pixel_values)  # (B, 1+P, Dv)
-        return self._generate_after(self.text, image_embeds, None, prompt_ids, max_new_tokens, min_new_tokens,
-                                    num_beams, length_penalty)
-
-    def _generate_after(self, decoder: MED, memory: torch.Tensor, memory_mask: Optional[torch.Tensor],
-                        start_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int, num_beams: int,
-                        length_penalty: float) -> torch.Tensor:
-        """(B, max_new_tokens) ids that `decoder`, cross-attending to memory (B, M, W) (mask (B, M)), writes after
-        start_ids (B, S): greedy, or beam search with transformers' rules."""
-        if num_beams == 1:
-            ids = self._decode(memory, start_ids, max_new_tokens, min_new_tokens, decoder=decoder,
-                               memory_mask=memory_mask)
-            return ids[:, start_ids.shape[1]:]
-        beams = memory.repeat_interleave(num_beams, dim=0)  # (B*K, M, W), image-major as the beams
-        beams_mask = None if memory_mask is None else memory_mask.repeat_interleave(num_beams, dim=0)
-
-        def next_logits(ids: torch.Tensor) -> torch.Tensor:
-            hidden = decoder(ids, torch.ones_like(ids), image_embeds=beams, image_mask=beams_mask, mode="decoder")
-            return decoder.lm_logits(hidden[:, -1])  # (B*K, V)
-
-        return beam_search(next_logits, start_ids, max_new_tokens, num_beams, self.tokens.sep, self.tokens.pad,
-                           min_new_tokens, length_penalty)
+        return generate_after(self.text, image_embeds, None, prompt_ids, max_new_tokens, min_new_tokens, num_beams,
+                              length_penalty, self.tokens.sep, self.tokens.pad)
 
     def _answer(self, pixel_values: torch.Tensor, question_ids: Optional[torch.Tensor],
                 question_mask: Optional[torch.Tensor], answer_ids: Optional[torch.Tensor],
@@ -350,8 +331,8 @@ class BlipPretrain(nn.Module):
         image_embeds = self.visual_encoder(pixel_values)  # (B, 1+P, Dv)
         states, mask = self._question_states(image_embeds, question_ids, question_mask)
         start = torch.full_like(question_ids[:, :1], self.tokens.dec)  # (B, 1) [DEC]
-        return self._generate_after(self.text_decoder, states, mask, start, max_new_tokens, min_new_tokens,
-                                    num_beams, length_penalty)
+        return generate_after(self.text_decoder, states, mask, start, max_new_tokens, min_new_tokens, num_beams,
+                              length_penalty, self.tokens.sep, self.tokens.pad)
 
     @torch.no_grad()
     def rank_answers(self, pixel_values: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
@@ -364,20 +345,9 @@ class BlipPretrain(nn.Module):
         if self.objective != "vqa":
             raise ValueError(f"model.objective={self.objective}: only a VQA model (model.objective=vqa) ranks answers")
         device = pixel_values.device
-        answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
         image_embeds = self.visual_encoder(pixel_values)  # (B, 1+P, Dv)
         states, mask = self._question_states(image_embeds, question_ids, question_mask)  # (B, Tq, D)
-        b, k = states.shape[0], min(k, answer_ids.shape[0])
-        start = answer_ids[:1, :1].expand(b, 1)  # (B, 1) [DEC]
-        first = self.text_decoder(start, torch.ones_like(start), image_embeds=states, image_mask=mask, mode="decoder")
-        first_logp = self.text_decoder.lm_logits(first[:, 0]).float().log_softmax(-1)  # (B, V)
-        top = first_logp[:, answer_ids[:, 1]].topk(k, dim=1).indices  # (B, k) candidate rows
-        ids, ids_mask = answer_ids[top].flatten(0, 1), answer_mask[top].flatten(0, 1)  # (B*k, Ta)
-        hidden = self.text_decoder(ids, ids_mask, image_embeds=states.repeat_interleave(k, dim=0),
-                                   image_mask=mask.repeat_interleave(k, dim=0), mode="decoder")  # (B*k, Ta, D)
-        labels = ids.masked_fill(ids_mask == 0, -100)
-        scores = answer_log_likelihood(self.text_decoder.lm_logits(hidden), labels).view(b, k)  # (B, k)
-        return top.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)  # (B,)
+        return rank_candidates(self.text_decoder, states, mask, answer_ids.to(device), answer_mask.to(device), k)
 
     @torch.no_grad()
     def generate_captions(self, pixel_values: torch.Tensor, bos_id: int, sep_id: int, pad_id: int,
@@ -393,7 +363,8 @@ class BlipPretrain(nn.Module):
             raise ValueError(f"sep/pad ids {sep_id}/{pad_id} are not the model's {self.tokens.sep}/{self.tokens.pad}")
         image_embeds = self._decoder_image_embeds(pixel_values).repeat_interleave(num_captions, dim=0)
         start = torch.tensor([bos_id, *self.prompt_ids], dtype=torch.long, device=image_embeds.device)
-        ids = self._decode(image_embeds, start.expand(image_embeds.shape[0], -1), max_len - 1, 1, top_p, generator)
+        ids = decode(self.text, image_embeds, start.expand(image_embeds.shape[0], -1), max_len - 1, 1, self.tokens.sep,
+                     self.tokens.pad, top_p=top_p, generator=generator)
         return torch.cat([ids[:, :1], ids[:, start.numel():]], dim=1)  # the prompt is not the caption's
 
     def _decoder_image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -409,27 +380,6 @@ class BlipPretrain(nn.Module):
             raise ValueError(f"a {'captioning' if self.objective == 'caption' else 'VQA'} run (model.objective="
                              f"{self.objective}) does not train the ITC / ITM heads: match or retrieve with a "
                              "pretraining or retrieval run")
-
-    def _decode(self, image_embeds: torch.Tensor, ids: torch.Tensor, steps: int, min_new_tokens: int,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                decoder: Optional[MED] = None, memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`steps` tokens appended to `ids` (N, P) by `decoder` (default the MED's own) cross-attending to
-        image_embeds (or the question's states, masked by memory_mask): argmax, or nucleus sampling with top_p;
-        after [SEP], [PAD]. Every step re-encodes the whole prefix (no key/value cache: captions are short), and
-        all steps run whatever the captions do (ZeRO-3: every rank calls the same modules)."""
-        decoder = self.text if decoder is None else decoder
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for step in range(steps):
-            hidden = decoder(ids, torch.ones_like(ids), image_embeds=image_embeds, image_mask=memory_mask,
-                             mode="decoder")
-            logits = decoder.lm_logits(hidden[:, -1]).float()  # (N, V)
-            if step < min_new_tokens:
-                logits[:, self.tokens.sep] = float("-inf")
-            nxt = logits.argmax(-1) if top_p is None else nucleus_sample(logits, top_p, generator)  # (N,)
-            nxt = torch.where(done, torch.full_like(nxt, self.tokens.pad), nxt)
-            done = done | (nxt == self.tokens.sep)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-        return ids
 
     @torch.no_grad()
     def itm_scores(self, image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,

@@ -17,7 +17,7 @@ import torch
 from blip_train.config import (ConfigError, ExperimentConfig, check_input_paths, check_output_dir, config_to_dict,
                                config_warnings)
 from blip_train.config.changes import check_resume_config, record_config
-from blip_train.config.loading import check_queue_fits_world
+from blip_train.config.validate import check_queue_fits_world
 from blip_train.data.datasets import check_canonical_nodes, check_local_splits, check_remote_splits, remove_job_cache
 from blip_train.data.device import finish_batch
 from blip_train.distributed.env import discover_environment, export_environment

@@ -8,6 +8,7 @@ import torch
 
 from blip_train.config.schema import MomentumConfig, TextConfig
 from blip_train.models.blip import BlipPretrain, TextTokens
+from blip_train.models.med_decoding import decode
 from blip_train.training.momentum import load_momentum_state_, momentum_state, update_momentum_
 from tests.helpers.tiny import tiny_model_config, tiny_vision_config
 
@@ -250,7 +251,7 @@ def test_caption_objective_trains_the_decoder_after_the_prompt():
     px = batch["pixel_values"]
     ids = model.generate_captions(px, 3, TOKENS.sep, TOKENS.pad, max_len=5)
     start = torch.tensor([[3, 40, 41]] * B)
-    full = model._decode(model.visual_encoder(px), start, 4, 1)
+    full = decode(model.text, model.visual_encoder(px), start, 4, 1, TOKENS.sep, TOKENS.pad)
     assert ids.shape == (B, 5) and torch.equal(ids[:, 0], torch.full((B,), 3)) and torch.equal(ids[:, 1:], full[:, 3:])
 
 

@@ -206,7 +206,7 @@ def test_fine_tuning_recipes_carry_the_paper_settings(recipe):
 
 
 def test_the_queue_must_take_whole_global_micro_batches():
-    from blip_train.config.loading import check_queue_fits_world
+    from blip_train.config.validate import check_queue_fits_world
     cfg = load_config(None, ["model.arch=blip", "model.vision.frozen=false", "model.momentum.queue_size=96",
                              "train.micro_batch_size=8"])
     check_queue_fits_world(cfg, 4)  # 96 = 3 x (8 x 4)
