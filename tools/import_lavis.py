@@ -13,6 +13,11 @@ A BLIP pretraining checkpoint (the authors' model_base.pth / model_large.pth, or
 detected by its text_encoder.* keys (or --arch blip) and becomes a model.arch=blip weights folder with the
 online weights, the momentum encoders and the feature queues, which model.init_from loads as they are:
     python tools/import_lavis.py --checkpoint model_base.pth --out weights/blip-base
+The authors' BLIP VQA checkpoints (an untied text_decoder, no ITC / ITM heads) become the weights of a
+model.objective=vqa run; the authors' ALBEF checkpoints (ALBEF_4M.pth, ALBEF.pth: text_encoder.bert.*, or
+--arch albef) a model.arch=albef folder with momentum encoders and queues:
+    python tools/import_lavis.py --checkpoint model_base_vqa_capfilt_large.pth --out weights/blip-vqa
+    python tools/import_lavis.py --checkpoint ALBEF_4M.pth --out weights/albef-4m
 --eva: EVA ViT weights (as LAVIS downloads them) -> one .safetensors for model.vision.weights.
 """
 from __future__ import annotations

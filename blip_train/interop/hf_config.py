@@ -4,7 +4,7 @@ arch      transformers class                        state-dict layout (hf_names.
 stage1    Blip2ForImageTextRetrieval                blip2_retrieval
 stage2    Blip2ForConditionalGeneration             blip2_generation   (Q-Former without text input)
 instruct  InstructBlipForConditionalGeneration      instructblip_generation
-blip      BlipForImageTextRetrieval (default) /     hf_names.BLIP_LAYOUTS (BLIP_CLASSES; the user picks the
+blip      BlipForImageTextRetrieval (default) /     hf_names_blip.BLIP_LAYOUTS (BLIP_CLASSES; the user picks the
           BlipForConditionalGeneration /            class: one BLIP run holds all three)
           BlipForQuestionAnswering
 Our EVA ViT counts pretrained blocks and may drop the last (`drop_last_block`); transformers counts
@@ -209,7 +209,7 @@ def assign_into(model: Any, sd: dict, where: str) -> Any:
 
 BLIP_CLASSES = {"BlipForImageTextRetrieval": "blip_retrieval", "BlipForConditionalGeneration": "blip_captioning",
                 "BlipForQuestionAnswering": "blip_vqa"}
-"""transformers class -> state-dict layout (hf_names.BLIP_LAYOUTS) for model.arch=blip."""
+"""transformers class -> state-dict layout (hf_names_blip.BLIP_LAYOUTS) for model.arch=blip."""
 BLIP_DEFAULT_CLASS = "BlipForImageTextRetrieval"
 
 

@@ -14,7 +14,7 @@ from blip_train.interop.hf_config import (BLIP_CLASSES, assign_into, blip_class,
                                           blip_hf_config_for, build_blip_processor, carry_generation_defaults_)
 from blip_train.interop.hf_export import ExportSource, write_hf_folder
 from blip_train.interop.weights_io import InteropError, dtype_name, is_weights_file, is_weights_folder
-from blip_train.models.hf_names import blip_model_to_hf
+from blip_train.models.hf_names_blip import blip_model_to_hf
 
 BLIP_ARCHS = ("blip", "albef")
 BLIP_NOT_EXPORTED = (r"[a-z_]+_m\.", r"queue\.", r"temp$")

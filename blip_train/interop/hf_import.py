@@ -30,7 +30,8 @@ from blip_train.interop.hf_config import (LAYOUTS, arch_of_hf_config, assign_int
                                           model_section_from_blip_hf, model_section_from_hf, without_decoding_defaults)
 from blip_train.interop.weights_io import (InteropError, check_output, discard, move_into_place, temp_path,
                                            write_weights)
-from blip_train.models.hf_names import blip_model_from_hf, model_from_hf, read_hf_folder_weights
+from blip_train.models.hf_names import model_from_hf, read_hf_folder_weights
+from blip_train.models.hf_names_blip import blip_model_from_hf
 
 VISION_FILE = "vision.safetensors"
 LLM_DIR = "llm"

@@ -9,9 +9,10 @@ model (head counts are not in the shapes), so the folder carries no config: the 
 BLIP pretraining checkpoints (the authors' model_base*.pth / model_large*.pth, and LAVIS's BlipPretrain, which
 uses the same names) become a model.arch=blip weights folder: the trained ViT stays in model.safetensors with
 the MED, heads and temperature, and the momentum copies and feature queues come along (model.init_from loads
-them instead of copying the online weights); see `hf_names.blip_model_from_authors`. The authors' VQA
+them instead of copying the online weights); see `hf_names_blip.blip_model_from_authors`. The authors' VQA
 checkpoints (ViT, text_encoder and an untied text_decoder, no heads) become the weights of a model.objective=vqa
-model (`hf_names.blip_vqa_model_from_authors`).
+model (`hf_names_blip.blip_vqa_model_from_authors`). ALBEF's (ALBEF_4M.pth, ALBEF.pth: a BertForMaskedLM text
+encoder) become a model.arch=albef folder with its momentum copies and queues (`albef_model_from_authors`).
 
 EVA ViT-g (`eva_vit_g.pth` as LAVIS downloads it) already uses our names; the importer strips a
 `visual.` / `visual_encoder.` prefix, drops heads that BLIP-2 never uses (`norm`, `fc_norm`, `head`)
@@ -27,11 +28,12 @@ import torch
 
 from blip_train.interop.weights_io import (InteropError, check_output, discard, group_prefixes, move_into_place,
                                            parse_dtype, temp_path, write_weights)
-from blip_train.models.hf_names import (blip_model_from_authors, blip_vqa_model_from_authors, is_blip_vqa_checkpoint,
-                                       model_from_lavis)
+from blip_train.models.hf_names import model_from_lavis
+from blip_train.models.hf_names_blip import (albef_model_from_authors, blip_model_from_authors,
+                                             blip_vqa_model_from_authors, is_albef_checkpoint, is_blip_vqa_checkpoint)
 
 VISION_FILE = "vision.safetensors"
-ARCHS = ("stage1", "stage2", "instruct", "blip")
+ARCHS = ("stage1", "stage2", "instruct", "blip", "albef")
 _REQUIRED = {"stage1": ("ln_vision.", "query_tokens", "qformer.", "vision_proj.", "text_proj.", "itm_head.", "temp"),
              "stage2": ("ln_vision.", "query_tokens", "qformer.", "llm_proj."),
              "instruct": ("ln_vision.", "query_tokens", "qformer.embeddings.word_embeddings.", "llm_proj.")}
@@ -74,6 +76,8 @@ def import_lavis(path: Union[str, Path], out: Union[str, Path], *, arch: Optiona
     sd = read_torch_state(path)
     if arch is not None and arch not in ARCHS:
         raise InteropError(f"--arch {arch!r}: one of {', '.join(ARCHS)}")
+    if arch == "albef" or (arch is None and is_albef_checkpoint(sd)):
+        return import_blip_checkpoint(sd, path, out, log, arch="albef")
     if arch == "blip" or (arch is None and any(k.startswith("text_encoder.") for k in sd)):
         return import_blip_checkpoint(sd, path, out, log)
     try:
@@ -110,25 +114,25 @@ BLIP_REQUIRED = ("visual_encoder.", "text.", "vision_proj.", "text_proj.", "itm_
 
 
 def import_blip_checkpoint(sd: dict[str, torch.Tensor], path: Union[str, Path], out: Path,
-                           log: Callable[[str], None]) -> dict:
-    """An authors' / LAVIS BLIP pretraining state dict -> a model.arch=blip weights folder (no config: the
-    recipe names the sizes, as for LAVIS's BLIP-2 files)."""
-    if is_blip_vqa_checkpoint(sd):
+                           log: Callable[[str], None], arch: str = "blip") -> dict:
+    """An authors' / LAVIS BLIP (or, arch="albef", ALBEF) pretraining state dict -> a model.arch=blip | albef
+    weights folder (no config: the recipe names the sizes, as for LAVIS's BLIP-2 files)."""
+    if arch == "blip" and is_blip_vqa_checkpoint(sd):
         return import_blip_vqa_checkpoint(sd, path, out, log)
     try:
-        ours, differ = blip_model_from_authors(sd)
+        ours, differ = (albef_model_from_authors(sd), []) if arch == "albef" else blip_model_from_authors(sd)
     except ValueError as e:
         raise InteropError(f"{path}: {e}") from None
     missing = [r for r in BLIP_REQUIRED if not any(k.startswith(r) for k in ours)]
     if missing:
-        raise InteropError(f"{path}: not a BLIP pretraining checkpoint: nothing under {missing}")
+        raise InteropError(f"{path}: not a {arch.upper()} pretraining checkpoint: nothing under {missing}")
     momentum = [k for k in ours if k.split(".", 1)[0].endswith("_m")]
     queue = [k for k in ours if k.startswith("queue.")]
     notes = [f"{len(differ)} text_decoder tensors differ from text_encoder's (kept the encoder's: MED shares all "
              "but the self-attention; a fine-tuned, untied checkpoint?)"] if differ else []
-    log(f"{path}: BLIP pretraining: {len(ours) - len(momentum) - len(queue)} trained tensors, {len(momentum)} "
+    log(f"{path}: {arch.upper()} pretraining: {len(ours) - len(momentum) - len(queue)} trained tensors, {len(momentum)} "
         f"momentum, {len(queue)} queue; {'; '.join(notes) or 'decoder tied to the encoder'}")
-    meta = {"arch": "blip", "contents": "trainable+momentum" if momentum else "trainable", "names": "blip_train",
+    meta = {"arch": arch, "contents": "trainable+momentum" if momentum else "trainable", "names": "blip_train",
             "config": None, "source": {"blip": str(Path(path).resolve())}, "notes": notes}
     tmp = temp_path(out)
     try:
@@ -137,7 +141,7 @@ def import_blip_checkpoint(sd: dict[str, torch.Tensor], path: Union[str, Path], 
     except BaseException:
         discard(tmp)
         raise
-    return {"arch": "blip", "trained_tensors": len(ours) - len(momentum) - len(queue),
+    return {"arch": arch, "trained_tensors": len(ours) - len(momentum) - len(queue),
             "momentum_tensors": len(momentum), "queue_tensors": len(queue), "notes": notes, "out": str(out)}
 
 

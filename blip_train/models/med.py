@@ -16,7 +16,7 @@ Three modes over the same weights:
   self-attention (BLIP, section 3.1; LAVIS ties its text encoder and decoder the same way).
 
 `qformer.load_bert_weights` initialises a MED from a local BERT folder (the decoder self-attention starts as
-a copy of the encoder's); `hf_names.med_*` map the names to transformers' BlipTextModel /
+a copy of the encoder's); `hf_names_blip.med_*` map the names to transformers' BlipTextModel /
 BlipTextLMHeadModel and from the authors' BLIP checkpoints.
 """
 from __future__ import annotations

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from blip_train.models.eva_vit import EVAViT
-from blip_train.models.hf_names import (blip_vision_from_hf, blip_vision_from_timm, blip_vision_to_hf, med_from_blip,
-                                        med_from_hf, med_keys_without_hf, med_to_hf)
+from blip_train.models.hf_names import blip_vision_from_hf, blip_vision_from_timm, blip_vision_to_hf
+from blip_train.models.hf_names_blip import med_from_blip, med_from_hf, med_keys_without_hf, med_to_hf
 from blip_train.models.med import MED
 from tests.helpers.tiny import hf_blip_text_config, hf_blip_vision_config, tiny_text_config, tiny_vision_config
 from tests.parity.test_parity_hf import image_inputs, load_exact, randomize_, text_inputs

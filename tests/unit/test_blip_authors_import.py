@@ -201,3 +201,48 @@ def test_authors_vqa_checkpoint_imports_as_a_vqa_model(tiny_assets, tmp_path):
     for k, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(got[k], p), k
+
+
+def test_authors_albef_checkpoint_imports_with_momentum_and_queue(tiny_assets, tmp_path):
+    """ALBEF_4M.pth's layout: timm ViT, text_encoder as a BertForMaskedLM (bert.* + cls.*, cross-attention from the
+    fusion layer on) with token-type embeddings, heads, momentum copies and queues. The token-type row folds into
+    the position embeddings, so the text encoder's embedding sums are the checkpoint's."""
+    cfg = load_config(str(write_tiny_blip_config(tiny_assets, tmp_path / "run", arch="albef")))
+    model = distinct_model(cfg)
+    g = torch.Generator().manual_seed(2)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def masked_lm(root: str, part: str) -> dict:
+        out = {}
+        for k, v in sd.items():
+            if k.startswith(root):
+                name = bert_name(k[len(root):])
+                out[f"{part}.{name if name.startswith('cls.') else 'bert.' + name}"] = v
+        token_type = torch.randn(2, out[f"{part}.bert.embeddings.position_embeddings.weight"].shape[1], generator=g)
+        out[f"{part}.bert.embeddings.token_type_embeddings.weight"] = token_type
+        out[f"{part}.bert.embeddings.position_embeddings.weight"] = \
+            out[f"{part}.bert.embeddings.position_embeddings.weight"] - token_type[0]
+        out[f"{part}.cls.predictions.decoder.bias"] = out[f"{part}.cls.predictions.bias"]
+        return out
+
+    ckpt = {**timm_vit(sd, "visual_encoder.", g), **timm_vit(sd, "visual_encoder_m.", g),
+            **masked_lm("text.", "text_encoder"), **masked_lm("text_m.", "text_encoder_m")}
+    for k in ("vision_proj", "text_proj", "itm_head", "vision_proj_m", "text_proj_m"):
+        ckpt.update({n: v for n, v in sd.items() if n.startswith(k + ".")})
+    ckpt["temp"] = sd["temp"].reshape(())
+    ckpt.update(image_queue=sd["queue.image_queue"], text_queue=sd["queue.text_queue"], queue_ptr=sd["queue.ptr"])
+    assert any(".crossattention." in k for k in ckpt) and not any(".self_attn_dec." in k for k in ckpt)
+    torch.save({"model": ckpt}, tmp_path / "ALBEF_4M.pth")
+    summary = import_lavis(tmp_path / "ALBEF_4M.pth", tmp_path / "ours")
+    assert summary["arch"] == "albef" and summary["queue_tensors"] == 3
+    report: dict = {}
+    built, _ = build_blip_model(replace(cfg, model=replace(cfg.model, init_from=str(tmp_path / "ours"))),
+                                report=report)
+    assert report["kept"] == [] and report["momentum"] == "loaded" and report["queue"] == "loaded"
+    want, got = model.state_dict(), built.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        if k.endswith("embeddings.position_embeddings.weight"):  # (P - t) + t: equal to rounding
+            assert torch.allclose(got[k], want[k], atol=1e-6), k
+        else:
+            assert torch.equal(got[k], want[k]), k
