@@ -38,6 +38,12 @@ class ImageJob:
 
 
 @dataclass
+class VideoJob(ImageJob):
+    """One video file, `frames` of it sampled (data/video.py), and the rows that share it."""
+    frames: int = 4
+
+
+@dataclass
 class ConvertStats:
     out: str = ""
     written: int = 0
@@ -124,15 +130,22 @@ def _source_bytes(source: Union[str, bytes]) -> int:
         return 0
 
 
-def _normalize_job(args: tuple[ImageJob, ResizePolicy]) -> tuple[Optional[bytes], str, ImageJob, int]:
+def _normalize_job(args: tuple[ImageJob, ResizePolicy]) -> tuple[Optional[dict[str, Any]], str, ImageJob, int]:
+    """(the columns the job's rows get: `image`, and a video's frame columns; or None), reason, job, bytes read."""
     job, resize = args
-    data, reason = load_and_normalize_image(job.source, resize_short_side=resize.short_side,
-                                            resize_max_side=resize.max_side)
-    return data, reason, job, _source_bytes(job.source)
+    if isinstance(job, VideoJob):
+        from blip_train.data.video import load_video_frames
+
+        columns, reason = load_video_frames(job.source, job.frames, resize.short_side, resize.max_side)
+    else:
+        data, reason = load_and_normalize_image(job.source, resize_short_side=resize.short_side,
+                                                resize_max_side=resize.max_side)
+        columns = None if data is None else {"image": data}
+    return columns, reason, job, _source_bytes(job.source)
 
 
 def _normalized(jobs: Iterable[ImageJob], workers: int, resize: ResizePolicy
-                ) -> Iterator[tuple[Optional[bytes], str, ImageJob, int]]:
+                ) -> Iterator[tuple[Optional[dict[str, Any]], str, ImageJob, int]]:
     args = ((job, resize) for job in jobs)
     if workers <= 1:
         yield from map(_normalize_job, args)
@@ -145,8 +158,9 @@ def _normalized(jobs: Iterable[ImageJob], workers: int, resize: ResizePolicy
 def run_conversion(jobs: Iterable[ImageJob], out: Union[str, os.PathLike], stats: ConvertStats, *,
                    workers: int = 1, overwrite: bool = False, resize_short_side: int = RESIZE_SHORT_SIDE,
                    resize_max_side: int = 0, total: Optional[int] = None, desc: str = "images",
-                   progress: bool = True) -> ConvertStats:
-    """Normalise every job's image, write the surviving rows as one split; fill and return `stats`.
+                   progress: bool = True, extra_columns: Optional[dict[str, str]] = None) -> ConvertStats:
+    """Normalise every job's image (a VideoJob's sampled frames), write the surviving rows as one split; fill and
+    return `stats`. `extra_columns`: the split's columns beyond the schema's (video: VIDEO_COLUMNS).
 
     Images are stored downscaled to a shorter side of `resize_short_side` (and a longer side of at most
     `resize_max_side`); 0 for both keeps every image at its size."""
@@ -157,20 +171,20 @@ def run_conversion(jobs: Iterable[ImageJob], out: Union[str, os.PathLike], stats
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
 
     def rows() -> Iterator[dict[str, Any]]:
-        for data, reason, job, read in _normalized(jobs, workers, ResizePolicy(resize_short_side, resize_max_side)):
+        for columns, reason, job, read in _normalized(jobs, workers, ResizePolicy(resize_short_side, resize_max_side)):
             bar.update(1)
-            if data is None:
+            if columns is None:
                 stats.skipped_images[reason] += 1
                 stats.skip(reason, len(job.rows))
                 continue
             stats.images += 1
             stats.image_bytes_read += read
-            stats.image_bytes_stored += len(data)
+            stats.image_bytes_stored += len(columns["image"]) + len(columns.get("frames", b""))
             for row in job.rows:
-                yield {**row, "image": data}
+                yield {**row, **columns}
 
     try:
-        stats.written = write_split(out, rows(), overwrite=overwrite)
+        stats.written = write_split(out, rows(), overwrite=overwrite, extra_columns=extra_columns)
     finally:
         bar.close()
     if stats.written == 0:
