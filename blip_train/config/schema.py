@@ -187,6 +187,11 @@ class ModelConfig:
     through InstructBLIP's instruction path (BLIP-2's VQA fine-tuning). Training rows are then questions with
     answers (VQA splits); model.llm.prompt is the question template ("Question: {} Answer:") given to both
     the Q-Former and the LLM, and the loss is on the answer. model.arch=instruct always does this."""
+    video_frames: int = 0
+    """stage2 | instruct on video (0: images): frames per sample, read from a video split's stored frames
+    (tools/convert_video_qa.py; every row must hold this many). Each frame goes through the ViT and the Q-Former
+    on its own; a learned embedding of the frame's position is added to its query outputs, and the frames'
+    queries, concatenated in time order, are the LLM's soft prompt (InstructBLIP's video QA: 4 frames)."""
     attention: str = "auto"
     """auto | flash | sdpa | math. auto: flash-attn when importable on CUDA in fp16/bf16, else SDPA."""
     embed_dim: int = 256

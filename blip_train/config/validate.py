@@ -169,6 +169,13 @@ def validate_config(cfg: ExperimentConfig) -> None:
                           "model.objective=caption (model.arch=blip) or leave the prompt empty")
     if m.arch in ("blip", "albef"):
         _check_momentum(cfg)
+    _positive("model.video_frames", m.video_frames, allow_zero=True)
+    if m.video_frames and m.arch not in ("stage2", "instruct"):
+        raise ConfigError(f"model.video_frames: video feeds an LLM through the Q-Former (model.arch stage2 | "
+                          f"instruct); this run is model.arch={m.arch}")
+    if m.video_frames and d.decode == "gpu":
+        raise ConfigError("data.decode: gpu decodes one JPEG per sample; video samples (model.video_frames) are "
+                          "decoded on the CPU (data.decode=cpu)")
     if cfg.eval.answer_list and (m.arch, m.objective) != ("blip", "vqa"):
         raise ConfigError(f"eval.answer_list: ranks candidate answers with BLIP's VQA decoder (model.arch=blip, "
                           f"model.objective=vqa); this run is model.arch={m.arch}, model.objective={m.objective}")

@@ -30,6 +30,7 @@ from blip_train.data.images import CorruptImageError
 from blip_train.data.shared_memory import build_streaming_dataset
 from blip_train.data.schema import SCHEMA_FILE, SchemaError, draw_caption, verify_split
 from blip_train.data.transforms import build_transform
+from blip_train.data.video import clip_frames
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,12 @@ class SchemaDataset(StreamingDataset):
     # A run of this many undecodable samples in a row means the split itself is broken.
     max_consecutive_corrupt = 100
 
-    def __init__(self, *, transform: Callable[..., Any], **kwargs: Any) -> None:
+    def __init__(self, *, transform: Callable[..., Any], frames: int = 0, **kwargs: Any) -> None:
+        """frames: video samples of this many frames (model.video_frames): pixel_values (frames, 3, S, S), every
+        frame with the same crop and flip; 0: images (a video row gives its first frame)."""
         super().__init__(**kwargs)
         self.transform = transform
+        self.frames = frames
         # Lives in shared memory so that the counts of all DataLoader workers add up where the
         # trainer reads them (the main process of the rank).
         self._num_corrupt = mp.Value("q", 0)
@@ -77,7 +81,7 @@ class SchemaDataset(StreamingDataset):
                 # The transform decodes the stored bytes itself: the crop it draws decides how small a
                 # JPEG may decode. Only undecodable bytes raise CorruptImageError; a bug in a transform
                 # raises anything else, and surfaces.
-                pixel_values = self.transform(row["image"], torch.Generator().manual_seed(seed))
+                pixel_values = self.decode_pixels(row, seed)
             except CorruptImageError as e:
                 with self._num_corrupt.get_lock():
                     self._num_corrupt.value += 1
@@ -89,6 +93,18 @@ class SchemaDataset(StreamingDataset):
             return {**self.format_sample(row, pixel_values), "draw_seed": seed, "stream": stream}
         raise RuntimeError(f"{min(self.max_consecutive_corrupt, count)} consecutive samples from {sample_id} "
                            "have undecodable images: the split is broken, re-run its converter")
+
+    def decode_pixels(self, row: dict[str, Any], seed: int) -> Any:
+        """The row's image through the transform, or (self.frames) its video frames, all drawn with the same seed:
+        one crop and flip for the whole clip, as a clip is one view."""
+        if not self.frames:
+            return self.transform(row["image"], torch.Generator().manual_seed(seed))
+        frames = clip_frames(row)
+        if len(frames) != self.frames:
+            raise ValueError(f"model.video_frames={self.frames}, but a row of dataset {row.get('dataset', '?')!r} "
+                             f"holds {len(frames)} frame(s): convert it with tools/convert_video_qa.py --frames "
+                             f"{self.frames}")
+        return torch.stack([self.transform(f, torch.Generator().manual_seed(seed)) for f in frames])
 
     def _sample_seed(self, sample_id: int) -> int:
         """Seed of a sample's randomness as a function of (seed, epoch, sample), never of worker or global RNG.
@@ -366,12 +382,15 @@ def _dataset_class(kind: str) -> type[SchemaDataset]:
 
 
 def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optional[Callable] = None,
-                       kind: str = "caption") -> StreamingDataLoader:
-    """Shuffled, rank-disjoint, resumable loader over the `cfg.train` mixture.
+                       kind: str = "caption", frames: int = 0) -> StreamingDataLoader:
+    """Shuffled, rank-disjoint, resumable loader over the `cfg.train` mixture (frames: video samples, see
+    SchemaDataset).
 
     Per-stream sample counts and shares are logged and kept in `loader.dataset.stream_info`.
     """
     local_world_size = ensure_local_world_size()
+    if cfg.decode == "gpu" and frames:
+        raise ConfigError("data.decode: gpu decodes one JPEG per sample; video samples are decoded on the CPU")
     if cfg.decode == "gpu":
         check_gpu_decode(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                          else torch.device("cpu"))
@@ -380,7 +399,7 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optio
     transform = build_train_transform(cfg.image_size, cfg.crop_scale_min, cfg.hflip, cfg.decode)
     try:
         dataset = build_streaming_dataset(lambda: _dataset_class(kind)(
-            streams=streams, transform=transform,
+            streams=streams, transform=transform, frames=frames,
             batch_size=micro_batch_size, shuffle=True, shuffle_seed=cfg.shuffle_seed,
             num_canonical_nodes=cfg.num_canonical_nodes, cache_limit=cache_limit or None))
     except ValueError as e:  # streaming checks the limit against the shard sizes it just read
@@ -404,7 +423,7 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optio
 
 
 def build_eval_loader(cfg: DataConfig, batch_size: int, collate_fn: Optional[Callable] = None,
-                      kind: str = "caption", split: str = "") -> StreamingDataLoader:
+                      kind: str = "caption", split: str = "", frames: int = 0) -> StreamingDataLoader:
     """In-order loader over `split` (default `cfg.val`) with the eval transform and no sample dropped.
 
     On several ranks streaming pads each rank's share to equal length by repeating samples:
@@ -416,7 +435,8 @@ def build_eval_loader(cfg: DataConfig, batch_size: int, collate_fn: Optional[Cal
     local_world_size = ensure_local_world_size()
     n = verify_split(split)
     dataset = build_streaming_dataset(lambda: _dataset_class(kind)(
-        local=split, transform=build_transform(cfg.image_size, False), batch_size=batch_size, shuffle=False))
+        local=split, transform=build_transform(cfg.image_size, False), frames=frames, batch_size=batch_size,
+        shuffle=False))
     dataset.stream_info = [{"name": Path(split).name, "local": split, "remote": None, "samples": n,
                             "proportion": 1.0, "per_epoch": n}]
     return StreamingDataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn or collate_samples,

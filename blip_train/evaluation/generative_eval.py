@@ -21,6 +21,7 @@ from blip_train.data.collate import pre_caption
 from blip_train.data.schema import verify_split
 from blip_train.data.shared_memory import build_streaming_dataset
 from blip_train.data.transforms import build_transform
+from blip_train.data.video import clip_frames
 from blip_train.evaluation.caption_metrics import caption_metrics
 from blip_train.evaluation.distributed import all_gather_objects, plan_batches, progress_bar, rank_world
 from blip_train.evaluation.vqa_metrics import exact_match, vqa_accuracy
@@ -38,18 +39,27 @@ class EvalSplit:
     indices: list[int]
     """Rows evaluated, in split order."""
     transform: Callable[[bytes], torch.Tensor]
+    frames: int = 0
+    """Video: frames per sample (model.video_frames); pixel_values is then (frames, 3, S, S)."""
 
     def read_sample(self, i: int) -> dict[str, Any]:
-        """Row `i` as a reader-style sample (decoded image with the eval transform)."""
+        """Row `i` as a reader-style sample (decoded image, or video frames, with the eval transform)."""
         row = self.ds[i]
-        return {"pixel_values": self.transform(row["image"]),
+        if self.frames:
+            frames = clip_frames(row)
+            if len(frames) != self.frames:
+                raise ValueError(f"model.video_frames={self.frames}, but row {i} holds {len(frames)} frame(s)")
+            pixels = torch.stack([self.transform(f) for f in frames])
+        else:
+            pixels = self.transform(row["image"])
+        return {"pixel_values": pixels,
                 "caption": row["caption"], "captions": list(row["captions"]) or [row["caption"]],
                 "question": row["question"], "answer": row["answer"], "answers": list(row["answers"]),
                 "task": row["task"], "dataset": row["dataset"], "image_id": int(row["image_id"]), "index": i}
 
 
 def open_split(split: str, image_size: int, max_samples: int = 0, keep: Callable[[dict], bool] = lambda row: True,
-               note: Callable[[int, dict], None] = lambda i, row: None) -> EvalSplit:
+               note: Callable[[int, dict], None] = lambda i, row: None, frames: int = 0) -> EvalSplit:
     """The first `max_samples` rows of `split` that `keep` accepts (0: all), every rank the same.
 
     `note(i, row)` is called on each of them, for the caller to keep what scoring needs (text only:
@@ -66,7 +76,7 @@ def open_split(split: str, image_size: int, max_samples: int = 0, keep: Callable
         note(i, row)
         if max_samples and len(indices) >= max_samples:
             break
-    return EvalSplit(ds, indices, build_transform(image_size, False))
+    return EvalSplit(ds, indices, build_transform(image_size, False), frames)
 
 
 @torch.no_grad()
@@ -109,7 +119,7 @@ def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: s
         if "/" in row["source"]:
             domains[i] = row["source"].split("/", 1)[1]
 
-    rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note)
+    rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note, frames=cfg.model.video_frames)
     preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
                            "caption" if progress else "")
     predictions = [{"index": i, "image_id": image_ids[i], "prediction": preds[i], "references": refs[i],
@@ -151,10 +161,11 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, g
             preds = {i: listed.get(p, p) for i, p in preds.items()}
         return preds
 
-    rows = open_split(split, cfg.model.vision.image_size, max_samples, keep=is_vqa_row, note=note)
+    rows = open_split(split, cfg.model.vision.image_size, max_samples, keep=is_vqa_row, note=note,
+                      frames=cfg.model.video_frames)
     if not rows.indices:
         # A split without human answers (VQAv2 test-dev): answer its questions, to submit for scoring.
-        rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note,
+        rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note, frames=cfg.model.video_frames,
                           keep=lambda row: row["task"] == "vqa" and bool(row["question"]))
         if not rows.indices:
             raise ValueError(f"{split}: no VQA samples (task 'vqa' with a question)")

@@ -253,8 +253,11 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
     from blip_train.interop.hf_export_blip import (BLIP_ARCHS, BLIP_OBJECTIVE_CLASSES, check_blip_objective_class,
                                                    export_blip_hf, recorded_model)
 
-    if hf_class_name is not None and config is None and not overrides:
-        check_blip_objective_class(recorded_model(source, tag), hf_class_name, str(source))  # before merging
+    if config is None and not overrides:  # refusals the recorded config decides, before merging any shard
+        recorded = recorded_model(source, tag)
+        if hf_class_name is not None:
+            check_blip_objective_class(recorded, hf_class_name, str(source))
+        _refuse_video(recorded.get("video_frames", 0), source)
     src = load_export_source(source, tag, config, overrides)
     cfg, arch = src.cfg, src.cfg.model.arch
     if arch in BLIP_ARCHS:
@@ -262,6 +265,7 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
         # retrieval (the class that holds the most of it).
         default = BLIP_OBJECTIVE_CLASSES.get(cfg.model.objective, (BLIP_DEFAULT_CLASS,))[0]
         return export_blip_hf(src, out, str(source), hf_class_name or default, target, max_shard_size, log)
+    _refuse_video(cfg.model.video_frames, source)
     if arch not in LAYOUTS:
         raise InteropError(f"{source}: model.arch={arch!r} cannot be exported (one of {', '.join(LAYOUTS)}, blip)")
     if hf_class_name is not None and hf_class_name != hf_class(arch).__name__:
@@ -359,3 +363,10 @@ def write_hf_folder(out: Path, model: Any, processor: Any, summary: dict, max_sh
     except BaseException:
         discard(tmp)
         raise
+
+
+def _refuse_video(video_frames: int, source: Union[str, Path]) -> None:
+    if video_frames:
+        raise InteropError(f"{source}: model.video_frames={video_frames}: transformers' BLIP-2 classes take images, "
+                           "and its InstructBLIP video class has no frame-position embedding; a video run is read with "
+                           "tools/zero_to_safetensors.py and loaded through model.init_from")

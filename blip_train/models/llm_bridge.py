@@ -96,6 +96,9 @@ class Blip2LLM(nn.Module):
         self.qformer = QFormer(qcfg, encoder_width=cfg.vision.width, attention=cfg.attention)
         drop_qformer_text_branch_(self.qformer, keep_text_input=self.text_to_qformer)
         self.query_tokens = nn.Parameter(torch.randn(1, qcfg.num_query_tokens, qcfg.hidden_size) * 0.02)
+        # Video: a learned embedding of each frame's place in the clip, added to that frame's query outputs. Zeros
+        # at the start, so a model fine-tuned on video starts from the image model's soft prompt for each frame.
+        self.frame_pos = nn.Parameter(torch.zeros(cfg.video_frames, qcfg.hidden_size)) if cfg.video_frames else None
         self.llm_proj = nn.Linear(qcfg.hidden_size, llm.config.get_text_config().hidden_size)
         self.llm = freeze_(llm)
         # After the base weights are in (and, under ZeRO-3, partitioned): see models/lora.py.
@@ -119,18 +122,33 @@ class Blip2LLM(nn.Module):
 
     def soft_prompt(self, pixel_values: torch.Tensor, qformer_input_ids: Optional[torch.Tensor] = None,
                     qformer_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Query outputs projected to the LLM width: (B, Nq, H_llm). InstructBLIP needs the instruction,
-        question-aware stage 2 the question (qformer_input_ids)."""
+        """Query outputs projected to the LLM width: (B, Nq, H_llm) for images (B, 3, H, W); for video frames
+        (B, F, 3, H, W), each frame's queries plus its frame embedding, in time order: (B, F*Nq, H_llm).
+        InstructBLIP needs the instruction, question-aware stage 2 the question (qformer_input_ids), which every
+        frame's Q-Former pass reads."""
         if self.text_to_qformer and qformer_input_ids is None:
             raise ValueError("this model feeds text to the Q-Former (model.arch=instruct or "
                              "model.qformer_text_input): the batch needs qformer_input_ids")
-        image_embeds = self.image_embeddings(pixel_values)  # (B, Nimg, W)
-        queries = expand_query_tokens(self.query_tokens, pixel_values.shape[0])  # (B, Nq, D)
+        b, frames = pixel_values.shape[0], (pixel_values.shape[1] if pixel_values.dim() == 5 else 0)
+        if frames:
+            if self.frame_pos is None or frames > self.frame_pos.shape[0]:
+                raise ValueError(f"{frames} video frames per sample, this model takes "
+                                 f"{0 if self.frame_pos is None else self.frame_pos.shape[0]} (model.video_frames)")
+            pixel_values = pixel_values.flatten(0, 1)  # (B*F, 3, H, W), frames of a sample together
+            if self.text_to_qformer:
+                qformer_input_ids = qformer_input_ids.repeat_interleave(frames, dim=0)
+                qformer_attention_mask = qformer_attention_mask.repeat_interleave(frames, dim=0)
+        image_embeds = self.image_embeddings(pixel_values)  # (B[*F], Nimg, W)
+        queries = expand_query_tokens(self.query_tokens, pixel_values.shape[0])  # (B[*F], Nq, D)
         out = self.qformer(query_embeds=queries, image_embeds=image_embeds,
                            input_ids=qformer_input_ids if self.text_to_qformer else None,
                            attention_mask=qformer_attention_mask if self.text_to_qformer else None,
                            mask="bidirectional")
-        return self.llm_proj(out.last_hidden_state[:, :queries.shape[1]])  # (B, Nq, D) → (B, Nq, H_llm)
+        q = out.last_hidden_state[:, :queries.shape[1]]  # (B[*F], Nq, D)
+        if frames:
+            q = q.unflatten(0, (b, frames)) + self.frame_pos[:frames, None, :].to(q.dtype)  # (B, F, Nq, D)
+            q = q.flatten(1, 2)  # (B, F*Nq, D)
+        return self.llm_proj(q)  # (B, [F*]Nq, H_llm)
 
     def llm_inputs(self, soft: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +190,7 @@ class Blip2LLM(nn.Module):
 
     def eval_root_parameters(self) -> list[nn.Parameter]:
         """Parameters read outside a submodule's forward during generation: ZeRO-3 callers gather them."""
-        return [self.query_tokens]
+        return [self.query_tokens] + ([self.frame_pos] if self.frame_pos is not None else [])
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, llm_input_ids: Optional[torch.Tensor] = None,
@@ -228,7 +246,7 @@ STAGE1_ONLY = ("vision_proj.", "text_proj.", "itm_head.", "temp")
 def _optional_missing(model: Blip2LLM) -> tuple[str, ...]:
     # llm_proj is new after stage 1; the Q-Former text input (InstructBLIP, question-aware stage 2) is
     # absent from a stage-2 checkpoint (its text branch was removed) and keeps its current init (BERT or random).
-    keys = (r"llm_proj\.", r"llm\..*\.lora_[AB]\.")  # adapters are new unless the earlier run had them
+    keys = (r"llm_proj\.", r"llm\..*\.lora_[AB]\.", r"frame_pos$")  # adapters and frame embeddings: new unless the earlier run had them
     if not model.vision_frozen:  # a training ViT starts from model.vision.weights unless the run trained it too
         keys += (r"visual_encoder\.",)
     if model.text_to_qformer:

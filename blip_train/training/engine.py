@@ -184,8 +184,10 @@ def apply_param_offload_(zero: dict, cfg: ExperimentConfig, on_cuda: bool) -> No
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
-    # Biases, norms (1-D), learned query tokens and the temperature are not regularised toward zero.
-    return param.ndim < 2 or name.endswith(".bias") or "query_tokens" in name or name.endswith("temp")
+    # Biases, norms (1-D), learned query tokens, video frame embeddings and the temperature are not regularised
+    # toward zero.
+    return (param.ndim < 2 or name.endswith(".bias") or "query_tokens" in name or name == "frame_pos"
+            or name.endswith("temp"))
 
 
 def lr_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:

@@ -173,18 +173,19 @@ def llm_shape(llm: nn.Module) -> LLMShape:
 
 
 def llm_stage_flops(cfg: ModelConfig, llm: LLMShape, batch: int, llm_len: int, decoder_len: int = 0,
-                    instruction_len: int = 0) -> dict[str, float]:
+                    instruction_len: int = 0, frames: int = 1) -> dict[str, float]:
     """FLOPs of one Blip2LLM forward + backward, by part.
 
     llm_len: text tokens after the soft prompt (decoder-only) or encoder text (encoder-decoder);
-    decoder_len: decoder targets (encoder-decoder); instruction_len: Q-Former text (InstructBLIP).
+    decoder_len: decoder targets (encoder-decoder); instruction_len: Q-Former text (InstructBLIP);
+    frames: video frames per sample (each through the ViT and the Q-Former; the LLM reads frames x queries).
     """
     q, v = cfg.qformer, cfg.vision
-    nq = q.num_query_tokens
-    parts = {"vision": vit_forward_flops(v, batch) * (FROZEN_FORWARD if v.frozen else TRAINED)}
-    qf = qformer_forward_flops(q, v.width, batch, nq, instruction_len, vision_tokens(v))
-    parts["qformer"] = TRAINED * (qf + 2.0 * batch * nq * q.hidden_size * llm.width)  # + llm_proj
-    enc_t = nq + llm_len  # soft prompt + text
+    nq, images = q.num_query_tokens, batch * frames
+    parts = {"vision": vit_forward_flops(v, images) * (FROZEN_FORWARD if v.frozen else TRAINED)}
+    qf = qformer_forward_flops(q, v.width, images, nq, instruction_len, vision_tokens(v))
+    parts["qformer"] = TRAINED * (qf + 2.0 * images * nq * q.hidden_size * llm.width)  # + llm_proj
+    enc_t = nq * frames + llm_len  # soft prompt + text
     matmul = 2.0 * enc_t * llm.encoder_matmul_params
     attn = llm.encoder_layers * _attention(enc_t, enc_t, llm.width)
     if llm.encoder_decoder:
@@ -206,7 +207,9 @@ def batch_tokens(batch: Mapping[str, torch.Tensor], n_image_tokens: int, decoder
                                              "question_mask", "answer_mask") if k in batch)
     if decoder_targets:
         text += int((batch["llm_labels"] != -100).sum())
-    return batch["pixel_values"].shape[0] * n_image_tokens + text
+    pixels = batch["pixel_values"]
+    images = pixels.shape[:2].numel() if pixels.dim() == 5 else pixels.shape[0]  # video: every frame
+    return images * n_image_tokens + text
 
 
 WorkCounter = Callable[[Mapping[str, torch.Tensor]], tuple[int, float]]
@@ -236,7 +239,8 @@ def build_flops_counter(cfg: ModelConfig, model: nn.Module) -> WorkCounter:
         b, t = batch["llm_input_ids"].shape
         dec = batch["llm_labels"].shape[1] if shape.encoder_decoder else 0
         inst = batch["qformer_input_ids"].shape[1] if "qformer_input_ids" in batch else 0
-        flops = sum(llm_stage_flops(cfg, shape, b, t, dec, inst).values())
+        frames = batch["pixel_values"].shape[1] if batch["pixel_values"].dim() == 5 else 1
+        flops = sum(llm_stage_flops(cfg, shape, b, t, dec, inst, frames).values())
         return batch_tokens(batch, n_img, shape.encoder_decoder), flops
     return count_llm
 

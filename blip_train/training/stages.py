@@ -31,7 +31,7 @@ class Stage:
     def build_train_loader(self):
         from blip_train.data.datasets import build_train_loader
         self._loader = build_train_loader(self.cfg.data, self.cfg.train.micro_batch_size, self.collate,
-                                          kind=self.data_kind)
+                                          kind=self.data_kind, frames=self.cfg.model.video_frames)
         return self._loader
 
     def skipped_samples(self) -> int:

@@ -29,7 +29,7 @@ def test_key_snapshot():
     """The config surface is deliberate: a new knob shows up as a reviewed change to this list."""
     assert _keys(ExperimentConfig) == [
         "run.output_dir", "run.seed", "run.device", "run.tensorboard", "run.wandb", "run.wandb_project", "run.memory_trace",
-        "model.arch", "model.qformer_text_input", "model.attention", "model.embed_dim", "model.max_txt_len", "model.init_from",
+        "model.arch", "model.qformer_text_input", "model.video_frames", "model.attention", "model.embed_dim", "model.max_txt_len", "model.init_from",
         "model.objective",
         "model.vision.image_size", "model.vision.patch_size", "model.vision.width", "model.vision.layers",
         "model.vision.drop_last_block", "model.vision.final_norm", "model.vision.heads", "model.vision.mlp_dim", "model.vision.layer_norm_eps",

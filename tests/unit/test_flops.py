@@ -58,23 +58,26 @@ def test_stage1_counter_counts_tokens_from_the_host_batch():
     assert flops == sum(stage1_flops(cfg, B, cfg.max_txt_len).values())
 
 
-@pytest.mark.parametrize("arch,kind,rel", [("stage2", "opt", 1e-6), ("instruct", "llama", 1e-4),
-                                           ("stage2", "t5", 0.02)])
-def test_llm_stage_matches_flop_counter(arch, kind, rel):
+@pytest.mark.parametrize("arch,kind,rel,frames", [("stage2", "opt", 1e-6, 0), ("instruct", "llama", 1e-4, 0),
+                                                  ("stage2", "t5", 0.02, 0), ("instruct", "llama", 1e-4, 3)])
+def test_llm_stage_matches_flop_counter(arch, kind, rel, frames):
     """Frozen LLM: matmuls 4N (forward + input gradient), attention 3x. For T5 the first decoder
     layer's self-attention needs no gradient at all (its input is the label embedding), which the
-    count ignores: within 2% at this tiny size, less for real captions."""
+    count ignores: within 2% at this tiny size, less for real captions. Video (frames): every frame through
+    the ViT and the Q-Former, frames x queries into the LLM."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from blip_train.models.llm_bridge import Blip2LLM
     from tests.unit.test_llm_bridge import bridge_config, make_batch, tiny_llm_config
 
     cfg = bridge_config(arch)
-    cfg.attention = "math"
+    cfg.attention, cfg.video_frames = "math", frames
     cls = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
     torch.manual_seed(0)
     model = Blip2LLM(cfg, cls.from_config(tiny_llm_config(kind), attn_implementation="eager"), device_type="cpu")
     batch = make_batch(cfg, model.decoder_only, arch == "instruct")
+    if frames:
+        batch["pixel_values"] = torch.stack([batch["pixel_values"].roll(f, -1) for f in range(frames)], dim=1)
     measured = _measured(lambda: model(batch)["loss"].backward())
     tokens, flops = build_flops_counter(cfg, model)(batch)
     assert flops == pytest.approx(measured, rel=rel)
