@@ -42,6 +42,7 @@ METRIC_NAMES = {
     "cider": "CIDEr-D", "bleu_4": "BLEU-4", "chance_cider": "CIDEr-D at chance",
     **{f"cider_{d}_domain": f"CIDEr-D {d}-domain" for d in ("in", "near", "out")},
     "vqa_accuracy": "VQA accuracy", "exact_match": "exact match", "chance_vqa_accuracy": "VQA accuracy at chance",
+    "chance_exact_match": "exact match at chance",
 }
 """The names papers and README use for the JSON keys (which other code reads and stay as they are)."""
 

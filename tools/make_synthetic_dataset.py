@@ -5,6 +5,10 @@ Images show one or two coloured shapes; every sample has a caption and a questio
 task rotating caption / vqa / conversation. The same arguments always give the same bytes.
 
     python tools/make_synthetic_dataset.py --out runs/demo/data --num-samples 2000 --noise-fraction 0.1
+    python tools/make_synthetic_dataset.py --out runs/demo/data_video --num-samples 1600 --video-frames 4
+
+--video-frames N writes video splits instead (blip_train/data/synthetic_video.py): a shape moving across N
+frames beside a still one, with questions only the motion answers (which way, which shape, what colour moves).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from _common import run_tool
 from tqdm import tqdm
 
 from blip_train.data.synthetic import write_synthetic_dataset
+from blip_train.data.synthetic_video import write_synthetic_video_dataset
 
 
 def main() -> int:
@@ -30,12 +35,23 @@ def main() -> int:
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     p.add_argument("--patterns", action="store_true",
                    help="the fine-tuning split: shapes plain or striped, captions name the stripes (own scenes)")
+    p.add_argument("--video-frames", type=int, default=0,
+                   help="write video clips of this many frames (motion questions) instead of images")
     p.add_argument("--overwrite", action="store_true", help="replace existing train/ and val/")
     args = p.parse_args()
     existing = [str(Path(args.out) / s) for s in ("train", "val") if (Path(args.out) / s).exists()]
     if existing and not args.overwrite:  # refuse before any work (and before the progress bar)
         raise FileExistsError(f"{', '.join(existing)} exists; pass --overwrite to replace it")
     start = time.time()
+    if args.video_frames:
+        with tqdm(total=args.num_samples, desc="clips", unit="clip", dynamic_ncols=True) as bar:
+            summary = write_synthetic_video_dataset(args.out, args.num_samples, seed=args.seed, frames=args.video_frames,
+                                                    val_fraction=args.val_fraction, image_size=args.image_size,
+                                                    overwrite=args.overwrite, on_write=lambda: bar.update(1))
+        print(f"make_synthetic_dataset: wrote {summary['train']} train + {summary['val']} val clips of "
+              f"{args.video_frames} frames to {args.out} in {time.time() - start:.1f}s")
+        print(json.dumps(summary, sort_keys=True))
+        return 0
     with tqdm(total=args.num_samples, desc="samples", unit="img", dynamic_ncols=True) as bar:
         summary = write_synthetic_dataset(args.out, args.num_samples, seed=args.seed,
                                           noise_fraction=args.noise_fraction, val_fraction=args.val_fraction,

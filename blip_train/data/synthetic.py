@@ -78,11 +78,11 @@ def render_scene(scene: list[Shape], image_size: int, rng: random.Random) -> Ima
         cx, cy = POSITIONS[shape.position]
         cx = (cx + rng.uniform(-0.02, 0.02)) * s
         cy = (cy + rng.uniform(-0.02, 0.02)) * s
-        _draw_shape(im, shape, cx, cy, SIZES[shape.size] * s)
+        draw_shape(im, shape, cx, cy, SIZES[shape.size] * s)
     return im
 
 
-def _draw_shape(im: Image.Image, shape: Shape, cx: float, cy: float, r: float) -> None:
+def draw_shape(im: Image.Image, shape: Shape, cx: float, cy: float, r: float) -> None:
     """Fill the shape in its colour; a striped one gets white diagonal stripes inside its outline."""
     mask = Image.new("L", im.size, 0)
     draw = ImageDraw.Draw(mask)

@@ -24,7 +24,7 @@ from blip_train.data.transforms import build_transform
 from blip_train.data.video import clip_frames
 from blip_train.evaluation.caption_metrics import caption_metrics
 from blip_train.evaluation.distributed import all_gather_objects, plan_batches, progress_bar, rank_world
-from blip_train.evaluation.vqa_metrics import exact_match, vqa_accuracy
+from blip_train.evaluation.vqa_metrics import exact_match, vqa_score
 
 
 def is_vqa_row(row: dict) -> bool:
@@ -174,15 +174,16 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, g
                 "prediction": preds[i], "answers": []} for i in rows.indices]
         return {"num_questions": len(rows.indices), "num_images": len({q[1] for q in questions.values()})}, out
     preds = answer(rows)
-    # VQA accuracy leaves one human answer out, so it needs two: a single answer is counted twice.
-    answers = {q[0]: q[3] if len(q[3]) >= 2 else q[3] * 2 for q in questions.values()}
+    answers = {q[0]: q[3] for q in questions.values()}
     predictions = {questions[i][0]: preds[i] for i in rows.indices}
-    acc = vqa_accuracy(predictions, answers)
+    acc = vqa_score(predictions, answers)  # a question with one human answer: exact match
     em = exact_match(predictions, {q: [a[0]] for q, a in answers.items()})
     majority = Counter(a for q in questions.values() for a in q[3]).most_common(1)[0][0]
-    chance = vqa_accuracy({q: majority for q in answers}, answers)
+    chance = vqa_score({q: majority for q in answers}, answers)
+    chance_em = exact_match({q: majority for q in answers}, {q: [a[0]] for q, a in answers.items()})
     metrics = {"vqa_accuracy": acc["overall"], "exact_match": em["overall"],
-               "chance_vqa_accuracy": chance["overall"], "majority_answer": majority,
+               "chance_vqa_accuracy": chance["overall"], "chance_exact_match": chance_em["overall"],
+               "majority_answer": majority,
                "num_questions": len(rows.indices), "num_images": len({q[1] for q in questions.values()})}
     out = [{"question_id": questions[i][0], "image_id": questions[i][1], "question": questions[i][2],
             "prediction": preds[i],

@@ -153,3 +153,20 @@ def exact_match(predictions: Mapping[Hashable, str],
         golds = [gold] if isinstance(gold, str) else list(gold)
         per_question[qid] = 100.0 if norm(predictions[qid]) in {norm(g) for g in golds} else 0.0
     return {"overall": sum(per_question.values()) / len(per_question), "per_question": per_question}
+
+
+def vqa_score(predictions: Mapping[Hashable, str], answers: Mapping[Hashable, Sequence[str]]) -> dict[str, object]:
+    """VQA accuracy where the human answers allow it, exact match where they do not, in percent.
+
+    The VQA formula (min(#humans agreeing / 3, 1), averaged over the leave-one-out subsets) presumes several
+    annotators; a question with one human answer (GQA, Visual Genome, MSVD-QA / MSRVTT-QA, most video and
+    generated QA) is right or wrong: 100 when the normalised prediction equals it, as those benchmarks report.
+    Returns {"overall": %, "per_question": {qid: %}}."""
+    many = {q: a for q, a in answers.items() if len(a) >= 2}
+    one = {q: a for q, a in answers.items() if len(a) < 2}
+    per_question: dict[Hashable, float] = {}
+    if many:
+        per_question.update(vqa_accuracy({q: predictions[q] for q in many}, many)["per_question"])
+    if one:
+        per_question.update(exact_match({q: predictions[q] for q in one}, one)["per_question"])
+    return {"overall": sum(per_question.values()) / max(len(per_question), 1), "per_question": per_question}

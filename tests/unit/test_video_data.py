@@ -107,3 +107,29 @@ def test_converter_writes_a_video_split_and_counts_what_it_skips(tmp_path):
         rows[2]["image_id"]
     assert all(len(clip_frames(row)) == 4 and len(row["frame_times"]) == 4 for row in rows)
     assert rows[0]["task"] == "vqa" and rows[0]["answers"] == ["right"]
+
+
+def test_synthetic_motion_clips_need_more_than_one_frame():
+    """The mover's centroid moves monotonically along its direction; its size and where it is in one frame do not
+    give the answer away (sizes drawn alike for both shapes; paths centred on random points)."""
+    from collections import Counter
+
+    from blip_train.data.synthetic_video import DIRECTIONS, make_clip
+
+    rows = [make_clip(i, 0, 4, 64) for i in range(240)]
+    way = [r for r in rows if r["question"].startswith("which way")]
+    assert Counter(r["answer"] for r in way).keys() == DIRECTIONS.keys()
+    assert max(Counter(r["answer"] for r in rows).values()) / len(rows) < 0.2  # no dominant answer
+    for r in way[:10]:
+        frames = [np.asarray(Image.open(io.BytesIO(f)).convert("HSV"))[..., 1] for f in clip_frames(r)]
+        cx = [float(np.nonzero(s > 120)[1].mean()) for s in frames]  # saturated pixels: the shapes
+        cy = [float(np.nonzero(s > 120)[0].mean()) for s in frames]
+        dx, dy = DIRECTIONS[r["answer"]]
+        moved = [c1 - c0 for c0, c1 in zip(cx if dx else cy, (cx if dx else cy)[1:])]
+        assert all(m * (dx or dy) > 0 for m in moved), (r["answer"], cx, cy)
+    # Where the shape is over the clip says nothing of the direction (paths centred at random): the order does.
+    def mean_x(r) -> float:
+        return float(np.mean([np.nonzero(np.asarray(Image.open(io.BytesIO(f)).convert("HSV"))[..., 1] > 120)[1].mean()
+                              for f in clip_frames(r)]))
+    centre = {d: np.mean([mean_x(r) for r in way if r["answer"] == d]) for d in ("left", "right")}
+    assert abs(centre["left"] - centre["right"]) < 4

@@ -108,3 +108,14 @@ def test_exact_match() -> None:
     assert raw["per_question"] == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}
     with pytest.raises(ValueError, match="missing predictions"):
         exact_match({}, {1: "x"})
+
+
+def test_one_human_answer_is_scored_right_or_wrong() -> None:
+    """GQA / video QA questions have one answer: a correct prediction scores 100 (the VQA formula would cap it at
+    a third), a wrong one 0; questions with several answers keep the VQA formula."""
+    from blip_train.evaluation.vqa_metrics import vqa_score
+
+    answers = {1: ["left"], 2: ["Red"], 3: ["two"] * 2 + ["three"] * 8}
+    scores = vqa_score({1: "left", 2: "blue", 3: "two"}, answers)["per_question"]
+    assert scores[1] == 100.0 and scores[2] == 0.0
+    assert scores[3] == pytest.approx(vqa_accuracy({3: "two"}, {3: answers[3]})["overall"])

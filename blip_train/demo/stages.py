@@ -1,0 +1,211 @@
+"""The demo's stages: each trains a demo recipe on 2 ranks (`torchrun -m blip_train.train`), then evaluates it
+held-out, trained and untrained (`python -m blip_train.eval`); `run_stages` runs them in order."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from blip_train.demo.process import REPO, last_json_line, log, run
+from blip_train.distributed.env import free_port
+
+def train_stage(recipe: str, out: Path, name: str, extra: list[str]) -> dict:
+    run_dir = out / name
+    sets = [f"run.output_dir={run_dir}"] + extra
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "blip_train.train", "--config", recipe] + [a for s in sets for a in ("--set", s)])
+    import yaml
+
+    from blip_train.training.checkpoint import find_resume_tag, read_meta
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [h for h in history if "train/loss" in h]
+    ckpt = run_dir / "checkpoints"
+    tag = find_resume_tag(ckpt)
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    elapsed = [h["time/elapsed_s"] for h in history if "time/elapsed_s" in h]
+    return {"run_dir": str(run_dir), "steps": losses[-1]["step"], "initial_loss": losses[0]["train/loss"],
+            "train_seconds": round(elapsed[-1], 1) if elapsed else None,
+            "final_loss": losses[-1]["train/loss"], "checkpoint": str(ckpt / tag),
+            "world_size": read_meta(ckpt / tag)["world_size"], "zero_stage": resolved["deepspeed"]["zero_stage"]}
+
+
+def evaluate(task: str, run_dir: str, data: Path, untrained: bool = False, sets: tuple[str, ...] = ()) -> dict:
+    cmd = [sys.executable, "-m", "blip_train.eval", "--task", task, "--checkpoint", run_dir,
+           "--data", str(data / "val")] + [a for s in sets for a in ("--set", s)]
+    if untrained:
+        cmd.append("--untrained")
+    return last_json_line(run(cmd))
+
+
+def evaluate_primary(task: str, run_dir: str, data: Path, key: str, label: str) -> dict:
+    """The held-out metrics of a trained stage and of the same model untrained, with the headline `primary`."""
+    trained = evaluate(task, run_dir, data)
+    untrained = evaluate(task, run_dir, data, untrained=True)
+    return {task: trained, f"{task}_untrained": untrained,
+            "primary": {"name": label, "trained": trained[key], "untrained": untrained[key],
+                        "chance": trained[f"chance_{key}"]}}
+
+
+RETRIEVAL = {  # demo stage → (recipe, what trains)
+    "stage1": ("demo/stage1", "BLIP-2 stage 1: Q-Former representation learning (ITC + ITM + ITG) against a frozen ViT"),
+    "blip": ("demo/blip", "BLIP: ViT + MED end to end, momentum encoders + queue (ITC + ITM + LM)"),
+    "albef": ("demo/albef", "ALBEF: ViT + text/fusion BERT end to end, momentum encoders + queue (ITC + ITM + MLM)"),
+}
+
+
+def retrieval_stage(name: str, out: Path, data: Path, path_sets: list[str]) -> dict:
+    res = train_stage(RETRIEVAL[name][0], out, name, path_sets)
+    res["metrics"] = evaluate_primary("retrieval", res["run_dir"], data, "img_r1", "text->image R@1 (%)")
+    if name == "blip":  # its image-grounded decoder captions too
+        caption = evaluate_primary("caption", res["run_dir"], data, "cider", "caption CIDEr-D")
+        res["metrics"].update(caption=caption["caption"], caption_untrained=caption["caption_untrained"],
+                              secondary=caption["primary"])
+    return res
+
+
+GENERATIVE = {  # demo stage → (recipe, held-out task, metric key, primary metric name)
+    "stage2_opt": ("demo/stage2_opt", "caption", "cider", "caption CIDEr-D"),
+    "stage2_t5": ("demo/stage2_t5", "caption", "cider", "caption CIDEr-D"),
+    "instruct_llama": ("demo/instruct_llama", "vqa", "vqa_accuracy", "VQA accuracy (%)"),
+    "instruct_t5": ("demo/instruct_t5", "vqa", "vqa_accuracy", "VQA accuracy (%)"),
+}
+
+
+def generative_stage(name: str, out: Path, data: Path, path_sets: list[str], assets: Path) -> dict:
+    recipe, task, key, label = GENERATIVE[name]
+    # The Q-Former starts from this run's own stage 1 (recipes name runs/demo/stage1).
+    sets = path_sets + [f"model.init_from={out / 'stage1'}"]
+    if path_sets:
+        sets.append(f"model.llm.path={assets / recipe.split('_', 1)[1]}")
+    res = train_stage(recipe, out, name, sets)
+    res["metrics"] = evaluate_primary(task, res["run_dir"], data, key, label)
+    return res
+
+
+FINETUNE = {  # demo stage → (recipe, stage it starts from, held-out task, metric key, primary metric name)
+    "finetune_caption": ("demo/finetune_caption", "stage2_opt", "caption", "cider", "caption CIDEr-D (striped split)"),
+    "finetune_retrieval": ("demo/finetune_retrieval", "stage1", "retrieval", "img_r1",
+                           "text->image R@1 (%) (striped split)"),
+}
+
+
+def finetune_stage(name: str, out: Path, data_ft: Path, path_sets: list[str], assets: Path) -> dict:
+    """A fine-tuning stage (ViT trains, layer decay) from the run's own earlier stage, on the fine-tuning split.
+    Untrained = its starting checkpoint: eval --untrained rebuilds the step-0 model (ViT from
+    model.vision.weights, the rest from model.init_from), i.e. the earlier stage's model."""
+    recipe, start, task, key, label = FINETUNE[name]
+    sets = [s for s in path_sets if not s.startswith("data.")] + [f"model.init_from={out / start}"]
+    if path_sets:
+        sets += [f"data.train=[{{local: {data_ft / 'train'}, name: synthetic_patterns}}]",
+                 f"data.val={data_ft / 'val'}"]
+        if task == "caption":
+            sets.append(f"model.llm.path={assets / 'opt'}")
+    res = train_stage(recipe, out, name, sets)
+    res["metrics"] = evaluate_primary(task, res["run_dir"], data_ft, key, label)
+    if task == "caption":  # the attribute itself: does a caption mention stripes exactly when the image has them?
+        res["metrics"]["stripes_named"] = {
+            which: stripes_named(REPO / res["metrics"][k]["predictions_file"])
+            for which, k in (("trained", task), ("untrained", f"{task}_untrained"))}
+    return res
+
+
+VQA_FINETUNE = {  # demo stage → (recipe, stage it starts from)
+    "blip_vqa": ("demo/blip_vqa", "blip"),
+}
+
+
+def vqa_finetune_stage(name: str, out: Path, data: Path, path_sets: list[str], assets: Path) -> dict:
+    """BLIP's VQA fine-tuning from the run's own BLIP pretraining stage. Answers are ranked over the training
+    answers (assets/answer_list.json, the primary metric) and, as a second reading, generated. Untrained = the
+    starting checkpoint (the pretrained MED copied into the answer decoder, which has never answered)."""
+    recipe, start = VQA_FINETUNE[name]
+    sets = path_sets + [f"model.init_from={out / start}"]
+    if path_sets:
+        sets.append(f"eval.answer_list={assets / 'answer_list.json'}")
+    res = train_stage(recipe, out, name, sets)
+    # Generated first: the ranked evaluation's predictions file (the same name) is the one kept.
+    generated = evaluate("vqa", res["run_dir"], data, sets=("eval.answer_list=",))
+    res["metrics"] = evaluate_primary("vqa", res["run_dir"], data, "vqa_accuracy", "VQA accuracy (%), ranked")
+    res["metrics"]["secondary"] = {"name": "VQA accuracy (%), generated", "trained": generated["vqa_accuracy"],
+                                   "untrained": res["metrics"]["primary"]["untrained"],
+                                   "chance": generated["chance_vqa_accuracy"]}
+    return res
+
+
+VIDEO = {  # demo stage → (recipe, what trains)
+    "video_qa": ("demo/video_qa", "InstructBLIP on 4-frame clips: frame embeddings + Q-Former from stage 1, frozen LLM"),
+}
+
+
+def video_stage(name: str, out: Path, data_video: Path, path_sets: list[str], assets: Path) -> dict:
+    """InstructBLIP on video from the run's stage 1 (as instruct_llama), on the motion clips: top-1 accuracy (one
+    answer per question, as video QA reports), and by question kind, since only the motion answers them."""
+    sets = [s for s in path_sets if not s.startswith("data.")] + [f"model.init_from={out / 'stage1'}"]
+    if path_sets:
+        sets += [f"data.train=[{{local: {data_video / 'train'}, name: synthetic_motion}}]",
+                 f"data.val={data_video / 'val'}", f"model.llm.path={assets / 'llama'}"]
+    res = train_stage(VIDEO[name][0], out, name, sets)
+    res["metrics"] = evaluate_primary("vqa", res["run_dir"], data_video, "exact_match", "video QA accuracy (%)")
+    res["metrics"]["by_question"] = {
+        which: accuracy_by_question(REPO / res["metrics"][k]["predictions_file"])
+        for which, k in (("trained", "vqa"), ("untrained", "vqa_untrained"))}
+    return res
+
+
+def accuracy_by_question(predictions_file: Path) -> dict:
+    """Top-1 accuracy (%) per question kind of the motion clips: which way, which shape, what colour moves."""
+    rows = json.loads(Path(predictions_file).read_text())["predictions"]
+    kinds: dict[str, list[bool]] = {}
+    for row in rows:
+        kind = row["question"].split(" does ")[0] if row["question"].startswith("which way") else row["question"]
+        kinds.setdefault(kind, []).append(row["prediction"].strip().lower() == row["answers"][0].lower())
+    return {k: 100.0 * sum(v) / len(v) for k, v in sorted(kinds.items())}
+
+
+def stripes_named(predictions_file: Path) -> dict:
+    """Share (%) of held-out images whose generated caption says "striped" exactly when the references do
+    (every reference names a striped shape's stripes), and the share of images that have stripes."""
+    rows = json.loads(Path(predictions_file).read_text())["predictions"]
+    has = [any("striped" in r for r in row["references"]) for row in rows]
+    said = ["striped" in row["prediction"] for row in rows]
+    return {"agreement": 100.0 * sum(h == s for h, s in zip(has, said)) / len(rows),
+            "striped_images": 100.0 * sum(has) / len(rows), "captions_saying_striped": 100.0 * sum(said) / len(rows)}
+
+
+def run_stages(out: Path, data: Path, path_sets: list[str], assets: Path, entries: dict,
+               checkpoint: Callable[[], None] = lambda: None) -> dict:
+    """Every stage into `out/<stage>` (the retrieval-trained ones: stage 1, BLIP, ALBEF; then the generative stages
+    from stage 1, then the fine-tuning stages from stage 1 and stage2_opt on `data`'s sibling data_ft); `entries` gets each
+    stage's summary record as it finishes, and `checkpoint()` is called after each."""
+    from blip_train.config import load_config
+
+    for name in RETRIEVAL:
+        log(f"{name}: {RETRIEVAL[name][1]}, 2 ranks, ZeRO-{load_config(RETRIEVAL[name][0]).deepspeed.zero_stage}")
+        entries[name] = stage_entry(retrieval_stage(name, out, data, path_sets))
+        checkpoint()
+    for name in VQA_FINETUNE:
+        log(f"{name}: {VQA_FINETUNE[name][0]}, 2 ranks, ZeRO-2, from {VQA_FINETUNE[name][1]}: question encoder + "
+            "answer decoder")
+        entries[name] = stage_entry(vqa_finetune_stage(name, out, data, path_sets, assets))
+        checkpoint()
+    for name in GENERATIVE:
+        log(f"{name}: {GENERATIVE[name][0]}, 2 ranks, ZeRO-3, Q-Former from stage 1, frozen LLM")
+        entries[name] = stage_entry(generative_stage(name, out, data, path_sets, assets))
+        checkpoint()
+    for name in FINETUNE:
+        log(f"{name}: {FINETUNE[name][0]}, 2 ranks, ZeRO-3, from {FINETUNE[name][1]}, ViT trains (layer decay), "
+            "on the striped split")
+        entries[name] = stage_entry(finetune_stage(name, out, data.parent / "data_ft", path_sets, assets))
+        checkpoint()
+    for name in VIDEO:
+        log(f"{name}: {VIDEO[name][0]}, 2 ranks, ZeRO-3: {VIDEO[name][1]}")
+        entries[name] = stage_entry(video_stage(name, out, data.parent / "data_video", path_sets, assets))
+        checkpoint()
+    return entries
+
+
+def stage_entry(res: dict) -> dict:
+    """The per-stage record of summary.json (DESIGN.md §3)."""
+    return {k: res[k] for k in ("world_size", "zero_stage", "steps", "initial_loss", "final_loss", "checkpoint",
+                                "metrics", "run_dir", "train_seconds")}
