@@ -1,5 +1,5 @@
-"""A learnable synthetic video QA dataset: one shape moves across a few frames, another stays; the questions ask
-what only the motion shows.
+"""A synthetic video QA dataset: one shape moves across a few frames, another stays; the questions ask what only
+the motion shows.
 
 Each clip shows a moving shape (circle / square / triangle, one of six colours) that travels left, right, up or
 down across the clip, and in most clips a second, still shape of another kind. Every frame has the same
@@ -9,8 +9,9 @@ background. The questions:
   "what color is the moving shape?"              the mover's colour           (two shapes: one moves)
 The frames' order answers them: every path crosses the middle of the image, so the same places occur in a
 left- and a right-moving clip (in opposite order), and which of two shapes of random sizes moves is seen only
-across frames. `make demo` trains
-InstructBLIP on it with model.video_frames (its `video_qa` stage).
+across frames. What it measures: InstructBLIP with model.video_frames (demo sizes, 4 frames, 600 steps from the
+demo's stage 1) answers the colour and shape questions above chance (62% and 32%) but not yet the direction ones
+(20%, a guess is 25%): reading the frames' order is the open part.
 
 Rows are video rows of the schema (data/video.py: the first frame as `image`, the others in `frames`);
 generation is a pure function of (seed, index).

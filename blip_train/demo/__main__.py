@@ -50,17 +50,6 @@ def make_finetune_data(out: Path, num_samples: int = 1000) -> Path:
     return data
 
 
-def make_video_data(out: Path, num_samples: int = 1600) -> Path:
-    """The video QA split (data/synthetic_video.py): 4-frame clips of a shape moving beside a still one."""
-    data = out / "data_video"
-    if (data / "train").is_dir() and (data / "val").is_dir():
-        log(f"video data: reusing {data}")
-        return data
-    run([sys.executable, "tools/make_synthetic_dataset.py", "--out", str(data), "--num-samples", str(num_samples),
-         "--seed", "0", "--val-fraction", "0.1", "--video-frames", "4", "--overwrite"])
-    return data
-
-
 def make_assets(out: Path, data: Path, image_size: int) -> dict:
     """Q-Former tokenizer and the pretrained tiny ViT, in the formats real assets come in."""
     from streaming import StreamingDataset
@@ -171,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     data = make_data(out, args.num_samples)
     make_finetune_data(out)
-    make_video_data(out)
     info = make_assets(out, data, image_size=64)
     if args.prepare:
         log(f"prepared {data} and {out / 'assets'} in {time.time() - t0:.0f}s; e.g. "

@@ -133,36 +133,6 @@ def vqa_finetune_stage(name: str, out: Path, data: Path, path_sets: list[str], a
     return res
 
 
-VIDEO = {  # demo stage → (recipe, what trains)
-    "video_qa": ("demo/video_qa", "InstructBLIP on 4-frame clips: frame embeddings + Q-Former from stage 1, frozen LLM"),
-}
-
-
-def video_stage(name: str, out: Path, data_video: Path, path_sets: list[str], assets: Path) -> dict:
-    """InstructBLIP on video from the run's stage 1 (as instruct_llama), on the motion clips: top-1 accuracy (one
-    answer per question, as video QA reports), and by question kind, since only the motion answers them."""
-    sets = [s for s in path_sets if not s.startswith("data.")] + [f"model.init_from={out / 'stage1'}"]
-    if path_sets:
-        sets += [f"data.train=[{{local: {data_video / 'train'}, name: synthetic_motion}}]",
-                 f"data.val={data_video / 'val'}", f"model.llm.path={assets / 'llama'}"]
-    res = train_stage(VIDEO[name][0], out, name, sets)
-    res["metrics"] = evaluate_primary("vqa", res["run_dir"], data_video, "exact_match", "video QA accuracy (%)")
-    res["metrics"]["by_question"] = {
-        which: accuracy_by_question(REPO / res["metrics"][k]["predictions_file"])
-        for which, k in (("trained", "vqa"), ("untrained", "vqa_untrained"))}
-    return res
-
-
-def accuracy_by_question(predictions_file: Path) -> dict:
-    """Top-1 accuracy (%) per question kind of the motion clips: which way, which shape, what colour moves."""
-    rows = json.loads(Path(predictions_file).read_text())["predictions"]
-    kinds: dict[str, list[bool]] = {}
-    for row in rows:
-        kind = row["question"].split(" does ")[0] if row["question"].startswith("which way") else row["question"]
-        kinds.setdefault(kind, []).append(row["prediction"].strip().lower() == row["answers"][0].lower())
-    return {k: 100.0 * sum(v) / len(v) for k, v in sorted(kinds.items())}
-
-
 def stripes_named(predictions_file: Path) -> dict:
     """Share (%) of held-out images whose generated caption says "striped" exactly when the references do
     (every reference names a striped shape's stripes), and the share of images that have stripes."""
@@ -197,10 +167,6 @@ def run_stages(out: Path, data: Path, path_sets: list[str], assets: Path, entrie
         log(f"{name}: {FINETUNE[name][0]}, 2 ranks, ZeRO-3, from {FINETUNE[name][1]}, ViT trains (layer decay), "
             "on the striped split")
         entries[name] = stage_entry(finetune_stage(name, out, data.parent / "data_ft", path_sets, assets))
-        checkpoint()
-    for name in VIDEO:
-        log(f"{name}: {VIDEO[name][0]}, 2 ranks, ZeRO-3: {VIDEO[name][1]}")
-        entries[name] = stage_entry(video_stage(name, out, data.parent / "data_video", path_sets, assets))
         checkpoint()
     return entries
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from blip_train.config import load_config
-from blip_train.demo.stages import FINETUNE, GENERATIVE, RETRIEVAL, VIDEO, VQA_FINETUNE, accuracy_by_question, stripes_named
+from blip_train.demo.stages import FINETUNE, GENERATIVE, RETRIEVAL, VQA_FINETUNE, stripes_named
 
 
 def test_fine_tuning_stages_train_the_vit_from_an_earlier_demo_stage_on_their_own_split():
@@ -59,18 +59,3 @@ def test_stripes_named_scores_the_attribute(tmp_path):
     f.write_text(json.dumps({"metrics": {}, "predictions": rows}))
     assert stripes_named(f) == {"agreement": 50.0, "striped_images": 50.0, "captions_saying_striped": 50.0}
 
-
-def test_video_stage_is_instructblip_on_clips_from_stage1(tmp_path):
-    for name, (recipe, _) in VIDEO.items():
-        cfg, before = load_config(recipe), load_config("demo/instruct_llama")
-        assert cfg.model.arch == "instruct" and cfg.model.video_frames == 4 and cfg.run.output_dir == f"runs/demo/{name}"
-        assert cfg.model.init_from == "runs/demo/stage1" and cfg.deepspeed.zero_stage == 3
-        assert (cfg.model.vision, cfg.model.qformer, cfg.model.llm.path) == \
-            (before.model.vision, before.model.qformer, before.model.llm.path)
-        assert cfg.data.val == "runs/demo/data_video/val" and not cfg.data.hflip  # answers name left and right
-    rows = [{"question": "which way does the red circle move?", "prediction": "left", "answers": ["left"]},
-            {"question": "which way does the blue square move?", "prediction": "up", "answers": ["down"]},
-            {"question": "which shape moves?", "prediction": "Square ", "answers": ["square"]}]
-    f = tmp_path / "vqa_val.json"
-    f.write_text(json.dumps({"metrics": {}, "predictions": rows}))
-    assert accuracy_by_question(f) == {"which shape moves?": 100.0, "which way": 50.0}
