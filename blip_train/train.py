@@ -11,9 +11,12 @@ newest complete checkpoint in run.output_dir.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from pathlib import Path
 
 from blip_train.config import ConfigError, check_input_paths, check_output_dir, load_config
+from blip_train.distributed.env import discover_environment
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_input_paths(cfg)  # seconds, before the heavy imports below
+        fresh = not Path(cfg.run.output_dir).exists()
         check_output_dir(cfg.run.output_dir)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -46,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, allow_config_change=args.allow_config_change)
     except ConfigError as e:  # settings that need the world size (batch arithmetic, templates, paths)
         print(f"config error: {e}", file=sys.stderr)
+        if fresh and discover_environment().rank == 0:  # refused at start: leave no half-made run behind
+            shutil.rmtree(cfg.run.output_dir, ignore_errors=True)
         return 2
     return 0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from blip_train.data.shared_memory import releasing_streaming_memory
 from blip_train.distributed.env import free_port  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,6 +28,14 @@ def single_rank_env():
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     yield
+
+
+@pytest.fixture(autouse=True)
+def release_streaming_memory():
+    """Each test closes the streaming datasets it opened in this process: streaming keeps every one (a dozen
+    descriptors) until the process exits, and the whole suite in one process would run out of descriptors."""
+    with releasing_streaming_memory():
+        yield
 
 
 def clean_env(**extra: str) -> dict:

@@ -11,8 +11,10 @@ preemption restarts several at once), so every streaming dataset here is built u
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import random
@@ -23,6 +25,7 @@ from typing import Callable, Iterator, TypeVar
 
 import torch.distributed as dist
 from streaming.base.constant import SHM_TO_CLEAN
+from streaming.base.shared.memory import SharedMemory
 
 logger = logging.getLogger(__name__)
 
@@ -181,3 +184,38 @@ def build_streaming_dataset(build: Callable[[], T]) -> T:
     with streaming_registration():
         maybe_clean_stale_shared_memory()
         return build()
+
+
+def _open_segments() -> dict[int, SharedMemory]:
+    """Every streaming shared-memory handle alive in this process: streaming's atexit handler holds each one
+    until the process exits, so none is ever freed (and no id is reused) before `_release`."""
+    # `type`, not isinstance: isinstance would wake torch's deprecated module proxies, which warn
+    return {id(o): o for o in gc.get_objects() if type(o) is SharedMemory}
+
+
+def _release(segment: SharedMemory) -> None:
+    try:
+        segment.cleanup()  # closes it; unlinks it where this process created it
+    except BufferError:  # a numpy view of it is still alive: streaming's exit handler closes it then
+        return
+    atexit.unregister(segment.cleanup)
+
+
+@contextlib.contextmanager
+def releasing_streaming_memory() -> Iterator[None]:
+    """Close every streaming shared-memory segment the body opened when it ends (and unlink those it created).
+
+    Streaming keeps a dataset's segments, and two descriptors for each, until the process exits, however
+    early the dataset is dropped: its prefix scan also attaches to every other live dataset's. A run that
+    opens its validation split at each evaluation (one an hour for weeks) would pile up descriptors until
+    `Too many open files` kills it, and /dev/shm segments with them. Wrap work that opens datasets it does
+    not return, and use none of them afterwards. Unlinking by the node's first rank is safe while other
+    ranks still read: they attached by name when the dataset was built, and a mapping outlives its name.
+    """
+    before = _open_segments().keys()
+    try:
+        yield
+    finally:
+        for key, segment in _open_segments().items():
+            if key not in before:
+                _release(segment)

@@ -16,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from blip_train.config import ExperimentConfig, eval_task
+from blip_train.data.shared_memory import releasing_streaming_memory
 from blip_train.distributed.zero import gathered
 
 
@@ -29,29 +30,31 @@ def evaluate_during_training(cfg: ExperimentConfig, model: nn.Module,
 
     main = rank_world()[0] == 0
     was_training = model.training
-    try:
-        if eval_task(cfg) == "retrieval":
-            from blip_train.evaluation.stage1_eval import evaluate_retrieval, load_retrieval_split
+    with releasing_streaming_memory():  # the split opens again at the next evaluation: keep nothing of it
+        try:
+            if eval_task(cfg) == "retrieval":
+                from blip_train.evaluation.stage1_eval import evaluate_retrieval, load_retrieval_split
 
-            split = load_retrieval_split(cfg.data.val, cfg.eval.max_samples)
-            with gathered(model.eval_root_parameters()), zero3_forward_context(model):
-                m, preds = evaluate_retrieval(model, tokenizer, split, cfg.model.vision.image_size,
-                                              cfg.model.max_txt_len, k_test=cfg.eval.k_test,
-                                              batch_size=cfg.eval.batch_size, predicted_images=ex.EXAMPLE_IMAGES)
-            keys = ("txt_r1", "img_r1", "txt_r5", "img_r5", "r_mean")
-            examples = ex.retrieval_examples(preds, split.read_image) if main else {}
-        else:
-            from blip_train.evaluation.generative_eval import evaluate_captions, evaluate_vqa, generation_setup
+                split = load_retrieval_split(cfg.data.val, cfg.eval.max_samples)
+                with gathered(model.eval_root_parameters()), zero3_forward_context(model):
+                    m, preds = evaluate_retrieval(model, tokenizer, split, cfg.model.vision.image_size,
+                                                  cfg.model.max_txt_len, k_test=cfg.eval.k_test,
+                                                  batch_size=cfg.eval.batch_size,
+                                                  predicted_images=ex.EXAMPLE_IMAGES)
+                keys = ("txt_r1", "img_r1", "txt_r5", "img_r5", "r_mean")
+                examples = ex.retrieval_examples(preds, split.read_image) if main else {}
+            else:
+                from blip_train.evaluation.generative_eval import evaluate_captions, evaluate_vqa, generation_setup
 
-            task = eval_task(cfg)
-            collate, gen = generation_setup(cfg, model, tokenizer, task)
-            run = evaluate_vqa if task == "vqa" else evaluate_captions
-            m, preds = run(model, collate, tokenizer, cfg, cfg.data.val, gen, max_samples=cfg.eval.max_samples)
-            keys = ("vqa_accuracy", "exact_match") if task == "vqa" else ("cider", "bleu_4")
-            table = ex.vqa_table if task == "vqa" else ex.caption_table
-            examples = {f"eval_examples/{task}": table(preds)} if main else {}
-    finally:
-        model.train(was_training)
+                task = eval_task(cfg)
+                collate, gen = generation_setup(cfg, model, tokenizer, task)
+                run = evaluate_vqa if task == "vqa" else evaluate_captions
+                m, preds = run(model, collate, tokenizer, cfg, cfg.data.val, gen, max_samples=cfg.eval.max_samples)
+                keys = ("vqa_accuracy", "exact_match") if task == "vqa" else ("cider", "bleu_4")
+                table = ex.vqa_table if task == "vqa" else ex.caption_table
+                examples = {f"eval_examples/{task}": table(preds)} if main else {}
+        finally:
+            model.train(was_training)
     return {f"eval/{k}": float(m[k]) for k in keys}, examples
 
 
@@ -63,6 +66,11 @@ def check_eval_split(cfg: ExperimentConfig) -> None:
     evaluate InstructBLIP on it with eval.task=caption). Retrieval needs image ids that identify images
     (rows of one image_id with different captions are refused; rows of one image grouped, said once here).
     """
+    with releasing_streaming_memory():
+        _check_eval_split(cfg)
+
+
+def _check_eval_split(cfg: ExperimentConfig) -> None:
     from streaming import StreamingDataset
 
     from blip_train.config import ConfigError

@@ -4,12 +4,14 @@ Builds the model and the ZeRO-3 engine exactly as training does (run's resolved 
 trainable weights of the run's last checkpoint before the engine casts them (as training's working
 copy is the cast of its fp32 masters), then calls `evaluate_during_training`. Counts this rank's
 module calls (text / image encoding, ITM, generate), records the per-sample
-predictions of the generative tasks, and writes OUT_DIR/rank{r}.json.
+predictions of the generative tasks, evaluates once more to count the file descriptors and the
+streaming segments each evaluation leaves open, and writes OUT_DIR/rank{r}.json.
     torchrun --nproc_per_node 2 tests/distributed/_in_training_eval_script.py RUN_DIR OUT_DIR
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +57,13 @@ def record_predictions_(sink: dict) -> None:
         setattr(generative_eval, name, recorded)
 
 
+def open_handles() -> tuple[int, list[str]]:
+    """(this process's open file descriptors, the shared-memory segments it maps)."""
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    mapped = sorted(line.split("/dev/shm/", 1)[1] for line in maps if "/dev/shm/" in line)
+    return len(os.listdir("/proc/self/fd")), mapped
+
+
 def main(run_dir: str, out_dir: str) -> None:
     cfg, ckpt_dir, tag = load_run_config(run_dir, [])
     env = discover_environment()
@@ -75,7 +84,10 @@ def main(run_dir: str, out_dir: str) -> None:
     record_predictions_(recorded)
     scores, _ = evaluate_during_training(cfg, engine.module, stage.tokenizer)
     out = {"rank": env.rank, "world_size": env.world_size, "step": int(tag.split("_")[-1]), "scores": scores,
-           "calls": counts, **recorded}
+           "calls": dict(counts), **recorded}
+    after_first = open_handles()
+    evaluate_during_training(cfg, engine.module, stage.tokenizer)  # the next `eval.interval` of a long run
+    out["open_handles"] = [after_first, open_handles()]
     Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(out))
     destroy_distributed()  # a live gloo group at exit can abort the process
 

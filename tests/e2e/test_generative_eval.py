@@ -66,6 +66,8 @@ def test_in_training_vqa_is_sharded_and_equals_one_rank(instruct_run, tmp_path):
         assert r["scores"] == one["scores"] and r["predictions"] == one["predictions"]
     # 3 batches: 2 generate calls per rank (rank 1 repeats one), 3 on one rank
     assert one["calls"]["generate"] == 3 and [r["calls"]["generate"] for r in two] == [2, 2]
+    for r in (one, *two):  # the next evaluation of a long run leaves nothing more open
+        assert r["open_handles"][1] == r["open_handles"][0], r["open_handles"]
 
 
 @pytest.mark.parametrize("task", ["vqa", "caption"])

@@ -57,6 +57,9 @@ def test_in_training_retrieval_is_sharded_and_equals_one_rank(trained, tmp_path)
     texts = one["calls"]["encode_text"]
     assert texts > 2 and two[0]["calls"]["encode_text"] == math.ceil(texts / 2)
     assert two[0]["calls"]["itm_scores"] < one["calls"]["itm_scores"]
+    # a second evaluation leaves no more descriptors or streaming segments open than the first did
+    for r in (one, *two):
+        assert r["open_handles"][1] == r["open_handles"][0], r["open_handles"]
 
 
 def _eval(args, nproc=1):
