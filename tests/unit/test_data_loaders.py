@@ -222,6 +222,32 @@ def test_only_segments_no_process_holds_are_stale():
             shm.unlink()
 
 
+def test_datasets_opened_inside_release_their_shared_memory_and_others_stay(split40):
+    """`releasing_streaming_memory` closes (and unlinks) what the datasets built inside opened; a dataset built
+    before it keeps working, and the next one built inside reads the same rows."""
+    from streaming import StreamingDataset
+
+    from blip_train.data.shared_memory import build_streaming_dataset, releasing_streaming_memory
+
+    def handles():  # (open descriptors, shared-memory segments mapped by this process)
+        maps = open("/proc/self/maps").read().splitlines()
+        return len(os.listdir("/proc/self/fd")), sorted(m.split("/dev/shm/")[1] for m in maps if "/dev/shm/" in m)
+
+    def open_split():
+        return build_streaming_dataset(lambda: StreamingDataset(local=split40, shuffle=False, batch_size=1))
+
+    kept = open_split()
+    before = handles()
+    for _ in range(3):
+        with releasing_streaming_memory():
+            ids = [open_split()[i]["image_id"] for i in range(3)]
+            inside = handles()
+        made = set(inside[1]) - set(before[1])
+        assert ids == [0, 1, 2] and inside[0] > before[0] and made
+        assert handles() == before and not any(os.path.exists(f"/dev/shm/{n}") for n in made)
+    assert kept[39]["image_id"] == 39
+
+
 def _sharded_split(path, n, image_size=16, shard_bytes=8000):
     """A split of many small shards; returns (path, bytes of the largest shard, bytes of the split:
     index and shards)."""
