@@ -32,8 +32,8 @@ import torch
 from blip_train.config import ConfigError, ExperimentConfig, config_from_dict
 from blip_train.interop.hf_config import (BLIP_DEFAULT_CLASS, LAYOUTS, assign_into, build_processor,
                                           carry_generation_defaults_, generation_config_for, hf_class, hf_config_for)
-from blip_train.interop.weights_io import (InteropError, check_output, discard, is_weights_file, is_weights_folder,
-                                           move_into_place, parse_dtype, parse_size, read_weights, temp_path)
+from blip_train.interop.weights_io import (InteropError, check_output, is_weights_file, is_weights_folder,
+                                           parse_dtype, parse_size, read_weights, replacing)
 from blip_train.models.hf_names import model_to_hf
 from blip_train.models.lora import LORA_KEY, is_lora_key, merge_lora_, peft_adapter_state
 
@@ -351,18 +351,13 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
 def write_hf_folder(out: Path, model: Any, processor: Any, summary: dict, max_shard_size: str,
                     log: Callable[[str], None], extra: Optional[Callable[[Path], None]] = None) -> None:
     """model + processor + EXPORT_INFO (and whatever `extra` adds) built beside `out`, moved into place whole."""
-    tmp = temp_path(out)
-    try:
+    with replacing(out) as tmp:
         log(f"writing {out}")
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
         processor.save_pretrained(str(tmp))
         if extra is not None:
             extra(tmp)
         (tmp / EXPORT_INFO).write_text(json.dumps(summary, indent=1))
-        move_into_place(tmp, out)
-    except BaseException:
-        discard(tmp)
-        raise
 
 
 def _refuse_video(video_frames: int, source: Union[str, Path]) -> None:

@@ -28,8 +28,7 @@ import yaml
 
 from blip_train.interop.hf_config import (LAYOUTS, arch_of_hf_config, assign_into, blip_class, hf_class,
                                           model_section_from_blip_hf, model_section_from_hf, without_decoding_defaults)
-from blip_train.interop.weights_io import (InteropError, check_output, discard, move_into_place, temp_path,
-                                           write_weights)
+from blip_train.interop.weights_io import InteropError, check_output, replacing, write_weights
 from blip_train.models.hf_names import model_from_hf, read_hf_folder_weights
 from blip_train.models.hf_names_blip import blip_model_from_hf
 
@@ -129,8 +128,7 @@ def import_hf(hf_dir: Union[str, Path], out: Union[str, Path], *, overwrite: boo
 
     model = model_section_from_hf(hf_cfg, str(hf_dir))
     model["vision"]["weights"] = VISION_FILE
-    tmp = temp_path(out)
-    try:
+    with replacing(out) as tmp:
         meta = {"arch": arch, "contents": "trainable", "names": "blip_train", "paths_relative_to_folder": True,
                 "source": {"hf": str(hf_dir.resolve()), "class": hf_class(arch).__name__}, "notes": notes,
                 "image_token_index": getattr(hf_cfg, "image_token_index", None)}
@@ -163,10 +161,6 @@ def import_hf(hf_dir: Union[str, Path], out: Union[str, Path], *, overwrite: boo
                 snippet[section][key] = str((out / snippet[section][key]).resolve())
         snippet["init_from"] = str(out.resolve())
         (tmp / SNIPPET).write_text(yaml.safe_dump({"model": snippet}, sort_keys=False))
-        move_into_place(tmp, out)
-    except BaseException:
-        discard(tmp)
-        raise
     return {"arch": arch, "class": hf_class(arch).__name__, "trained_tensors": len(trained),
             "vision_tensors": len(vision), "llm_tensors": len(llm), "notes": notes, "out": str(out)}
 
@@ -255,8 +249,7 @@ def import_blip_hf(hf_dir: Path, out: Path, decoder: Optional[Path], log: Callab
             "source": {"hf": str(hf_dir.resolve()), "class": class_name,
                        "decoder": None if decoder is None else str(decoder.resolve())},
             "notes": notes, "config": {"model": model}}
-    tmp = temp_path(out)
-    try:
+    with replacing(out) as tmp:
         write_weights(ours, tmp, meta)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / BLIP_TOKENIZER_DIR))
@@ -265,10 +258,6 @@ def import_blip_hf(hf_dir: Path, out: Path, decoder: Optional[Path], log: Callab
             snippet["text"]["tokenizer"] = str((out / BLIP_TOKENIZER_DIR).resolve())
         snippet["init_from"] = str(out.resolve())
         (tmp / SNIPPET).write_text(yaml.safe_dump({"model": snippet}, sort_keys=False))
-        move_into_place(tmp, out)
-    except BaseException:
-        discard(tmp)
-        raise
     return {"arch": "blip", "class": class_name, "trained_tensors": len(ours), "notes": notes, "out": str(out)}
 
 

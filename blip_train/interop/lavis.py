@@ -26,8 +26,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from blip_train.interop.weights_io import (InteropError, check_output, discard, group_prefixes, move_into_place,
-                                           parse_dtype, temp_path, write_weights)
+from blip_train.interop.weights_io import (InteropError, check_output, group_prefixes, parse_dtype, replacing,
+                                           write_weights)
 from blip_train.models.hf_names import model_from_lavis
 from blip_train.models.hf_names_blip import (albef_model_from_authors, blip_model_from_authors,
                                              blip_vqa_model_from_authors, is_albef_checkpoint, is_blip_vqa_checkpoint)
@@ -96,16 +96,11 @@ def import_lavis(path: Union[str, Path], out: Union[str, Path], *, arch: Optiona
         f"{len(vision)} ViT tensors, left out {len(left_out)} frozen-LLM tensors")
     meta = {"arch": arch, "contents": "trainable", "names": "blip_train", "config": None,
             "source": {"lavis": str(Path(path).resolve())}, "left_out": group_prefixes(left_out)}
-    tmp = temp_path(out)
-    try:
+    with replacing(out) as tmp:
         write_weights(trained, tmp, meta)
         if vision:
             write_weights(vision, tmp / VISION_FILE, {"contents": "vision", "names": "eva",
                                                       "source": meta["source"]})
-        move_into_place(tmp, out)
-    except BaseException:
-        discard(tmp)
-        raise
     return {"arch": arch, "trained_tensors": len(trained), "vision_tensors": len(vision),
             "left_out": len(left_out), "out": str(out)}
 
@@ -134,13 +129,8 @@ def import_blip_checkpoint(sd: dict[str, torch.Tensor], path: Union[str, Path], 
         f"momentum, {len(queue)} queue; {'; '.join(notes) or 'decoder tied to the encoder'}")
     meta = {"arch": arch, "contents": "trainable+momentum" if momentum else "trainable", "names": "blip_train",
             "config": None, "source": {"blip": str(Path(path).resolve())}, "notes": notes}
-    tmp = temp_path(out)
-    try:
+    with replacing(out) as tmp:
         write_weights(ours, tmp, meta)
-        move_into_place(tmp, out)
-    except BaseException:
-        discard(tmp)
-        raise
     return {"arch": arch, "trained_tensors": len(ours) - len(momentum) - len(queue),
             "momentum_tensors": len(momentum), "queue_tensors": len(queue), "notes": notes, "out": str(out)}
 
@@ -156,13 +146,8 @@ def import_blip_vqa_checkpoint(sd: dict[str, torch.Tensor], path: Union[str, Pat
     log(f"{path}: BLIP VQA: {len(ours)} tensors (question encoder and answer decoder)")
     meta = {"arch": "blip", "objective": "vqa", "contents": "trainable", "names": "blip_train", "config": None,
             "source": {"blip": str(Path(path).resolve())}, "notes": []}
-    tmp = temp_path(out)
-    try:
+    with replacing(out) as tmp:
         write_weights(ours, tmp, meta)
-        move_into_place(tmp, out)
-    except BaseException:
-        discard(tmp)
-        raise
     return {"arch": "blip", "objective": "vqa", "trained_tensors": len(ours), "momentum_tensors": 0,
             "queue_tensors": 0, "notes": [], "out": str(out)}
 

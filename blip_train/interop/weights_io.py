@@ -15,12 +15,13 @@ name next to the target and moved into place only when complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -100,6 +101,19 @@ def discard(tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     elif tmp.exists():
         tmp.unlink()
+
+
+@contextlib.contextmanager
+def replacing(out: Path) -> Iterator[Path]:
+    """A temporary sibling to build `out` in: moved into place when the body finishes, discarded if it fails,
+    so `out` is never half-written."""
+    tmp = temp_path(out)
+    try:
+        yield tmp
+        move_into_place(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -242,8 +242,17 @@ def blip_model_from_authors(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, t
         out.update({"text_m." + k: v for k, v in text_m.items() if ".cross_attn." not in k})
         out.update({"text_m." + k: v.clone() for k, v in text.items() if k.startswith("lm_head.")})  # own storage
     roots = ("visual_encoder.", "visual_encoder_m.", "text_encoder.", "text_encoder_m.", "text_decoder.")
+    out.update(_authors_loose_keys(sd, roots, "BLIP"))
+    return out, differ
+
+
+def _authors_loose_keys(sd: Mapping[str, torch.Tensor], towers: tuple[str, ...],
+                        family: str) -> dict[str, torch.Tensor]:
+    """The keys of an authors' BLIP / ALBEF checkpoint outside its towers (`towers`, converted by the caller):
+    the temperature, the feature queues, the ITC / ITM heads and their momentum copies. Unknown keys raise."""
+    out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        if key.startswith(roots):
+        if key.startswith(towers):
             continue
         if key == "temp":
             out["temp"] = value.reshape(1)
@@ -252,8 +261,8 @@ def blip_model_from_authors(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, t
         elif key.startswith(BLIP_HEADS + tuple(BLIP_AUTHORS_MOMENTUM)):
             out[key] = value
         else:
-            raise ValueError(f"BLIP checkpoint key {key!r} has no counterpart in our BLIP model")
-    return out, differ
+            raise ValueError(f"{family} checkpoint key {key!r} has no counterpart in our {family} model")
+    return out
 
 
 def is_albef_checkpoint(sd: Mapping[str, torch.Tensor]) -> bool:
@@ -288,15 +297,6 @@ def albef_model_from_authors(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.
         own = {k[len(part):]: v for k, v in sd.items() if k.startswith(part)}
         if own:
             out.update({root + k: v for k, v in _albef_text(own).items()})
-    for key, value in sd.items():
-        if key.startswith(("visual_encoder.", "visual_encoder_m.", "text_encoder.", "text_encoder_m.")):
-            continue
-        if key == "temp":
-            out["temp"] = value.reshape(1)
-        elif key in BLIP_AUTHORS_QUEUE:
-            out[BLIP_AUTHORS_QUEUE[key]] = value.reshape(1) if key == "queue_ptr" else value
-        elif key.startswith(BLIP_HEADS + tuple(BLIP_AUTHORS_MOMENTUM)):
-            out[key] = value
-        else:
-            raise ValueError(f"ALBEF checkpoint key {key!r} has no counterpart in our ALBEF model")
+    out.update(_authors_loose_keys(sd, ("visual_encoder.", "visual_encoder_m.", "text_encoder.", "text_encoder_m."),
+                                   "ALBEF"))
     return out
