@@ -256,8 +256,10 @@ def input_paths(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     m, d = cfg.model, cfg.data
     paths = [("model.vision.weights", m.vision.weights), ("model.qformer.tokenizer", m.qformer.tokenizer),
              ("model.qformer.bert_init", m.qformer.bert_init), ("model.init_from", m.init_from)]
-    if m.arch != "stage1":
+    if m.arch in ("stage2", "instruct"):
         paths.append(("model.llm.path", m.llm.path))
+    if m.arch in ("blip", "albef"):
+        paths += [("model.text.tokenizer", m.text.tokenizer), ("model.text.bert_init", m.text.bert_init)]
     paths += [(f"data.train[{i}].local", s.local) for i, s in enumerate(d.train) if s.local and not s.remote]
     if cfg.eval.interval:
         paths += [("data.val", d.val), ("eval.answer_list", cfg.eval.answer_list)]

@@ -2,6 +2,7 @@
 the key. In-training evaluation of InstructBLIP on a captions-only split (COCO) needs eval.task=caption."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -58,3 +59,21 @@ def test_train_refuses_a_missing_split_before_any_work(tiny_assets, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("config error: data.train[0].local:") and "missing" in last
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing started
+
+
+@pytest.mark.parametrize("arch, key", [
+    ("stage1", "model.vision.weights"), ("stage1", "model.qformer.tokenizer"), ("stage1", "model.qformer.bert_init"),
+    ("stage1", "model.init_from"), ("stage2", "model.llm.path"), ("instruct", "model.llm.path"),
+    ("blip", "model.text.tokenizer"), ("blip", "model.text.bert_init"), ("albef", "model.text.tokenizer"),
+    ("blip", "eval.answer_list")])
+def test_every_missing_input_is_refused_naming_its_key(tmp_path, arch, key):
+    """Each local input a run reads is checked at start, for the architectures that read it."""
+    from blip_train.config import check_input_paths
+
+    sets = [f"model.arch={arch}", f"{key}={tmp_path / 'gone'}"]
+    if arch in ("blip", "albef"):
+        sets.append("model.vision.frozen=false")
+    if key == "eval.answer_list":
+        sets += ["model.objective=vqa", "eval.interval=2", f"data.val={tmp_path}"]
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}: .*gone does not exist$"):
+        check_input_paths(load_config(None, sets))
