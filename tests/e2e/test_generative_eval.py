@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from blip_train.evaluation.generative_eval import is_vqa_row
-from tests.e2e.test_train_eval_entry import _eval, in_training_eval, logged_evaluations
+from tests.e2e.test_train_eval_entry import (_eval, assert_evaluations_leave_nothing_open, in_training_eval,
+                                             logged_evaluations)
 from tests.helpers.tiny_run import run_train, write_tiny_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
@@ -66,8 +67,7 @@ def test_in_training_vqa_is_sharded_and_equals_one_rank(instruct_run, tmp_path):
         assert r["scores"] == one["scores"] and r["predictions"] == one["predictions"]
     # 3 batches: 2 generate calls per rank (rank 1 repeats one), 3 on one rank
     assert one["calls"]["generate"] == 3 and [r["calls"]["generate"] for r in two] == [2, 2]
-    for r in (one, *two):  # the next evaluation of a long run leaves nothing more open
-        assert r["open_handles"][1] == r["open_handles"][0], r["open_handles"]
+    assert_evaluations_leave_nothing_open([one, *two])
 
 
 @pytest.mark.parametrize("task", ["vqa", "caption"])

@@ -11,7 +11,7 @@ import pytest
 from blip_train.data.schema import write_split
 from tests.e2e.test_generative_eval import sharp_llm_folder
 from tests.e2e.test_train_eval_entry import _eval, logged_evaluations
-from tests.helpers.tiny_run import run_train, write_tiny_config
+from tests.helpers.tiny_run import assert_vqa_scores_are_earned, run_train, write_tiny_config
 
 pytestmark = pytest.mark.e2e
 
@@ -50,9 +50,8 @@ def test_question_aware_vqa_trains_and_evaluates(vqa_run):
     r = _eval(["--task", "vqa", "--checkpoint", str(run), "--data", str(val)])
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads(r.stdout.strip().splitlines()[-1])
-    assert metrics["num_questions"] > 6 and 0.0 <= metrics["vqa_accuracy"] <= 100.0
-    saved = json.loads(Path(metrics["predictions_file"]).read_text())["predictions"]
-    assert len(saved) == metrics["num_questions"] and all("prediction" in p for p in saved)
+    assert metrics["num_questions"] > 6
+    assert_vqa_scores_are_earned(metrics)
 
     refused = _eval(["--task", "caption", "--checkpoint", str(run), "--data", str(val)])
     assert refused.returncode == 2
