@@ -22,7 +22,8 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2",
     "matplotlib>=3.8",  # tools/plot_run.py (mosaicml-streaming installs it too)
     "boto3>=1.34",  # s3:// streams: streaming's downloader, and the start-up check that names what is wrong
-    "av==18.1.0",  # PyAV (FFmpeg): video frames sampled at conversion (data/video.py, tools/convert_video_qa.py)
+    "av==18.1.0",  # PyAV (FFmpeg): video frames and audio tracks decoded at conversion (data/video.py, data/audio.py)
+    "soundfile==0.14.0",  # libsndfile: audio splits store FLAC (data/audio.py)
 ]
 
 setup(

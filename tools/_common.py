@@ -34,12 +34,13 @@ def add_output_args(parser: argparse.ArgumentParser, workers: bool = True) -> No
         parser.add_argument("--dataset-name", default=None, help="value of the `dataset` column")
 
 
-def print_summary(name: str, stats: ConvertStats) -> None:
-    """One human line, then the same as JSON (scripts parse the last line)."""
+def print_summary(name: str, stats: ConvertStats, sources: str = "images") -> None:
+    """One human line, then the same as JSON (scripts parse the last line). `sources`: what a job reads
+    (images, videos, clips)."""
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items())) or "none"
     saved = stats.image_bytes_read - stats.image_bytes_stored
     share = f" ({saved / stats.image_bytes_read:.0%})" if stats.image_bytes_read else ""
-    print(f"{name}: wrote {stats.written} samples ({stats.images} images) to {stats.out}; images stored in "
+    print(f"{name}: wrote {stats.written} samples ({stats.images} {sources}) to {stats.out}; {sources} stored in "
           f"{_size(stats.image_bytes_stored)} of {_size(stats.image_bytes_read)} read, {_size(saved)} saved{share}; "
           f"skipped: {skipped}")
     print(json.dumps(stats.as_dict(), sort_keys=True))

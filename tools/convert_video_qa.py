@@ -36,7 +36,7 @@ def main() -> int:
     run_conversion(jobs, args.out, stats, workers=args.workers, overwrite=args.overwrite,
                    resize_short_side=args.resize_short_side, resize_max_side=args.resize_max_side,
                    total=len(jobs), desc="videos", extra_columns=VIDEO_COLUMNS)
-    print_summary("convert_video_qa", stats)
+    print_summary("convert_video_qa", stats, "videos")
     return 0
 
 

@@ -44,6 +44,12 @@ class VideoJob(ImageJob):
 
 
 @dataclass
+class AudioJob(ImageJob):
+    """One audio file (or a video file's audio track), its first `max_seconds` (0: all), and the rows sharing it."""
+    max_seconds: float = 0.0
+
+
+@dataclass
 class ConvertStats:
     out: str = ""
     written: int = 0
@@ -131,9 +137,14 @@ def _source_bytes(source: Union[str, bytes]) -> int:
 
 
 def _normalize_job(args: tuple[ImageJob, ResizePolicy]) -> tuple[Optional[dict[str, Any]], str, ImageJob, int]:
-    """(the columns the job's rows get: `image`, and a video's frame columns; or None), reason, job, bytes read."""
+    """(the columns the job's rows get: `image`, and a video's or a clip's own columns; or None), reason, job,
+    bytes read."""
     job, resize = args
-    if isinstance(job, VideoJob):
+    if isinstance(job, AudioJob):
+        from blip_train.data.audio import load_audio_columns
+
+        columns, reason = load_audio_columns(job.source, job.max_seconds)
+    elif isinstance(job, VideoJob):
         from blip_train.data.video import load_video_frames
 
         columns, reason = load_video_frames(job.source, job.frames, resize.short_side, resize.max_side)
@@ -159,8 +170,9 @@ def run_conversion(jobs: Iterable[ImageJob], out: Union[str, os.PathLike], stats
                    workers: int = 1, overwrite: bool = False, resize_short_side: int = RESIZE_SHORT_SIDE,
                    resize_max_side: int = 0, total: Optional[int] = None, desc: str = "images",
                    progress: bool = True, extra_columns: Optional[dict[str, str]] = None) -> ConvertStats:
-    """Normalise every job's image (a VideoJob's sampled frames), write the surviving rows as one split; fill and
-    return `stats`. `extra_columns`: the split's columns beyond the schema's (video: VIDEO_COLUMNS).
+    """Normalise every job's image (a VideoJob's sampled frames, an AudioJob's waveform), write the surviving rows
+    as one split; fill and return `stats`. `extra_columns`: the split's columns beyond the schema's (video:
+    VIDEO_COLUMNS, audio: AUDIO_COLUMNS).
 
     Images are stored downscaled to a shorter side of `resize_short_side` (and a longer side of at most
     `resize_max_side`); 0 for both keeps every image at its size."""
@@ -179,7 +191,7 @@ def run_conversion(jobs: Iterable[ImageJob], out: Union[str, os.PathLike], stats
                 continue
             stats.images += 1
             stats.image_bytes_read += read
-            stats.image_bytes_stored += len(columns["image"]) + len(columns.get("frames", b""))
+            stats.image_bytes_stored += sum(len(v) for v in columns.values() if isinstance(v, bytes))
             for row in job.rows:
                 yield {**row, **columns}
 
