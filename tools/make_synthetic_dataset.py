@@ -9,6 +9,8 @@ task rotating caption / vqa / conversation. The same arguments always give the s
 
 --video-frames N writes video splits instead (blip_train/data/synthetic_video.py): a shape moving across N
 frames beside a still one, with questions only the motion answers (which way, which shape, what colour moves).
+--audio writes audio splits (blip_train/data/synthetic_audio.py): tones whose pitch, rhythm and loudness the
+captions name.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from _common import run_tool
 from tqdm import tqdm
 
 from blip_train.data.synthetic import write_synthetic_dataset
+from blip_train.data.synthetic_audio import write_synthetic_audio_dataset
 from blip_train.data.synthetic_video import write_synthetic_video_dataset
 
 
@@ -37,12 +40,23 @@ def main() -> int:
                    help="the fine-tuning split: shapes plain or striped, captions name the stripes (own scenes)")
     p.add_argument("--video-frames", type=int, default=0,
                    help="write video clips of this many frames (motion questions) instead of images")
+    p.add_argument("--audio", action="store_true", help="write audio clips (tones the captions describe) instead")
+    p.add_argument("--audio-seconds", type=float, default=2.0, help="length of each audio clip (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace existing train/ and val/")
     args = p.parse_args()
     existing = [str(Path(args.out) / s) for s in ("train", "val") if (Path(args.out) / s).exists()]
     if existing and not args.overwrite:  # refuse before any work (and before the progress bar)
         raise FileExistsError(f"{', '.join(existing)} exists; pass --overwrite to replace it")
     start = time.time()
+    if args.audio:
+        with tqdm(total=args.num_samples, desc="clips", unit="clip", dynamic_ncols=True) as bar:
+            summary = write_synthetic_audio_dataset(args.out, args.num_samples, seed=args.seed,
+                                                    seconds=args.audio_seconds, val_fraction=args.val_fraction,
+                                                    overwrite=args.overwrite, on_write=lambda: bar.update(1))
+        print(f"make_synthetic_dataset: wrote {summary['train']} train + {summary['val']} val audio clips of "
+              f"{args.audio_seconds:g} s to {args.out} in {time.time() - start:.1f}s")
+        print(json.dumps(summary, sort_keys=True))
+        return 0
     if args.video_frames:
         with tqdm(total=args.num_samples, desc="clips", unit="clip", dynamic_ncols=True) as bar:
             summary = write_synthetic_video_dataset(args.out, args.num_samples, seed=args.seed, frames=args.video_frames,

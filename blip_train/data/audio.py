@@ -178,15 +178,19 @@ def spectrogram_jpeg(fbank: torch.Tensor, height: int = 128) -> bytes:
     return encode_jpeg(img)
 
 
-def load_audio_columns(path: Union[str, os.PathLike], max_seconds: float = 0.0) -> tuple[Optional[dict[str, Any]], str]:
-    """({"image", "audio", "audio_seconds"}, "ok") of an audio (or video) file, or (None, reason)."""
-    wave, reason = decode_audio_file(path, max_seconds)
-    if wave is None:
-        return None, reason
+def audio_columns(wave: np.ndarray) -> dict[str, Any]:
+    """The stored columns of a float waveform at SAMPLE_RATE: {"image" (its spectrogram), "audio" (FLAC),
+    "audio_seconds"}."""
     flac = encode_flac(wave)
     stored = decode_flac(flac)  # what readers will see: the 16-bit waveform
     picture = spectrogram_jpeg(log_mel_fbank(stored * 32768.0))
-    return {"image": picture, "audio": flac, "audio_seconds": stored.numel() / SAMPLE_RATE}, "ok"
+    return {"image": picture, "audio": flac, "audio_seconds": stored.numel() / SAMPLE_RATE}
+
+
+def load_audio_columns(path: Union[str, os.PathLike], max_seconds: float = 0.0) -> tuple[Optional[dict[str, Any]], str]:
+    """({"image", "audio", "audio_seconds"}, "ok") of an audio (or video) file, or (None, reason)."""
+    wave, reason = decode_audio_file(path, max_seconds)
+    return (None, reason) if wave is None else (audio_columns(wave), "ok")
 
 
 AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus", ".mp4", ".mkv", ".webm")

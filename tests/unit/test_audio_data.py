@@ -126,3 +126,49 @@ def test_an_unknown_captions_file_is_one_line(tmp_path):
                         "--out", str(tmp_path / "split")], env=clean_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "expected an AudioCaps header" in r.stderr and not (tmp_path / "split").exists()
+
+
+def _heard(wave: torch.Tensor) -> tuple[str, str, float]:
+    """(pitch band, pattern, level) read off a clip's spectrum, without its caption."""
+    from blip_train.data.synthetic_audio import PITCHES
+
+    frames = wave.unfold(0, 800, 400)  # 50-ms frames
+    spectra = torch.fft.rfft(frames * torch.hann_window(800), n=2048).abs()
+    level = frames.pow(2).mean(1).sqrt()
+    on = level > 0.3 * level.max()
+    peaks = spectra.argmax(1).float() * SAMPLE_RATE / 2048
+    middle = float(peaks[on].median())
+    pitch = min(PITCHES, key=lambda k: abs(np.log2(middle / PITCHES[k])))
+    drift = float(np.log2(peaks[on][-5:].median() / peaks[on][:5].median()))
+    if int((on[1:] != on[:-1]).sum()) > 8:
+        pattern = "beeping"
+    else:
+        pattern = "rising" if drift > 0.5 else "falling" if drift < -0.5 else "steady"
+    return pitch, pattern, float(level[on].mean())
+
+
+def test_synthetic_tones_sound_like_their_captions(tmp_path):
+    from blip_train.data.synthetic_audio import describe, make_clip, write_synthetic_audio_dataset
+
+    levels = {"quiet": [], "loud": []}
+    for i in range(40):
+        row = make_clip(i, seed=3)
+        pitch, pattern, level = _heard(decode_flac(row["audio"]))
+        loudness = row["caption"].split()[1]
+        assert row["caption"] == describe(pitch, pattern, loudness), (i, row["caption"], pitch, pattern)
+        levels[loudness].append(level)
+    assert max(levels["quiet"]) < min(levels["loud"]) / 3
+    assert make_clip(7, seed=3) == make_clip(7, seed=3) and make_clip(7, seed=3) != make_clip(7, seed=4)
+    summary = write_synthetic_audio_dataset(tmp_path / "tones", 10, seconds=1.0)
+    assert (summary["train"], summary["val"]) == (8, 2)
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic_dataset.py"), "--audio", "--audio-seconds",
+                        "1", "--num-samples", "10", "--out", str(tmp_path / "cli")], env=clean_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1]) == {**summary,
+                                                                                "out": str(tmp_path / "cli")}
+    index = [(tmp_path / d / "train" / "index.json").read_text() for d in ("cli", "tones")]
+    assert index[0] == index[1]  # the same bytes
+    from streaming import LocalDataset
+
+    row = LocalDataset(str(tmp_path / "tones" / "val"))[0]
+    assert row["audio_seconds"] == 1.0 and row["dataset"] == "synthetic_tones" and row["task"] == "caption"
