@@ -18,7 +18,7 @@ from tests.conftest import REPO, clean_env
 from tests.unit.test_data_images import encode, png_header_only
 
 TOOLS = REPO / "tools"
-CONVERTERS = ["convert_coco.py", "convert_webdataset.py", "convert_vqa.py", "convert_instruct_json.py"]
+CONVERTERS = sorted(p.name for p in TOOLS.glob("convert_*.py"))  # every converter, new ones included
 
 # Bad image files written by `image_dir` and the reason each is skipped for.
 BAD_IMAGES = {"zero.jpg": "empty_file", "trunc.jpg": "unreadable_image", "garbage.jpg": "unreadable_image",
