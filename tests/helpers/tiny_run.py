@@ -3,8 +3,10 @@ ViT weights in a safetensors file, and a YAML config that points at them. Used b
 resume and evaluation tests, which then run the real entry points on it."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -155,3 +157,19 @@ def config_with_output_dir(config: Path, run: Path) -> Path:
     out = run.parent / f"{run.name}.yaml"
     out.write_text(yaml.safe_dump(data))
     return out
+
+
+def assert_vqa_scores_are_earned(metrics: dict) -> None:
+    """A VQA evaluation's scores are what its saved per-question predictions earn against their references, and
+    its chance score what the majority answer earns: a range check (0 <= accuracy <= 100) passes on any bug."""
+    from collections import Counter
+
+    from blip_train.evaluation.vqa_metrics import vqa_score
+
+    rows = json.loads(Path(metrics["predictions_file"]).read_text())["predictions"]
+    assert len(rows) == metrics["num_questions"] > 0 and any(r["prediction"].strip() for r in rows), rows
+    answers = {r["question_id"]: r["answers"] for r in rows}
+    earned = vqa_score({r["question_id"]: r["prediction"] for r in rows}, answers)["overall"]
+    majority = Counter(a for r in rows for a in r["answers"]).most_common(1)[0][0]
+    chance = vqa_score({q: majority for q in answers}, answers)["overall"]
+    assert (metrics["vqa_accuracy"], metrics["chance_vqa_accuracy"]) == pytest.approx((earned, chance)), metrics
