@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, allow_config_change=args.allow_config_change)
     except ConfigError as e:  # settings that need the world size (batch arithmetic, templates, paths)
         print(f"config error: {e}", file=sys.stderr)
-        if fresh and discover_environment().rank == 0:  # refused at start: leave no half-made run behind
-            shutil.rmtree(cfg.run.output_dir, ignore_errors=True)
+        saved = Path(cfg.run.output_dir, "checkpoints")
+        if fresh and not (saved.is_dir() and any(saved.iterdir())) and discover_environment().rank == 0:
+            shutil.rmtree(cfg.run.output_dir, ignore_errors=True)  # refused before it saved: leave nothing behind
         return 2
     return 0
 

@@ -285,3 +285,22 @@ def test_fused_adamw_on_cuda():
     model = Blip2Stage1(tiny_model_config(), device_type="cuda").cuda()
     opt = build_optimizer(model, load_config(None, ["optim.fused=auto"]), on_cuda=True)
     assert opt.defaults["fused"] is True
+
+
+def test_a_config_error_after_a_checkpoint_keeps_the_run(tmp_path, monkeypatch):
+    """Only a run refused before it saved anything is removed: a ConfigError late in a fresh run (an answer list
+    deleted under a running evaluation) must not take its checkpoints with it."""
+    import blip_train.training.loop as loop
+    from blip_train.config import ConfigError
+    from blip_train.train import main
+
+    run = tmp_path / "run"
+
+    def train_then_refuse(cfg, allow_config_change=False):
+        (run / "checkpoints" / "step_0000100").mkdir(parents=True)
+        raise ConfigError("eval.answer_list: gone")
+
+    monkeypatch.setattr(loop, "train", train_then_refuse)
+    (tmp_path / "c.yaml").write_text(f"run: {{output_dir: {run}}}\n")
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 2
+    assert (run / "checkpoints" / "step_0000100").is_dir()
