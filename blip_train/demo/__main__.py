@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-readme", action="store_true",
                    help="do not rewrite README.md's results block (it is rewritten after a run into runs/demo)")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    # Absolute: the steps below run their tools from the repository, so a relative --out would name one
+    # folder here and another there.
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = make_data(out, args.num_samples)

@@ -59,3 +59,19 @@ def test_stripes_named_scores_the_attribute(tmp_path):
     f.write_text(json.dumps({"metrics": {}, "predictions": rows}))
     assert stripes_named(f) == {"agreement": 50.0, "striped_images": 50.0, "captions_saying_striped": 50.0}
 
+
+
+def test_prepare_puts_a_relative_out_under_the_callers_folder(tmp_path, monkeypatch):
+    """`python -m blip_train.demo --prepare` run outside the repository: the data the recipes read (runs/demo/...
+    relative to where `train` runs) lands under the caller's folder, where the parent process looks for it too
+    (the dataset tools run from the repository, and wrote a relative --out there)."""
+    from blip_train.demo import __main__ as demo
+
+    seen = {}
+    # The assets' pretraining takes minutes and does not depend on where the data went: record its inputs only.
+    monkeypatch.setattr(demo, "make_assets", lambda out, data, image_size: seen.update(out=out, data=data) or {})
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(["--prepare", "--out", "rel/demo", "--num-samples", "40"]) == 0
+    for split in ("data/train", "data/val", "data_ft/train", "data_ft/val"):
+        assert (tmp_path / "rel/demo" / split / "index.json").is_file(), split
+    assert seen == {"out": tmp_path / "rel/demo", "data": tmp_path / "rel/demo/data"}
