@@ -158,6 +158,19 @@ class LLMConfig:
 
 
 @dataclass
+class AudioConfig:
+    """The frozen audio encoder of model.modality=audio (X-InstructBLIP's audio branch). It runs in model.llm.dtype:
+    under ZeRO-3 transformers partitions both as they load, in one dtype."""
+    encoder: str = ""
+    """Local HF folder of a transformers audio spectrogram transformer (ASTModel: config.json, its weights, and
+    optionally preprocessor_config.json for the filterbank's normalisation). Its config's num_mel_bins and
+    max_length are the filterbank's bins and the frames of one segment."""
+    segments: int = 2
+    """Segments a clip is cut into, each encoded on its own and read by the Q-Former like a video frame, their
+    queries concatenated in time order (X-InstructBLIP: 2 segments of 512 frames, 5.12 s each)."""
+
+
+@dataclass
 class MomentumConfig:
     """ALBEF / BLIP momentum distillation: an exponential moving average of the image and text encoders and
     their ITC projections, and a queue of its features as extra ITC negatives (model.arch blip | albef)."""
@@ -192,6 +205,13 @@ class ModelConfig:
     (tools/convert_video_qa.py; every row must hold this many). Each frame goes through the ViT and the Q-Former
     on its own; a learned embedding of the frame's position is added to its query outputs, and the frames'
     queries, concatenated in time order, are the LLM's soft prompt (InstructBLIP's video QA: 4 frames)."""
+    modality: str = "image"
+    """image (images, or video with model.video_frames) | audio (model.audio: a frozen audio encoder in the ViT's
+    place; stage2 | instruct). X-InstructBLIP trains one Q-Former and projection per modality against the same
+    frozen LLM: a run trains one modality."""
+    modality_prefix: str = ""
+    """Text put before the soft prompt in the LLM's input, so the LLM knows what the query tokens stand for
+    (X-InstructBLIP's cue: "audio: ", "video: ", "image: "); "" (BLIP-2, InstructBLIP): none. Never a target."""
     attention: str = "auto"
     """auto | flash | sdpa | math. auto: flash-attn when importable on CUDA in fp16/bf16, else SDPA."""
     embed_dim: int = 256
@@ -214,6 +234,7 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     """The MED / ALBEF text transformer (model.arch blip | albef)."""
     llm: LLMConfig = field(default_factory=LLMConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
 
 

@@ -176,6 +176,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
     if m.video_frames and d.decode == "gpu":
         raise ConfigError("data.decode: gpu decodes one JPEG per sample; video samples (model.video_frames) are "
                           "decoded on the CPU (data.decode=cpu)")
+    _check_modality(cfg)
     if cfg.eval.answer_list and (m.arch, m.objective) != ("blip", "vqa"):
         raise ConfigError(f"eval.answer_list: ranks candidate answers with BLIP's VQA decoder (model.arch=blip, "
                           f"model.objective=vqa); this run is model.arch={m.arch}, model.objective={m.objective}")
@@ -251,6 +252,27 @@ def validate_config(cfg: ExperimentConfig) -> None:
                               "node-local NVMe drive)")
 
 
+def _check_modality(cfg: ExperimentConfig) -> None:
+    m = cfg.model
+    if m.modality not in ("image", "audio"):
+        raise ConfigError(f"model.modality: must be image or audio, got {m.modality!r}")
+    if m.modality_prefix and m.arch not in ("stage2", "instruct"):
+        raise ConfigError(f"model.modality_prefix: is text for an LLM (model.arch stage2 | instruct); this run is "
+                          f"model.arch={m.arch}")
+    if m.modality != "audio":
+        return
+    if m.arch not in ("stage2", "instruct"):
+        raise ConfigError(f"model.modality: audio feeds an LLM through the Q-Former (model.arch stage2 | instruct); "
+                          f"this run is model.arch={m.arch}")
+    if not m.audio.encoder:
+        raise ConfigError("model.audio.encoder: required for model.modality=audio (a local HF folder of an ASTModel)")
+    if m.video_frames:
+        raise ConfigError(f"model.video_frames: {m.video_frames} frames of video, but model.modality=audio")
+    _positive("model.audio.segments", m.audio.segments)
+    if cfg.data.decode == "gpu":
+        raise ConfigError("data.decode: gpu decodes JPEGs; audio samples are decoded on the CPU (data.decode=cpu)")
+
+
 def input_paths(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     """(key, path) of every local input this run will read: weights, tokenizers, the LLM, data."""
     m, d = cfg.model, cfg.data
@@ -258,6 +280,8 @@ def input_paths(cfg: ExperimentConfig) -> list[tuple[str, str]]:
              ("model.qformer.bert_init", m.qformer.bert_init), ("model.init_from", m.init_from)]
     if m.arch in ("stage2", "instruct"):
         paths.append(("model.llm.path", m.llm.path))
+    if m.modality == "audio":
+        paths.append(("model.audio.encoder", m.audio.encoder))
     if m.arch in ("blip", "albef"):
         paths += [("model.text.tokenizer", m.text.tokenizer), ("model.text.bert_init", m.text.bert_init)]
     paths += [(f"data.train[{i}].local", s.local) for i, s in enumerate(d.train) if s.local and not s.remote]
@@ -277,7 +301,7 @@ def check_input_paths(cfg: ExperimentConfig) -> None:
 def config_warnings(cfg: ExperimentConfig) -> list[str]:
     """Settings that run but are almost certainly not what a real experiment wants."""
     out = []
-    if not cfg.model.vision.weights and cfg.model.vision.frozen:
+    if not cfg.model.vision.weights and cfg.model.vision.frozen and cfg.model.modality == "image":
         out.append("warning: model.vision.weights is empty: the frozen ViT is randomly initialised, which is for "
                    "tests only (import real weights, e.g. tools/import_lavis.py --eva eva_vit_g.pth)")
     return out

@@ -24,11 +24,14 @@ import functools
 import io
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+
+from blip_train.data.images import CorruptImageError
 
 AUDIO_COLUMNS: dict[str, str] = {"audio": "bytes", "audio_seconds": "float64"}
 """Extra MDS columns of an audio split (write_split(extra_columns=...))."""
@@ -161,6 +164,61 @@ def fbank_segments(fbank: torch.Tensor, segments: int, length: int) -> torch.Ten
     n = min(fbank.shape[0], out.shape[0])
     out[:n] = fbank[:n]
     return out.view(segments, length, fbank.shape[1])
+
+
+AST_MEAN, AST_STD = -4.2677393, 4.5689974
+"""transformers' ASTFeatureExtractor defaults (AudioSet statistics), used when a folder has no preprocessor config."""
+
+
+class CorruptAudioError(CorruptImageError):
+    """Stored audio bytes that do not decode: readers skip and count the sample as they do an undecodable image."""
+
+
+@dataclass(frozen=True)
+class AudioFeatures:
+    """How a stored clip becomes the audio encoder's input: the Kaldi filterbank of the waveform in [-1, 1] with a
+    Hann window (AST's features), cut into `segments` pieces of `frames` frames (zero-padded at the end), then
+    normalised as AST normalises its input: (x - mean) / (2 * std), padding included."""
+    segments: int
+    frames: int
+    bins: int
+    mean: float = AST_MEAN
+    std: float = AST_STD
+
+    def __call__(self, row: dict[str, Any]) -> torch.Tensor:
+        """(segments, frames, bins) float32 from a row's `audio` column (FLAC)."""
+        if row.get("audio") is None:
+            raise ValueError(f"model.modality=audio, but a row of dataset {row.get('dataset', '?')!r} has no audio "
+                             "column: convert the split with tools/convert_audio_captions.py")
+        try:
+            wave = decode_flac(row["audio"])
+        except Exception as e:  # soundfile's errors name no file; the reader adds the sample
+            raise CorruptAudioError(f"undecodable FLAC ({type(e).__name__}: {e})") from None
+        if wave.numel() < FRAME_LENGTH:
+            raise CorruptAudioError(f"{wave.numel()} samples, fewer than one {FRAME_LENGTH}-sample frame")
+        segments = fbank_segments(log_mel_fbank(wave, self.bins, window="hanning"), self.segments, self.frames)
+        return (segments - self.mean) / (2 * self.std)
+
+
+def audio_features(encoder: str, segments: int) -> AudioFeatures:
+    """The features of the ASTModel folder `encoder` (model.audio.encoder): bins and frames per segment from its
+    config.json (num_mel_bins, max_length), mean and std from its preprocessor_config.json when it has one."""
+    import json
+
+    folder = Path(encoder)
+    cfg = json.loads((folder / "config.json").read_text())
+    pre = folder / "preprocessor_config.json"
+    norm = json.loads(pre.read_text()) if pre.is_file() else {}
+    if norm and not norm.get("do_normalize", True):
+        raise ValueError(f"{pre}: do_normalize is false; the audio encoders this project loads take normalised input")
+    return AudioFeatures(segments=segments, frames=int(cfg.get("max_length", 1024)),
+                         bins=int(cfg.get("num_mel_bins", 128)), mean=float(norm.get("mean", AST_MEAN)),
+                         std=float(norm.get("std", AST_STD)))
+
+
+def model_audio_features(model: Any) -> Optional[AudioFeatures]:
+    """The features a run's model reads (`model`: the config's ModelConfig) when model.modality=audio, else None."""
+    return audio_features(model.audio.encoder, model.audio.segments) if model.modality == "audio" else None
 
 
 def spectrogram_jpeg(fbank: torch.Tensor, height: int = 128) -> bytes:

@@ -24,6 +24,7 @@ from streaming import Stream, StreamingDataLoader, StreamingDataset
 
 from blip_train.config.loading import ConfigError, parse_cache_limit
 from blip_train.config.schema import DataConfig, StreamConfig
+from blip_train.data.audio import AudioFeatures
 from blip_train.data.collate import collate_samples
 from blip_train.data.device import build_train_transform, check_gpu_decode
 from blip_train.data.images import CorruptImageError
@@ -47,12 +48,16 @@ class SchemaDataset(StreamingDataset):
     # A run of this many undecodable samples in a row means the split itself is broken.
     max_consecutive_corrupt = 100
 
-    def __init__(self, *, transform: Callable[..., Any], frames: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *, transform: Callable[..., Any], frames: int = 0, audio: Optional[AudioFeatures] = None,
+                 **kwargs: Any) -> None:
         """frames: video samples of this many frames (model.video_frames): pixel_values (frames, 3, S, S), every
-        frame with the same crop and flip; 0: images (a video row gives its first frame)."""
+        frame with the same crop and flip; 0: images (a video row gives its first frame).
+        audio: audio samples (model.modality=audio): pixel_values is then the encoder's input, the clip's
+        normalised filterbank segments (segments, frames, bins), computed from the stored waveform."""
         super().__init__(**kwargs)
         self.transform = transform
         self.frames = frames
+        self.audio = audio
         # Lives in shared memory so that the counts of all DataLoader workers add up where the
         # trainer reads them (the main process of the rank).
         self._num_corrupt = mp.Value("q", 0)
@@ -96,7 +101,9 @@ class SchemaDataset(StreamingDataset):
 
     def decode_pixels(self, row: dict[str, Any], seed: int) -> Any:
         """The row's image through the transform, or (self.frames) its video frames, all drawn with the same seed:
-        one crop and flip for the whole clip, as a clip is one view."""
+        one crop and flip for the whole clip, as a clip is one view; or (self.audio) its audio features."""
+        if self.audio is not None:
+            return self.audio(row)
         if not self.frames:
             return self.transform(row["image"], torch.Generator().manual_seed(seed))
         frames = clip_frames(row)
@@ -382,9 +389,10 @@ def _dataset_class(kind: str) -> type[SchemaDataset]:
 
 
 def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optional[Callable] = None,
-                       kind: str = "caption", frames: int = 0) -> StreamingDataLoader:
-    """Shuffled, rank-disjoint, resumable loader over the `cfg.train` mixture (frames: video samples, see
-    SchemaDataset).
+                       kind: str = "caption", frames: int = 0,
+                       audio: Optional[AudioFeatures] = None) -> StreamingDataLoader:
+    """Shuffled, rank-disjoint, resumable loader over the `cfg.train` mixture (frames: video samples, audio: audio
+    samples, see SchemaDataset).
 
     Per-stream sample counts and shares are logged and kept in `loader.dataset.stream_info`.
     """
@@ -399,7 +407,7 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optio
     transform = build_train_transform(cfg.image_size, cfg.crop_scale_min, cfg.hflip, cfg.decode)
     try:
         dataset = build_streaming_dataset(lambda: _dataset_class(kind)(
-            streams=streams, transform=transform, frames=frames,
+            streams=streams, transform=transform, frames=frames, audio=audio,
             batch_size=micro_batch_size, shuffle=True, shuffle_seed=cfg.shuffle_seed,
             num_canonical_nodes=cfg.num_canonical_nodes, cache_limit=cache_limit or None))
     except ValueError as e:  # streaming checks the limit against the shard sizes it just read

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from streaming import StreamingDataset
 
 from blip_train.config import ExperimentConfig
+from blip_train.data.audio import AudioFeatures, model_audio_features
 from blip_train.data.collate import pre_caption
 from blip_train.data.schema import verify_split
 from blip_train.data.shared_memory import build_streaming_dataset
@@ -41,11 +42,15 @@ class EvalSplit:
     transform: Callable[[bytes], torch.Tensor]
     frames: int = 0
     """Video: frames per sample (model.video_frames); pixel_values is then (frames, 3, S, S)."""
+    audio: Optional[AudioFeatures] = None
+    """Audio (model.modality=audio): pixel_values is then the clip's encoder input (segments, frames, bins)."""
 
     def read_sample(self, i: int) -> dict[str, Any]:
         """Row `i` as a reader-style sample (decoded image, or video frames, with the eval transform)."""
         row = self.ds[i]
-        if self.frames:
+        if self.audio is not None:
+            pixels = self.audio(row)
+        elif self.frames:
             frames = clip_frames(row)
             if len(frames) != self.frames:
                 raise ValueError(f"model.video_frames={self.frames}, but row {i} holds {len(frames)} frame(s)")
@@ -59,7 +64,8 @@ class EvalSplit:
 
 
 def open_split(split: str, image_size: int, max_samples: int = 0, keep: Callable[[dict], bool] = lambda row: True,
-               note: Callable[[int, dict], None] = lambda i, row: None, frames: int = 0) -> EvalSplit:
+               note: Callable[[int, dict], None] = lambda i, row: None, frames: int = 0,
+               audio: Optional[AudioFeatures] = None) -> EvalSplit:
     """The first `max_samples` rows of `split` that `keep` accepts (0: all), every rank the same.
 
     `note(i, row)` is called on each of them, for the caller to keep what scoring needs (text only:
@@ -76,7 +82,13 @@ def open_split(split: str, image_size: int, max_samples: int = 0, keep: Callable
         note(i, row)
         if max_samples and len(indices) >= max_samples:
             break
-    return EvalSplit(ds, indices, build_transform(image_size, False), frames)
+    return EvalSplit(ds, indices, build_transform(image_size, False), frames, audio)
+
+
+def open_model_split(split: str, cfg: ExperimentConfig, max_samples: int = 0, **kwargs: Any) -> EvalSplit:
+    """`open_split` reading rows as the run's model takes them: images at its size, video frames, or audio."""
+    return open_split(split, cfg.model.vision.image_size, max_samples, frames=cfg.model.video_frames,
+                      audio=model_audio_features(cfg.model), **kwargs)
 
 
 @torch.no_grad()
@@ -119,7 +131,7 @@ def evaluate_captions(model, collate, tokenizer, cfg: ExperimentConfig, split: s
         if "/" in row["source"]:
             domains[i] = row["source"].split("/", 1)[1]
 
-    rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note, frames=cfg.model.video_frames)
+    rows = open_model_split(split, cfg, max_samples, note=note)
     preds = generate_texts(model, collate, tokenizer, rows, cfg.eval.batch_size, gen_kwargs,
                            "caption" if progress else "")
     predictions = [{"index": i, "image_id": image_ids[i], "prediction": preds[i], "references": refs[i],
@@ -161,12 +173,11 @@ def evaluate_vqa(model, collate, tokenizer, cfg: ExperimentConfig, split: str, g
             preds = {i: listed.get(p, p) for i, p in preds.items()}
         return preds
 
-    rows = open_split(split, cfg.model.vision.image_size, max_samples, keep=is_vqa_row, note=note,
-                      frames=cfg.model.video_frames)
+    rows = open_model_split(split, cfg, max_samples, keep=is_vqa_row, note=note)
     if not rows.indices:
         # A split without human answers (VQAv2 test-dev): answer its questions, to submit for scoring.
-        rows = open_split(split, cfg.model.vision.image_size, max_samples, note=note, frames=cfg.model.video_frames,
-                          keep=lambda row: row["task"] == "vqa" and bool(row["question"]))
+        rows = open_model_split(split, cfg, max_samples, note=note,
+                                keep=lambda row: row["task"] == "vqa" and bool(row["question"]))
         if not rows.indices:
             raise ValueError(f"{split}: no VQA samples (task 'vqa' with a question)")
         preds = answer(rows)

@@ -128,6 +128,13 @@ def _frozen_llm(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {f"llm.{k}": t.detach() for k, t in llm.named_parameters()}
 
 
+def _frozen_audio(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from transformers import ASTModel
+
+    ast = ASTModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    return {f"audio_encoder.ast.{k}": t.detach() for k, t in ast.named_parameters()}
+
+
 def frozen_from_sources(tag_dir: Path, info: dict, cfg: Optional[dict]) -> dict[str, torch.Tensor]:
     """The frozen parameters of the run behind `tag_dir`, in our names, read from their recorded sources
     and cast to the dtype training held them in; checked against the checkpoint's record of them."""
@@ -144,6 +151,9 @@ def frozen_from_sources(tag_dir: Path, info: dict, cfg: Optional[dict]) -> dict[
                                    "the frozen ViT")
             part = _frozen_vision(cfg, _source_path(sources.get("vision", ""), "ViT", "model.vision.weights",
                                                     tag_dir), dtype)
+        elif root == "audio_encoder":
+            part = _frozen_audio(_source_path(sources.get("audio", ""), "audio encoder", "model.audio.encoder",
+                                              tag_dir), dtype)
         elif root == "llm":
             part = _frozen_llm(_source_path(sources.get("llm", ""), "LLM", "model.llm.path", tag_dir), dtype)
         else:

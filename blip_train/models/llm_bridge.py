@@ -31,6 +31,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
 from blip_train.config.schema import LLMConfig, ModelConfig
+from blip_train.models.audio_encoder import load_audio_encoder
 from blip_train.models.eva_vit import LayerNormFP32
 from blip_train.models.freezing import freeze_
 from blip_train.models.lora import apply_lora_, set_lora_dropout_mode_
@@ -76,34 +77,59 @@ def drop_qformer_text_branch_(qformer: QFormer, keep_text_input: bool) -> None:
 
 
 class Blip2LLM(nn.Module):
-    """Frozen ViT + trainable ln_vision, Q-Former, query tokens and llm_proj + frozen HF `llm` (with trainable
-    LoRA adapters when cfg.llm.lora.r > 0)."""
+    """Frozen ViT (or, model.modality=audio, frozen audio encoder) + trainable ln_vision, Q-Former, query tokens
+    and llm_proj + frozen HF `llm` (with trainable LoRA adapters when cfg.llm.lora.r > 0)."""
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel, *, device_type: Optional[str] = None,
-                 visual_encoder: Optional[nn.Module] = None) -> None:
+                 visual_encoder: Optional[nn.Module] = None, audio_encoder: Optional[nn.Module] = None,
+                 prefix_ids: Sequence[int] = ()) -> None:
         """cfg.arch: stage2 | instruct. `llm` (see `load_llm`) is frozen here if it is not already.
-        visual_encoder: the ViT already built (e.g. partitioned as it was built); default: built here."""
+        visual_encoder: the ViT already built (e.g. partitioned as it was built); default: built here.
+        audio_encoder: model.modality=audio: the frozen `AudioEncoder`; default: loaded from model.audio.encoder.
+        prefix_ids: the LLM tokens of model.modality_prefix, put before the soft prompt."""
         super().__init__()
         if cfg.arch not in ("stage2", "instruct"):
             raise ValueError(f"model.arch={cfg.arch!r}: Blip2LLM serves stage2 | instruct")
         self.instruct = cfg.arch == "instruct"
         # Text enters the Q-Former (InstructBLIP's instruction, or the question of BLIP-2 VQA fine-tuning).
         self.text_to_qformer = self.instruct or cfg.qformer_text_input
-        self.vision_frozen = cfg.vision.frozen
-        self.visual_encoder = visual_encoder if visual_encoder is not None else build_vision_tower(cfg, device_type)
-        self.ln_vision = LayerNormFP32(cfg.vision.width, eps=cfg.vision.layer_norm_eps)
+        self.audio = cfg.modality == "audio"
+        if self.audio:
+            # The encoder's tokens take the ViT's place; it is always frozen (X-InstructBLIP).
+            self.vision_frozen = True
+            self.audio_encoder = audio_encoder if audio_encoder is not None else load_audio_encoder(
+                cfg.audio, next(llm.parameters()).dtype)
+            width, pieces = self.audio_encoder.width, cfg.audio.segments
+            eps = self.audio_encoder.ast.config.layer_norm_eps
+        else:
+            self.vision_frozen = cfg.vision.frozen
+            self.visual_encoder = (visual_encoder if visual_encoder is not None
+                                   else build_vision_tower(cfg, device_type))
+            width, eps, pieces = cfg.vision.width, cfg.vision.layer_norm_eps, cfg.video_frames
+        # Dimensions of one encoder input: an image (3, H, W) or an audio segment (frames, bins). One more in front
+        # is a clip of several (video frames, audio segments).
+        self.sample_dims = 2 if self.audio else 3
+        self.ln_vision = LayerNormFP32(width, eps=eps)
         qcfg = cfg.qformer
-        self.qformer = QFormer(qcfg, encoder_width=cfg.vision.width, attention=cfg.attention)
+        self.qformer = QFormer(qcfg, encoder_width=width, attention=cfg.attention)
         drop_qformer_text_branch_(self.qformer, keep_text_input=self.text_to_qformer)
         self.query_tokens = nn.Parameter(torch.randn(1, qcfg.num_query_tokens, qcfg.hidden_size) * 0.02)
-        # Video: a learned embedding of each frame's place in the clip, added to that frame's query outputs. Zeros
-        # at the start, so a model fine-tuned on video starts from the image model's soft prompt for each frame.
-        self.frame_pos = nn.Parameter(torch.zeros(cfg.video_frames, qcfg.hidden_size)) if cfg.video_frames else None
+        # Video (audio): a learned embedding of each frame's (segment's) place in the clip, added to its query
+        # outputs. Zeros at the start, so a model fine-tuned on video starts from the image model's soft prompt for
+        # each frame.
+        self.frame_pos = nn.Parameter(torch.zeros(pieces, qcfg.hidden_size)) if pieces else None
         self.llm_proj = nn.Linear(qcfg.hidden_size, llm.config.get_text_config().hidden_size)
         self.llm = freeze_(llm)
         # After the base weights are in (and, under ZeRO-3, partitioned): see models/lora.py.
         self.lora_modules = apply_lora_(self.llm, cfg.llm.lora)
         self.decoder_only = not llm.config.is_encoder_decoder
+        # Not a parameter and not saved: it is the config's text, tokenized again by every build.
+        self.register_buffer("prefix_ids", torch.tensor(list(prefix_ids), dtype=torch.long), persistent=False)
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The frozen (or training) tower the Q-Former reads: the ViT, or the audio encoder."""
+        return self.audio_encoder if self.audio else self.visual_encoder
 
     def train(self, mode: bool = True) -> "Blip2LLM":
         super().train(mode)  # the frozen towers stay in eval mode (freeze_)
@@ -115,25 +141,29 @@ class Blip2LLM(nn.Module):
     # building blocks
 
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) → ln_vision(ViT(x)) (B, 1+N, W) in the Q-Former's dtype."""
+        """(B, 3, H, W) images or (B, frames, bins) audio segments → ln_vision(encoder(x)) (B, N, W) in the
+        Q-Former's dtype."""
         with torch.no_grad() if self.vision_frozen else nullcontext():
-            embeds = self.visual_encoder(pixel_values)  # (B, 1+N, W) in the tower's dtype
+            embeds = self.encoder(pixel_values)  # (B, N, W) in the tower's dtype
         return self.ln_vision(embeds).to(self.query_tokens.dtype)  # ln_vision computes fp32
 
     def soft_prompt(self, pixel_values: torch.Tensor, qformer_input_ids: Optional[torch.Tensor] = None,
                     qformer_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Query outputs projected to the LLM width: (B, Nq, H_llm) for images (B, 3, H, W); for video frames
-        (B, F, 3, H, W), each frame's queries plus its frame embedding, in time order: (B, F*Nq, H_llm).
-        InstructBLIP needs the instruction, question-aware stage 2 the question (qformer_input_ids), which every
-        frame's Q-Former pass reads."""
+        (B, F, 3, H, W) or audio segments (B, F, frames, bins), each piece's queries plus its position embedding,
+        in time order: (B, F*Nq, H_llm). InstructBLIP needs the instruction, question-aware stage 2 the question
+        (qformer_input_ids), which every piece's Q-Former pass reads."""
         if self.text_to_qformer and qformer_input_ids is None:
             raise ValueError("this model feeds text to the Q-Former (model.arch=instruct or "
                              "model.qformer_text_input): the batch needs qformer_input_ids")
-        b, frames = pixel_values.shape[0], (pixel_values.shape[1] if pixel_values.dim() == 5 else 0)
-        if frames:
-            if self.frame_pos is None or frames > self.frame_pos.shape[0]:
-                raise ValueError(f"{frames} video frames per sample, this model takes "
-                                 f"{0 if self.frame_pos is None else self.frame_pos.shape[0]} (model.video_frames)")
+        b = pixel_values.shape[0]
+        frames = pixel_values.shape[1] if pixel_values.dim() == self.sample_dims + 2 else 0
+        if frames or self.audio:
+            if self.frame_pos is None or frames > self.frame_pos.shape[0] or (self.audio and not frames):
+                what, key = ("audio segments", "model.audio.segments") if self.audio else ("video frames",
+                                                                                           "model.video_frames")
+                raise ValueError(f"{frames} {what} per sample, this model takes "
+                                 f"{0 if self.frame_pos is None else self.frame_pos.shape[0]} ({key})")
             pixel_values = pixel_values.flatten(0, 1)  # (B*F, 3, H, W), frames of a sample together
             if self.text_to_qformer:
                 qformer_input_ids = qformer_input_ids.repeat_interleave(frames, dim=0)
@@ -152,10 +182,15 @@ class Blip2LLM(nn.Module):
 
     def llm_inputs(self, soft: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[soft prompt; embedded text] (B, Nq + T, H) in the LLM's dtype, and its (B, Nq + T) mask."""
-        text = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
-        embeds = torch.cat([soft.to(text.dtype), text], dim=1)
-        mask = torch.cat([torch.ones(soft.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device),
+        """[modality prefix; soft prompt; embedded text] (B, P + Nq + T, H) in the LLM's dtype, and its mask."""
+        embed = self.llm.get_input_embeddings()
+        text = embed(input_ids)  # (B, T, H)
+        parts = [soft.to(text.dtype), text]
+        if self.prefix_ids.numel():
+            parts.insert(0, embed(self.prefix_ids.to(input_ids.device)).expand(text.shape[0], -1, -1))
+        embeds = torch.cat(parts, dim=1)
+        fixed = embeds.shape[1] - text.shape[1]
+        mask = torch.cat([torch.ones(text.shape[0], fixed, dtype=attention_mask.dtype, device=attention_mask.device),
                           attention_mask], dim=1)
         return embeds, mask
 
@@ -171,7 +206,8 @@ class Blip2LLM(nn.Module):
         if self.decoder_only:
             # Query positions are never targets; the HF model shifts labels and takes the mean CE
             # over the remaining targets (logits upcast to fp32).
-            ignore = torch.full(soft.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+            ignore = torch.full((labels.shape[0], embeds.shape[1] - labels.shape[1]), IGNORE_INDEX, dtype=labels.dtype,
+                                device=labels.device)  # prefix and query positions
             out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([ignore, labels], dim=1))
             loss = out.loss
         else:
@@ -257,7 +293,8 @@ def _optional_missing(model: Blip2LLM) -> tuple[str, ...]:
 def _not_ours(model: Blip2LLM) -> tuple[str, ...]:
     # Trained in stage 1, without a place here: the heads, the Q-Former LM head, and (stage 2) the
     # Q-Former text branch; frozen towers come from their recorded sources, never from a checkpoint.
-    keys = tuple(re.escape(k) for k in STAGE1_ONLY) + (r"qformer\.lm_head\.", r"visual_encoder\.", r"llm\.")
+    keys = tuple(re.escape(k) for k in STAGE1_ONLY) + (r"qformer\.lm_head\.", r"visual_encoder\.", r"audio_encoder\.",
+                                                       r"llm\.")
     if not model.text_to_qformer:
         keys += (r"qformer\.embeddings\.(word|position)_embeddings\.", r"qformer\.layers\.\d+\.ffn\.")
     return keys

@@ -50,6 +50,32 @@ def vit_forward_flops(v: VisionConfig, batch: int) -> float:
     return batch * (patch + blocks * per_block)
 
 
+@dataclass(frozen=True)
+class TowerShape:
+    """What the count needs of the tower the Q-Former reads, per encoder input (an image, a video frame, an
+    audio segment)."""
+    tokens: int
+    width: int
+    forward: float
+    """Forward FLOPs of one input."""
+    multiplier: float
+    """FROZEN_FORWARD, or TRAINED for a training ViT."""
+
+
+def vision_tower(v: VisionConfig) -> TowerShape:
+    return TowerShape(vision_tokens(v), v.width, vit_forward_flops(v, 1), FROZEN_FORWARD if v.frozen else TRAINED)
+
+
+def audio_tower(c) -> TowerShape:
+    """An ASTModel's config `c`: 16 x 16 patches of the (max_length x num_mel_bins) filterbank at the config's
+    strides, plus its two summary tokens; blocks as a ViT's; always frozen."""
+    patches = ((c.num_mel_bins - c.patch_size) // c.frequency_stride + 1) * (
+        (c.max_length - c.patch_size) // c.time_stride + 1)
+    n, w = patches + 2, c.hidden_size
+    per_block = 2.0 * n * (4 * w * w + 2 * w * c.intermediate_size) + _attention(n, n, w)
+    return TowerShape(n, w, 2.0 * patches * c.patch_size ** 2 * w + c.num_hidden_layers * per_block, FROZEN_FORWARD)
+
+
 def qformer_forward_flops(q: QFormerConfig, encoder_width: int, batch: int, n_query: int, n_text: int,
                           n_image: int = 0, n_cached: int = 0) -> float:
     """Forward FLOPs of one Q-Former call on `batch` sequences of [n_query queries; n_text text].
@@ -173,17 +199,19 @@ def llm_shape(llm: nn.Module) -> LLMShape:
 
 
 def llm_stage_flops(cfg: ModelConfig, llm: LLMShape, batch: int, llm_len: int, decoder_len: int = 0,
-                    instruction_len: int = 0, frames: int = 1) -> dict[str, float]:
+                    instruction_len: int = 0, frames: int = 1, tower: Optional[TowerShape] = None) -> dict[str, float]:
     """FLOPs of one Blip2LLM forward + backward, by part.
 
-    llm_len: text tokens after the soft prompt (decoder-only) or encoder text (encoder-decoder);
-    decoder_len: decoder targets (encoder-decoder); instruction_len: Q-Former text (InstructBLIP);
-    frames: video frames per sample (each through the ViT and the Q-Former; the LLM reads frames x queries).
+    llm_len: tokens the LLM reads besides the soft prompt (decoder-only: the text and the modality prefix;
+    encoder-decoder: the encoder's); decoder_len: decoder targets (encoder-decoder); instruction_len: Q-Former
+    text (InstructBLIP); frames: video frames (audio segments) per sample, each through the encoder and the
+    Q-Former (the LLM reads frames x queries); tower: the encoder (default: the ViT of cfg.vision).
     """
-    q, v = cfg.qformer, cfg.vision
+    q = cfg.qformer
+    tower = tower or vision_tower(cfg.vision)
     nq, images = q.num_query_tokens, batch * frames
-    parts = {"vision": vit_forward_flops(v, images) * (FROZEN_FORWARD if v.frozen else TRAINED)}
-    qf = qformer_forward_flops(q, v.width, images, nq, instruction_len, vision_tokens(v))
+    parts = {"vision": images * tower.forward * tower.multiplier}
+    qf = qformer_forward_flops(q, tower.width, images, nq, instruction_len, tower.tokens)
     parts["qformer"] = TRAINED * (qf + 2.0 * images * nq * q.hidden_size * llm.width)  # + llm_proj
     enc_t = nq * frames + llm_len  # soft prompt + text
     matmul = 2.0 * enc_t * llm.encoder_matmul_params
@@ -198,17 +226,19 @@ def llm_stage_flops(cfg: ModelConfig, llm: LLMShape, batch: int, llm_len: int, d
     return parts
 
 
-def batch_tokens(batch: Mapping[str, torch.Tensor], n_image_tokens: int, decoder_targets: bool = False) -> int:
-    """Input tokens of a micro-batch: image tokens + non-padding text (stage-1 or LLM keys).
+def batch_tokens(batch: Mapping[str, torch.Tensor], n_image_tokens: int, decoder_targets: bool = False,
+                 sample_dims: int = 3) -> int:
+    """Input tokens of a micro-batch: image (audio) tokens + non-padding text (stage-1 or LLM keys).
 
-    decoder_targets: also count the decoder's target tokens (encoder-decoder LLMs).
+    decoder_targets: also count the decoder's target tokens (encoder-decoder LLMs). sample_dims: dimensions of
+    one encoder input (3 for an image, 2 for an audio segment); one more is a clip of several.
     """
     text = sum(int(batch[k].sum()) for k in ("text_mask", "llm_attention_mask", "qformer_attention_mask",
                                              "question_mask", "answer_mask") if k in batch)
     if decoder_targets:
         text += int((batch["llm_labels"] != -100).sum())
     pixels = batch["pixel_values"]
-    images = pixels.shape[:2].numel() if pixels.dim() == 5 else pixels.shape[0]  # video: every frame
+    images = pixels.shape[:2].numel() if pixels.dim() == sample_dims + 2 else pixels.shape[0]  # clips: every piece
     return images * n_image_tokens + text
 
 
@@ -234,14 +264,17 @@ def build_flops_counter(cfg: ModelConfig, model: nn.Module) -> WorkCounter:
             return batch_tokens(batch, n_img), sum(blip_flops(cfg, b, t).values())
         return count_blip
     shape = llm_shape(model.llm)
+    tower = audio_tower(model.audio_encoder.ast.config) if model.audio else vision_tower(cfg.vision)
+    prefix = model.prefix_ids.numel()
 
     def count_llm(batch: Mapping[str, torch.Tensor]) -> tuple[int, float]:
         b, t = batch["llm_input_ids"].shape
         dec = batch["llm_labels"].shape[1] if shape.encoder_decoder else 0
         inst = batch["qformer_input_ids"].shape[1] if "qformer_input_ids" in batch else 0
-        frames = batch["pixel_values"].shape[1] if batch["pixel_values"].dim() == 5 else 1
-        flops = sum(llm_stage_flops(cfg, shape, b, t, dec, inst, frames).values())
-        return batch_tokens(batch, n_img, shape.encoder_decoder), flops
+        pixels = batch["pixel_values"]
+        frames = pixels.shape[1] if pixels.dim() == model.sample_dims + 2 else 1
+        flops = sum(llm_stage_flops(cfg, shape, b, t + prefix, dec, inst, frames, tower).values())
+        return batch_tokens(batch, tower.tokens, shape.encoder_decoder, model.sample_dims), flops
     return count_llm
 
 

@@ -29,9 +29,11 @@ class Stage:
     _loader: Any = None
 
     def build_train_loader(self):
+        from blip_train.data.audio import model_audio_features
         from blip_train.data.datasets import build_train_loader
         self._loader = build_train_loader(self.cfg.data, self.cfg.train.micro_batch_size, self.collate,
-                                          kind=self.data_kind, frames=self.cfg.model.video_frames)
+                                          kind=self.data_kind, frames=self.cfg.model.video_frames,
+                                          audio=model_audio_features(self.cfg.model))
         return self._loader
 
     def skipped_samples(self) -> int:
@@ -166,12 +168,21 @@ def build_llm_stage_model(cfg: ExperimentConfig, device_type: str | None = None,
                       ("model.qformer.bert_init", m.qformer.bert_init), ("model.init_from", m.init_from)):
         _require_file(key, path)
     llm_tokenizer = load_llm_tokenizer(m.llm.path)
+    prefix = llm_tokenizer(m.modality_prefix, add_special_tokens=False).input_ids if m.modality_prefix else []
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
     llm = load_llm(m.llm, device_type)
-    vit = build_partitioned_vision(cfg, device_type, ds_config, param_swapper=nvme_swapper_of(llm))
-    model = Blip2LLM(m, llm, device_type=device_type, visual_encoder=vit)
-    if m.vision.weights and vit is None:
-        load_vit_weights(model.visual_encoder, m.vision.weights)
+    if m.modality == "audio":
+        from blip_train.models.audio_encoder import load_audio_encoder
+
+        _require_file("model.audio.encoder", m.audio.encoder)
+        # Inside the trainer's HfDeepSpeedConfig scope (ZeRO-3) transformers loads it partitioned, as the LLM.
+        audio = load_audio_encoder(m.audio, next(llm.parameters()).dtype)  # the LLM's, as loaded
+        model = Blip2LLM(m, llm, device_type=device_type, audio_encoder=audio, prefix_ids=prefix)
+    else:
+        vit = build_partitioned_vision(cfg, device_type, ds_config, param_swapper=nvme_swapper_of(llm))
+        model = Blip2LLM(m, llm, device_type=device_type, visual_encoder=vit, prefix_ids=prefix)
+        if m.vision.weights and vit is None:
+            load_vit_weights(model.visual_encoder, m.vision.weights)
     if m.qformer.bert_init:
         # Before init_from: a stage-2 checkpoint lacks InstructBLIP's Q-Former text input (kept from BERT).
         _load_bert_weights_present(model, m.qformer.bert_init)
@@ -213,8 +224,9 @@ def _llm_stage(cfg: ExperimentConfig, collate: Callable[..., Any], model: nn.Mod
     m = cfg.model
     print0(f"init_from {_describe_init(report, m.init_from)}")
     return Stage(model=model, tokenizer=llm_tokenizer, collate=collate, data_kind=data_kind, cfg=cfg,
-                 frozen_sources={"vision": m.vision.weights or "random-init", "llm": m.llm.path,
-                                 "llm_dtype": m.llm.dtype})
+                 frozen_sources={**({"audio": m.audio.encoder} if m.modality == "audio"
+                                    else {"vision": m.vision.weights or "random-init"}),
+                                 "llm": m.llm.path, "llm_dtype": m.llm.dtype})
 
 
 def build_question_collator(cfg: ExperimentConfig, model: nn.Module, llm_tokenizer: Any, qformer_tokenizer: Any,

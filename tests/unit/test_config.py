@@ -29,7 +29,8 @@ def test_key_snapshot():
     """The config surface is deliberate: a new knob shows up as a reviewed change to this list."""
     assert _keys(ExperimentConfig) == [
         "run.output_dir", "run.seed", "run.device", "run.tensorboard", "run.wandb", "run.wandb_project", "run.memory_trace",
-        "model.arch", "model.qformer_text_input", "model.video_frames", "model.attention", "model.embed_dim", "model.max_txt_len", "model.init_from",
+        "model.arch", "model.qformer_text_input", "model.video_frames", "model.modality", "model.modality_prefix",
+        "model.attention", "model.embed_dim", "model.max_txt_len", "model.init_from",
         "model.objective",
         "model.vision.image_size", "model.vision.patch_size", "model.vision.width", "model.vision.layers",
         "model.vision.drop_last_block", "model.vision.final_norm", "model.vision.heads", "model.vision.mlp_dim", "model.vision.layer_norm_eps",
@@ -45,6 +46,7 @@ def test_key_snapshot():
         "model.text.grad_checkpointing", "model.text.prompt",
         "model.llm.path", "model.llm.dtype", "model.llm.prompt", "model.llm.max_txt_len", "model.llm.max_prompt_len",
         "model.llm.lora.r", "model.llm.lora.alpha", "model.llm.lora.dropout", "model.llm.lora.target_modules",
+        "model.audio.encoder", "model.audio.segments",
         "model.momentum.decay", "model.momentum.queue_size", "model.momentum.alpha", "model.momentum.alpha_ramp_steps",
         "data.train", "data.val", "data.balance", "data.image_size", "data.crop_scale_min", "data.hflip",
         "data.num_workers", "data.decode", "data.shuffle_seed", "data.num_canonical_nodes", "data.cache_dir", "data.cache_limit",

@@ -1,0 +1,58 @@
+"""Audio captioning (model.modality=audio) through the real trainer: 2 ranks, ZeRO-3 with the frozen ASTModel
+partitioned as it loads beside the LLM, an audio split written as the converters write it, the modality prefix
+tokenized by the LLM's tokenizer; then `python -m blip_train.eval --task caption` on held-out clips, and export
+refuses the run in one line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, clean_env
+from tests.helpers.tiny_run import run_train, trainable_weights, write_tiny_config
+
+pytestmark = pytest.mark.dist
+
+
+def test_stage2_trains_and_captions_audio(tiny_assets, tmp_path):
+    from blip_train.data.synthetic_audio import write_synthetic_audio_dataset
+    from tests.distributed.test_export_generative import llm_folder
+    from tests.unit.test_audio_model import save_tiny_ast
+
+    data = tmp_path / "tones"
+    write_synthetic_audio_dataset(data, num_samples=30, seconds=1.0, val_fraction=0.2)
+    ast = save_tiny_ast(tmp_path / "ast")
+    llm = {"path": str(llm_folder(tiny_assets, "opt")), "dtype": "bf16", "max_txt_len": 12}
+    run = tmp_path / "run"
+    config = write_tiny_config(
+        tiny_assets, run,
+        model={"arch": "stage2", "llm": llm, "modality": "audio", "modality_prefix": "audio: ",
+               "audio": {"encoder": str(ast), "segments": 2}},
+        data={"train": [{"local": str(data / "train"), "name": "tones"}], "val": str(data / "val")},
+        train={"max_steps": 2, "save_interval": 2})
+    out = run_train(config)
+    assert "done: step 2" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    # The AST (2 layers of width 32) and the LLM were partitioned as transformers loaded them.
+    partitioned = int(next(line for line in out.stdout.splitlines() if line.startswith("ZeRO-3: "))
+                      .split()[1].replace(",", ""))
+    from transformers import ASTModel
+    assert partitioned > sum(p.numel() for p in ASTModel.from_pretrained(ast).parameters())
+    meta = json.loads((run / "checkpoints" / "step_0000002" / "complete.json").read_text())
+    assert meta["frozen_sources"]["audio"] == str(ast) and "vision" not in meta["frozen_sources"]
+    weights = trainable_weights(run, "step_0000002")
+    assert tuple(weights["frame_pos"].shape) == (2, 32) and tuple(weights["ln_vision.weight"].shape) == (32,)
+    assert not any(k.startswith(("audio_encoder.", "visual_encoder.")) for k in weights)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                              timeout=600)
+
+    e = cli("-m", "blip_train.eval", "--task", "caption", "--checkpoint", str(run), "--data", str(data / "val"),
+            "--max-samples", "4")
+    assert e.returncode == 0, e.stderr[-3000:]
+    metrics = json.loads(e.stdout.strip().splitlines()[-1])
+    assert metrics["num_images"] == 4 and metrics["cider"] >= 0
+    x = cli(str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(run), "--out", str(tmp_path / "hf"))
+    assert x.returncode == 2 and "model.modality=audio" in x.stderr and len(x.stderr.strip().splitlines()) == 1
