@@ -54,5 +54,15 @@ def test_stage2_trains_and_captions_audio(tiny_assets, tmp_path):
     assert e.returncode == 0, e.stderr[-3000:]
     metrics = json.loads(e.stdout.strip().splitlines()[-1])
     assert metrics["num_images"] == 4 and metrics["cider"] >= 0
+    # The frozen encoder is rebuilt from its recorded source, in the dtype it trained in, beside the trained weights.
+    z = cli(str(REPO / "tools" / "zero_to_safetensors.py"), "--checkpoint", str(run), "--include-frozen",
+            "--out", str(tmp_path / "full.safetensors"))
+    assert z.returncode == 0, z.stderr[-3000:]
+    from safetensors.torch import load_file
+    full = load_file(str(tmp_path / "full.safetensors"))
+    source = ASTModel.from_pretrained(ast).state_dict()
+    assert {k[len("audio_encoder.ast."):] for k in full if k.startswith("audio_encoder.")} == set(source)
+    key = "encoder.layer.0.attention.attention.query.weight"
+    assert full[f"audio_encoder.ast.{key}"].float().equal(source[key].bfloat16().float())
     x = cli(str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(run), "--out", str(tmp_path / "hf"))
     assert x.returncode == 2 and "model.modality=audio" in x.stderr and len(x.stderr.strip().splitlines()) == 1
