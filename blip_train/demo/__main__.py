@@ -6,10 +6,12 @@
 1. synthetic shapes dataset → runs/demo/data/{train,val} (MDS shards, tools/make_synthetic_dataset.py), and
    the fine-tuning split → runs/demo/data_ft/{train,val}: its own scenes, shapes plain or "striped"
 2. assets: Q-Former tokenizer trained on the train captions; tiny ViT pretrained on the train split; the
-   training answers as BLIP's VQA candidates (tools/answer_list.py)
+   training answers as BLIP's VQA candidates (tools/answer_list.py); the audio stage's tones
+   (runs/demo/data_audio) and its frozen encoder (a tiny ASTModel folder)
 3. each stage on 2 ranks, DeepSpeed ZeRO-3 bf16 over gloo (`torchrun -m blip_train.train`; BLIP, ALBEF and
    BLIP's VQA fine-tuning from the BLIP stage under ZeRO-2); last, two fine-tuning stages (trainable ViT with
-   layer decay) on data_ft, from stage2_opt (captioning) and stage1 (retrieval)
+   layer decay) on data_ft, from stage2_opt (captioning) and stage1 (retrieval); then audio captioning on the
+   tones (model.modality: audio)
 4. held-out evaluation of every stage, trained vs untrained (`python -m blip_train.eval`), plus chance
 5. summary.json as DESIGN.md §3 specifies
 Steps whose outputs exist are reused, so a re-run after an interruption continues where it stopped.
@@ -47,6 +49,30 @@ def make_finetune_data(out: Path, num_samples: int = 1000) -> Path:
         return data
     run([sys.executable, "tools/make_synthetic_dataset.py", "--out", str(data), "--num-samples", str(num_samples),
          "--seed", "0", "--val-fraction", "0.2", "--patterns", "--overwrite"])
+    return data
+
+
+def make_audio_data(out: Path, num_samples: int = 1200) -> Path:
+    """The audio stage's split (2-s tones whose pitch, pattern and loudness the captions name) and its frozen
+    encoder: a tiny ASTModel folder, random, as an AudioSet-trained AST would come (no audio model can be
+    downloaded here; a random frozen encoder still maps each filterbank patch to its own features)."""
+    data = out / "data_audio"
+    if not ((data / "train").is_dir() and (data / "val").is_dir()):
+        run([sys.executable, "tools/make_synthetic_dataset.py", "--audio", "--out", str(data), "--num-samples",
+             str(num_samples), "--seed", "0", "--val-fraction", "0.1", "--overwrite"])
+    else:
+        log(f"audio data: reusing {data}")
+    ast = out / "assets" / "ast"
+    if not (ast / "config.json").is_file():
+        import torch
+        from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+        torch.manual_seed(0)
+        cfg = ASTConfig(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+                        patch_size=16, frequency_stride=16, time_stride=16, max_length=100, num_mel_bins=128)
+        ASTModel(cfg).save_pretrained(ast)
+        ASTFeatureExtractor(num_mel_bins=128, max_length=100).save_pretrained(ast)
+        log(f"assets: tiny random ASTModel (frozen audio encoder, 1-s segments of 128 mel bins) → {ast}")
     return data
 
 
@@ -163,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     data = make_data(out, args.num_samples)
     make_finetune_data(out)
     info = make_assets(out, data, image_size=64)
+    make_audio_data(out)
     if args.prepare:
         log(f"prepared {data} and {out / 'assets'} in {time.time() - t0:.0f}s; e.g. "
             "python -m blip_train.train --config demo/stage1 --set train.max_steps=100")

@@ -110,6 +110,45 @@ def finetune_stage(name: str, out: Path, data_ft: Path, path_sets: list[str], as
     return res
 
 
+MODALITIES = {  # demo stage → (recipe, data folder under the demo's, held-out task, metric key, primary metric name)
+    "audio_caption": ("demo/audio_caption", "data_audio", "caption", "cider", "caption CIDEr-D (tones)"),
+}
+
+
+def modality_stage(name: str, out: Path, path_sets: list[str], assets: Path) -> dict:
+    """A stage on another modality's data (its own split and frozen encoder; nothing from the image stages)."""
+    recipe, folder, task, key, label = MODALITIES[name]
+    data = out / folder
+    sets = [f"data.train=[{{local: {data / 'train'}, name: {folder}}}]", f"data.val={data / 'val'}",
+            f"model.audio.encoder={assets / 'ast'}", f"model.qformer.tokenizer={assets / 'qformer_tokenizer'}",
+            f"model.llm.path={assets / 'opt'}"] if path_sets else []
+    res = train_stage(recipe, out, name, sets)
+    res["metrics"] = evaluate_primary(task, res["run_dir"], data, key, label)
+    exact = {which: exact_captions(REPO / res["metrics"][k]["predictions_file"])
+             for which, k in (("trained", task), ("untrained", f"{task}_untrained"))}
+    res["metrics"]["secondary"] = {"name": "exact caption (%): every property named right", **exact,
+                                   "chance": majority_caption_share(REPO / res["metrics"][task]["predictions_file"])}
+    return res
+
+
+def exact_captions(predictions_file: Path) -> float:
+    """Share (%) of held-out clips whose generated caption is one of its references, word for word."""
+    from blip_train.data.collate import pre_caption
+
+    rows = json.loads(Path(predictions_file).read_text())["predictions"]
+    return 100.0 * sum(pre_caption(r["prediction"]) in {pre_caption(c) for c in r["references"]}
+                       for r in rows) / len(rows)
+
+
+def majority_caption_share(predictions_file: Path) -> float:
+    """Share (%) of held-out clips that the most frequent reference caption describes: what a captioner that ignores
+    the sound and always writes that caption would get right."""
+    from collections import Counter
+
+    rows = json.loads(Path(predictions_file).read_text())["predictions"]
+    return 100.0 * Counter(r["references"][0] for r in rows).most_common(1)[0][1] / len(rows)
+
+
 VQA_FINETUNE = {  # demo stage → (recipe, stage it starts from)
     "blip_vqa": ("demo/blip_vqa", "blip"),
 }
@@ -167,6 +206,11 @@ def run_stages(out: Path, data: Path, path_sets: list[str], assets: Path, entrie
         log(f"{name}: {FINETUNE[name][0]}, 2 ranks, ZeRO-3, from {FINETUNE[name][1]}, ViT trains (layer decay), "
             "on the striped split")
         entries[name] = stage_entry(finetune_stage(name, out, data.parent / "data_ft", path_sets, assets))
+        checkpoint()
+    for name in MODALITIES:
+        log(f"{name}: {MODALITIES[name][0]}, 2 ranks, ZeRO-3, frozen audio encoder, Q-Former from scratch, LoRA on "
+            "the frozen LLM")
+        entries[name] = stage_entry(modality_stage(name, out, path_sets, assets))
         checkpoint()
     return entries
 

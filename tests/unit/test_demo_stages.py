@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from blip_train.config import load_config
-from blip_train.demo.stages import FINETUNE, GENERATIVE, RETRIEVAL, VQA_FINETUNE, stripes_named
+from blip_train.demo.stages import FINETUNE, GENERATIVE, MODALITIES, RETRIEVAL, VQA_FINETUNE, stripes_named
 
 
 def test_fine_tuning_stages_train_the_vit_from_an_earlier_demo_stage_on_their_own_split():
@@ -50,6 +50,18 @@ def test_blip_vqa_stage_fine_tunes_the_demo_blip_run():
         assert cfg.eval.answer_list == "runs/demo/assets/answer_list.json" and cfg.data.val == before.data.val
 
 
+def test_audio_stage_reads_its_own_split_and_encoder():
+    """The audio stage trains on the tones the demo writes, through the frozen ASTModel folder it writes, with the
+    'audio: ' cue and LoRA on the demo's tiny OPT (it never saw tone words); nothing comes from the image stages."""
+    for name, (recipe, folder, task, _, _) in MODALITIES.items():
+        cfg = load_config(recipe)
+        assert (cfg.model.modality, cfg.model.modality_prefix, task) == ("audio", "audio: ", "caption")
+        assert cfg.model.audio.encoder == "runs/demo/assets/ast" and not cfg.model.init_from
+        assert cfg.data.train[0].local == f"runs/demo/{folder}/train" and cfg.data.val == f"runs/demo/{folder}/val"
+        assert cfg.model.llm.path == "runs/demo/assets/opt" and cfg.model.llm.lora.r > 0
+        assert cfg.run.output_dir == f"runs/demo/{name}" and cfg.deepspeed.zero_stage == 3
+
+
 def test_stripes_named_scores_the_attribute(tmp_path):
     rows = [{"prediction": "a striped red circle on the left", "references": ["a striped red circle on the left"]},
             {"prediction": "a red circle on the left", "references": ["a striped red circle at the left"]},
@@ -75,3 +87,15 @@ def test_prepare_puts_a_relative_out_under_the_callers_folder(tmp_path, monkeypa
     for split in ("data/train", "data/val", "data_ft/train", "data_ft/val"):
         assert (tmp_path / "rel/demo" / split / "index.json").is_file(), split
     assert seen == {"out": tmp_path / "rel/demo", "data": tmp_path / "rel/demo/data"}
+
+
+def test_exact_captions_and_the_majority_caption(tmp_path):
+    from blip_train.demo.stages import exact_captions, majority_caption_share
+
+    rows = [{"prediction": "a loud high beeping.", "references": ["a loud high beeping"]},
+            {"prediction": "a loud high beeping", "references": ["a quiet high beeping"]},
+            {"prediction": "a quiet steady low tone", "references": ["a quiet steady low tone"]},
+            {"prediction": "a loud low tone", "references": ["a loud high beeping"]}]
+    (tmp_path / "p.json").write_text(json.dumps({"predictions": rows}))
+    assert exact_captions(tmp_path / "p.json") == 50.0
+    assert majority_caption_share(tmp_path / "p.json") == 50.0
