@@ -1,7 +1,7 @@
 """Audio captioning (model.modality=audio) through the real trainer: 2 ranks, ZeRO-3 with the frozen ASTModel
 partitioned as it loads beside the LLM, an audio split written as the converters write it, the modality prefix
 tokenized by the LLM's tokenizer; then `python -m blip_train.eval --task caption` on held-out clips, and export
-refuses the run in one line."""
+refuses the run in one line; the documented path instead, model.init_from, loads every trained tensor."""
 from __future__ import annotations
 
 import json
@@ -64,5 +64,13 @@ def test_stage2_trains_and_captions_audio(tiny_assets, tmp_path):
     assert {k[len("audio_encoder.ast."):] for k in full if k.startswith("audio_encoder.")} == set(source)
     key = "encoder.layer.0.attention.attention.query.weight"
     assert full[f"audio_encoder.ast.{key}"].float().equal(source[key].bfloat16().float())
+    # What users load instead of a transformers class: the run (or its zero_to_safetensors file) as
+    # model.init_from of an audio model, which takes every trained tensor, the segment embeddings included.
+    from blip_train.config import load_config
+    from blip_train.training.stages import build_llm_stage_model
+    cfg = load_config(str(config), [f"model.init_from={tmp_path / 'full.safetensors'}"])
+    model, _, report = build_llm_stage_model(cfg, "cpu")
+    assert report["missing"] == [] and "frame_pos" in report["loaded"] and "llm_proj.weight" in report["loaded"]
+    assert model.frame_pos.detach().float().equal(weights["frame_pos"].float())
     x = cli(str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(run), "--out", str(tmp_path / "hf"))
     assert x.returncode == 2 and "model.modality=audio" in x.stderr and len(x.stderr.strip().splitlines()) == 1
