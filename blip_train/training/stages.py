@@ -154,10 +154,12 @@ def _read_init_state(path: str) -> dict[str, torch.Tensor]:
     return read_init_weights(path)
 
 
-def build_llm_stage_model(cfg: ExperimentConfig, device_type: str | None = None, ds_config: dict | None = None):
+def build_llm_stage_model(cfg: ExperimentConfig, device_type: str | None = None, ds_config: dict | None = None,
+                          llm: nn.Module | None = None):
     """Blip2LLM (stage2 | instruct) with the frozen ViT and LLM loaded from their sources, the shared
     parts initialised from model.init_from. Returns (model, llm tokenizer, init report or None).
-    ds_config: the run's DeepSpeed config when training (ZeRO-3 builds the ViT partitioned)."""
+    ds_config: the run's DeepSpeed config when training (ZeRO-3 builds the ViT partitioned).
+    llm: an LLM already loaded from model.llm.path, to share (several modalities' models at inference)."""
     from blip_train.data.llm_collate import load_llm_tokenizer
     from blip_train.distributed.zero import nvme_swapper_of
     from blip_train.models.eva_vit import load_vit_weights
@@ -170,7 +172,7 @@ def build_llm_stage_model(cfg: ExperimentConfig, device_type: str | None = None,
     llm_tokenizer = load_llm_tokenizer(m.llm.path)
     prefix = llm_tokenizer(m.modality_prefix, add_special_tokens=False).input_ids if m.modality_prefix else []
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
-    llm = load_llm(m.llm, device_type)
+    llm = llm if llm is not None else load_llm(m.llm, device_type)
     if m.modality == "audio":
         from blip_train.models.audio_encoder import load_audio_encoder
 

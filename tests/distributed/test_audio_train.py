@@ -74,3 +74,27 @@ def test_stage2_trains_and_captions_audio(tiny_assets, tmp_path):
     assert model.frame_pos.detach().float().equal(weights["frame_pos"].float())
     x = cli(str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(run), "--out", str(tmp_path / "hf"))
     assert x.returncode == 2 and "model.modality=audio" in x.stderr and len(x.stderr.strip().splitlines()) == 1
+    # X-InstructBLIP's inference: this audio run and an image run on the same LLM answer together through it,
+    # from their run folders; with one input missing, the other answers as it does alone.
+    image_run = tmp_path / "image_run"
+    image_config = write_tiny_config(tiny_assets, image_run, model={"arch": "stage2", "llm": llm},
+                                     train={"max_steps": 2, "save_interval": 2})
+    assert "done: step 2" in run_train(image_config).stdout
+    import torch
+
+    from blip_train.data.audio import model_audio_features
+    from blip_train.models.modalities import load_modalities
+    ensemble, tokenizer = load_modalities({"image": image_run, "audio": run})
+    image, audio = ensemble.branches["image"], ensemble.branches["audio"]
+    assert image.llm is audio.llm and audio.frame_pos.detach().equal(weights["frame_pos"].float())
+    from streaming import StreamingDataset
+    row = StreamingDataset(local=str(data / "val"), shuffle=False, batch_size=1)[0]
+    sound = model_audio_features(cfg.model)(row)[None]  # (1, segments, frames, bins)
+    pixels = torch.rand(1, 3, 32, 32)
+    options = dict(num_beams=1, max_new_tokens=5)
+    with torch.no_grad():
+        assert torch.equal(ensemble.generate({"audio": sound, "image": None}, **options),
+                           audio.generate(sound, **options))
+        both = ensemble.generate({"image": pixels, "audio": sound}, **options)
+    assert both.shape[0] == 1 and tokenizer.decode(both[0], skip_special_tokens=True) is not None
+
