@@ -50,6 +50,12 @@ class AudioJob(ImageJob):
 
 
 @dataclass
+class PointsJob(ImageJob):
+    """One point-cloud file, normalised and sampled to `num_points` (data/points.py), and the rows sharing it."""
+    num_points: int = 8192
+
+
+@dataclass
 class ConvertStats:
     out: str = ""
     written: int = 0
@@ -140,7 +146,11 @@ def _normalize_job(args: tuple[ImageJob, ResizePolicy]) -> tuple[Optional[dict[s
     """(the columns the job's rows get: `image`, and a video's or a clip's own columns; or None), reason, job,
     bytes read."""
     job, resize = args
-    if isinstance(job, AudioJob):
+    if isinstance(job, PointsJob):
+        from blip_train.data.points import load_point_columns
+
+        columns, reason = load_point_columns(job.source, job.num_points)
+    elif isinstance(job, AudioJob):
         from blip_train.data.audio import load_audio_columns
 
         columns, reason = load_audio_columns(job.source, job.max_seconds)
@@ -170,9 +180,9 @@ def run_conversion(jobs: Iterable[ImageJob], out: Union[str, os.PathLike], stats
                    workers: int = 1, overwrite: bool = False, resize_short_side: int = RESIZE_SHORT_SIDE,
                    resize_max_side: int = 0, total: Optional[int] = None, desc: str = "images",
                    progress: bool = True, extra_columns: Optional[dict[str, str]] = None) -> ConvertStats:
-    """Normalise every job's image (a VideoJob's sampled frames, an AudioJob's waveform), write the surviving rows
-    as one split; fill and return `stats`. `extra_columns`: the split's columns beyond the schema's (video:
-    VIDEO_COLUMNS, audio: AUDIO_COLUMNS).
+    """Normalise every job's image (a VideoJob's sampled frames, an AudioJob's waveform, a PointsJob's cloud), write
+    the surviving rows as one split; fill and return `stats`. `extra_columns`: the split's columns beyond the
+    schema's (video: VIDEO_COLUMNS, audio: AUDIO_COLUMNS, 3D: POINTS_COLUMNS).
 
     Images are stored downscaled to a shorter side of `resize_short_side` (and a longer side of at most
     `resize_max_side`); 0 for both keeps every image at its size."""
