@@ -90,8 +90,8 @@ class SchemaDataset(StreamingDataset):
             except CorruptImageError as e:
                 with self._num_corrupt.get_lock():
                     self._num_corrupt.value += 1
-                logger.warning("skipping sample %d (image_id %s, dataset %s): undecodable image (%s)",
-                               sid, row.get("image_id"), row.get("dataset"), e)
+                logger.warning("skipping sample %d (image_id %s, dataset %s): undecodable %s (%s)", sid,
+                               row.get("image_id"), row.get("dataset"), "audio" if self.audio else "image", e)
                 continue
             # `stream`: converters number image ids from 0 in every split, so an id is only unique
             # together with its stream (the stage-1 collator combines the two).

@@ -195,3 +195,27 @@ def test_the_run_reads_its_encoders_features_and_refuses_what_does_not_fit(ast_d
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({**pre, "do_normalize": False}))
     with pytest.raises(ValueError, match="do_normalize is false"):
         audio_features(str(tmp_path), 2)
+
+
+def test_the_training_loader_reads_audio_features_and_skips_a_corrupt_clip(ast_dir, tmp_path):
+    """The loader gives each clip's segments as pixel_values (what the model reads); a clip whose FLAC does not
+    decode is replaced by the next one of its stream and counted, as an undecodable image is."""
+    from blip_train.config.schema import DataConfig, StreamConfig
+    from blip_train.data.audio import AUDIO_COLUMNS
+    from blip_train.data.datasets import build_train_loader
+    from blip_train.data.schema import write_split
+    from blip_train.data.synthetic_audio import make_clip
+
+    rows = [make_clip(i, seed=0, seconds=1.0) for i in range(8)]
+    rows[3]["audio"] = b"fLaC" + b"\0" * 100
+    write_split(tmp_path / "tones", rows, extra_columns=AUDIO_COLUMNS)
+    cfg = DataConfig(train=[StreamConfig(local=str(tmp_path / "tones"))], num_workers=0)
+    spec = audio_features(str(ast_dir), SEGMENTS)
+    loader = build_train_loader(cfg, 4, audio=spec)
+    batches = list(loader)
+    assert [tuple(b["pixel_values"].shape) for b in batches] == [(4, SEGMENTS, FRAMES, BINS)] * 2
+    ids = sorted(int(i) for b in batches for i in b["image_id"])
+    assert 3 not in ids and ids.count(4) == 2 and loader.dataset.num_corrupt == 1
+    first = next(b for b in batches if 0 in [int(i) for i in b["image_id"]])
+    at = [int(i) for i in first["image_id"]].index(0)
+    assert torch.equal(first["pixel_values"][at], spec(rows[0]))
