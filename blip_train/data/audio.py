@@ -262,20 +262,13 @@ def read_audio_captions(audio_dir: str, csv_path: str, stats, *, dataset: str = 
     The audio file is found under `audio_dir` (recursively) by its stem: Clotho's file_name; for AudioCaps the
     youtube_id, "Y" + youtube_id (AudioSet downloads) or the audiocap_id. Rows: task caption, one per caption
     with the clip's captions as references (per_clip: one per clip); image_id numbers the clips."""
-    import csv
     from collections import defaultdict
 
-    from blip_train.data.convert import AudioJob, InputError, clean_text, require_dir
+    from blip_train.data.convert import AudioJob, InputError, clean_text, files_by_stem, read_csv_file, require_dir
 
     root = require_dir(audio_dir, "audio")
     path = Path(csv_path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            records = list(csv.DictReader(f))
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{path}: not a UTF-8 CSV ({e})") from None
+    records = read_csv_file(path, dict_rows=True)
     header = set(records[0]) if records else set()
     if {"youtube_id", "caption"} <= header:
         kind, name = "audiocaps", dataset or "audiocaps"
@@ -284,11 +277,7 @@ def read_audio_captions(audio_dir: str, csv_path: str, stats, *, dataset: str = 
     else:
         raise InputError(f"{path}: expected an AudioCaps header (audiocap_id,youtube_id,start_time,caption) or a "
                          f"Clotho one (file_name,caption_1..caption_5); found {sorted(header) or 'no rows'}")
-    files: dict[str, str] = {}
-    for dirpath, _dirs, names in os.walk(root):
-        for fname in sorted(names):
-            if fname.lower().endswith(AUDIO_EXTS):
-                files.setdefault(Path(fname).stem, os.path.join(dirpath, fname))
+    files = files_by_stem(root, AUDIO_EXTS)
     captions: dict[str, list[str]] = defaultdict(list)
     for rec in records:
         if kind == "audiocaps":

@@ -126,6 +126,32 @@ def require_dir(path: Union[str, os.PathLike], what: str) -> Path:
     return p
 
 
+def files_by_stem(root: Path, exts: tuple[str, ...]) -> dict[str, str]:
+    """File stem → path of every file under `root` (recursively) ending in one of `exts`; the first in sorted
+    order wins when a stem repeats. How the video, audio and point-cloud converters find an annotation's file."""
+    files: dict[str, str] = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in sorted(names):
+            if name.lower().endswith(exts):
+                files.setdefault(Path(name).stem, os.path.join(dirpath, name))
+    return files
+
+
+def read_csv_file(path: Union[str, os.PathLike], dict_rows: bool) -> list:
+    """The records of a UTF-8 CSV (dicts by its header, or lists of fields; blank lines dropped); InputError when
+    it is missing or not UTF-8 CSV."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f)) if dict_rows else [r for r in csv.reader(f) if r]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: not a UTF-8 CSV ({e})") from None
+
+
 @dataclass(frozen=True)
 class ResizePolicy:
     """How converters downscale what they store (`images.resize_scale`); 0 disables a bound."""

@@ -210,28 +210,16 @@ def read_cap3d_captions(points_dir: str, csv_path: str, stats, *, dataset: str =
     """PointsJobs of a Cap3D-style captions CSV: `uid,caption` lines (Cap3D ships them without a header; a
     header line `uid,caption` is accepted). The cloud is found under `points_dir` (recursively) by its stem, the
     uid. One row per uid (task caption); image_id numbers the clouds."""
-    import csv
-
-    from blip_train.data.convert import InputError, PointsJob, clean_text, require_dir
+    from blip_train.data.convert import InputError, PointsJob, clean_text, files_by_stem, read_csv_file, require_dir
 
     root = require_dir(points_dir, "point cloud")
     path = Path(csv_path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            records = [r for r in csv.reader(f) if r]
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{path}: not a UTF-8 CSV ({e})") from None
+    records = read_csv_file(path, dict_rows=False)
     if records and [c.strip().lower() for c in records[0][:2]] == ["uid", "caption"]:
         records = records[1:]
     if not records or any(len(r) < 2 for r in records[:1]):
         raise InputError(f"{path}: expected 'uid,caption' lines (Cap3D's format)")
-    files: dict[str, str] = {}
-    for dirpath, _dirs, names in os.walk(root):
-        for fname in sorted(names):
-            if fname.lower().endswith(POINT_EXTS):
-                files.setdefault(Path(fname).stem, os.path.join(dirpath, fname))
+    files = files_by_stem(root, POINT_EXTS)
     name = dataset or "cap3d"
     image_id = 0
     for rec in records:

@@ -129,7 +129,8 @@ def read_video_qa(videos_dir: str, qa_json: str, stats, *, frames: int = 4, mapp
     "<youtube stem> vid<N>", N = video_id). Rows: task vqa, answers [answer]; image_id numbers the videos."""
     from collections import defaultdict
 
-    from blip_train.data.convert import EMPTY_TEXT, InputError, VideoJob, clean_text, load_json, require_dir
+    from blip_train.data.convert import (EMPTY_TEXT, InputError, VideoJob, clean_text, files_by_stem, load_json,
+                                         require_dir)
 
     root = require_dir(videos_dir, "videos")
     data = load_json(qa_json)
@@ -141,11 +142,7 @@ def read_video_qa(videos_dir: str, qa_json: str, stats, *, frames: int = 4, mapp
             parts = line.split()
             if len(parts) == 2:
                 stems[parts[1]] = parts[0]
-    files: dict[str, str] = {}
-    for dirpath, _dirs, names in os.walk(root):
-        for name in sorted(names):
-            if name.lower().endswith(VIDEO_EXTS):
-                files.setdefault(Path(name).stem, os.path.join(dirpath, name))
+    files = files_by_stem(root, VIDEO_EXTS)
     by_video: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for n, rec in enumerate(data):
         if not isinstance(rec, dict) or ("video" not in rec and "video_id" not in rec):
