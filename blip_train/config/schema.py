@@ -171,6 +171,19 @@ class AudioConfig:
 
 
 @dataclass
+class PointsConfig:
+    """The frozen point-cloud encoder of model.modality=3d (X-InstructBLIP's 3D branch: ULIP-2's Point-BERT). It runs
+    in model.llm.dtype."""
+    encoder: str = ""
+    """Local folder of a Point-BERT tower (config.json + model.safetensors: tools/import_ulip2_pointbert.py writes
+    one from a ULIP-2 checkpoint). Its in_channels (3: xyz, 6: xyz + rgb) must match the split's clouds."""
+    num_points: int = 8192
+    """Points of each stored cloud the encoder reads (ULIP-2 / X-InstructBLIP: 8,192). Clouds are stored in
+    farthest-point order (tools/convert_point_clouds.py), so their first N points are themselves a farthest point
+    sample: a run may read fewer than were stored."""
+
+
+@dataclass
 class MomentumConfig:
     """ALBEF / BLIP momentum distillation: an exponential moving average of the image and text encoders and
     their ITC projections, and a queue of its features as extra ITC negatives (model.arch blip | albef)."""
@@ -207,11 +220,11 @@ class ModelConfig:
     queries, concatenated in time order, are the LLM's soft prompt (InstructBLIP's video QA: 4 frames)."""
     modality: str = "image"
     """image (images, or video with model.video_frames) | audio (model.audio: a frozen audio encoder in the ViT's
-    place; stage2 | instruct). X-InstructBLIP trains one Q-Former and projection per modality against the same
+    place; stage2 | instruct) | 3d (model.points: a frozen point-cloud encoder in its place; stage2 | instruct). X-InstructBLIP trains one Q-Former and projection per modality against the same
     frozen LLM: a run trains one modality."""
     modality_prefix: str = ""
     """Text put before the soft prompt in the LLM's input, so the LLM knows what the query tokens stand for
-    (X-InstructBLIP's cue: "audio: ", "video: ", "image: "); "" (BLIP-2, InstructBLIP): none. Never a target."""
+    (X-InstructBLIP's cue: "audio: ", "video: ", "3d: ", "image: "); "" (BLIP-2, InstructBLIP): none. Never a target."""
     attention: str = "auto"
     """auto | flash | sdpa | math. auto: flash-attn when importable on CUDA in fp16/bf16, else SDPA."""
     embed_dim: int = 256
@@ -235,6 +248,7 @@ class ModelConfig:
     """The MED / ALBEF text transformer (model.arch blip | albef)."""
     llm: LLMConfig = field(default_factory=LLMConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+    points: PointsConfig = field(default_factory=PointsConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
 
 

@@ -252,25 +252,34 @@ def validate_config(cfg: ExperimentConfig) -> None:
                               "node-local NVMe drive)")
 
 
+ENCODER_MODALITIES = {"audio": ("model.audio.encoder", "a local HF folder of an ASTModel"),
+                      "3d": ("model.points.encoder", "a local Point-BERT folder: tools/import_ulip2_pointbert.py")}
+"""model.modality → (key, what) of the frozen encoder that takes the ViT's place."""
+
+
 def _check_modality(cfg: ExperimentConfig) -> None:
     m = cfg.model
-    if m.modality not in ("image", "audio"):
-        raise ConfigError(f"model.modality: must be image or audio, got {m.modality!r}")
+    if m.modality not in ("image", *ENCODER_MODALITIES):
+        raise ConfigError(f"model.modality: must be image, audio or 3d, got {m.modality!r}")
     if m.modality_prefix and m.arch not in ("stage2", "instruct"):
         raise ConfigError(f"model.modality_prefix: is text for an LLM (model.arch stage2 | instruct); this run is "
                           f"model.arch={m.arch}")
-    if m.modality != "audio":
+    if m.modality == "image":
         return
     if m.arch not in ("stage2", "instruct"):
-        raise ConfigError(f"model.modality: audio feeds an LLM through the Q-Former (model.arch stage2 | instruct); "
-                          f"this run is model.arch={m.arch}")
-    if not m.audio.encoder:
-        raise ConfigError("model.audio.encoder: required for model.modality=audio (a local HF folder of an ASTModel)")
+        raise ConfigError(f"model.modality: {m.modality} feeds an LLM through the Q-Former (model.arch stage2 | "
+                          f"instruct); this run is model.arch={m.arch}")
+    key, what = ENCODER_MODALITIES[m.modality]
+    if not (m.audio.encoder if m.modality == "audio" else m.points.encoder):
+        raise ConfigError(f"{key}: required for model.modality={m.modality} ({what})")
     if m.video_frames:
-        raise ConfigError(f"model.video_frames: {m.video_frames} frames of video, but model.modality=audio")
-    _positive("model.audio.segments", m.audio.segments)
+        raise ConfigError(f"model.video_frames: {m.video_frames} frames of video, but model.modality={m.modality}")
+    if m.modality == "audio":
+        _positive("model.audio.segments", m.audio.segments)
+    else:
+        _positive("model.points.num_points", m.points.num_points)
     if cfg.data.decode == "gpu":
-        raise ConfigError("data.decode: gpu decodes JPEGs; audio samples are decoded on the CPU (data.decode=cpu)")
+        raise ConfigError(f"data.decode: gpu decodes JPEGs; {m.modality} samples are read on the CPU (data.decode=cpu)")
 
 
 def input_paths(cfg: ExperimentConfig) -> list[tuple[str, str]]:
@@ -282,6 +291,8 @@ def input_paths(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         paths.append(("model.llm.path", m.llm.path))
     if m.modality == "audio":
         paths.append(("model.audio.encoder", m.audio.encoder))
+    if m.modality == "3d":
+        paths.append(("model.points.encoder", m.points.encoder))
     if m.arch in ("blip", "albef"):
         paths += [("model.text.tokenizer", m.text.tokenizer), ("model.text.bert_init", m.text.bert_init)]
     paths += [(f"data.train[{i}].local", s.local) for i, s in enumerate(d.train) if s.local and not s.remote]

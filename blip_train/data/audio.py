@@ -184,6 +184,8 @@ class AudioFeatures:
     bins: int
     mean: float = AST_MEAN
     std: float = AST_STD
+    kind: str = "audio"
+    """What it reads, in the loaders' log lines."""
 
     def __call__(self, row: dict[str, Any]) -> torch.Tensor:
         """(segments, frames, bins) float32 from a row's `audio` column (FLAC)."""

@@ -24,14 +24,26 @@ from streaming import Stream, StreamingDataLoader, StreamingDataset
 
 from blip_train.config.loading import ConfigError, parse_cache_limit
 from blip_train.config.schema import DataConfig, StreamConfig
-from blip_train.data.audio import AudioFeatures
+from blip_train.data.audio import model_audio_features
 from blip_train.data.collate import collate_samples
 from blip_train.data.device import build_train_transform, check_gpu_decode
 from blip_train.data.images import CorruptImageError
+from blip_train.data.points import model_point_features
 from blip_train.data.shared_memory import build_streaming_dataset
 from blip_train.data.schema import SCHEMA_FILE, SchemaError, draw_caption, verify_split
 from blip_train.data.transforms import build_transform
 from blip_train.data.video import clip_frames
+
+InputReader = Callable[[dict], torch.Tensor]
+"""A row → the encoder input of a modality other than images (data.audio.AudioFeatures, data.points.PointFeatures),
+with a `kind` attribute naming what it reads in logs."""
+
+
+def model_input_reader(model: Any) -> Optional[InputReader]:
+    """How a run's model (`model`: the config's ModelConfig) reads a row when its modality is not images (audio
+    features, point clouds); None for images and video."""
+    return model_audio_features(model) or model_point_features(model)
+
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +60,17 @@ class SchemaDataset(StreamingDataset):
     # A run of this many undecodable samples in a row means the split itself is broken.
     max_consecutive_corrupt = 100
 
-    def __init__(self, *, transform: Callable[..., Any], frames: int = 0, audio: Optional[AudioFeatures] = None,
+    def __init__(self, *, transform: Callable[..., Any], frames: int = 0, reader: Optional[InputReader] = None,
                  **kwargs: Any) -> None:
         """frames: video samples of this many frames (model.video_frames): pixel_values (frames, 3, S, S), every
         frame with the same crop and flip; 0: images (a video row gives its first frame).
-        audio: audio samples (model.modality=audio): pixel_values is then the encoder's input, the clip's
-        normalised filterbank segments (segments, frames, bins), computed from the stored waveform."""
+        reader: another modality's samples (`model_input_reader`): pixel_values is then what the reader makes of
+        the row, the encoder's input (audio: the clip's normalised filterbank segments (segments, frames, bins)
+        from the stored waveform; 3d: the cloud's points (num_points, channels))."""
         super().__init__(**kwargs)
         self.transform = transform
         self.frames = frames
-        self.audio = audio
+        self.reader = reader
         # Lives in shared memory so that the counts of all DataLoader workers add up where the
         # trainer reads them (the main process of the rank).
         self._num_corrupt = mp.Value("q", 0)
@@ -91,7 +104,7 @@ class SchemaDataset(StreamingDataset):
                 with self._num_corrupt.get_lock():
                     self._num_corrupt.value += 1
                 logger.warning("skipping sample %d (image_id %s, dataset %s): undecodable %s (%s)", sid,
-                               row.get("image_id"), row.get("dataset"), "audio" if self.audio else "image", e)
+                               row.get("image_id"), row.get("dataset"), self.reader.kind if self.reader else "image", e)
                 continue
             # `stream`: converters number image ids from 0 in every split, so an id is only unique
             # together with its stream (the stage-1 collator combines the two).
@@ -101,9 +114,9 @@ class SchemaDataset(StreamingDataset):
 
     def decode_pixels(self, row: dict[str, Any], seed: int) -> Any:
         """The row's image through the transform, or (self.frames) its video frames, all drawn with the same seed:
-        one crop and flip for the whole clip, as a clip is one view; or (self.audio) its audio features."""
-        if self.audio is not None:
-            return self.audio(row)
+        one crop and flip for the whole clip, as a clip is one view; or (self.reader) the other modality's input."""
+        if self.reader is not None:
+            return self.reader(row)
         if not self.frames:
             return self.transform(row["image"], torch.Generator().manual_seed(seed))
         frames = clip_frames(row)
@@ -390,9 +403,9 @@ def _dataset_class(kind: str) -> type[SchemaDataset]:
 
 def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optional[Callable] = None,
                        kind: str = "caption", frames: int = 0,
-                       audio: Optional[AudioFeatures] = None) -> StreamingDataLoader:
-    """Shuffled, rank-disjoint, resumable loader over the `cfg.train` mixture (frames: video samples, audio: audio
-    samples, see SchemaDataset).
+                       reader: Optional[InputReader] = None) -> StreamingDataLoader:
+    """Shuffled, rank-disjoint, resumable loader over the `cfg.train` mixture (frames: video samples, reader: another
+    modality's samples, see SchemaDataset).
 
     Per-stream sample counts and shares are logged and kept in `loader.dataset.stream_info`.
     """
@@ -407,7 +420,7 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, collate_fn: Optio
     transform = build_train_transform(cfg.image_size, cfg.crop_scale_min, cfg.hflip, cfg.decode)
     try:
         dataset = build_streaming_dataset(lambda: _dataset_class(kind)(
-            streams=streams, transform=transform, frames=frames, audio=audio,
+            streams=streams, transform=transform, frames=frames, reader=reader,
             batch_size=micro_batch_size, shuffle=True, shuffle_seed=cfg.shuffle_seed,
             num_canonical_nodes=cfg.num_canonical_nodes, cache_limit=cache_limit or None))
     except ValueError as e:  # streaming checks the limit against the shard sizes it just read

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -235,3 +236,45 @@ def read_cap3d_captions(points_dir: str, csv_path: str, stats, *, dataset: str =
                "image_id": image_id}
         image_id += 1
         yield PointsJob(files.get(uid, str(root / f"{uid}.npy")), [row], num_points=num_points)
+
+
+class TooFewPointsError(ValueError):
+    """A stored cloud holds fewer points than the run reads (model.points.num_points): a split/config mismatch,
+    not a corrupt sample."""
+
+
+@dataclass(frozen=True)
+class PointFeatures:
+    """How a run reads a stored cloud (model.modality=3d): its first `num_points` points (a farthest point sample
+    themselves, as clouds are stored in that order) as float32 (num_points, channels)."""
+    num_points: int
+    channels: int
+    kind: str = "point cloud"
+    """What it reads, in the loaders' log lines."""
+
+    def __call__(self, row: dict[str, Any]) -> Any:
+        """(num_points, channels) float32 tensor from a row's `points` column."""
+        import torch
+
+        if row.get("points") is None:
+            raise ValueError(f"model.modality=3d, but a row of dataset {row.get('dataset', '?')!r} has no points "
+                             "column: convert the split with tools/convert_point_clouds.py")
+        points = decode_points(row)
+        if points.shape[1] != self.channels:
+            raise ValueError(f"a cloud of dataset {row.get('dataset', '?')!r} has {points.shape[1]} channels; the "
+                             f"encoder (model.points.encoder) reads {self.channels} "
+                             f"({'xyz + rgb' if self.channels == 6 else 'xyz'})")
+        if points.shape[0] < self.num_points:
+            raise TooFewPointsError(f"a cloud of dataset {row.get('dataset', '?')!r} holds {points.shape[0]} points; "
+                                    f"model.points.num_points={self.num_points}: convert with --num-points "
+                                    f"{self.num_points} or read fewer")
+        return torch.from_numpy(points[:self.num_points].copy())
+
+
+def model_point_features(model: Any) -> Optional[PointFeatures]:
+    """The reader of a run's model (`model`: the config's ModelConfig) when model.modality=3d, else None."""
+    if model.modality != "3d":
+        return None
+    from blip_train.models.point_encoder import read_point_bert_shape
+
+    return PointFeatures(model.points.num_points, read_point_bert_shape(model.points.encoder).in_channels)

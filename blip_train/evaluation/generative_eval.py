@@ -17,7 +17,7 @@ import torch
 from streaming import StreamingDataset
 
 from blip_train.config import ExperimentConfig
-from blip_train.data.audio import AudioFeatures, model_audio_features
+from blip_train.data.datasets import InputReader, model_input_reader
 from blip_train.data.collate import pre_caption
 from blip_train.data.schema import verify_split
 from blip_train.data.shared_memory import build_streaming_dataset
@@ -42,14 +42,15 @@ class EvalSplit:
     transform: Callable[[bytes], torch.Tensor]
     frames: int = 0
     """Video: frames per sample (model.video_frames); pixel_values is then (frames, 3, S, S)."""
-    audio: Optional[AudioFeatures] = None
-    """Audio (model.modality=audio): pixel_values is then the clip's encoder input (segments, frames, bins)."""
+    reader: Optional[InputReader] = None
+    """Another modality (model.modality audio | 3d, see datasets.model_input_reader): pixel_values is then what it
+    makes of the row, the encoder's input."""
 
     def read_sample(self, i: int) -> dict[str, Any]:
         """Row `i` as a reader-style sample (decoded image, or video frames, with the eval transform)."""
         row = self.ds[i]
-        if self.audio is not None:
-            pixels = self.audio(row)
+        if self.reader is not None:
+            pixels = self.reader(row)
         elif self.frames:
             frames = clip_frames(row)
             if len(frames) != self.frames:
@@ -65,7 +66,7 @@ class EvalSplit:
 
 def open_split(split: str, image_size: int, max_samples: int = 0, keep: Callable[[dict], bool] = lambda row: True,
                note: Callable[[int, dict], None] = lambda i, row: None, frames: int = 0,
-               audio: Optional[AudioFeatures] = None) -> EvalSplit:
+               reader: Optional[InputReader] = None) -> EvalSplit:
     """The first `max_samples` rows of `split` that `keep` accepts (0: all), every rank the same.
 
     `note(i, row)` is called on each of them, for the caller to keep what scoring needs (text only:
@@ -82,13 +83,13 @@ def open_split(split: str, image_size: int, max_samples: int = 0, keep: Callable
         note(i, row)
         if max_samples and len(indices) >= max_samples:
             break
-    return EvalSplit(ds, indices, build_transform(image_size, False), frames, audio)
+    return EvalSplit(ds, indices, build_transform(image_size, False), frames, reader)
 
 
 def open_model_split(split: str, cfg: ExperimentConfig, max_samples: int = 0, **kwargs: Any) -> EvalSplit:
-    """`open_split` reading rows as the run's model takes them: images at its size, video frames, or audio."""
+    """`open_split` reading rows as the run's model takes them: images at its size, video frames, audio or 3d."""
     return open_split(split, cfg.model.vision.image_size, max_samples, frames=cfg.model.video_frames,
-                      audio=model_audio_features(cfg.model), **kwargs)
+                      reader=model_input_reader(cfg.model), **kwargs)
 
 
 @torch.no_grad()

@@ -135,6 +135,16 @@ def _frozen_audio(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {f"audio_encoder.ast.{k}": t.detach() for k, t in ast.named_parameters()}
 
 
+def _frozen_points(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from blip_train.models.point_encoder import load_point_encoder
+
+    try:
+        encoder = load_point_encoder(path, dtype)
+    except ValueError as e:
+        raise InteropError(str(e)) from None
+    return {f"points_encoder.{k}": t.detach() for k, t in encoder.named_parameters()}
+
+
 def frozen_from_sources(tag_dir: Path, info: dict, cfg: Optional[dict]) -> dict[str, torch.Tensor]:
     """The frozen parameters of the run behind `tag_dir`, in our names, read from their recorded sources
     and cast to the dtype training held them in; checked against the checkpoint's record of them."""
@@ -154,6 +164,9 @@ def frozen_from_sources(tag_dir: Path, info: dict, cfg: Optional[dict]) -> dict[
         elif root == "audio_encoder":
             part = _frozen_audio(_source_path(sources.get("audio", ""), "audio encoder", "model.audio.encoder",
                                               tag_dir), dtype)
+        elif root == "points_encoder":
+            part = _frozen_points(_source_path(sources.get("3d", ""), "point-cloud encoder", "model.points.encoder",
+                                               tag_dir), dtype)
         elif root == "llm":
             part = _frozen_llm(_source_path(sources.get("llm", ""), "LLM", "model.llm.path", tag_dir), dtype)
         else:

@@ -258,7 +258,7 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
         if hf_class_name is not None:
             check_blip_objective_class(recorded, hf_class_name, str(source))
         _refuse_video(recorded.get("video_frames", 0), source)
-        _refuse_audio(recorded.get("modality", "image"), source)
+        _refuse_modality(recorded.get("modality", "image"), source)
     src = load_export_source(source, tag, config, overrides)
     cfg, arch = src.cfg, src.cfg.model.arch
     if arch in BLIP_ARCHS:
@@ -267,7 +267,7 @@ def export_hf(source: Union[str, Path], out: Union[str, Path], *, tag: Optional[
         default = BLIP_OBJECTIVE_CLASSES.get(cfg.model.objective, (BLIP_DEFAULT_CLASS,))[0]
         return export_blip_hf(src, out, str(source), hf_class_name or default, target, max_shard_size, log)
     _refuse_video(cfg.model.video_frames, source)
-    _refuse_audio(cfg.model.modality, source)
+    _refuse_modality(cfg.model.modality, source)
     if arch not in LAYOUTS:
         raise InteropError(f"{source}: model.arch={arch!r} cannot be exported (one of {', '.join(LAYOUTS)}, blip)")
     if hf_class_name is not None and hf_class_name != hf_class(arch).__name__:
@@ -362,11 +362,11 @@ def write_hf_folder(out: Path, model: Any, processor: Any, summary: dict, max_sh
         (tmp / EXPORT_INFO).write_text(json.dumps(summary, indent=1))
 
 
-def _refuse_audio(modality: str, source: Union[str, Path]) -> None:
-    if modality == "audio":
-        raise InteropError(f"{source}: model.modality=audio: transformers has no class for an audio Q-Former before an "
-                           "LLM (X-InstructBLIP); an audio run is read with tools/zero_to_safetensors.py and loaded "
-                           "through model.init_from")
+def _refuse_modality(modality: str, source: Union[str, Path]) -> None:
+    if modality != "image":
+        raise InteropError(f"{source}: model.modality={modality}: transformers has no class for an {modality} Q-Former "
+                           f"before an LLM (X-InstructBLIP); such a run is read with tools/zero_to_safetensors.py and "
+                           "loaded through model.init_from or blip_train.models.modalities.load_modalities")
 
 
 def _refuse_video(video_frames: int, source: Union[str, Path]) -> None:

@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from blip_train.config.schema import LLMConfig, ModelConfig
 from blip_train.models.audio_encoder import load_audio_encoder
+from blip_train.models.point_encoder import load_point_encoder
 from blip_train.models.eva_vit import LayerNormFP32
 from blip_train.models.freezing import freeze_
 from blip_train.models.lora import apply_lora_, set_lora_dropout_mode_
@@ -77,15 +78,16 @@ def drop_qformer_text_branch_(qformer: QFormer, keep_text_input: bool) -> None:
 
 
 class Blip2LLM(nn.Module):
-    """Frozen ViT (or, model.modality=audio, frozen audio encoder) + trainable ln_vision, Q-Former, query tokens
+    """Frozen ViT (or, model.modality audio | 3d, frozen audio | point-cloud encoder) + trainable ln_vision, Q-Former, query tokens
     and llm_proj + frozen HF `llm` (with trainable LoRA adapters when cfg.llm.lora.r > 0)."""
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel, *, device_type: Optional[str] = None,
                  visual_encoder: Optional[nn.Module] = None, audio_encoder: Optional[nn.Module] = None,
-                 prefix_ids: Sequence[int] = ()) -> None:
+                 points_encoder: Optional[nn.Module] = None, prefix_ids: Sequence[int] = ()) -> None:
         """cfg.arch: stage2 | instruct. `llm` (see `load_llm`) is frozen here if it is not already.
         visual_encoder: the ViT already built (e.g. partitioned as it was built); default: built here.
         audio_encoder: model.modality=audio: the frozen `AudioEncoder`; default: loaded from model.audio.encoder.
+        points_encoder: model.modality=3d: the frozen `PointEncoder`; default: loaded from model.points.encoder.
         prefix_ids: the LLM tokens of model.modality_prefix, put before the soft prompt."""
         super().__init__()
         if cfg.arch not in ("stage2", "instruct"):
@@ -94,7 +96,14 @@ class Blip2LLM(nn.Module):
         # Text enters the Q-Former (InstructBLIP's instruction, or the question of BLIP-2 VQA fine-tuning).
         self.text_to_qformer = self.instruct or cfg.qformer_text_input
         self.audio = cfg.modality == "audio"
-        if self.audio:
+        self.points = cfg.modality == "3d"
+        if self.points:
+            # A cloud is one encoder input (points, channels), read whole: no pieces.
+            self.vision_frozen = True
+            self.points_encoder = points_encoder if points_encoder is not None else load_point_encoder(
+                cfg.points.encoder, next(llm.parameters()).dtype)
+            width, eps, pieces = self.points_encoder.width, self.points_encoder.layer_norm_eps, 0
+        elif self.audio:
             # The encoder's tokens take the ViT's place; it is always frozen (X-InstructBLIP).
             self.vision_frozen = True
             self.audio_encoder = audio_encoder if audio_encoder is not None else load_audio_encoder(
@@ -106,9 +115,9 @@ class Blip2LLM(nn.Module):
             self.visual_encoder = (visual_encoder if visual_encoder is not None
                                    else build_vision_tower(cfg, device_type))
             width, eps, pieces = cfg.vision.width, cfg.vision.layer_norm_eps, cfg.video_frames
-        # Dimensions of one encoder input: an image (3, H, W) or an audio segment (frames, bins). One more in front
-        # is a clip of several (video frames, audio segments).
-        self.sample_dims = 2 if self.audio else 3
+        # Dimensions of one encoder input: an image (3, H, W), an audio segment (frames, bins) or a cloud (points,
+        # channels). One more in front is a clip of several (video frames, audio segments).
+        self.sample_dims = 2 if self.audio or self.points else 3
         self.ln_vision = LayerNormFP32(width, eps=eps)
         qcfg = cfg.qformer
         self.qformer = QFormer(qcfg, encoder_width=width, attention=cfg.attention)
@@ -128,7 +137,9 @@ class Blip2LLM(nn.Module):
 
     @property
     def encoder(self) -> nn.Module:
-        """The frozen (or training) tower the Q-Former reads: the ViT, or the audio encoder."""
+        """The frozen (or training) tower the Q-Former reads: the ViT, the audio or the point-cloud encoder."""
+        if self.points:
+            return self.points_encoder
         return self.audio_encoder if self.audio else self.visual_encoder
 
     def train(self, mode: bool = True) -> "Blip2LLM":
@@ -141,8 +152,8 @@ class Blip2LLM(nn.Module):
     # building blocks
 
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images or (B, frames, bins) audio segments → ln_vision(encoder(x)) (B, N, W) in the
-        Q-Former's dtype."""
+        """(B, 3, H, W) images, (B, frames, bins) audio segments or (B, points, channels) clouds →
+        ln_vision(encoder(x)) (B, N, W) in the Q-Former's dtype."""
         with torch.no_grad() if self.vision_frozen else nullcontext():
             embeds = self.encoder(pixel_values)  # (B, N, W) in the tower's dtype
         return self.ln_vision(embeds).to(self.query_tokens.dtype)  # ln_vision computes fp32
@@ -304,7 +315,7 @@ def _not_ours(model: Blip2LLM) -> tuple[str, ...]:
     # Trained in stage 1, without a place here: the heads, the Q-Former LM head, and (stage 2) the
     # Q-Former text branch; frozen towers come from their recorded sources, never from a checkpoint.
     keys = tuple(re.escape(k) for k in STAGE1_ONLY) + (r"qformer\.lm_head\.", r"visual_encoder\.", r"audio_encoder\.",
-                                                       r"llm\.")
+                                                       r"points_encoder\.", r"llm\.")
     if not model.text_to_qformer:
         keys += (r"qformer\.embeddings\.(word|position)_embeddings\.", r"qformer\.layers\.\d+\.ffn\.")
     return keys

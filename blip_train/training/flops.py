@@ -53,7 +53,7 @@ def vit_forward_flops(v: VisionConfig, batch: int) -> float:
 @dataclass(frozen=True)
 class TowerShape:
     """What the count needs of the tower the Q-Former reads, per encoder input (an image, a video frame, an
-    audio segment)."""
+    audio segment, a point cloud)."""
     tokens: int
     width: int
     forward: float
@@ -74,6 +74,17 @@ def audio_tower(c) -> TowerShape:
     n, w = patches + 2, c.hidden_size
     per_block = 2.0 * n * (4 * w * w + 2 * w * c.intermediate_size) + _attention(n, n, w)
     return TowerShape(n, w, 2.0 * patches * c.patch_size ** 2 * w + c.num_hidden_layers * per_block, FROZEN_FORWARD)
+
+
+def points_tower(s) -> TowerShape:
+    """A Point-BERT's PointBertShape `s`: its patch PointNet over every point of every patch, reduce_dim and the
+    centres' position MLP per patch, then blocks as a ViT's over [cls; patches]; always frozen."""
+    g, k, w = s.num_group, s.group_size, s.trans_dim
+    n, hidden = g + 1, int(w * s.mlp_ratio)
+    pointnet = 2.0 * g * k * (s.in_channels * 128 + 128 * 256 + 512 * 512 + 512 * s.encoder_dims)
+    per_block = 2.0 * n * (4 * w * w + 2 * w * hidden) + _attention(n, n, w)
+    embed = 2.0 * g * (s.encoder_dims * w + 3 * 128 + 128 * w)
+    return TowerShape(n, w, pointnet + embed + s.depth * per_block, FROZEN_FORWARD)
 
 
 def qformer_forward_flops(q: QFormerConfig, encoder_width: int, batch: int, n_query: int, n_text: int,
@@ -264,7 +275,8 @@ def build_flops_counter(cfg: ModelConfig, model: nn.Module) -> WorkCounter:
             return batch_tokens(batch, n_img), sum(blip_flops(cfg, b, t).values())
         return count_blip
     shape = llm_shape(model.llm)
-    tower = audio_tower(model.audio_encoder.ast.config) if model.audio else vision_tower(cfg.vision)
+    tower = (points_tower(model.points_encoder.shape) if model.points else
+             audio_tower(model.audio_encoder.ast.config) if model.audio else vision_tower(cfg.vision))
     prefix = model.prefix_ids.numel()
 
     def count_llm(batch: Mapping[str, torch.Tensor]) -> tuple[int, float]:

@@ -29,11 +29,10 @@ class Stage:
     _loader: Any = None
 
     def build_train_loader(self):
-        from blip_train.data.audio import model_audio_features
-        from blip_train.data.datasets import build_train_loader
+        from blip_train.data.datasets import build_train_loader, model_input_reader
         self._loader = build_train_loader(self.cfg.data, self.cfg.train.micro_batch_size, self.collate,
                                           kind=self.data_kind, frames=self.cfg.model.video_frames,
-                                          audio=model_audio_features(self.cfg.model))
+                                          reader=model_input_reader(self.cfg.model))
         return self._loader
 
     def skipped_samples(self) -> int:
@@ -180,6 +179,13 @@ def build_llm_stage_model(cfg: ExperimentConfig, device_type: str | None = None,
         # Inside the trainer's HfDeepSpeedConfig scope (ZeRO-3) transformers loads it partitioned, as the LLM.
         audio = load_audio_encoder(m.audio, next(llm.parameters()).dtype)  # the LLM's, as loaded
         model = Blip2LLM(m, llm, device_type=device_type, audio_encoder=audio, prefix_ids=prefix)
+    elif m.modality == "3d":
+        from blip_train.models.point_encoder import load_point_encoder
+
+        _require_file("model.points.encoder", m.points.encoder)
+        # Built whole (22M parameters at ULIP-2's size) in the LLM's dtype; the engine partitions it under ZeRO-3.
+        points = load_point_encoder(m.points.encoder, next(llm.parameters()).dtype)
+        model = Blip2LLM(m, llm, device_type=device_type, points_encoder=points, prefix_ids=prefix)
     else:
         vit = build_partitioned_vision(cfg, device_type, ds_config, param_swapper=nvme_swapper_of(llm))
         model = Blip2LLM(m, llm, device_type=device_type, visual_encoder=vit, prefix_ids=prefix)
@@ -226,9 +232,18 @@ def _llm_stage(cfg: ExperimentConfig, collate: Callable[..., Any], model: nn.Mod
     m = cfg.model
     print0(f"init_from {_describe_init(report, m.init_from)}")
     return Stage(model=model, tokenizer=llm_tokenizer, collate=collate, data_kind=data_kind, cfg=cfg,
-                 frozen_sources={**({"audio": m.audio.encoder} if m.modality == "audio"
-                                    else {"vision": m.vision.weights or "random-init"}),
+                 frozen_sources={**frozen_encoder_source(m),
                                  "llm": m.llm.path, "llm_dtype": m.llm.dtype})
+
+
+def frozen_encoder_source(m) -> dict:
+    """The frozen tower's entry of a run's frozen_sources record (`m`: its ModelConfig): what interop tools
+    rebuild it from."""
+    if m.modality == "audio":
+        return {"audio": m.audio.encoder}
+    if m.modality == "3d":
+        return {"3d": m.points.encoder}
+    return {"vision": m.vision.weights or "random-init"}
 
 
 def build_question_collator(cfg: ExperimentConfig, model: nn.Module, llm_tokenizer: Any, qformer_tokenizer: Any,

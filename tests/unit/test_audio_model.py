@@ -188,7 +188,7 @@ def test_the_run_reads_its_encoders_features_and_refuses_what_does_not_fit(ast_d
     with pytest.raises(ConfigError, match="model.audio.encoder: required for model.modality=audio"):
         validate(cfg)
     cfg.model.modality = "smell"
-    with pytest.raises(ConfigError, match="model.modality: must be image or audio, got 'smell'"):
+    with pytest.raises(ConfigError, match="model.modality: must be image, audio or 3d, got 'smell'"):
         validate(cfg)
     pre = json.loads((ast_dir / "preprocessor_config.json").read_text())
     (tmp_path / "config.json").write_text((ast_dir / "config.json").read_text())
@@ -211,7 +211,7 @@ def test_the_training_loader_reads_audio_features_and_skips_a_corrupt_clip(ast_d
     write_split(tmp_path / "tones", rows, extra_columns=AUDIO_COLUMNS)
     cfg = DataConfig(train=[StreamConfig(local=str(tmp_path / "tones"))], num_workers=0)
     spec = audio_features(str(ast_dir), SEGMENTS)
-    loader = build_train_loader(cfg, 4, audio=spec)
+    loader = build_train_loader(cfg, 4, reader=spec)
     batches = list(loader)
     assert [tuple(b["pixel_values"].shape) for b in batches] == [(4, SEGMENTS, FRAMES, BINS)] * 2
     ids = sorted(int(i) for b in batches for i in b["image_id"])
