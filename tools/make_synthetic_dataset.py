@@ -11,6 +11,8 @@ task rotating caption / vqa / conversation. The same arguments always give the s
 frames beside a still one, with questions only the motion answers (which way, which shape, what colour moves).
 --audio writes audio splits (blip_train/data/synthetic_audio.py): tones whose pitch, rhythm and loudness the
 captions name.
+--points writes point-cloud splits (blip_train/data/synthetic_points.py): coloured solids, three questions each
+(shape, colour, tall or wide); --num-samples counts clouds.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from blip_train.data.synthetic import write_synthetic_dataset
 from blip_train.data.synthetic_audio import write_synthetic_audio_dataset
+from blip_train.data.synthetic_points import QUESTIONS, write_synthetic_points_dataset
 from blip_train.data.synthetic_video import write_synthetic_video_dataset
 
 
@@ -42,6 +45,8 @@ def main() -> int:
                    help="write video clips of this many frames (motion questions) instead of images")
     p.add_argument("--audio", action="store_true", help="write audio clips (tones the captions describe) instead")
     p.add_argument("--audio-seconds", type=float, default=2.0, help="length of each audio clip (default 2)")
+    p.add_argument("--points", action="store_true", help="write point clouds (solids asked about) instead")
+    p.add_argument("--num-points", type=int, default=512, help="points per cloud with --points (default 512)")
     p.add_argument("--overwrite", action="store_true", help="replace existing train/ and val/")
     args = p.parse_args()
     existing = [str(Path(args.out) / s) for s in ("train", "val") if (Path(args.out) / s).exists()]
@@ -55,6 +60,15 @@ def main() -> int:
                                                     overwrite=args.overwrite, on_write=lambda: bar.update(1))
         print(f"make_synthetic_dataset: wrote {summary['train']} train + {summary['val']} val audio clips of "
               f"{args.audio_seconds:g} s to {args.out} in {time.time() - start:.1f}s")
+        print(json.dumps(summary, sort_keys=True))
+        return 0
+    if args.points:
+        with tqdm(total=args.num_samples * len(QUESTIONS), desc="rows", unit="row", dynamic_ncols=True) as bar:
+            summary = write_synthetic_points_dataset(args.out, args.num_samples, seed=args.seed,
+                                                     num_points=args.num_points, val_fraction=args.val_fraction,
+                                                     overwrite=args.overwrite, on_write=lambda: bar.update(1))
+        print(f"make_synthetic_dataset: wrote {summary['train']} train + {summary['val']} val question rows about "
+              f"{args.num_samples} clouds of {args.num_points} points to {args.out} in {time.time() - start:.1f}s")
         print(json.dumps(summary, sort_keys=True))
         return 0
     if args.video_frames:

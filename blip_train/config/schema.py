@@ -220,8 +220,9 @@ class ModelConfig:
     queries, concatenated in time order, are the LLM's soft prompt (InstructBLIP's video QA: 4 frames)."""
     modality: str = "image"
     """image (images, or video with model.video_frames) | audio (model.audio: a frozen audio encoder in the ViT's
-    place; stage2 | instruct) | 3d (model.points: a frozen point-cloud encoder in its place; stage2 | instruct). X-InstructBLIP trains one Q-Former and projection per modality against the same
-    frozen LLM: a run trains one modality."""
+    place; stage2 | instruct) | 3d (model.points: a frozen point-cloud encoder in its place; stage2 | instruct).
+    X-InstructBLIP trains one Q-Former and projection per modality against the same frozen LLM: a run trains one
+    modality."""
     modality_prefix: str = ""
     """Text put before the soft prompt in the LLM's input, so the LLM knows what the query tokens stand for
     (X-InstructBLIP's cue: "audio: ", "video: ", "3d: ", "image: "); "" (BLIP-2, InstructBLIP): none. Never a target."""

@@ -58,7 +58,7 @@ def surface(shape: str, n: int, rng: np.random.Generator) -> np.ndarray:
 def make_solid(shape: str, colour: str, proportion: str, num_points: int, rng: random.Random) -> np.ndarray:
     """(num_points, 6) normalised, farthest-point-sampled cloud: xyz + rgb in [0, 1]."""
     g = np.random.default_rng(rng.getrandbits(32))
-    xyz = surface(shape, num_points * 4, g)
+    xyz = surface(shape, num_points * 2, g)
     stretch = np.array([1.0, 1.9, 1.0]) if proportion == "tall" else np.array([1.7, 1.0, 1.7])
     xyz = xyz * stretch * g.uniform(0.9, 1.1, 3)
     turn = g.uniform(0, 2 * np.pi)

@@ -110,25 +110,49 @@ def finetune_stage(name: str, out: Path, data_ft: Path, path_sets: list[str], as
     return res
 
 
-MODALITIES = {  # demo stage → (recipe, data folder under the demo's, held-out task, metric key, primary metric name)
-    "audio_caption": ("demo/audio_caption", "data_audio", "caption", "cider", "caption CIDEr-D (tones)"),
+MODALITIES = {  # demo stage → (recipe, data folder under the demo's, held-out task, metric key, primary metric name,
+    #             the frozen encoder's key, its folder under assets/)
+    "audio_caption": ("demo/audio_caption", "data_audio", "caption", "cider", "caption CIDEr-D (tones)",
+                      "model.audio.encoder", "ast"),
+    "3d_qa": ("demo/3d_qa", "data_points", "vqa", "vqa_accuracy", "VQA accuracy (%) (solids)", "model.points.encoder",
+              "point_bert"),
 }
 
 
 def modality_stage(name: str, out: Path, path_sets: list[str], assets: Path) -> dict:
     """A stage on another modality's data (its own split and frozen encoder; nothing from the image stages)."""
-    recipe, folder, task, key, label = MODALITIES[name]
+    recipe, folder, task, key, label, encoder_key, encoder = MODALITIES[name]
     data = out / folder
     sets = [f"data.train=[{{local: {data / 'train'}, name: {folder}}}]", f"data.val={data / 'val'}",
-            f"model.audio.encoder={assets / 'ast'}", f"model.qformer.tokenizer={assets / 'qformer_tokenizer'}",
+            f"{encoder_key}={assets / encoder}", f"model.qformer.tokenizer={assets / 'qformer_tokenizer'}",
             f"model.llm.path={assets / 'opt'}"] if path_sets else []
     res = train_stage(recipe, out, name, sets)
     res["metrics"] = evaluate_primary(task, res["run_dir"], data, key, label)
-    exact = {which: exact_captions(REPO / res["metrics"][k]["predictions_file"])
+    files = {which: REPO / res["metrics"][k]["predictions_file"]
              for which, k in (("trained", task), ("untrained", f"{task}_untrained"))}
-    res["metrics"]["secondary"] = {"name": "exact caption (%): every property named right", **exact,
-                                   "chance": majority_caption_share(REPO / res["metrics"][task]["predictions_file"])}
+    if task == "caption":
+        res["metrics"]["secondary"] = {"name": "exact caption (%): every property named right",
+                                       **{w: exact_captions(f) for w, f in files.items()},
+                                       "chance": majority_caption_share(files["trained"])}
+    else:  # the question a single answer prior cannot carry: which of four solids
+        question = "what shape is this?"
+        res["metrics"]["secondary"] = {"name": f"accuracy (%) on {question!r}",
+                                       **{w: question_accuracy(f, question)[0] for w, f in files.items()},
+                                       "chance": question_accuracy(files["trained"], question)[1]}
     return res
+
+
+def question_accuracy(predictions_file: Path, question: str) -> tuple[float, float]:
+    """Share (%) of the held-out rows asking `question` answered right (the first reference answer), and the
+    share that the most frequent answer to it would get."""
+    from collections import Counter
+
+    from blip_train.data.collate import pre_caption
+
+    rows = [r for r in json.loads(Path(predictions_file).read_text())["predictions"] if r["question"] == question]
+    right = sum(pre_caption(r["prediction"]) == pre_caption(r["answers"][0]) for r in rows)
+    majority = Counter(r["answers"][0] for r in rows).most_common(1)[0][1]
+    return 100.0 * right / len(rows), 100.0 * majority / len(rows)
 
 
 def exact_captions(predictions_file: Path) -> float:
@@ -208,8 +232,8 @@ def run_stages(out: Path, data: Path, path_sets: list[str], assets: Path, entrie
         entries[name] = stage_entry(finetune_stage(name, out, data.parent / "data_ft", path_sets, assets))
         checkpoint()
     for name in MODALITIES:
-        log(f"{name}: {MODALITIES[name][0]}, 2 ranks, ZeRO-3, frozen audio encoder, Q-Former from scratch, LoRA on "
-            "the frozen LLM")
+        log(f"{name}: {MODALITIES[name][0]}, 2 ranks, ZeRO-3, frozen encoder assets/{MODALITIES[name][6]}, "
+            "Q-Former from scratch, LoRA on the frozen LLM")
         entries[name] = stage_entry(modality_stage(name, out, path_sets, assets))
         checkpoint()
     return entries

@@ -78,8 +78,8 @@ def drop_qformer_text_branch_(qformer: QFormer, keep_text_input: bool) -> None:
 
 
 class Blip2LLM(nn.Module):
-    """Frozen ViT (or, model.modality audio | 3d, frozen audio | point-cloud encoder) + trainable ln_vision, Q-Former, query tokens
-    and llm_proj + frozen HF `llm` (with trainable LoRA adapters when cfg.llm.lora.r > 0)."""
+    """Frozen ViT (or, model.modality audio | 3d, frozen audio | point-cloud encoder) + trainable ln_vision,
+    Q-Former, query tokens and llm_proj + frozen HF `llm` (with trainable LoRA adapters when cfg.llm.lora.r > 0)."""
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel, *, device_type: Optional[str] = None,
                  visual_encoder: Optional[nn.Module] = None, audio_encoder: Optional[nn.Module] = None,

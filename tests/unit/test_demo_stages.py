@@ -50,13 +50,17 @@ def test_blip_vqa_stage_fine_tunes_the_demo_blip_run():
         assert cfg.eval.answer_list == "runs/demo/assets/answer_list.json" and cfg.data.val == before.data.val
 
 
-def test_audio_stage_reads_its_own_split_and_encoder():
-    """The audio stage trains on the tones the demo writes, through the frozen ASTModel folder it writes, with the
-    'audio: ' cue and LoRA on the demo's tiny OPT (it never saw tone words); nothing comes from the image stages."""
-    for name, (recipe, folder, task, _, _) in MODALITIES.items():
+def test_modality_stages_read_their_own_split_and_encoder():
+    """The audio and 3D stages train on the tones / solids the demo writes, through the frozen encoder folder it
+    writes (named by the key the stage overrides), with their cue and LoRA on the demo's tiny OPT (it never saw
+    their words); nothing comes from the image stages."""
+    expected = {"audio_caption": ("audio", "audio: ", "caption", "stage2"), "3d_qa": ("3d", "3d: ", "vqa", "instruct")}
+    assert set(MODALITIES) == set(expected)
+    for name, (recipe, folder, task, _, _, encoder_key, encoder) in MODALITIES.items():
         cfg = load_config(recipe)
-        assert (cfg.model.modality, cfg.model.modality_prefix, task) == ("audio", "audio: ", "caption")
-        assert cfg.model.audio.encoder == "runs/demo/assets/ast" and not cfg.model.init_from
+        assert (cfg.model.modality, cfg.model.modality_prefix, task, cfg.model.arch) == expected[name]
+        section = cfg.model.audio if encoder_key == "model.audio.encoder" else cfg.model.points
+        assert section.encoder == f"runs/demo/assets/{encoder}" and not cfg.model.init_from
         assert cfg.data.train[0].local == f"runs/demo/{folder}/train" and cfg.data.val == f"runs/demo/{folder}/val"
         assert cfg.model.llm.path == "runs/demo/assets/opt" and cfg.model.llm.lora.r > 0
         assert cfg.run.output_dir == f"runs/demo/{name}" and cfg.deepspeed.zero_stage == 3
@@ -82,11 +86,12 @@ def test_prepare_puts_a_relative_out_under_the_callers_folder(tmp_path, monkeypa
     seen = {}
     # The assets' pretraining takes minutes and does not depend on where the data went: record its inputs only.
     monkeypatch.setattr(demo, "make_assets", lambda out, data, image_size: seen.update(out=out, data=data) or {})
+    monkeypatch.setattr(demo, "make_points_data", lambda out: seen.update(points=out))
     monkeypatch.chdir(tmp_path)
     assert demo.main(["--prepare", "--out", "rel/demo", "--num-samples", "40"]) == 0
     for split in ("data/train", "data/val", "data_ft/train", "data_ft/val"):
         assert (tmp_path / "rel/demo" / split / "index.json").is_file(), split
-    assert seen == {"out": tmp_path / "rel/demo", "data": tmp_path / "rel/demo/data"}
+    assert seen == {"out": tmp_path / "rel/demo", "data": tmp_path / "rel/demo/data", "points": tmp_path / "rel/demo"}
 
 
 def test_exact_captions_and_the_majority_caption(tmp_path):
@@ -99,3 +104,15 @@ def test_exact_captions_and_the_majority_caption(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps({"predictions": rows}))
     assert exact_captions(tmp_path / "p.json") == 50.0
     assert majority_caption_share(tmp_path / "p.json") == 50.0
+
+
+def test_question_accuracy_and_its_majority_answer(tmp_path):
+    from blip_train.demo.stages import question_accuracy
+
+    rows = [{"question": "what shape is this?", "prediction": "Cube.", "answers": ["cube"] * 10},
+            {"question": "what shape is this?", "prediction": "cube", "answers": ["cone"] * 10},
+            {"question": "what shape is this?", "prediction": "torus", "answers": ["torus"] * 10},
+            {"question": "what shape is this?", "prediction": "cube", "answers": ["cone"] * 10},
+            {"question": "what color is it?", "prediction": "red", "answers": ["red"] * 10}]
+    (tmp_path / "p.json").write_text(json.dumps({"predictions": rows}))
+    assert question_accuracy(tmp_path / "p.json", "what shape is this?") == (50.0, 50.0)

@@ -131,7 +131,8 @@ def points_config(kind: str, llm_dirs, point_bert_dir, arch: str = "instruct"): 
 
 
 @pytest.mark.parametrize("kind,arch", [("llama", "instruct"), ("opt", "stage2")])
-def test_3d_soft_prompt_is_the_point_bert_tokens_through_the_qformer(kind, arch, llm_dirs, point_bert_dir):  # noqa: F811
+def test_3d_soft_prompt_is_the_point_bert_tokens_through_the_qformer(kind, arch, llm_dirs,  # noqa: F811
+                                                                    point_bert_dir):
     """The queries read ln_vision(Point-BERT tokens) of the whole cloud (one piece, no position embedding); the
     loss trains the Q-Former and never the encoder; generation runs from a cloud."""
     cfg = points_config(kind, llm_dirs, point_bert_dir, arch)
