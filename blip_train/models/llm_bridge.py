@@ -300,6 +300,10 @@ STAGE1_ONLY = ("vision_proj.", "text_proj.", "itm_head.", "temp")
 """Stage-1 heads the LLM stages do not have (ITC projections, ITM head, temperature)."""
 
 
+ENCODER_SIDE = r"(ln_vision\.|qformer\.layers\.\d+\.cross_attn\.)"
+"""The trainable parts that read the frozen encoder's tokens: their shapes follow its width."""
+
+
 def _optional_missing(model: Blip2LLM) -> tuple[str, ...]:
     # llm_proj is new after stage 1; the Q-Former text input (InstructBLIP, question-aware stage 2) is
     # absent from a stage-2 checkpoint (its text branch was removed) and keeps its current init (BERT or random).
@@ -329,13 +333,22 @@ def init_from_earlier_stage_(model: Blip2LLM, state: Mapping[str, torch.Tensor])
     Expected to be unused: vision_proj, text_proj, itm_head, temp, qformer.lm_head (and, for
     stage 2, the Q-Former text branch), plus any frozen tower weights. Expected to be missing:
     llm_proj (from stage 1) and, for InstructBLIP from a stage-2 checkpoint, the Q-Former text input.
+    A checkpoint whose ln_vision has another width (an image Q-Former for an audio / 3D model, as X-InstructBLIP
+    starts each modality's) gives everything but ln_vision and the cross-attention, which stay new.
     Any other missing or unexpected key raises. Returns {"loaded", "missing", "unused"} key lists.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optional = _optional_missing(model)
+    theirs = state.get("ln_vision.weight")
+    if theirs is not None and "ln_vision.weight" in params and theirs.shape != params["ln_vision.weight"].shape:
+        # Another encoder's checkpoint (an image Q-Former for an audio or 3D model: X-InstructBLIP starts every
+        # modality's Q-Former from BLIP-2's): everything but the parts that read the encoder, which stay new.
+        state = {k: v for k, v in state.items() if not re.match(ENCODER_SIDE, k)}
+        optional += (ENCODER_SIDE,)
     unused = [k for k in state if k not in params and any(re.match(p, k) for p in _not_ours(model))]
     unexpected = sorted(k for k in state if k not in params and k not in unused)
     missing = sorted(k for k in params if k not in state)
-    bad_missing = [k for k in missing if not any(re.match(p, k) for p in _optional_missing(model))]
+    bad_missing = [k for k in missing if not any(re.match(p, k) for p in optional)]
     if unexpected or bad_missing:
         raise KeyError(f"init_from: unexpected keys {unexpected[:6]}, missing trainable keys {bad_missing[:6]} "
                        f"(is it a BLIP-2 checkpoint with the same model.qformer / model.vision sizes?)")

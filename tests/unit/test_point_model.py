@@ -228,3 +228,31 @@ def test_the_training_loader_reads_clouds(point_bert_dir, tmp_path):
     assert batch["pixel_values"].shape == (4, NUM_POINTS, 6)
     xyz = batch["pixel_values"][..., :3]
     assert xyz.norm(dim=-1).max() <= 1.0 + 1e-5 and xyz.norm(dim=-1).max() > 0.9  # normalised into the unit sphere
+
+
+def test_a_3d_model_starts_from_an_image_qformer_but_its_encoder_side(llm_dirs, tmp_path):  # noqa: F811
+    """X-InstructBLIP starts each modality's Q-Former from BLIP-2's image one, except what reads the encoder:
+    model.init_from with an image checkpoint loads the queries, self-attention and FFNs, and leaves ln_vision and the
+    cross-attention (another width) new; a checkpoint of the same encoder width loads them too."""
+    from blip_train.models.llm_bridge import init_from_earlier_stage_
+
+    image_cfg = bridge_config("stage2", str(llm_dirs["opt"]))
+    torch.manual_seed(1)
+    image = Blip2LLM(image_cfg, load_llm(image_cfg.llm, "cpu"), device_type="cpu")
+    state = {k: v for k, v in image.state_dict().items() if not k.startswith(("llm.", "visual_encoder."))}
+    wider = save_tiny_point_bert(tmp_path / "pb48", shape=replace(SHAPE, trans_dim=48))
+    cfg = points_config("opt", llm_dirs, wider, arch="stage2")
+    torch.manual_seed(0)
+    model = Blip2LLM(cfg, load_llm(cfg.llm, "cpu"), device_type="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert image.ln_vision.weight.shape != model.ln_vision.weight.shape
+    report = init_from_earlier_stage_(model, state)
+    assert "query_tokens" in report["loaded"] and "qformer.layers.0.self_attn.query.weight" in report["loaded"]
+    assert "ln_vision.weight" in report["missing"] and "qformer.layers.0.cross_attn.key.weight" in report["missing"]
+    assert not any("cross_attn" in k for k in report["loaded"])
+    assert torch.equal(model.query_tokens, image.query_tokens)
+    assert torch.equal(model.state_dict()["qformer.layers.0.cross_attn.query.weight"],
+                       before["qformer.layers.0.cross_attn.query.weight"])
+    same = {k: v for k, v in model.state_dict().items() if not k.startswith(("llm.", "points_encoder."))}
+    report = init_from_earlier_stage_(model, same)  # a 3D checkpoint: everything, the encoder side included
+    assert "ln_vision.weight" in report["loaded"] and "qformer.layers.0.cross_attn.key.weight" in report["loaded"]
