@@ -362,7 +362,7 @@ def test_help_of_every_tool():
         assert r.returncode == 0 and "--out" in r.stdout and "--overwrite" in r.stdout, tool
 
 
-@pytest.mark.parametrize("tool", ["capfilt.py", "export_hf.py", "zero_to_safetensors.py"])
+@pytest.mark.parametrize("tool", ["capfilt.py", "export_hf.py", "zero_to_safetensors.py", "import_ulip2_pointbert.py"])
 def test_missing_checkpoint_is_one_line_error(tmp_path, tool):
     args = ["--checkpoint", str(tmp_path / "no_run"), "--out", str(tmp_path / "o")]
     if tool == "capfilt.py":
