@@ -46,6 +46,9 @@ class Recipe:
     our exact count where the paper gives none to compare (see RECIPES)."""
     llm_layers: Optional[int] = None
     """LLM layers built here (None: all); set when the full size cannot fit this machine."""
+    encoder: Optional[str] = None
+    """X-InstructBLIP's other modalities: ast | point_bert, the frozen tower in the ViT's place (model.modality
+    audio | 3d); None: the ViT."""
 
 
 RECIPES = [
@@ -84,7 +87,25 @@ RECIPES = [
     Recipe("blip_ft_caption_coco_vitl", "l16", paper_trainable=446_265_916),
     # VQA: the MED as question encoder plus its untied answer decoder (361.5M, as the authors' blip_vqa counts).
     Recipe("blip_ft_vqav2_vitb", "b16", paper_trainable=361_469_756),
+    # X-InstructBLIP: one modality's Q-Former (the BLIP-2 Q-Former with its instruction input, its cross-attention
+    # reading the encoder's width) and projection; our exact counts (the paper gives none per modality).
+    Recipe("xinstructblip_audio_vicuna7b", "g", "vicuna-7b", paper_trainable=182_939_392, encoder="ast"),
+    Recipe("xinstructblip_3d_vicuna7b", "g", "vicuna-7b", paper_trainable=179_398_144, encoder="point_bert"),
 ]
+AST_AUDIOSET = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                    patch_size=16, frequency_stride=10, time_stride=10, max_length=1024, num_mel_bins=128)
+"""The released AudioSet AST (ast-finetuned-audioset-10-10-0.4593): 10.24-s segments of 128 mel bins."""
+
+
+def build_encoder(name: str):
+    """The frozen tower of an X-InstructBLIP recipe at its real size (random; on the caller's device)."""
+    if name == "ast":
+        from transformers import ASTConfig, ASTModel
+
+        from blip_train.models.audio_encoder import AudioEncoder
+        return AudioEncoder(ASTModel(ASTConfig(**AST_AUDIOSET)))
+    from blip_train.models.point_encoder import PointBertShape, PointEncoder
+    return PointEncoder(PointBertShape(in_channels=6))  # ULIP-2's, reading xyz + rgb
 BLIP_ARCHS = ("blip", "albef")
 """model.arch values built by BlipPretrain (ViT + text transformer + momentum copies + feature queue)."""
 
@@ -166,7 +187,9 @@ def count_footprint(recipe: Recipe, llm_layers: Optional[int] = None) -> tuple[F
             model = Blip2Stage1(m, device_type="cpu")
         else:
             llm = build_hf_llm(recipe.llm, llm_layers, meta=True)
-            model = Blip2LLM(m, llm, device_type="cpu")
+            encoder = {} if recipe.encoder is None else {
+                "audio_encoder" if recipe.encoder == "ast" else "points_encoder": build_encoder(recipe.encoder)}
+            model = Blip2LLM(m, llm, device_type="cpu", **encoder)
     parts: dict = {}
     trainable = frozen = frozen_bytes = momentum = 0
     for name, p in model.named_parameters():
@@ -183,7 +206,7 @@ def count_footprint(recipe: Recipe, llm_layers: Optional[int] = None) -> tuple[F
                 momentum += p.numel()
                 dtype = "fp32"
             else:
-                dtype = m.vision.precision if top == "visual_encoder" else m.llm.dtype
+                dtype = m.vision.precision if top == "visual_encoder" else m.llm.dtype  # other encoders: the LLM's
             frozen_bytes += p.numel() * DTYPE_BYTES[dtype]
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     return Footprint(trainable, frozen_bytes, frozen, momentum, buffer_bytes, cfg.deepspeed.zero_stage), parts

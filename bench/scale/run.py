@@ -17,7 +17,7 @@ import bench.scale
 from bench.common import print_markdown_table
 from bench.scale.model import (BLIP_ARCHS, GIB, RECIPES, WORLD, Recipe, count_footprint, model_config, plan,
                                target_gib)
-from bench.scale.towers import make_data, make_towers
+from bench.scale.towers import make_data, make_modality_data, make_towers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -166,6 +166,11 @@ def run_recipe(root: Path, recipe: Recipe, towers: dict, data: Path, log, sets: 
     ] + sets
     if recipe.llm is not None:
         overrides.append(f"model.llm.path={towers['llm']}")
+    if recipe.encoder is not None:  # X-InstructBLIP: the modality's encoder and data instead of the ViT's
+        key = "model.audio.encoder" if recipe.encoder == "ast" else "model.points.encoder"
+        own = make_modality_data(root, recipe.encoder)
+        overrides += [f"{key}={towers['encoder']}", f"data.train=[{{local: {own / 'train'}, name: {own.name}}}]",
+                      f"data.val={own / 'val'}"]
     if nvme is not None:
         shutil.rmtree(nvme, ignore_errors=True)
         nvme.mkdir(parents=True)

@@ -188,7 +188,50 @@ def make_towers(towers: Path, recipe: Recipe, log) -> dict:
             (folder / ".complete").write_text("")
             log(f"towers: random {recipe.llm}{suffix} → {folder} in {time.time() - t0:.0f}s")
         out["llm"] = folder
+    if recipe.encoder is not None:
+        out["encoder"] = make_encoder(towers, recipe.encoder, log)
     return out
+
+
+def make_encoder(towers: Path, name: str, log) -> Path:
+    """X-InstructBLIP's frozen tower at its real size, random, as its release comes: an ASTModel folder (with its
+    feature extractor's config) or a Point-BERT folder (what tools/import_ulip2_pointbert.py writes)."""
+    import torch
+
+    from bench.scale.model import AST_AUDIOSET, build_encoder
+    from blip_train.models.point_encoder import save_point_encoder
+
+    folder = towers / ("ast-audioset" if name == "ast" else "ulip2_pointbert")
+    if (folder / ".complete").exists():
+        return folder
+    t0 = time.time()
+    torch.manual_seed(0)
+    encoder = build_encoder(name)
+    if name == "ast":
+        from transformers import ASTFeatureExtractor
+        encoder.ast.save_pretrained(str(folder), safe_serialization=True)
+        ASTFeatureExtractor(num_mel_bins=AST_AUDIOSET["num_mel_bins"],
+                            max_length=AST_AUDIOSET["max_length"]).save_pretrained(str(folder))
+    else:
+        save_point_encoder(encoder, folder)
+    (folder / ".complete").write_text("")
+    log(f"towers: random {folder.name} → {folder} in {time.time() - t0:.0f}s")
+    return folder
+
+
+def make_modality_data(root: Path, encoder: str) -> Path:
+    """The small split an X-InstructBLIP recipe reads: 4-s tones (audio) or solids of 8,192 points (3D)."""
+    if encoder == "ast":
+        from blip_train.data.synthetic_audio import write_synthetic_audio_dataset
+        data = root / "data_audio"
+        if not (data / "val").is_dir():
+            write_synthetic_audio_dataset(data, num_samples=40, seconds=4.0, val_fraction=0.25, overwrite=True)
+        return data
+    from blip_train.data.synthetic_points import write_synthetic_points_dataset
+    data = root / "data_points"
+    if not (data / "val").is_dir():
+        write_synthetic_points_dataset(data, num_clouds=12, num_points=8192, val_fraction=0.25, overwrite=True)
+    return data
 
 
 def make_data(root: Path) -> Path:

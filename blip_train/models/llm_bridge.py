@@ -100,14 +100,14 @@ class Blip2LLM(nn.Module):
         if self.points:
             # A cloud is one encoder input (points, channels), read whole: no pieces.
             self.vision_frozen = True
-            self.points_encoder = points_encoder if points_encoder is not None else load_point_encoder(
-                cfg.points.encoder, next(llm.parameters()).dtype)
+            self.points_encoder = freeze_(points_encoder if points_encoder is not None else load_point_encoder(
+                cfg.points.encoder, next(llm.parameters()).dtype))
             width, eps, pieces = self.points_encoder.width, self.points_encoder.layer_norm_eps, 0
         elif self.audio:
             # The encoder's tokens take the ViT's place; it is always frozen (X-InstructBLIP).
             self.vision_frozen = True
-            self.audio_encoder = audio_encoder if audio_encoder is not None else load_audio_encoder(
-                cfg.audio, next(llm.parameters()).dtype)
+            self.audio_encoder = freeze_(audio_encoder if audio_encoder is not None else load_audio_encoder(
+                cfg.audio, next(llm.parameters()).dtype))
             width, pieces = self.audio_encoder.width, cfg.audio.segments
             eps = self.audio_encoder.ast.config.layer_norm_eps
         else:

@@ -46,7 +46,7 @@ def test_key_snapshot():
         "model.text.grad_checkpointing", "model.text.prompt",
         "model.llm.path", "model.llm.dtype", "model.llm.prompt", "model.llm.max_txt_len", "model.llm.max_prompt_len",
         "model.llm.lora.r", "model.llm.lora.alpha", "model.llm.lora.dropout", "model.llm.lora.target_modules",
-        "model.audio.encoder", "model.audio.segments",
+        "model.audio.encoder", "model.audio.segments", "model.points.encoder", "model.points.num_points",
         "model.momentum.decay", "model.momentum.queue_size", "model.momentum.alpha", "model.momentum.alpha_ramp_steps",
         "data.train", "data.val", "data.balance", "data.image_size", "data.crop_scale_min", "data.hflip",
         "data.num_workers", "data.decode", "data.shuffle_seed", "data.num_canonical_nodes", "data.cache_dir", "data.cache_limit",

@@ -107,3 +107,14 @@ def test_counts_of_the_albef_model() -> None:
     # ALBEF's momentum text model runs the fusion layers and the MLM head too: a full copy.
     assert fp.momentum == fp.trainable - parts["itm_head"][0] - parts["temp"][0]
     assert parts["text_m"][1] == parts["text"][0]
+
+
+@pytest.mark.parametrize("name,encoder,encoder_params", [("xinstructblip_audio_vicuna7b", "audio_encoder", 86_187_264),
+                                                         ("xinstructblip_3d_vicuna7b", "points_encoder", 21_859_200)])
+def test_x_instructblip_counts_put_the_modality_encoder_with_the_frozen(name, encoder, encoder_params) -> None:
+    """The released AudioSet AST (86.2M) and ULIP-2's Point-BERT (21.9M) are frozen, in the LLM's dtype; the Q-Former
+    with its instruction input reads their width; the ViT is not built."""
+    fp, parts = count_footprint(next(r for r in RECIPES if r.name == name))
+    assert parts[encoder] == [0, encoder_params] and "visual_encoder" not in parts
+    assert parts["llm"][0] == 0 and fp.trainable == sum(t for t, _ in parts.values())
+    assert 175e6 < fp.trainable < 190e6 and fp.frozen_bytes == 2 * fp.frozen
