@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Union
 
@@ -71,4 +71,4 @@ def import_ulip2_pointbert(path: Union[str, Path], out: Union[str, Path], *, num
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return {"out": str(out), "tensors": len(tensors), **vars(replace(shape))}
+    return {"out": str(out), "tensors": len(tensors), **asdict(shape)}
